@@ -1,0 +1,1 @@
+"""Prefect flows: they orchestrate mergeaudit library functions and hold no computation."""

@@ -1,0 +1,183 @@
+"""Typed configuration: AuditConfig is both the Prefect flow parameter and the YAML file.
+
+YAML is data: it loads with `yaml.safe_load` into frozen pydantic models that refuse unknown
+keys. Validation happens before any tensor is read and reports every problem at once: unknown
+store schemes, duplicate checkpoint names, strategies naming unknown models or methods, bad
+method parameters, unknown tasks.
+
+    config = load_config("audit.yaml")
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+
+from mergeaudit import store
+from mergeaudit.errors import ConfigError, MergeAuditError
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class _Frozen(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+
+class CheckpointSpec(_Frozen):
+    """One checkpoint by a short name, where it lives, and how it was trained."""
+
+    name: str = pydantic.Field(description="Short unique name used in tables and reports.")
+    uri: str = pydantic.Field(description="Folder of the HF checkpoint: path, file://, s3:// or memory://.")
+    kind: Literal["rlvr", "sft", "base", "unknown"] = pydantic.Field(
+        "unknown", description="How the checkpoint was trained, for the report's contrasts."
+    )
+
+    @pydantic.field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"name {v!r} must be 1-64 characters of letters, digits, '_', '-', '.'")
+        return v
+
+    @pydantic.field_validator("uri")
+    @classmethod
+    def _uri_ok(cls, v: str) -> str:
+        try:
+            return store.check_uri(v)
+        except MergeAuditError as exc:
+            raise ValueError(str(exc)) from None
+
+
+class StrategySpec(_Frozen):
+    """A merge method over some of the models, with fixed params and an optional grid."""
+
+    method: str = pydantic.Field(description="Registry name, as in mergekit (linear, task_arithmetic, ...).")
+    models: list[str] | None = pydantic.Field(
+        None, description="Names of the fine-tuned checkpoints to merge; default: all of them."
+    )
+    params: dict[str, Any] = pydantic.Field(default_factory=dict, description="Method parameters.")
+    grid: dict[str, list[Any]] = pydantic.Field(
+        default_factory=dict, description="Parameters to sweep: one candidate per point of the product."
+    )
+
+    def points(self) -> list[dict[str, Any]]:
+        """The params of every grid point (fixed params overridden by the grid's values)."""
+        keys = sorted(self.grid)
+        return [{**self.params, **dict(zip(keys, combo))} for combo in itertools.product(*(self.grid[k] for k in keys))]
+
+
+class EvalSpec(_Frozen):
+    """What to score candidates on and how lm-eval runs."""
+
+    tasks: list[str] = pydantic.Field(default_factory=lambda: ["mergeaudit_add2"], min_length=1)
+    limit: int | None = pydantic.Field(None, ge=1, description="Documents per task (all when empty).")
+    batch_size: int = pydantic.Field(16, ge=1, le=4096)
+    max_length: int = pydantic.Field(256, ge=16)
+    device: str = pydantic.Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
+
+
+class AuditConfig(_Frozen):
+    """One merge audit: a base, fine-tuned checkpoints, merge strategies, evaluation, results."""
+
+    name: str = pydantic.Field("merge-audit", description="Audit name; runs of one name are compared.")
+    base: CheckpointSpec
+    models: list[CheckpointSpec] = pydantic.Field(min_length=1, description="Fine-tuned checkpoints.")
+    strategies: list[StrategySpec] = pydantic.Field(default_factory=list)
+    evaluation: EvalSpec = pydantic.Field(default_factory=EvalSpec)
+    results_uri: str = pydantic.Field(description="Where the Parquet tables go (path, file://, s3://).")
+    score_inputs: bool = pydantic.Field(True, description="Also score the base and each fine-tune as references.")
+
+    @pydantic.field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"name {v!r} must be 1-64 characters of letters, digits, '_', '-', '.'")
+        return v
+
+    @pydantic.field_validator("results_uri")
+    @classmethod
+    def _results_ok(cls, v: str) -> str:
+        try:
+            return store.check_uri(v)
+        except MergeAuditError as exc:
+            raise ValueError(str(exc)) from None
+
+    @pydantic.model_validator(mode="after")
+    def _cross_checks(self) -> AuditConfig:
+        from mergeaudit.evaluation.runner import check_tasks
+        from mergeaudit.merging import REGISTRY
+
+        problems: list[str] = []
+        names = [self.base.name] + [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            problems.append(f"checkpoint names are not unique: {', '.join(dupes)}")
+        known = {m.name for m in self.models}
+        for i, strat in enumerate(self.strategies):
+            chosen = strat.models if strat.models is not None else [m.name for m in self.models]
+            unknown = [n for n in chosen if n not in known]
+            if unknown:
+                problems.append(f"strategies[{i}] ({strat.method}): unknown models {', '.join(unknown)}")
+                continue
+            if not chosen:
+                problems.append(f"strategies[{i}] ({strat.method}): no models to merge")
+                continue
+            for point in strat.points():
+                try:
+                    REGISTRY.parse_params(strat.method, point, n_models=len(chosen), has_base=True)
+                except MergeAuditError as exc:
+                    problems.append(f"strategies[{i}]: {exc}")
+                    break
+        try:
+            check_tasks(self.evaluation.tasks)
+        except MergeAuditError as exc:
+            problems.append(f"evaluation: {exc}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def strategy_models(self, strat: StrategySpec) -> list[str]:
+        return strat.models if strat.models is not None else [m.name for m in self.models]
+
+    def checkpoint(self, name: str) -> CheckpointSpec:
+        for spec in [self.base, *self.models]:
+            if spec.name == name:
+                return spec
+        raise ConfigError(f"no checkpoint named {name!r}")
+
+
+def format_validation_error(exc: pydantic.ValidationError) -> str:
+    """All of a ValidationError's problems on one line: `where: what; where: what`."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts)
+
+
+def parse_config(data: Any, source: str = "config") -> AuditConfig:
+    """Validate a dict (from YAML, JSON or the Prefect UI) into an AuditConfig."""
+    try:
+        return AuditConfig.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(f"{source} is invalid: {format_validation_error(exc)}") from None
+
+
+def load_config(path: str | Path) -> AuditConfig:
+    """Load an AuditConfig from a YAML file (data only; no tags, no code)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, not {type(data).__name__}")
+    return parse_config(data, source=str(path))

@@ -1,0 +1,40 @@
+"""One exception hierarchy for mergeaudit.
+
+Every error a user can cause derives from `MergeAuditError`, so the CLI can turn it into a
+one-line message and exit status 2 while real bugs still show a traceback. Storage errors keep
+their cause (`raise ... from exc`) but never carry credentials in their message.
+"""
+
+from __future__ import annotations
+
+
+class MergeAuditError(Exception):
+    """Base class of every error a user can cause (bad config, bad checkpoint, bad store)."""
+
+
+class ConfigError(MergeAuditError):
+    """A configuration or parameter that does not validate."""
+
+
+class StoreError(MergeAuditError):
+    """A store URI that cannot be used: unknown scheme, missing object, denied access."""
+
+
+class TransientStoreError(StoreError):
+    """A storage failure worth retrying: network errors, S3 5xx, throttling."""
+
+
+class CheckpointError(MergeAuditError):
+    """A checkpoint that is missing, incomplete, corrupt or unsafe to read."""
+
+
+class ShapeMismatchError(CheckpointError):
+    """Checkpoints that cannot be combined because tensor names or shapes disagree."""
+
+
+class UnknownMethodError(ConfigError):
+    """A merge method name that is not in the registry."""
+
+
+class EvaluationError(MergeAuditError):
+    """A task that is unknown or whose data cannot be found."""

@@ -1,0 +1,310 @@
+"""Object store access over fsspec: URIs, ranged reads, atomic writes, listings, fingerprints.
+
+A store URI is a plain path or `file://...` (the embedded default), `s3://bucket/key` (through
+s3fs, any S3-compatible endpoint), or `memory://...` (tests). S3 takes the standard AWS
+environment: credentials from `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_PROFILE`, the
+endpoint from `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`. Reads are ranged requests with s3fs's
+read-ahead switched off (by default it fetches 50 MB for an 8-byte read).
+
+    from mergeaudit import store
+    store.read_range("s3://bucket/ckpt/model.safetensors", 0, 8)
+
+Every failure leaves this module as a `StoreError` (or `TransientStoreError` when a retry may
+help) whose message names the URI and never the credentials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import posixpath
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from mergeaudit.errors import StoreError, TransientStoreError
+
+SUPPORTED_SCHEMES = ("file", "s3", "memory")
+_TRANSIENT_S3_CODES = {
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "Throttling",
+    "ThrottlingException",
+    "TooManyRequests",
+}
+_TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE, errno.EAGAIN}
+
+_fs_cache: dict[tuple, fsspec.AbstractFileSystem] = {}
+_fs_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Location:
+    """A URI resolved to a filesystem and the path that filesystem understands."""
+
+    uri: str
+    scheme: str
+    path: str
+    fs: fsspec.AbstractFileSystem
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """Size and a version tag (S3 ETag, or size and mtime on local disks) of one object."""
+
+    uri: str
+    size: int
+    version: str
+
+
+def split_scheme(uri: str) -> tuple[str, str]:
+    """Return (scheme, rest) for a URI; a plain path has scheme `file`."""
+    uri = str(uri)
+    if "://" not in uri:
+        return "file", uri
+    scheme, rest = uri.split("://", 1)
+    scheme = scheme.lower()
+    if scheme in ("s3a", "s3n"):
+        scheme = "s3"
+    return scheme, rest
+
+
+def check_uri(uri: str) -> str:
+    """Validate a URI's scheme without touching the store; returns the normalised URI."""
+    scheme, rest = split_scheme(uri)
+    if scheme not in SUPPORTED_SCHEMES:
+        raise StoreError(
+            f"unknown store scheme {scheme!r} in {uri!r}; supported: plain paths, "
+            + ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
+        )
+    if not rest.strip("/"):
+        raise StoreError(f"store URI {uri!r} names no path")
+    if scheme == "file":
+        return str(Path(rest).expanduser().absolute())
+    if scheme == "s3" and len(rest.split("/", 1)[0]) < 3:
+        raise StoreError(f"S3 bucket names have at least 3 characters: {uri!r}")
+    return f"{scheme}://{rest.rstrip('/')}"
+
+
+def _s3_filesystem() -> fsspec.AbstractFileSystem:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    # Keyed by what changes the client, so tests that move the endpoint get a fresh one.
+    key = ("s3", endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
+    with _fs_lock:
+        fs = _fs_cache.get(key)
+        if fs is None:
+            import s3fs
+
+            kwargs: dict = {"default_cache_type": "none", "skip_instance_cache": True}
+            if endpoint:
+                kwargs["endpoint_url"] = endpoint
+            fs = s3fs.S3FileSystem(**kwargs)
+            _fs_cache[key] = fs
+    return fs
+
+
+def locate(uri: str) -> Location:
+    """Resolve a URI to its filesystem; raises StoreError for an unknown scheme."""
+    norm = check_uri(uri)
+    scheme, rest = split_scheme(norm)
+    if scheme == "file":
+        return Location(norm, "file", norm, fsspec.filesystem("file"))
+    if scheme == "memory":
+        return Location(norm, "memory", "/" + rest.strip("/"), fsspec.filesystem("memory"))
+    return Location(norm, "s3", rest.strip("/"), _s3_filesystem())
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with forward slashes (also for local paths)."""
+    scheme, rest = split_scheme(str(uri))
+    joined = posixpath.join(rest.rstrip("/") or "/", *[p.strip("/") for p in parts])
+    return joined if scheme == "file" and "://" not in str(uri) else f"{scheme}://{joined}"
+
+
+def basename(uri: str) -> str:
+    return posixpath.basename(split_scheme(uri)[1].rstrip("/"))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures a retry may fix: network errors, S3 5xx and throttling."""
+    if isinstance(exc, TransientStoreError):
+        return True
+    if isinstance(exc, StoreError):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        err = response.get("Error", {}) or {}
+        status = (response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode", 0) or 0
+        if err.get("Code") in _TRANSIENT_S3_CODES or int(status) >= 500:
+            return True
+    name = type(exc).__name__
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+                "ClientConnectorError", "ServerDisconnectedError", "ClientOSError"):
+        return True
+    cause = exc.__cause__ or exc.__context__
+    return cause is not None and cause is not exc and is_transient(cause)
+
+
+@contextlib.contextmanager
+def translate_errors(uri: str, action: str) -> Iterator[None]:
+    """Turn filesystem and botocore errors into StoreError subclasses naming the URI."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except FileNotFoundError as exc:
+        raise StoreError(f"cannot {action} {uri}: not found") from exc
+    except PermissionError as exc:
+        raise StoreError(f"cannot {action} {uri}: access denied") from exc
+    except Exception as exc:  # noqa: BLE001 - every storage failure is translated here
+        if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+            raise StoreError(
+                f"cannot {action} {uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+            ) from exc
+        kind = TransientStoreError if is_transient(exc) else StoreError
+        raise kind(f"cannot {action} {uri}: {type(exc).__name__}") from exc
+
+
+def _refresh(loc: Location, path: str | None = None) -> None:
+    # s3fs caches listings; a checkpoint that landed since must be seen.
+    if loc.scheme == "s3":
+        loc.fs.invalidate_cache(path or loc.path)
+
+
+def exists(uri: str) -> bool:
+    loc = locate(uri)
+    with translate_errors(uri, "check"):
+        _refresh(loc)
+        return bool(loc.fs.exists(loc.path))
+
+
+def info(uri: str) -> FileInfo:
+    """Size and version tag of one object."""
+    loc = locate(uri)
+    with translate_errors(uri, "stat"):
+        _refresh(loc)
+        raw = loc.fs.info(loc.path)
+    return _file_info(loc.uri, raw)
+
+
+def _file_info(uri: str, raw: dict) -> FileInfo:
+    size = int(raw.get("size") or 0)
+    etag = raw.get("ETag") or raw.get("etag")
+    if etag:
+        version = "etag:" + str(etag).strip('"')
+    else:
+        stamp = raw.get("mtime") or raw.get("LastModified") or raw.get("created") or ""
+        if hasattr(stamp, "timestamp"):
+            stamp = stamp.timestamp()
+        version = f"size:{size}:mtime:{stamp}"
+    return FileInfo(uri=uri, size=size, version=version)
+
+
+def list_files(uri: str) -> dict[str, FileInfo]:
+    """Direct children (files only) of a folder URI, by name."""
+    loc = locate(uri)
+    with translate_errors(uri, "list"):
+        _refresh(loc)
+        entries = loc.fs.ls(loc.path, detail=True)
+    out = {}
+    for raw in entries:
+        if raw.get("type") != "file":
+            continue
+        name = posixpath.basename(str(raw["name"]).rstrip("/"))
+        out[name] = _file_info(join(loc.uri, name), raw)
+    return out
+
+
+def list_dirs(uri: str) -> list[str]:
+    """URIs of the direct sub-folders of a folder URI (empty when it does not exist)."""
+    loc = locate(uri)
+    with translate_errors(uri, "list"):
+        _refresh(loc)
+        if not loc.fs.exists(loc.path):
+            return []
+        entries = loc.fs.ls(loc.path, detail=True)
+    names = [posixpath.basename(str(e["name"]).rstrip("/")) for e in entries if e.get("type") == "directory"]
+    return [join(loc.uri, n) for n in sorted(names)]
+
+
+def read_bytes(uri: str) -> bytes:
+    loc = locate(uri)
+    with translate_errors(uri, "read"):
+        return loc.fs.cat_file(loc.path)
+
+
+def read_range(uri: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of one object, as one ranged request; short reads are errors."""
+    if end <= start:
+        return b""
+    loc = locate(uri)
+    with translate_errors(uri, "read"):
+        data = loc.fs.cat_file(loc.path, start=start, end=end)
+    if len(data) != end - start:
+        raise StoreError(f"short read from {uri}: wanted bytes [{start}, {end}), got {len(data)}")
+    return data
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write one object so that readers see either nothing or all of it.
+
+    Local files are written under a hidden temporary name and renamed into place; an object
+    store PUT is atomic by itself.
+    """
+    loc = locate(uri)
+    with translate_errors(uri, "write"):
+        if loc.is_local:
+            parent = os.path.dirname(loc.path)
+            os.makedirs(parent, exist_ok=True)
+            tmp = os.path.join(parent, f".{os.path.basename(loc.path)}.tmp-{uuid.uuid4().hex[:12]}")
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, loc.path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:
+            loc.fs.pipe_file(loc.path, data)
+
+
+def copy(src_uri: str, dst_uri: str) -> None:
+    """Copy one object between any two stores (streams through this process)."""
+    write_bytes(dst_uri, read_bytes(src_uri))
+
+
+def remove(uri: str, recursive: bool = False) -> None:
+    loc = locate(uri)
+    with translate_errors(uri, "remove"):
+        _refresh(loc)
+        if loc.fs.exists(loc.path):
+            loc.fs.rm(loc.path, recursive=recursive)
+
+
+def fingerprint(infos: list[FileInfo]) -> str:
+    """A stable digest of a set of files' names, sizes and version tags."""
+    h = hashlib.sha256()
+    for fi in sorted(infos, key=lambda f: basename(f.uri)):
+        h.update(f"{basename(fi.uri)}\0{fi.size}\0{fi.version}\n".encode())
+    return h.hexdigest()[:32]

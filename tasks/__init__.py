@@ -1,0 +1,5 @@
+"""Prefect tasks: one-line wrappers over mergeaudit library functions.
+
+Each decorator carries what orchestration adds (retries for transient storage failures,
+timeouts, tags); the work itself is a library call that can run in a REPL without Prefect.
+"""

@@ -1,0 +1,64 @@
+"""The `mergeaudit` command: user errors exit 2 with one line and no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+
+def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mergeaudit.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=dict(os.environ), timeout=600)
+
+
+def write(tmp_path, cfg) -> str:
+    path = tmp_path / "audit.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def good_config(toy_family, tmp_path) -> dict:
+    return {
+        "base": {"name": "base", "uri": toy_family.base},
+        "models": [{"name": n, "uri": u} for n, u in toy_family.variants.items()],
+        "results_uri": str(tmp_path / "results"),
+    }
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda c: c.update(results_uri="gs://bucket/x"), "unknown store scheme 'gs'"),
+        (lambda c: c["models"].append({"name": "gone", "uri": "/nonexistent/ckpt"}), "/nonexistent/ckpt"),
+        (lambda c: c.update(strategies=[{"method": "tiez"}]), "unknown merge method 'tiez'"),
+        (lambda c: c.pop("base"), "base: Field required"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(toy_family, tmp_path, mutate, message):
+    cfg = good_config(toy_family, tmp_path)
+    mutate(cfg)
+    out = run_cli("audit", write(tmp_path, cfg))
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr and "Traceback" not in out.stdout
+    assert len([line for line in out.stderr.splitlines() if line.startswith("mergeaudit: error")]) == 1
+    assert not (tmp_path / "results").exists(), "nothing is written for invalid input"
+
+
+def test_missing_config_file(tmp_path):
+    out = run_cli("audit", str(tmp_path / "absent.yaml"))
+    assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    out = run_cli("demo", "--workdir", str(tmp_path / "demo"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    for expected in ("candidate", "task_arithmetic(ft_a+ft_b; lambda=0.5)", "Parquet tables under", "scores"):
+        assert expected in out.stdout
+    assert (tmp_path / "demo" / "audit.yaml").is_file()
+    assert list((tmp_path / "demo" / "results" / "scores").glob("date=*/run_id=*/part-0.parquet"))

@@ -1,0 +1,68 @@
+"""AuditConfig: typed, YAML as data, every problem reported at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from mergeaudit.config import load_config, parse_config
+from mergeaudit.errors import ConfigError
+
+
+def base_config(tmp_path, **over) -> dict:
+    cfg = {
+        "base": {"name": "base", "uri": str(tmp_path / "base")},
+        "models": [{"name": "a", "uri": str(tmp_path / "a"), "kind": "rlvr"},
+                   {"name": "b", "uri": "s3://bkt/b", "kind": "sft"}],
+        "strategies": [{"method": "task_arithmetic", "grid": {"lambda": [0.5, 1.0]}, "params": {"normalize": True}}],
+        "results_uri": str(tmp_path / "results"),
+    }
+    cfg.update(over)
+    return cfg
+
+
+def test_valid_config_and_grid_expansion(tmp_path):
+    cfg = parse_config(base_config(tmp_path))
+    assert cfg.strategies[0].points() == [{"normalize": True, "lambda": 0.5}, {"normalize": True, "lambda": 1.0}]
+    assert cfg.strategy_models(cfg.strategies[0]) == ["a", "b"]
+    assert cfg.evaluation.tasks == ["mergeaudit_add2"]
+
+
+def test_all_problems_are_reported_together(tmp_path):
+    raw = base_config(
+        tmp_path,
+        results_uri="gs://bucket/r",
+        strategies=[{"method": "tiez"}, {"method": "linear", "models": ["zz"]},
+                    {"method": "linear", "params": {"weights": [1.0]}}],
+        evaluation={"tasks": ["nope"], "batch_size": 0},
+        extra_key=1,
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    msg = str(info.value)
+    for expected in ("unknown store scheme 'gs'", "batch_size", "extra_key"):
+        assert expected in msg
+
+
+def test_cross_field_problems_are_reported_together(tmp_path):
+    raw = base_config(
+        tmp_path,
+        models=[{"name": "a", "uri": str(tmp_path / "a")}, {"name": "a", "uri": str(tmp_path / "a2")}],
+        strategies=[{"method": "tiez"}, {"method": "linear", "models": ["zz"]},
+                    {"method": "linear", "params": {"weights": [1.0]}}],
+        evaluation={"tasks": ["nope"]},
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    msg = str(info.value)
+    for expected in ("not unique: a", "unknown merge method 'tiez'", "unknown models zz",
+                     "weights has 1 entries for 2 models", "unknown task 'nope'"):
+        assert expected in msg
+
+
+def test_yaml_is_data(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("!!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.yaml")
