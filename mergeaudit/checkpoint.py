@@ -108,7 +108,7 @@ def parse_header(uri: str, size: int) -> dict[str, TensorSpec]:
     if problems:
         raise CheckpointError(f"{uri}: invalid header: " + "; ".join(problems[:20]))
     ranges = sorted((s.start, s.end, s.name) for s in specs.values())
-    for (s0, e0, n0), (s1, _e1, n1) in zip(ranges, ranges[1:]):
+    for (_s0, e0, n0), (s1, _e1, n1) in zip(ranges, ranges[1:], strict=False):
         if s1 < e0:
             raise CheckpointError(f"{uri}: tensors {n0!r} and {n1!r} overlap in the data area")
     return specs

@@ -71,10 +71,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from mergeaudit.config import parse_config
-    from mergeaudit.demo import demo_config, prepare_demo
+    from mergeaudit.demo import DEMO_TRAIN_STEPS, demo_config, prepare_demo
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo builds everything locally
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if args.train_steps is None:
+        args.train_steps = DEMO_TRAIN_STEPS
 
     workdir = Path(args.workdir).absolute()
-    family = prepare_demo(workdir)
+    print(f"preparing demo checkpoints in {workdir} (the base trains once, then is reused)")
+    family = prepare_demo(workdir, train_steps=args.train_steps)
     raw = demo_config(family, workdir)
     config_path = workdir / "audit.yaml"
     config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -96,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("demo", help="build tiny checkpoints locally, audit them, print a summary")
     p.add_argument("--workdir", default=DEMO_WORKDIR, help=f"where the demo store lives (default {DEMO_WORKDIR})")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="training steps of the toy base (default: the demo's recipe; 0 = untrained)")
     p.set_defaults(func=cmd_demo)
     return parser
 

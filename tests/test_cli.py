@@ -56,7 +56,7 @@ def test_missing_config_file(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
-    out = run_cli("demo", "--workdir", str(tmp_path / "demo"))
+    out = run_cli("demo", "--workdir", str(tmp_path / "demo"), "--train-steps", "20")
     assert out.returncode == 0, out.stderr[-3000:]
     for expected in ("candidate", "task_arithmetic(ft_a+ft_b; lambda=0.5)", "Parquet tables under", "scores"):
         assert expected in out.stdout

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig
 
 from mergeaudit import store
 from mergeaudit.checkpoint import Checkpoint, write_checkpoint
 from mergeaudit.errors import CheckpointError
 from mergeaudit.toy.tokenizer import build_tokenizer
+from mergeaudit.toy.train import train_base
 
 DEFAULT_VARIANTS = {"ft_a": 0.1, "ft_b": 0.2}
 MANIFEST = "toy_family.json"
@@ -39,6 +40,7 @@ class ToyFamily:
     variants: dict[str, str]
     changed: dict[str, int] = field(default_factory=dict)
     numel: int = 0
+    recipe: dict = field(default_factory=dict)
 
     def density(self, name: str) -> float:
         return self.changed[name] / self.numel
@@ -81,12 +83,15 @@ def sparse_update(name: str, w: torch.Tensor, density: float, seed: int, variant
     return torch.where(mask, w32 + delta, w32).to(w.dtype)
 
 
-def build_base(root: str, seed: int = 0, hidden: int = 64, layers: int = 2) -> str:
-    """Write a seeded random tiny Llama (bf16) and the toy tokenizer to root/base."""
+def build_base(root: str, seed: int = 0, hidden: int = 64, layers: int = 2, train_steps: int = 0) -> str:
+    """Write a tiny Llama (bf16) and the toy tokenizer to root/base.
+
+    With train_steps=0 the weights are a seeded random init (fast, for tests); otherwise the
+    base is trained on two-digit addition first, so scores and merges mean something.
+    """
     tok = build_tokenizer()
     config = tiny_llama_config(len(tok), hidden=hidden, layers=layers)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = train_base(config, steps=train_steps, seed=seed).to(torch.bfloat16)
     base_uri = store.join(root, "base")
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
@@ -96,17 +101,26 @@ def build_base(root: str, seed: int = 0, hidden: int = 64, layers: int = 2) -> s
     return base_uri
 
 
+def family_recipe(variants: dict[str, float] | None = None, seed: int = 0, hidden: int = 64, layers: int = 2,
+                  train_steps: int = 0) -> dict:
+    """Everything that determines a family's bytes; a family is reused only for the same recipe."""
+    variants = dict(DEFAULT_VARIANTS if variants is None else variants)
+    return {"variants": variants, "seed": seed, "hidden": hidden, "layers": layers, "train_steps": train_steps}
+
+
 def build_toy_family(
     root: str,
     variants: dict[str, float] | None = None,
     seed: int = 0,
     hidden: int = 64,
     layers: int = 2,
+    train_steps: int = 0,
 ) -> ToyFamily:
     """Write base and fine-tuned variants under root; returns what was written."""
     variants = dict(DEFAULT_VARIANTS if variants is None else variants)
     root = store.check_uri(root)
-    base_uri = build_base(root, seed=seed, hidden=hidden, layers=layers)
+    recipe = family_recipe(variants, seed, hidden, layers, train_steps)
+    base_uri = build_base(root, seed=seed, hidden=hidden, layers=layers, train_steps=train_steps)
     base = Checkpoint.open(base_uri)
     changed: dict[str, int] = {}
     uris: dict[str, str] = {}
@@ -122,18 +136,21 @@ def build_toy_family(
         uris[variant] = write_checkpoint(store.join(root, variant), tensors(), source=base)
         changed[variant] = counts[0]
     numel = sum(base.spec(n).numel for n in base.keys())
-    family = ToyFamily(root=root, base=base_uri, variants=uris, changed=changed, numel=numel)
+    family = ToyFamily(root=root, base=base_uri, variants=uris, changed=changed, numel=numel, recipe=recipe)
     store.write_bytes(store.join(root, MANIFEST), json.dumps(family.__dict__, indent=2).encode())
     return family
 
 
-def load_toy_family(root: str) -> ToyFamily | None:
-    """The family recorded under root, or None when there is none or it is incomplete."""
+def load_toy_family(root: str, recipe: dict | None = None) -> ToyFamily | None:
+    """The family recorded under root, or None when there is none, it is incomplete, or it was
+    built from another recipe than the one given."""
     root = store.check_uri(root)
     manifest = store.join(root, MANIFEST)
     if not store.exists(manifest):
         return None
     family = ToyFamily(**json.loads(store.read_bytes(manifest)))
+    if recipe is not None and family.recipe != recipe:
+        return None
     try:
         for uri in [family.base, *family.variants.values()]:
             Checkpoint.open(uri)
