@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 
 from mergeaudit import audit
 from mergeaudit.config import AuditConfig
+from flows.credentials import use_storage_credentials
 from tasks.audit import compute_geometry, evaluate_candidate, plan_candidates, resolve_checkpoints, write_results
 
 
@@ -24,10 +25,11 @@ def merge_audit(config: AuditConfig) -> dict:
     log = get_run_logger()
     run_id = audit.new_run_id()
     started_at = dt.datetime.now(dt.timezone.utc)
+    use_storage_credentials(config.storage)
     records = resolve_checkpoints(config)
     geometry_rows = compute_geometry(config, records)
     candidates = plan_candidates(config, records)
-    results = [evaluate_candidate(c, config.evaluation) for c in candidates]
+    results = [evaluate_candidate(c, config.evaluation, config.storage) for c in candidates]
     files = write_results(config, run_id, started_at, geometry_rows, candidates, results)
     log.info("run %s wrote %s", run_id, ", ".join(files))
     return {

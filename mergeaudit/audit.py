@@ -27,8 +27,8 @@ import torch
 
 import mergeaudit
 from mergeaudit import geometry, store, tables
-from mergeaudit.checkpoint import TOKENIZER_FILES, Checkpoint, check_compatible
-from mergeaudit.config import AuditConfig, EvalSpec
+from mergeaudit.checkpoint import TOKENIZER_FILES, Checkpoint, CheckpointCache, check_compatible
+from mergeaudit.config import AuditConfig, EvalSpec, StorageSpec
 from mergeaudit.errors import CheckpointError
 from mergeaudit.merging import REGISTRY, merge_stream
 
@@ -92,9 +92,21 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def open_checkpoint(uri: str, storage: StorageSpec) -> Checkpoint:
+    """Open a checkpoint through the configured read-through cache, if any."""
+    cache = None
+    if storage.cache_dir:
+        cache = CheckpointCache(storage.cache_dir, max_bytes=int(storage.cache_max_gb * 1024**3))
+    return Checkpoint.open(uri, cache=cache)
+
+
 def resolve_checkpoints(config: AuditConfig) -> dict[str, CheckpointRecord]:
     """Open every checkpoint (headers only) and check names and shapes agree with the base."""
     opened = {spec.name: Checkpoint.open(spec.uri) for spec in [config.base, *config.models]}
+    marker = config.storage.completion_marker
+    unmarked = [ck.uri for ck in opened.values() if marker and marker not in ck.files]
+    if unmarked:
+        raise CheckpointError(f"incomplete checkpoints (no {marker}): {', '.join(unmarked)}")
     check_compatible(opened[config.base.name], [opened[m.name] for m in config.models])
     kinds = {config.base.name: "base", **{m.name: m.kind for m in config.models}}
     return {
@@ -107,8 +119,8 @@ def resolve_checkpoints(config: AuditConfig) -> dict[str, CheckpointRecord]:
 def compute_geometry(config: AuditConfig, records: dict[str, CheckpointRecord]) -> list[dict]:
     """geometry_tensors rows for every fine-tuned model against the base."""
     base = records[config.base.name]
-    models = {m.name: Checkpoint.open(records[m.name].uri) for m in config.models}
-    rows = geometry.geometry_rows(Checkpoint.open(base.uri), models)
+    models = {m.name: open_checkpoint(records[m.name].uri, config.storage) for m in config.models}
+    rows = geometry.geometry_rows(open_checkpoint(base.uri, config.storage), models)
     for row in rows:
         rec = records[row["model"]]
         row.update(model_uri=rec.uri, model_fingerprint=rec.fingerprint,
@@ -142,12 +154,12 @@ def plan_candidates(config: AuditConfig, records: dict[str, CheckpointRecord]) -
     return [c for c in out if not (c.candidate_id in seen or seen.add(c.candidate_id))]
 
 
-def candidate_tensors(candidate: Candidate):
+def candidate_tensors(candidate: Candidate, storage: StorageSpec):
     """Stream the candidate's tensors: a stored checkpoint's, or a merge computed on the fly."""
     if candidate.kind == "checkpoint":
-        return Checkpoint.open(candidate.inputs[0].uri).iter_tensors()
-    base = Checkpoint.open(candidate.base.uri)
-    models = [Checkpoint.open(r.uri) for r in candidate.inputs]
+        return open_checkpoint(candidate.inputs[0].uri, storage).iter_tensors()
+    base = open_checkpoint(candidate.base.uri, storage)
+    models = [open_checkpoint(r.uri, storage) for r in candidate.inputs]
     params = REGISTRY.parse_params(candidate.method, candidate.params, n_models=len(models), has_base=True)
     return merge_stream(candidate.method, params, base, models)
 
@@ -164,7 +176,7 @@ def load_tokenizer(uri: str):
         return AutoTokenizer.from_pretrained(tmp, trust_remote_code=False)
 
 
-def materialize(candidate: Candidate, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def materialize(candidate: Candidate, storage: StorageSpec, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """Build the candidate as an in-memory HF model on `device`; returns (model, tokenizer, sparsity).
 
     The architecture comes from the base's config.json through transformers' built-in classes
@@ -174,7 +186,7 @@ def materialize(candidate: Candidate, device: str = "cpu", dtype: torch.dtype = 
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    base = Checkpoint.open(candidate.base.uri)
+    base = open_checkpoint(candidate.base.uri, storage)
     cfg = dict(base.config)
     model_type = cfg.pop("model_type", None)
     if not model_type:
@@ -189,7 +201,7 @@ def materialize(candidate: Candidate, device: str = "cpu", dtype: torch.dtype = 
     loaded: set[str] = set()
     changed, numel = 0, 0
     with torch.no_grad():
-        for name, tensor in candidate_tensors(candidate):
+        for name, tensor in candidate_tensors(candidate, storage):
             if name not in targets:
                 raise CheckpointError(f"{base.uri}: tensor {name!r} does not fit {type(model).__name__}")
             if tuple(targets[name].shape) != tuple(tensor.shape):
@@ -209,11 +221,11 @@ def materialize(candidate: Candidate, device: str = "cpu", dtype: torch.dtype = 
     return model, tokenizer, (1.0 - changed / numel if numel else 1.0)
 
 
-def evaluate_candidate(candidate: Candidate, spec: EvalSpec) -> CandidateResult:
+def evaluate_candidate(candidate: Candidate, spec: EvalSpec, storage: StorageSpec) -> CandidateResult:
     """Materialise the candidate and score it with lm-eval on the configured tasks."""
     from mergeaudit.evaluation import EvalSettings, evaluate_model
 
-    model, tokenizer, sparsity = materialize(candidate, device=spec.device)
+    model, tokenizer, sparsity = materialize(candidate, storage, device=spec.device)
     settings = EvalSettings(limit=spec.limit, batch_size=spec.batch_size, max_length=spec.max_length,
                             device=spec.device)
     with torch.inference_mode():

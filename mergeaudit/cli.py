@@ -2,6 +2,8 @@
 
     mergeaudit audit CONFIG.yaml          run the audit flow on a YAML AuditConfig
     mergeaudit demo [--workdir DIR]       build tiny checkpoints, audit them, print a summary
+    mergeaudit discover PREFIX [--marker] list checkpoints under a prefix and their completeness
+    mergeaudit convert SRC OUT --allow-pickle   pickled weights -> safetensors (weights_only)
 
 User errors (a config that does not validate, a missing checkpoint, an unknown store scheme)
 print one line and exit with status 2; only bugs show a traceback.
@@ -94,6 +96,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_discover(args: argparse.Namespace) -> int:
+    from mergeaudit.checkpoint import discover
+
+    rows = [{"checkpoint": s.uri, "complete": s.complete, "fingerprint": s.fingerprint, "problem": s.problem}
+            for s in discover(args.prefix, marker=args.marker)]
+    print(format_table(rows))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from mergeaudit.checkpoint.convert import convert_pickled
+
+    out = convert_pickled(args.src, args.out, allow_pickle=args.allow_pickle)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergeaudit", description="Audit merges of RLVR-trained checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-steps", type=int, default=None,
                    help="training steps of the toy base (default: the demo's recipe; 0 = untrained)")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("discover", help="list the checkpoints under a prefix and whether each is complete")
+    p.add_argument("prefix", help="folder or bucket prefix (path, file://, s3://)")
+    p.add_argument("--marker", default=None, help="completion marker file a complete checkpoint must hold")
+    p.set_defaults(func=cmd_discover)
+    p = sub.add_parser("convert", help="convert pickled .bin/.pt weights to safetensors (explicit opt-in)")
+    p.add_argument("src", help="checkpoint folder with pytorch_model*.bin")
+    p.add_argument("out", help="where to write the safetensors checkpoint")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="required: load the pickles with torch.load(weights_only=True)")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

@@ -81,6 +81,23 @@ class EvalSpec(_Frozen):
     device: str = pydantic.Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
 
 
+class StorageSpec(_Frozen):
+    """How checkpoints are read: credentials, completeness marker, local read-through cache."""
+
+    credentials_block: str | None = pydantic.Field(
+        None,
+        pattern=r"^(aws-credentials|minio-credentials)/[A-Za-z0-9_-]+$",
+        description="Prefect block holding S3 credentials ('aws-credentials/NAME' or "
+        "'minio-credentials/NAME'); default: the standard AWS environment.",
+    )
+    completion_marker: str | None = pydantic.Field(
+        None, pattern=r"^[A-Za-z0-9_.-]+$",
+        description="File a checkpoint folder must hold to count as complete (e.g. _COMPLETE).",
+    )
+    cache_dir: str | None = pydantic.Field(None, description="Local folder for a read-through checkpoint cache.")
+    cache_max_gb: float = pydantic.Field(100.0, gt=0, description="Size limit of the cache.")
+
+
 class AuditConfig(_Frozen):
     """One merge audit: a base, fine-tuned checkpoints, merge strategies, evaluation, results."""
 
@@ -90,6 +107,7 @@ class AuditConfig(_Frozen):
     strategies: list[StrategySpec] = pydantic.Field(default_factory=list)
     evaluation: EvalSpec = pydantic.Field(default_factory=EvalSpec)
     results_uri: str = pydantic.Field(description="Where the Parquet tables go (path, file://, s3://).")
+    storage: StorageSpec = pydantic.Field(default_factory=StorageSpec)
     score_inputs: bool = pydantic.Field(True, description="Also score the base and each fine-tune as references.")
 
     @pydantic.field_validator("name")

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
-from mergeaudit.checkpoint import Checkpoint
+from mergeaudit.checkpoint import Checkpoint, iter_aligned
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.(.+?)(?:\.(?:weight|bias))?$")
 
@@ -56,26 +56,39 @@ def tensor_geometry(base: torch.Tensor, ft: torch.Tensor) -> dict[str, float | i
 
 
 def geometry_rows(base: Checkpoint, models: Mapping[str, Checkpoint]) -> list[dict]:
-    """One row per (model, tensor); mismatched or missing tensors get a row with a reason."""
+    """One row per (model, tensor); mismatched or missing tensors get a row with a reason.
+
+    Tensors every model shares with the base stream together (the base read once, all
+    checkpoints prefetching in step); the rare partly-shared ones are read one by one.
+    """
     rows: list[dict] = []
-    for name in base.keys():
+    shapes = {m: ck.shapes() for m, ck in models.items()}
+    ref = base.shapes()
+
+    def problem(model: str, name: str) -> str | None:
+        if name not in shapes[model]:
+            return "missing in model"
+        if shapes[model][name] != ref[name]:
+            return f"shape {list(shapes[model][name])} vs base {list(ref[name])}"
+        return None
+
+    def row(model: str, name: str, **values) -> dict:
         layer, module = parse_tensor_name(name)
+        return {"model": model, "tensor": name, "layer": layer, "module": module, "reason": None, **values}
+
+    shared = [n for n in base.keys() if all(problem(m, n) is None for m in models)]
+    for name, (w, *fts) in iter_aligned([base, *models.values()], shared):
+        rows += [row(m, name, **tensor_geometry(w, ft)) for m, ft in zip(models, fts, strict=True)]
+    done = set(shared)
+    for name in [n for n in base.keys() if n not in done]:
         w = base.get(name)
-        for model_name, ck in models.items():
-            row = {"model": model_name, "tensor": name, "layer": layer, "module": module, "reason": None}
-            if name not in ck.keys():
-                row.update(numel=w.numel(), reason="missing in model")
-            elif ck.spec(name).shape != tuple(w.shape):
-                row.update(numel=w.numel(), reason=f"shape {list(ck.spec(name).shape)} vs base {list(w.shape)}")
-            else:
-                row.update(tensor_geometry(w, ck.get(name)))
-            rows.append(row)
-        del w
-    for model_name, ck in models.items():
-        for name in sorted(set(ck.keys()) - set(base.keys())):
-            layer, module = parse_tensor_name(name)
-            rows.append({"model": model_name, "tensor": name, "layer": layer, "module": module,
-                         "numel": ck.spec(name).numel, "reason": "not in base"})
+        for m, ck in models.items():
+            reason = problem(m, name)
+            rows.append(row(m, name, numel=w.numel(), reason=reason) if reason
+                        else row(m, name, **tensor_geometry(w, ck.get(name))))
+    for m, ck in models.items():
+        for name in sorted(set(shapes[m]) - set(ref)):
+            rows.append(row(m, name, numel=ck.spec(name).numel, reason="not in base"))
     return rows
 
 

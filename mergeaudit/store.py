@@ -23,7 +23,7 @@ import posixpath
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import fsspec
@@ -44,8 +44,33 @@ _TRANSIENT_S3_CODES = {
 }
 _TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE, errno.EAGAIN}
 
+UPLOAD_PART_BYTES = 64 * 1024 * 1024  # multipart upload part size: bounded memory, few requests
+
 _fs_cache: dict[tuple, fsspec.AbstractFileSystem] = {}
 _fs_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class S3Credentials:
+    """Explicit S3 credentials (from a Prefect block, say); secrets never appear in repr()."""
+
+    access_key_id: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    profile: str | None = None
+    region: str | None = None
+    endpoint_url: str | None = None
+
+
+_explicit_s3: S3Credentials | None = None
+
+
+def use_s3_credentials(creds: S3Credentials | None) -> None:
+    """Use these credentials for s3:// in this process instead of the AWS environment (None
+    goes back to the environment)."""
+    global _explicit_s3
+    with _fs_lock:
+        _explicit_s3 = creds
 
 
 @dataclass(frozen=True)
@@ -101,9 +126,11 @@ def check_uri(uri: str) -> str:
 
 
 def _s3_filesystem() -> fsspec.AbstractFileSystem:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    creds = _explicit_s3
+    endpoint = (creds.endpoint_url if creds and creds.endpoint_url else None) or \
+        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     # Keyed by what changes the client, so tests that move the endpoint get a fresh one.
-    key = ("s3", endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
+    key = ("s3", endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"), id(creds))
     with _fs_lock:
         fs = _fs_cache.get(key)
         if fs is None:
@@ -112,6 +139,11 @@ def _s3_filesystem() -> fsspec.AbstractFileSystem:
             kwargs: dict = {"default_cache_type": "none", "skip_instance_cache": True}
             if endpoint:
                 kwargs["endpoint_url"] = endpoint
+            if creds is not None:
+                kwargs.update(key=creds.access_key_id, secret=creds.secret_access_key, token=creds.session_token,
+                              profile=creds.profile)
+                if creds.region:
+                    kwargs["client_kwargs"] = {"region_name": creds.region}
             fs = s3fs.S3FileSystem(**kwargs)
             _fs_cache[key] = fs
     return fs
@@ -264,6 +296,38 @@ def read_range(uri: str, start: int, end: int) -> bytes:
     return data
 
 
+def read_into(uri: str, start: int, buf: bytearray | memoryview) -> None:
+    """Fill buf with bytes [start, start + len(buf)) of one object, as one ranged request.
+
+    Local files are read with pread straight into buf (no intermediate copy, the GIL released);
+    other stores fetch the range and copy it in. Short reads are errors.
+    """
+    view = memoryview(buf).cast("B")
+    want = view.nbytes
+    if want == 0:
+        return
+    loc = locate(uri)
+    with translate_errors(uri, "read"):
+        if loc.is_local:
+            fd = os.open(loc.path, os.O_RDONLY)
+            try:
+                got = 0
+                while got < want:
+                    n = os.preadv(fd, [view[got:]], start + got)
+                    if n == 0:
+                        break
+                    got += n
+            finally:
+                os.close(fd)
+        else:
+            data = loc.fs.cat_file(loc.path, start=start, end=start + want)
+            got = len(data)
+            view[:got] = data
+            del data
+    if got != want:
+        raise StoreError(f"short read from {uri}: wanted bytes [{start}, {start + want}), got {got}")
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write one object so that readers see either nothing or all of it.
 
@@ -287,6 +351,40 @@ def write_bytes(uri: str, data: bytes) -> None:
                     os.unlink(tmp)
         else:
             loc.fs.pipe_file(loc.path, data)
+
+
+@contextlib.contextmanager
+def open_write(uri: str) -> Iterator:
+    """A binary file to stream one object into; readers see it only once the block exits cleanly.
+
+    Local: a hidden temporary file renamed into place. Object stores: a streaming (multipart)
+    upload that completes on close and is discarded on error, so a failure leaves no object.
+    """
+    loc = locate(uri)
+    with translate_errors(uri, "write"):
+        if loc.is_local:
+            parent = os.path.dirname(loc.path)
+            os.makedirs(parent, exist_ok=True)
+            tmp = os.path.join(parent, f".{os.path.basename(loc.path)}.tmp-{uuid.uuid4().hex[:12]}")
+            try:
+                with open(tmp, "wb") as fh:
+                    yield fh
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, loc.path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:
+            fh = loc.fs.open(loc.path, "wb", block_size=UPLOAD_PART_BYTES)
+            try:
+                yield fh
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    fh.discard()
+                fh.closed = True  # so garbage collection cannot complete the upload
+                raise
+            fh.close()
 
 
 def copy(src_uri: str, dst_uri: str) -> None:

@@ -62,3 +62,23 @@ def test_demo_runs_end_to_end(tmp_path):
         assert expected in out.stdout
     assert (tmp_path / "demo" / "audit.yaml").is_file()
     assert list((tmp_path / "demo" / "results" / "scores").glob("date=*/run_id=*/part-0.parquet"))
+
+
+def test_discover_and_convert_commands(toy_family, tmp_path):
+    import io
+
+    import torch
+
+    out = run_cli("discover", toy_family.root)
+    assert out.returncode == 0 and out.stdout.count("True") == 3, out.stdout
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text("{}")
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, buf)
+    (legacy / "pytorch_model.bin").write_bytes(buf.getvalue())
+    refused = run_cli("convert", str(legacy), str(tmp_path / "st"))
+    assert refused.returncode == 2 and "explicit opt-in" in refused.stderr
+    done = run_cli("convert", str(legacy), str(tmp_path / "st"), "--allow-pickle")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "st" / "model.safetensors").is_file()

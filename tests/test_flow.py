@@ -65,3 +65,64 @@ def test_every_flow_module_imports():
     code = "import flows.merge_audit as m; print(m.merge_audit.name)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "merge-audit"
+
+
+@pytest.mark.slow
+def test_credentials_from_a_prefect_block_never_leak(prefect_harness, s3_bucket, s3_endpoint, monkeypatch, tmp_path):
+    import asyncio
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect_aws import AwsCredentials, AwsClientParameters
+
+    from flows.merge_audit import merge_audit
+    from mergeaudit import store
+
+    family = build_toy_family(s3_bucket + "/ckpts", variants={"rl": 0.05})
+    secret = "s3cr3t-" + "x" * 24
+    # moto accepts any key; the secret must travel from the block to the client and nowhere else
+    AwsCredentials(aws_access_key_id="block-key", aws_secret_access_key=secret, region_name="us-east-1",
+                   aws_client_parameters=AwsClientParameters(endpoint_url=s3_endpoint)).save("audit-s3", overwrite=True)
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    raw = audit_config(family, s3_bucket + "/results")
+    raw["strategies"] = [{"method": "linear"}]
+    raw["storage"] = {"credentials_block": "aws-credentials/audit-s3"}
+    try:
+        state = merge_audit(parse_config(raw), return_state=True)
+        out = state.result()
+    finally:
+        store.use_s3_credentials(None)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    assert tables.read_table(s3_bucket + "/results", "scores").num_rows == 3 * 2
+    for uri in out["tables"].values():
+        assert secret.encode() not in store.read_bytes(uri)
+    assert secret not in repr(out)
+
+    async def run_logs() -> list[str]:
+        flt = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        async with get_client() as client:
+            return [log.message for log in await client.read_logs(log_filter=flt)]
+
+    for _ in range(40):  # logs reach the API in batches
+        logs = asyncio.run(run_logs())
+        if any("wrote" in m for m in logs):
+            break
+        time.sleep(0.25)
+    assert any("wrote" in m for m in logs), "the run's logs reached the API"
+    assert not [m for m in logs if secret in m]
+    assert "s3cr3t" not in repr(store.S3Credentials(access_key_id="k", secret_access_key=secret))
+
+
+def test_unknown_credentials_block_is_a_config_error(prefect_harness):
+    from flows.credentials import s3_credentials_from_block
+    from mergeaudit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="aws-credentials/absent"):
+        s3_credentials_from_block("aws-credentials/absent")

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from mergeaudit.checkpoint import Checkpoint, check_compatible
+from mergeaudit.checkpoint import Checkpoint, check_compatible, iter_aligned
 from mergeaudit.merging.registry import REGISTRY, MethodParams, TensorSlot
 
 
@@ -32,8 +32,9 @@ def merge_stream(
     fn = REGISTRY.get(method).fn
     ref = base if base is not None else models[0]
     check_compatible(ref, [m for m in models if m is not ref])
-    for name in ref.keys():
-        b = base.get(name).to(compute_dtype) if base is not None else None
-        ms = tuple(m.get(name).to(compute_dtype) for m in models)
-        merged = fn(TensorSlot(name, b, ms), params)
+    sources = ([base] if base is not None else []) + list(models)
+    for name, tensors in iter_aligned(sources, ref.keys()):
+        tensors = [t.to(compute_dtype) for t in tensors]
+        b = tensors.pop(0) if base is not None else None
+        merged = fn(TensorSlot(name, b, tuple(tensors)), params)
         yield name, merged.to(out_dtype or ref.spec(name).torch_dtype)

@@ -1,0 +1,31 @@
+"""Hugging Face checkpoints in safetensors, wherever they live.
+
+    from mergeaudit.checkpoint import Checkpoint, CheckpointWriter, discover
+    ck = Checkpoint.open("s3://bkt/step-400")           # headers validated, nothing else read
+    for name, t in ck.iter_tensors(): ...               # one ranged read per tensor, prefetched
+
+`format` (safetensors layout and validation), `reader` (Checkpoint, compatibility),
+`writer` (sharded, atomic publish), `discovery` (completeness under a prefix), `cache`
+(read-through local cache) and `convert` (opt-in, weights_only pickle conversion).
+"""
+
+from mergeaudit.checkpoint.cache import CheckpointCache
+from mergeaudit.checkpoint.discovery import CheckpointStatus, check_complete, discover
+from mergeaudit.checkpoint.format import DTYPES, TensorSpec, parse_header, read_tensor, serialize_safetensors
+from mergeaudit.checkpoint.reader import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    SINGLE_FILE,
+    TOKENIZER_FILES,
+    Checkpoint,
+    check_compatible,
+    iter_aligned,
+)
+from mergeaudit.checkpoint.writer import CheckpointWriter, write_checkpoint
+
+__all__ = [
+    "CONFIG_FILE", "DTYPES", "INDEX_FILE", "SINGLE_FILE", "TOKENIZER_FILES",
+    "Checkpoint", "CheckpointCache", "CheckpointStatus", "CheckpointWriter", "TensorSpec",
+    "check_compatible", "check_complete", "iter_aligned", "discover", "parse_header", "read_tensor",
+    "serialize_safetensors", "write_checkpoint",
+]

@@ -1,0 +1,292 @@
+"""Reading Hugging Face checkpoints where they live, one tensor at a time.
+
+A checkpoint is a folder (any store URI) with `config.json`, weights in `model.safetensors` or
+in shards named by `model.safetensors.index.json` (the two layouts transformers loads), and
+tokenizer files. `Checkpoint.open` lists the folder and validates every header before any
+tensor is read; tensors then stream with one ranged read each. `iter_tensors` keeps a bounded
+window of reads in flight (several requests at once, so S3 bandwidth is used), so memory is
+bounded by that window, never by the model.
+
+    ck = Checkpoint.open("s3://bucket/run-7/step-400")
+    for name, tensor in ck.iter_tensors(window_bytes=256 << 20):
+        ...
+
+Untrusted input is never unpickled: a folder with only `.bin`/`.pt` weights is refused (see
+`mergeaudit.checkpoint.convert` for the explicit, `weights_only` conversion).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cached_property
+
+import torch
+
+from mergeaudit import store
+from mergeaudit.checkpoint.format import TensorSpec, parse_header, read_tensor
+from mergeaudit.errors import CheckpointError, ShapeMismatchError, StoreError
+
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# The prefetch window defaults to two of the checkpoint's largest tensors, within these bounds.
+MIN_WINDOW_BYTES = 64 * 1024 * 1024
+MAX_WINDOW_BYTES = 1024 * 1024 * 1024
+# Concurrent ranged reads: object stores need several in flight to use their bandwidth; local
+# reads are memory-copy bound, and more threads than cores only contend.
+REMOTE_MAX_REQUESTS = 8
+LOCAL_MAX_REQUESTS = 2
+TIED_HEAD = "lm_head.weight"
+
+
+def read_json(uri: str) -> dict:
+    try:
+        data = json.loads(store.read_bytes(uri))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{uri} is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{uri} is not a JSON object")
+    return data
+
+
+class Checkpoint:
+    """A validated, read-only view of one HF checkpoint; tensors stream on demand.
+
+    The interface is `keys()`, `spec(name)`, `get(name)` and `iter_tensors()`. `uri`, `files`
+    and `fingerprint` always describe the source; with a read-through cache the tensor bytes may
+    come from a local copy of the same fingerprint.
+    """
+
+    def __init__(self, uri: str, config: dict, files: dict[str, store.FileInfo], specs: dict[str, TensorSpec]):
+        self.uri = uri
+        self.config = config
+        self.files = files
+        self._specs = specs
+
+    @classmethod
+    def open(cls, uri: str, cache=None) -> Checkpoint:
+        """Open and validate a checkpoint folder; raises CheckpointError on anything wrong.
+
+        `cache` (a `CheckpointCache`) serves the tensor bytes from a local copy keyed by the
+        source's fingerprint, downloading it on first use.
+        """
+        norm = store.check_uri(uri)
+        files = list_checkpoint_files(norm)
+        config = read_json(files[CONFIG_FILE].uri)
+        layout = weight_layout(norm, files)
+        if cache is not None:
+            local = cache.fetch(norm, files)
+            if local is not None:
+                local_files = store.list_files(local)
+                specs = read_specs(norm, local_files, layout)
+                return cls(norm, config, files, specs)
+        return cls(norm, config, files, read_specs(norm, files, layout))
+
+    # -- the tiny interface ------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._specs)
+
+    def spec(self, name: str) -> TensorSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise CheckpointError(f"checkpoint {self.uri} has no tensor {name!r}") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        return read_tensor(self.spec(name))
+
+    def iter_tensors(
+        self,
+        names: Iterable[str] | None = None,
+        window_bytes: int | None = None,
+        max_requests: int | None = None,
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) in order (file order by default) with reads prefetched.
+
+        Up to `max_requests` ranged reads run at once (default: 2 on local disk, 8 on object
+        stores) while their bytes stay within `window_bytes` (one tensor is always allowed,
+        however large), so memory holds at most the window plus the tensor the caller is using.
+        """
+        specs = [self.spec(n) for n in (self.keys() if names is None else names)]
+        if window_bytes is None:
+            window_bytes = self.default_window()
+        if max_requests is None:
+            local = all(store.locate(s.file).is_local for s in specs[:1])
+            max_requests = LOCAL_MAX_REQUESTS if local else REMOTE_MAX_REQUESTS
+        yield from prefetch(specs, window_bytes, max_requests)
+
+    # -- metadata ------------------------------------------------------------------------------
+    @cached_property
+    def fingerprint(self) -> str:
+        """Digest of the files' names, sizes and ETags (or mtimes): the cache key of this checkpoint."""
+        return store.fingerprint(list(self.files.values()))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self._specs.values())
+
+    def default_window(self) -> int:
+        """Two of the largest tensors, between MIN_WINDOW_BYTES and MAX_WINDOW_BYTES."""
+        largest = max((s.nbytes for s in self._specs.values()), default=0)
+        return min(MAX_WINDOW_BYTES, max(MIN_WINDOW_BYTES, 2 * largest))
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """True when the head shares the embedding matrix and is not stored."""
+        return bool(self.config.get("tie_word_embeddings", False)) and TIED_HEAD not in self._specs
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: s.shape for n, s in self._specs.items()}
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.uri!r}, tensors={len(self._specs)})"
+
+
+def prefetch(specs: list[TensorSpec], window_bytes: int, max_requests: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Read specs in order with a bounded window of concurrent ranged reads."""
+    if not specs:
+        return
+    pending: collections.deque[tuple[TensorSpec, Future]] = collections.deque()
+    inflight = 0
+    upcoming = iter(specs)
+    nxt = next(upcoming, None)
+    with ThreadPoolExecutor(max_workers=max(1, max_requests), thread_name_prefix="mergeaudit-read") as pool:
+        try:
+            while pending or nxt is not None:
+                while nxt is not None and len(pending) < max_requests and (not pending or inflight + nxt.nbytes <= window_bytes):
+                    pending.append((nxt, pool.submit(read_tensor, nxt)))
+                    inflight += nxt.nbytes
+                    nxt = next(upcoming, None)
+                spec, fut = pending.popleft()
+                tensor = fut.result()
+                inflight -= spec.nbytes
+                yield spec.name, tensor
+                del tensor
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+
+
+def iter_aligned(
+    checkpoints: list[Checkpoint],
+    names: list[str],
+    window_bytes: int | None = None,
+) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    """Yield (name, [tensor of each checkpoint]) for names present in all of them, every
+    checkpoint prefetching in the same order; the window (default: the first checkpoint's)
+    is shared out between them, so memory stays bounded however many are read."""
+    if not checkpoints:
+        return
+    total = window_bytes if window_bytes is not None else checkpoints[0].default_window()
+    share = max(1, total // len(checkpoints))
+    streams = [ck.iter_tensors(names, window_bytes=share) for ck in checkpoints]
+    for name in names:
+        yield name, [next(s)[1] for s in streams]
+
+
+def list_checkpoint_files(uri: str) -> dict[str, store.FileInfo]:
+    """The folder's files, refusing missing folders, missing config and pickle-only weights."""
+    try:
+        files = store.list_files(uri)
+    except StoreError as exc:
+        raise CheckpointError(f"checkpoint {uri} cannot be listed: {exc}") from exc
+    if not files:
+        raise CheckpointError(f"checkpoint {uri} does not exist or is empty")
+    if CONFIG_FILE not in files:
+        raise CheckpointError(f"checkpoint {uri} has no {CONFIG_FILE}")
+    if not any(n.endswith(".safetensors") for n in files) and INDEX_FILE not in files:
+        pickled = sorted(n for n in files if n.endswith(PICKLE_SUFFIXES))
+        if pickled:
+            raise CheckpointError(
+                f"checkpoint {uri} has only pickled weights ({', '.join(pickled)}); mergeaudit never "
+                "unpickles untrusted files. Convert them once with `mergeaudit convert SRC OUT "
+                "--allow-pickle` (torch.load with weights_only=True), or with transformers' "
+                "save_pretrained(safe_serialization=True) on a trusted machine"
+            )
+        raise CheckpointError(f"checkpoint {uri} has no *.safetensors weights")
+    return files
+
+
+def weight_layout(uri: str, files: dict[str, store.FileInfo]) -> dict[str, str] | None:
+    """The index's weight_map (name -> shard) when sharded, None for a single model.safetensors.
+
+    These are the two layouts transformers loads; a lone shard without its index is what a
+    crashed upload leaves behind, and is incomplete.
+    """
+    if INDEX_FILE in files:
+        index = read_json(files[INDEX_FILE].uri)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+                isinstance(v, str) and "/" not in v for v in weight_map.values()):
+            raise CheckpointError(f"{files[INDEX_FILE].uri} has no valid weight_map")
+        missing = sorted({s for s in weight_map.values() if s not in files})
+        if missing:
+            raise CheckpointError(f"checkpoint {uri} is incomplete: missing shards {', '.join(missing)}")
+        return weight_map
+    if SINGLE_FILE in files:
+        return None
+    raise CheckpointError(
+        f"checkpoint {uri} is incomplete: shards without {INDEX_FILE} (an interrupted upload?)"
+    )
+
+
+def read_specs(uri: str, files: dict[str, store.FileInfo], weight_map: dict[str, str] | None) -> dict[str, TensorSpec]:
+    """Validate every shard's header (ranged reads only) and check it against the index."""
+    shard_names = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
+    specs: dict[str, TensorSpec] = {}
+    for shard in shard_names:
+        fi = files[shard]
+        for name, spec in sorted(parse_header(fi.uri, fi.size).items(), key=lambda kv: kv[1].start):
+            if weight_map is not None and weight_map.get(name) != shard:
+                raise CheckpointError(f"{fi.uri}: tensor {name!r} is not mapped to this shard by the index")
+            if name in specs:
+                raise CheckpointError(f"checkpoint {uri}: tensor {name!r} appears in two shards")
+            specs[name] = spec
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(specs))
+        if absent:
+            raise CheckpointError(f"checkpoint {uri}: index names tensors no shard holds: {', '.join(absent[:10])}")
+    return specs
+
+
+def check_compatible(base: Checkpoint, others: Iterable[Checkpoint]) -> None:
+    """Every checkpoint has the same tensor names and shapes as base; all mismatches at once.
+
+    An embedding or head whose first dimension differs is named as a vocabulary mismatch; a
+    head that one checkpoint ties to its embeddings while another stores it is named as such.
+    """
+    problems = []
+    ref = base.shapes()
+    for ck in others:
+        shapes = ck.shapes()
+        for name in sorted(set(ref) ^ set(shapes)):
+            lacking, holding = (ck, base) if name in ref else (base, ck)
+            if name == TIED_HEAD and lacking.tied_embeddings:
+                problems.append(f"{TIED_HEAD}: tied to the embeddings in {lacking.uri} but stored in {holding.uri}")
+            elif name in ref:
+                problems.append(f"{ck.uri} lacks {name}")
+            else:
+                problems.append(f"{ck.uri} has extra tensor {name}")
+        for name in sorted(set(ref) & set(shapes)):
+            if ref[name] != shapes[name]:
+                vocab = ("embed" in name or name == TIED_HEAD) and ref[name][1:] == shapes[name][1:]
+                what = f"vocabulary size differs ({shapes[name][0]} vs {ref[name][0]}): " if vocab else ""
+                problems.append(f"{ck.uri} {name}: {what}shape {list(shapes[name])} vs base {list(ref[name])}")
+    if problems:
+        raise ShapeMismatchError(
+            f"checkpoints do not match {base.uri} ({len(problems)} problems): " + "; ".join(problems[:20])
+        )
