@@ -27,10 +27,10 @@ def merge_audit(config: AuditConfig) -> dict:
     started_at = dt.datetime.now(dt.timezone.utc)
     use_storage_credentials(config.storage)
     records = resolve_checkpoints(config)
-    geometry_rows = compute_geometry(config, records)
+    geometry = compute_geometry(config, records)
     candidates = plan_candidates(config, records)
     results = [evaluate_candidate(c, config.evaluation, config.storage) for c in candidates]
-    files = write_results(config, run_id, started_at, geometry_rows, candidates, results)
+    files = write_results(config, run_id, started_at, geometry, candidates, results)
     log.info("run %s wrote %s", run_id, ", ".join(files))
     return {
         "run_id": run_id,

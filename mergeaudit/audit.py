@@ -28,7 +28,7 @@ import torch
 import mergeaudit
 from mergeaudit import geometry, store, tables
 from mergeaudit.checkpoint import TOKENIZER_FILES, Checkpoint, CheckpointCache, check_compatible
-from mergeaudit.config import AuditConfig, EvalSpec, StorageSpec
+from mergeaudit.config import AuditConfig, EvalSpec, GeometrySpec, StorageSpec
 from mergeaudit.errors import CheckpointError
 from mergeaudit.merging import REGISTRY, merge_stream
 
@@ -116,16 +116,18 @@ def resolve_checkpoints(config: AuditConfig) -> dict[str, CheckpointRecord]:
     }
 
 
-def compute_geometry(config: AuditConfig, records: dict[str, CheckpointRecord]) -> list[dict]:
-    """geometry_tensors rows for every fine-tuned model against the base."""
-    base = records[config.base.name]
+def geometry_settings(spec: GeometrySpec) -> geometry.GeometrySettings:
+    spectral = geometry.SpectralSettings(top_k_fraction=spec.top_k_fraction, exact_max_dim=spec.exact_max_dim)
+    return geometry.GeometrySettings(eta=spec.eta, abs_tol=spec.abs_tol, spectral=spectral if spec.spectral else None)
+
+
+def compute_geometry(config: AuditConfig, records: dict[str, CheckpointRecord]) -> dict[str, list[dict]]:
+    """geometry_tensors and geometry_pairs rows for every fine-tuned model against the base."""
+    base = open_checkpoint(records[config.base.name].uri, config.storage)
     models = {m.name: open_checkpoint(records[m.name].uri, config.storage) for m in config.models}
-    rows = geometry.geometry_rows(open_checkpoint(base.uri, config.storage), models)
-    for row in rows:
-        rec = records[row["model"]]
-        row.update(model_uri=rec.uri, model_fingerprint=rec.fingerprint,
-                   base_uri=base.uri, base_fingerprint=base.fingerprint)
-    return rows
+    kinds = {m.name: m.kind for m in config.models}
+    tensor_rows, pair_rows = geometry.compute_geometry(base, models, kinds, geometry_settings(config.geometry))
+    return {"geometry_tensors": tensor_rows, "geometry_pairs": pair_rows}
 
 
 def plan_candidates(config: AuditConfig, records: dict[str, CheckpointRecord]) -> list[Candidate]:
@@ -259,32 +261,36 @@ def write_results(
     config: AuditConfig,
     run_id: str,
     started_at: dt.datetime,
-    geometry_rows: list[dict],
+    geometry_tables: dict[str, list[dict]],
     candidates: list[Candidate],
     results: list[CandidateResult],
 ) -> dict[str, str]:
     """Write the run's tables (runs last); returns table -> file URI."""
-    finished = dt.datetime.now(dt.timezone.utc)
-    run_row = {
-        "audit_name": config.name,
-        "started_at": started_at,
-        "finished_at": finished,
-        "status": "completed",
-        "config_json": config.model_dump_json(),
-        "mergeaudit_version": mergeaudit.__version__,
-        "package_versions": json.dumps(package_versions(), sort_keys=True),
-    }
+    run = run_row(config.name, started_at, config.model_dump_json())
     return tables.write_run(
         config.results_uri,
         run_id,
         f"{started_at:%Y-%m-%d}",
         {
-            "geometry_tensors": geometry_rows,
+            **geometry_tables,
             "candidates": candidate_rows(candidates, results),
             "scores": [row for r in results for row in r.scores],
-            "runs": [run_row],
+            "runs": [run],
         },
     )
+
+
+def run_row(audit_name: str, started_at: dt.datetime, config_json: str, status: str = "completed") -> dict:
+    """The `runs` row: what ran, when, with which configuration and package versions."""
+    return {
+        "audit_name": audit_name,
+        "started_at": started_at,
+        "finished_at": dt.datetime.now(dt.timezone.utc),
+        "status": status,
+        "config_json": config_json,
+        "mergeaudit_version": mergeaudit.__version__,
+        "package_versions": json.dumps(package_versions(), sort_keys=True),
+    }
 
 
 def summary_rows(config: AuditConfig, candidates: list[Candidate], results: list[CandidateResult]) -> list[dict]:

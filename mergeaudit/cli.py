@@ -2,6 +2,7 @@
 
     mergeaudit audit CONFIG.yaml          run the audit flow on a YAML AuditConfig
     mergeaudit demo [--workdir DIR]       build tiny checkpoints, audit them, print a summary
+    mergeaudit geometry BASE MODEL... --out RESULTS [--kind NAME=rlvr]   update geometry tables
     mergeaudit discover PREFIX [--marker] list checkpoints under a prefix and their completeness
     mergeaudit convert SRC OUT --allow-pickle   pickled weights -> safetensors (weights_only)
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
@@ -96,6 +98,65 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_models(specs: list[str]) -> dict[str, str]:
+    """`NAME=URI` or `URI` (named after its folder) -> {name: uri}; names must be unique."""
+    from mergeaudit import store
+    from mergeaudit.errors import ConfigError
+
+    models: dict[str, str] = {}
+    for spec in specs:
+        name, sep, uri = spec.partition("=")
+        if not sep or "://" in name or "/" in name:
+            name, uri = store.basename(spec), spec
+        if name in models:
+            raise ConfigError(f"two models are named {name!r}; name them explicitly as NAME=URI")
+        models[name] = store.check_uri(uri)
+    return models
+
+
+def cmd_geometry(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from mergeaudit import audit, store, tables
+    from mergeaudit.checkpoint import Checkpoint
+    from mergeaudit.config import CheckpointSpec, GeometrySpec
+    from mergeaudit.errors import ConfigError
+    from mergeaudit.geometry import compute_geometry
+
+    started = dt.datetime.now(dt.timezone.utc)
+    models = parse_models(args.models)
+    kinds: dict[str, str] = {}
+    for item in args.kind:
+        name, _, kind = item.partition("=")
+        if name not in models:
+            raise ConfigError(f"--kind {item}: no model named {name!r}; models: {', '.join(models)}")
+        kinds[name] = CheckpointSpec(name=name, uri=models[name], kind=kind).kind
+    spec = GeometrySpec(spectral=not args.no_spectral, top_k_fraction=args.top_k_fraction, eta=args.eta)
+    out = store.check_uri(args.out)
+    base = Checkpoint.open(args.base)
+    opened = {n: Checkpoint.open(u) for n, u in models.items()}
+    tensor_rows, pair_rows = compute_geometry(base, opened, kinds, audit.geometry_settings(spec))
+    run_id = audit.new_run_id(started)
+    params = {"base": base.uri, "models": models, "kinds": kinds, "geometry": spec.model_dump()}
+    files = tables.write_run(out, run_id, f"{started:%Y-%m-%d}", {
+        "geometry_tensors": tensor_rows,
+        "geometry_pairs": pair_rows,
+        "runs": [audit.run_row("geometry", started, json.dumps(params, sort_keys=True))],
+    })
+    summary = [{"model": r["model"], "kind": r["kind"], "sparsity_bf16": r["sparsity_bf16"],
+                "sparsity_rel": r["sparsity_rel"], "rel_update_norm": r["rel_update_norm"]}
+               for r in tensor_rows if r["scope"] == "model"]
+    pairs = [{"pair": f"{r['model_a']}~{r['model_b']}", "overlap_of_a_lift": r["overlap_of_a_lift"],
+              "jaccard_lift": r["jaccard_lift"], "sign_conflicts": r["sign_conflict_rate"], "cosine": r["cosine"]}
+             for r in pair_rows if r["scope"] == "global"]
+    print(format_table(summary))
+    if pairs:
+        print()
+        print(format_table(pairs))
+    print(f"\nrun {run_id}: " + ", ".join(f"{t} -> {u}" for t, u in files.items() if t != "runs"))
+    return 0
+
+
 def cmd_discover(args: argparse.Namespace) -> int:
     from mergeaudit.checkpoint import discover
 
@@ -124,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-steps", type=int, default=None,
                    help="training steps of the toy base (default: the demo's recipe; 0 = untrained)")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("geometry", help="update geometry of fine-tuned checkpoints against a base")
+    p.add_argument("base", help="base checkpoint URI")
+    p.add_argument("models", nargs="+", help="fine-tuned checkpoints: URI or NAME=URI")
+    p.add_argument("--out", required=True, help="results URI for geometry_tensors and geometry_pairs")
+    p.add_argument("--kind", action="append", default=[], metavar="NAME=KIND",
+                   help="training kind of a model: rlvr, sft, base or unknown (repeatable)")
+    p.add_argument("--no-spectral", action="store_true", help="skip stable rank, energy shares, principal angles")
+    p.add_argument("--top-k-fraction", type=float, default=0.01, help="k of the top-k subspaces (fraction of min dim)")
+    p.add_argument("--eta", type=float, default=1e-3, help="relative tolerance of the `rel` update mask")
+    p.set_defaults(func=cmd_geometry)
     p = sub.add_parser("discover", help="list the checkpoints under a prefix and whether each is complete")
     p.add_argument("prefix", help="folder or bucket prefix (path, file://, s3://)")
     p.add_argument("--marker", default=None, help="completion marker file a complete checkpoint must hold")
@@ -141,9 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    import pydantic
+
     try:
         return args.func(args)
-    except MergeAuditError as exc:
+    except (MergeAuditError, pydantic.ValidationError) as exc:
+        if isinstance(exc, pydantic.ValidationError):
+            from mergeaudit.config import format_validation_error
+
+            exc = format_validation_error(exc)
         print("mergeaudit: error: " + " ".join(str(exc).split()), file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -98,6 +98,16 @@ class StorageSpec(_Frozen):
     cache_max_gb: float = pydantic.Field(100.0, gt=0, description="Size limit of the cache.")
 
 
+class GeometrySpec(_Frozen):
+    """Which update-geometry figures to compute (see mergeaudit.geometry)."""
+
+    eta: float = pydantic.Field(1e-3, gt=0, description="Relative tolerance of the `rel` update mask.")
+    abs_tol: float = pydantic.Field(1e-5, ge=0, description="Absolute tolerance of the `abs` update mask.")
+    spectral: bool = pydantic.Field(True, description="Stable rank, top-k energy shares, principal angles.")
+    top_k_fraction: float = pydantic.Field(0.01, gt=0, le=1, description="k as a fraction of min(m, n).")
+    exact_max_dim: int = pydantic.Field(1024, ge=1, description="Exact SVD up to this min(m, n); randomized above.")
+
+
 class AuditConfig(_Frozen):
     """One merge audit: a base, fine-tuned checkpoints, merge strategies, evaluation, results."""
 
@@ -108,6 +118,7 @@ class AuditConfig(_Frozen):
     evaluation: EvalSpec = pydantic.Field(default_factory=EvalSpec)
     results_uri: str = pydantic.Field(description="Where the Parquet tables go (path, file://, s3://).")
     storage: StorageSpec = pydantic.Field(default_factory=StorageSpec)
+    geometry: GeometrySpec = pydantic.Field(default_factory=GeometrySpec)
     score_inputs: bool = pydantic.Field(True, description="Also score the base and each fine-tune as references.")
 
     @pydantic.field_validator("name")

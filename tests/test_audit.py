@@ -38,8 +38,8 @@ def test_geometry_and_merges_read_through_the_cache(s3_bucket, tmp_path):
     family = build_toy_family(s3_bucket + "/ck", variants={"rl": 0.1})
     cfg = parse_config(config_for(family, str(tmp_path / "r"), cache_dir=str(tmp_path / "cache"), cache_max_gb=1))
     records = audit.resolve_checkpoints(cfg)
-    rows = audit.compute_geometry(cfg, records)
-    assert sum(r["changed_bf16"] for r in rows) == family.changed["rl"]
+    rows = audit.compute_geometry(cfg, records)["geometry_tensors"]
+    assert sum(r["changed_bf16"] for r in rows if r["scope"] == "tensor") == family.changed["rl"]
     assert len(list((tmp_path / "cache").iterdir())) == 2  # base and rl, by fingerprint
     (merge,) = [c for c in audit.plan_candidates(cfg, records) if c.kind == "merge"]
     names = [n for n, _ in audit.candidate_tensors(merge, cfg.storage)]

@@ -82,3 +82,31 @@ def test_discover_and_convert_commands(toy_family, tmp_path):
     done = run_cli("convert", str(legacy), str(tmp_path / "st"), "--allow-pickle")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "st" / "model.safetensors").is_file()
+
+
+def test_geometry_command_writes_both_tables(toy_family, tmp_path):
+    from mergeaudit import tables
+
+    out = run_cli("geometry", toy_family.base, *[f"{n}={u}" for n, u in toy_family.variants.items()],
+                  "--out", str(tmp_path / "res"), "--kind", "ft_a=rlvr", "--kind", "ft_b=sft")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ft_a~ft_b" in out.stdout
+    rows = tables.read_table(str(tmp_path / "res"), "geometry_tensors").to_pylist()
+    assert {r["kind"] for r in rows if r["model"] == "ft_a"} == {"rlvr"}
+    assert tables.read_table(str(tmp_path / "res"), "geometry_pairs").num_rows > 0
+    assert tables.read_table(str(tmp_path / "res"), "runs").to_pylist()[0]["audit_name"] == "geometry"
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--kind", "nobody=rlvr"], "no model named 'nobody'"),
+        (["--kind", "ft_a=dpo"], "kind"),
+        (["--top-k-fraction", "2"], "top_k_fraction"),
+    ],
+)
+def test_geometry_command_bad_input(toy_family, tmp_path, extra, message):
+    out = run_cli("geometry", toy_family.base, f"ft_a={toy_family.variants['ft_a']}", "--out",
+                  str(tmp_path / "res"), *extra)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "res").exists()

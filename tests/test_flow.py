@@ -30,7 +30,7 @@ def test_flow_on_local_store(prefect_harness, toy_family, tmp_path):
 
     results = str(tmp_path / "results")
     out = merge_audit(parse_config(audit_config(toy_family, results)))
-    assert set(out["tables"]) == {"runs", "geometry_tensors", "candidates", "scores"}
+    assert set(out["tables"]) == {"runs", "geometry_tensors", "geometry_pairs", "candidates", "scores"}
     cands = tables.read_table(results, "candidates").to_pylist()
     assert [c["kind"] for c in cands].count("merge") == 3 and len(cands) == 6
     scores = ds.dataset(results + "/scores", partitioning="hive").to_table().to_pylist()
@@ -39,7 +39,9 @@ def test_flow_on_local_store(prefect_harness, toy_family, tmp_path):
     assert all(s["n"] == 8 for s in scores)
     geo = tables.read_table(results, "geometry_tensors").to_pylist()
     for name, changed in toy_family.changed.items():
-        assert sum(r["changed_bf16"] for r in geo if r["model"] == name) == changed
+        assert sum(r["changed_bf16"] for r in geo if r["model"] == name and r["scope"] == "tensor") == changed
+    (pair,) = [r for r in tables.read_table(results, "geometry_pairs").to_pylist() if r["scope"] == "global"]
+    assert (pair["model_a"], pair["model_b"], pair["kind_a"]) == ("ft_a", "ft_b", "rlvr")
     by_name = {c["name"]: c for c in cands}
     # the merged update is the union of two random masks: 1 - (1-0.1)(1-0.2) = 0.28 changed
     assert by_name["linear(ft_a+ft_b)"]["update_sparsity_bf16"] == pytest.approx(0.72, abs=0.02)
