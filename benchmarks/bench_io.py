@@ -42,12 +42,12 @@ def peak_rss_mb() -> float:
 
 
 def worker(mode: str, where: str, uri: str) -> dict:
+    import warnings
+
     import torch
 
     from mergeaudit import store
     from mergeaudit.checkpoint import Checkpoint
-
-    import warnings
 
     warnings.filterwarnings("ignore", message="The given buffer is not writable")
 

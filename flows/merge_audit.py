@@ -1,4 +1,4 @@
-"""The merge audit flow: resolve checkpoints -> geometry -> plan -> evaluate -> tables.
+"""The merge audit flow: resolve checkpoints -> geometry -> Fisher -> plan -> evaluate -> tables.
 
 Run it on embedded defaults (no server: Prefect starts an ephemeral API in-process):
     mergeaudit audit audit.yaml
@@ -13,10 +13,17 @@ import datetime as dt
 
 from prefect import flow, get_run_logger
 
+from flows.credentials import use_storage_credentials
 from mergeaudit import audit
 from mergeaudit.config import AuditConfig
-from flows.credentials import use_storage_credentials
-from tasks.audit import compute_geometry, evaluate_candidate, plan_candidates, resolve_checkpoints, write_results
+from tasks.audit import (
+    compute_geometry,
+    estimate_fisher,
+    evaluate_candidate,
+    plan_candidates,
+    resolve_checkpoints,
+    write_results,
+)
 
 
 @flow(name="merge-audit", log_prints=True)
@@ -28,7 +35,8 @@ def merge_audit(config: AuditConfig) -> dict:
     use_storage_credentials(config.storage)
     records = resolve_checkpoints(config)
     geometry = compute_geometry(config, records)
-    candidates = plan_candidates(config, records)
+    fisher_uris = {name: estimate_fisher(config, records, name) for name in audit.fisher_models(config)}
+    candidates = plan_candidates(config, records, fisher_uris)
     results = [evaluate_candidate(c, config.evaluation, config.storage) for c in candidates]
     files = write_results(config, run_id, started_at, geometry, candidates, results)
     log.info("run %s wrote %s", run_id, ", ".join(files))

@@ -17,20 +17,27 @@ import datetime as dt
 import hashlib
 import importlib.metadata
 import json
-import tempfile
 import uuid
-from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
 import torch
 
 import mergeaudit
-from mergeaudit import geometry, store, tables
-from mergeaudit.checkpoint import TOKENIZER_FILES, Checkpoint, CheckpointCache, check_compatible
-from mergeaudit.config import AuditConfig, EvalSpec, GeometrySpec, StorageSpec
+from mergeaudit import fisher, geometry, store, tables
+from mergeaudit.checkpoint import Checkpoint, CheckpointCache, check_compatible
+from mergeaudit.config import (
+    AuditConfig,
+    EvalSpec,
+    GeometrySpec,
+    StorageSpec,
+    StrategySpec,
+)
 from mergeaudit.errors import CheckpointError
-from mergeaudit.merging import REGISTRY, merge_stream
+from mergeaudit.merging import REGISTRY
+from mergeaudit.merging.executor import MergePlan, ModelRef, prepare
+from mergeaudit.merging.params import check_all
+from mergeaudit.modeling import build_model, load_tokenizer
 
 PACKAGES = ("torch", "transformers", "lm_eval", "prefect", "safetensors", "pyarrow", "s3fs", "fsspec")
 
@@ -48,16 +55,27 @@ class CheckpointRecord(pydantic.BaseModel):
 
 
 class Candidate(pydantic.BaseModel):
-    """Something we score: a stored checkpoint, or a merge recipe of named checkpoints."""
+    """Something we score: a stored checkpoint, or a merge recipe (a MergePlan) of named
+    checkpoints, materialised where it is evaluated."""
 
     model_config = pydantic.ConfigDict(frozen=True)
     candidate_id: str
     name: str
     kind: Literal["checkpoint", "merge"]
-    method: str | None = None
-    params: dict[str, Any] = {}
     inputs: list[CheckpointRecord]
     base: CheckpointRecord
+    plan: MergePlan | None = None
+
+    @property
+    def method(self) -> str | None:
+        return self.plan.method if self.plan else None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        if self.plan is None:
+            return {}
+        return {"parameters": self.plan.parameters, "model_parameters": self.plan.model_parameters,
+                "seed": self.plan.seed, "out_dtype": self.plan.out_dtype}
 
     @property
     def params_hash(self) -> str:
@@ -130,8 +148,54 @@ def compute_geometry(config: AuditConfig, records: dict[str, CheckpointRecord]) 
     return {"geometry_tensors": tensor_rows, "geometry_pairs": pair_rows}
 
 
-def plan_candidates(config: AuditConfig, records: dict[str, CheckpointRecord]) -> list[Candidate]:
-    """The references (base and fine-tunes, when score_inputs) and one merge per grid point."""
+def fisher_models(config: AuditConfig) -> list[str]:
+    """Names of the models whose Fisher some strategy needs."""
+    needed: list[str] = []
+    for strat in config.strategies:
+        method = REGISTRY.get(strat.method)
+        names = config.strategy_models(strat)
+        per_model = [strat.model_params.get(n, {}) for n in names]
+        for point in strat.points():
+            resolved = check_all(method, [("model.layers.0.w", 0)], 1, point, per_model, has_base=True)
+            if any(p.uses_fisher() for p in resolved.values()):
+                needed += [n for n in names if n not in needed]
+    return needed
+
+
+def estimate_fisher(config: AuditConfig, records: dict[str, CheckpointRecord], name: str) -> str:
+    """One model's Fisher checkpoint URI (computed once per model version and calibration set)."""
+    spec = config.fisher
+    cache = spec.cache_uri or store.join(config.results_uri, "fisher")
+    settings = fisher.FisherSettings(max_examples=spec.max_examples, max_length=spec.max_length,
+                                     device=config.evaluation.device)
+    return fisher.estimate_fisher(records[name].uri, spec.calibration, cache, settings)
+
+
+def merge_plan(config: AuditConfig, records: dict[str, CheckpointRecord], strat: StrategySpec,
+               point: dict[str, Any], fisher_uris: dict[str, str]) -> MergePlan:
+    names = config.strategy_models(strat)
+    base = records[config.base.name]
+    return MergePlan(
+        method=strat.method,
+        base=ModelRef(id=base.name, uri=base.uri),
+        models=[ModelRef(id=n, uri=records[n].uri) for n in names],
+        parameters=point,
+        model_parameters=[strat.model_params.get(n, {}) for n in names],
+        compute_dtype="float32",
+        out_dtype=strat.out_dtype,
+        seed=strat.seed,
+        device=config.evaluation.device,
+        fisher={n: fisher_uris[n] for n in names if n in fisher_uris},
+    )
+
+
+def plan_candidates(config: AuditConfig, records: dict[str, CheckpointRecord],
+                    fisher_uris: dict[str, str] | None = None) -> list[Candidate]:
+    """The references (base and fine-tunes, when score_inputs) and one merge per grid point.
+
+    Every merge plan is validated here against the real headers (each tensor's parameters,
+    shapes, Fisher sources), so a bad strategy fails before any evaluation starts.
+    """
     base = records[config.base.name]
     out: list[Candidate] = []
     if config.score_inputs:
@@ -141,17 +205,16 @@ def plan_candidates(config: AuditConfig, records: dict[str, CheckpointRecord]) -
             out.append(Candidate(candidate_id=cid, name=spec.name, kind="checkpoint", inputs=[rec], base=base))
     for strat in config.strategies:
         names = config.strategy_models(strat)
-        inputs = [records[n] for n in names]
         for point in strat.points():
-            params = REGISTRY.parse_params(strat.method, point, n_models=len(inputs), has_base=True)
-            dumped = params.model_dump(mode="json", by_alias=True)
-            recipe = {"method": strat.method, "params": dumped, "base": base.fingerprint,
-                      "inputs": [r.fingerprint for r in inputs], "version": mergeaudit.__version__}
-            cid = _digest(recipe)[:20]
-            label = ",".join(f"{k}={v}" for k, v in sorted(point.items())) if point else ""
+            plan = merge_plan(config, records, strat, point, fisher_uris or {})
+            prepare(plan)
+            recipe = {"plan": plan.model_dump(mode="json", exclude={"device"}),
+                      "fingerprints": [base.fingerprint] + [records[n].fingerprint for n in names],
+                      "version": mergeaudit.__version__}
+            label = ",".join(f"{k}={point[k]}" for k in sorted(strat.grid))
             name = f"{strat.method}({'+'.join(names)}{'; ' + label if label else ''})"
-            out.append(Candidate(candidate_id=cid, name=name, kind="merge", method=strat.method,
-                                 params=dumped, inputs=inputs, base=base))
+            out.append(Candidate(candidate_id=_digest(recipe)[:20], name=name, kind="merge",
+                                 inputs=[records[n] for n in names], base=base, plan=plan))
     seen: set[str] = set()
     return [c for c in out if not (c.candidate_id in seen or seen.add(c.candidate_id))]
 
@@ -160,67 +223,25 @@ def candidate_tensors(candidate: Candidate, storage: StorageSpec):
     """Stream the candidate's tensors: a stored checkpoint's, or a merge computed on the fly."""
     if candidate.kind == "checkpoint":
         return open_checkpoint(candidate.inputs[0].uri, storage).iter_tensors()
-    base = open_checkpoint(candidate.base.uri, storage)
-    models = [open_checkpoint(r.uri, storage) for r in candidate.inputs]
-    params = REGISTRY.parse_params(candidate.method, candidate.params, n_models=len(models), has_base=True)
-    return merge_stream(candidate.method, params, base, models)
-
-
-def load_tokenizer(uri: str):
-    """The tokenizer of a checkpoint on any store (its small files copied to a temp folder)."""
-    from transformers import AutoTokenizer
-
-    ck_files = store.list_files(uri)
-    with tempfile.TemporaryDirectory(prefix="mergeaudit-tok-") as tmp:
-        for name in TOKENIZER_FILES + ("config.json",):
-            if name in ck_files:
-                (Path(tmp) / name).write_bytes(store.read_bytes(ck_files[name].uri))
-        return AutoTokenizer.from_pretrained(tmp, trust_remote_code=False)
+    return prepare(candidate.plan, opener=lambda uri: open_checkpoint(uri, storage)).stream()
 
 
 def materialize(candidate: Candidate, storage: StorageSpec, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """Build the candidate as an in-memory HF model on `device`; returns (model, tokenizer, sparsity).
 
-    The architecture comes from the base's config.json through transformers' built-in classes
-    only (trust_remote_code stays off). Sparsity is the bf16 sparsity of the candidate's update
-    against the base, measured while the tensors stream in.
+    Sparsity is the bf16 sparsity of the candidate's update against the base, measured while
+    the tensors stream in.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
     base = open_checkpoint(candidate.base.uri, storage)
-    cfg = dict(base.config)
-    model_type = cfg.pop("model_type", None)
-    if not model_type:
-        raise CheckpointError(f"{base.uri}/config.json has no model_type")
-    hf_config = AutoConfig.for_model(model_type, **cfg)
-    # Allocated on the target device without random init; weights are copied in as they stream,
-    # so memory holds the model plus one tensor, never a second copy of the state dict.
-    with no_init_weights(), torch.device(device):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=False)
-    targets = model.state_dict(keep_vars=True)
-    tied = {"lm_head.weight"} if getattr(hf_config, "tie_word_embeddings", False) else set()
-    loaded: set[str] = set()
-    changed, numel = 0, 0
-    with torch.no_grad():
-        for name, tensor in candidate_tensors(candidate, storage):
-            if name not in targets:
-                raise CheckpointError(f"{base.uri}: tensor {name!r} does not fit {type(model).__name__}")
-            if tuple(targets[name].shape) != tuple(tensor.shape):
-                raise CheckpointError(f"{base.uri}: tensor {name!r} has shape {list(tensor.shape)}, "
-                                      f"{type(model).__name__} wants {list(targets[name].shape)}")
-            changed += int(geometry.changed_bf16(base.get(name), tensor).sum())
-            numel += tensor.numel()
-            targets[name].copy_(tensor)
-            loaded.add(name)
-    missing = set(targets) - loaded - tied
-    if missing:
-        raise CheckpointError(f"{base.uri}: weights missing for {type(model).__name__}: {sorted(missing)[:5]}")
-    if tied and "lm_head.weight" not in loaded:
-        model.tie_weights()
-    model.eval()
-    tokenizer = load_tokenizer(base.uri)
-    return model, tokenizer, (1.0 - changed / numel if numel else 1.0)
+    counts = [0, 0]
+
+    def measure(name: str, tensor: torch.Tensor) -> None:
+        counts[0] += int(geometry.changed_bf16(base.get(name), tensor).sum())
+        counts[1] += tensor.numel()
+
+    model = build_model(base.config, candidate_tensors(candidate, storage), device, dtype, on_tensor=measure)
+    changed, numel = counts
+    return model, load_tokenizer(base.uri), (1.0 - changed / numel if numel else 1.0)
 
 
 def evaluate_candidate(candidate: Candidate, spec: EvalSpec, storage: StorageSpec) -> CandidateResult:

@@ -3,6 +3,8 @@
     mergeaudit audit CONFIG.yaml          run the audit flow on a YAML AuditConfig
     mergeaudit demo [--workdir DIR]       build tiny checkpoints, audit them, print a summary
     mergeaudit geometry BASE MODEL... --out RESULTS [--kind NAME=rlvr]   update geometry tables
+    mergeaudit merge CONFIG.yaml OUT [--device cpu|cuda] [--seed N]   run a mergekit config
+    mergeaudit fisher MODEL CALIB.jsonl --out CACHE   diagonal Fisher for the fisher/sar methods
     mergeaudit discover PREFIX [--marker] list checkpoints under a prefix and their completeness
     mergeaudit convert SRC OUT --allow-pickle   pickled weights -> safetensors (weights_only)
 
@@ -157,6 +159,28 @@ def cmd_geometry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from mergeaudit.merging.executor import run_merge
+    from mergeaudit.merging.mergekit_yaml import load_mergekit_config
+
+    plan = load_mergekit_config(args.config, seed=args.seed, device=args.device)
+    if args.fisher:
+        plan = plan.model_copy(update={"fisher": dict(parse_models(args.fisher))})
+    report = run_merge(plan, args.out, max_shard_bytes=args.max_shard_bytes)
+    print(f"merged {plan.method} of {len(plan.models)} models into {args.out}: "
+          f"{len(report['tensors'])} tensors, {report['erased_fraction']:.2%} of the merged update erased by "
+          f"the cast to {plan.out_dtype or 'the stored dtype'}; details in {args.out}/mergeaudit_merge.json")
+    return 0
+
+
+def cmd_fisher(args: argparse.Namespace) -> int:
+    from mergeaudit.fisher import FisherSettings, estimate_fisher
+
+    settings = FisherSettings(max_examples=args.max_examples, max_length=args.max_length, device=args.device)
+    print(estimate_fisher(args.model, args.calibration, args.out, settings))
+    return 0
+
+
 def cmd_discover(args: argparse.Namespace) -> int:
     from mergeaudit.checkpoint import discover
 
@@ -195,6 +219,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k-fraction", type=float, default=0.01, help="k of the top-k subspaces (fraction of min dim)")
     p.add_argument("--eta", type=float, default=1e-3, help="relative tolerance of the `rel` update mask")
     p.set_defaults(func=cmd_geometry)
+    p = sub.add_parser("merge", help="run a mergekit YAML config (unchanged) and write the merged checkpoint")
+    p.add_argument("config", help="mergekit YAML: models, base_model, merge_method, parameters, dtype, ...")
+    p.add_argument("out", help="output checkpoint URI (path or s3://)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random masks (DARE, DELLA)")
+    p.add_argument("--max-shard-bytes", type=int, default=None, help="shard size of the output (default 2 GiB)")
+    p.add_argument("--fisher", nargs="*", default=[], metavar="MODEL=URI",
+                   help="Fisher checkpoints of the models (for the fisher and sar methods)")
+    p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("fisher", help="estimate a model's diagonal Fisher on a calibration JSONL")
+    p.add_argument("model", help="checkpoint URI")
+    p.add_argument("calibration", help="JSONL of {prompt, response} rows")
+    p.add_argument("--out", required=True, help="cache folder for Fisher checkpoints")
+    p.add_argument("--max-examples", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_fisher)
     p = sub.add_parser("discover", help="list the checkpoints under a prefix and whether each is complete")
     p.add_argument("prefix", help="folder or bucket prefix (path, file://, s3://)")
     p.add_argument("--marker", default=None, help="completion marker file a complete checkpoint must hold")

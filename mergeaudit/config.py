@@ -54,21 +54,42 @@ class CheckpointSpec(_Frozen):
 
 
 class StrategySpec(_Frozen):
-    """A merge method over some of the models, with fixed params and an optional grid."""
+    """A merge method over some of the models, with mergekit-style parameters and a grid.
 
-    method: str = pydantic.Field(description="Registry name, as in mergekit (linear, task_arithmetic, ...).")
+    `params` are global settings exactly as in a mergekit config (scalars, per-layer gradient
+    lists, `{filter, value}` conditions); `model_params` holds per-model settings by name
+    (`weight`, `density`, ...); `grid` sweeps global settings, one candidate per point.
+    """
+
+    method: str = pydantic.Field(description="Registry name, as in mergekit (linear, ties, dare_ties, sar, ...).")
     models: list[str] | None = pydantic.Field(
         None, description="Names of the fine-tuned checkpoints to merge; default: all of them."
     )
-    params: dict[str, Any] = pydantic.Field(default_factory=dict, description="Method parameters.")
+    params: dict[str, Any] = pydantic.Field(default_factory=dict, description="Global method parameters.")
+    model_params: dict[str, dict[str, Any]] = pydantic.Field(
+        default_factory=dict, description="Per-model parameters, by model name."
+    )
     grid: dict[str, list[Any]] = pydantic.Field(
         default_factory=dict, description="Parameters to sweep: one candidate per point of the product."
+    )
+    seed: int = pydantic.Field(0, description="Seed of the random masks (DARE, DELLA).")
+    out_dtype: Literal["bfloat16", "float16", "float32"] | None = pydantic.Field(
+        None, description="dtype the merged weights are rounded to (default: the base's, as a saved merge would be)."
     )
 
     def points(self) -> list[dict[str, Any]]:
         """The params of every grid point (fixed params overridden by the grid's values)."""
         keys = sorted(self.grid)
         return [{**self.params, **dict(zip(keys, combo))} for combo in itertools.product(*(self.grid[k] for k in keys))]
+
+
+class FisherSpec(_Frozen):
+    """How the diagonal Fisher of each fine-tuned model is estimated (for fisher and sar)."""
+
+    calibration: str = pydantic.Field(description="JSONL of {prompt, response} rows (path or store URI).")
+    max_examples: int = pydantic.Field(64, ge=1)
+    max_length: int = pydantic.Field(256, ge=8)
+    cache_uri: str | None = pydantic.Field(None, description="Where Fisher checkpoints are cached (default RESULTS/fisher).")
 
 
 class EvalSpec(_Frozen):
@@ -119,6 +140,7 @@ class AuditConfig(_Frozen):
     results_uri: str = pydantic.Field(description="Where the Parquet tables go (path, file://, s3://).")
     storage: StorageSpec = pydantic.Field(default_factory=StorageSpec)
     geometry: GeometrySpec = pydantic.Field(default_factory=GeometrySpec)
+    fisher: FisherSpec | None = pydantic.Field(None, description="Needed by the fisher and sar methods.")
     score_inputs: bool = pydantic.Field(True, description="Also score the base and each fine-tune as references.")
 
     @pydantic.field_validator("name")
@@ -140,6 +162,7 @@ class AuditConfig(_Frozen):
     def _cross_checks(self) -> AuditConfig:
         from mergeaudit.evaluation.runner import check_tasks
         from mergeaudit.merging import REGISTRY
+        from mergeaudit.merging.params import check_all
 
         problems: list[str] = []
         names = [self.base.name] + [m.name for m in self.models]
@@ -149,16 +172,23 @@ class AuditConfig(_Frozen):
         known = {m.name for m in self.models}
         for i, strat in enumerate(self.strategies):
             chosen = strat.models if strat.models is not None else [m.name for m in self.models]
-            unknown = [n for n in chosen if n not in known]
+            unknown = [n for n in chosen + list(strat.model_params) if n not in known]
             if unknown:
                 problems.append(f"strategies[{i}] ({strat.method}): unknown models {', '.join(unknown)}")
                 continue
             if not chosen:
                 problems.append(f"strategies[{i}] ({strat.method}): no models to merge")
                 continue
+            per_model = [strat.model_params.get(n, {}) for n in chosen]
             for point in strat.points():
                 try:
-                    REGISTRY.parse_params(strat.method, point, n_models=len(chosen), has_base=True)
+                    method = REGISTRY.get(strat.method)
+                    # the real check runs per tensor once headers are read; these two tensors
+                    # (first and last layer) catch bad names, types and ranges now
+                    resolved = check_all(method, [("model.layers.0.w", 0), ("model.layers.1.w", 1)], 2,
+                                         point, per_model, has_base=True)
+                    if self.fisher is None and any(p.uses_fisher() for p in resolved.values()):
+                        problems.append(f"strategies[{i}] ({strat.method}) needs a `fisher:` section (calibration data)")
                 except MergeAuditError as exc:
                     problems.append(f"strategies[{i}]: {exc}")
                     break

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mergeaudit.toy.models import ToyFamily, build_toy_family, family_recipe, load_toy_family
+from mergeaudit.toy.models import (
+    ToyFamily,
+    build_toy_family,
+    family_recipe,
+    load_toy_family,
+)
 
 DEMO_VARIANTS = {"ft_a": 0.1, "ft_b": 0.2}
 DEMO_TRAIN_STEPS = 2000

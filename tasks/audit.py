@@ -16,6 +16,10 @@ compute_geometry = task(
     audit.compute_geometry, name="compute-geometry", tags=["storage", "cpu"], timeout_seconds=6 * 3600,
     retry_condition_fn=retry_transient, cache_policy=NO_CACHE, **STORAGE_RETRIES,
 )
+estimate_fisher = task(
+    audit.estimate_fisher, name="estimate-fisher", tags=["storage"], timeout_seconds=6 * 3600,
+    retry_condition_fn=retry_transient, cache_policy=NO_CACHE, task_run_name="fisher-{name}", **STORAGE_RETRIES,
+)
 plan_candidates = task(audit.plan_candidates, name="plan-candidates", cache_policy=NO_CACHE)
 evaluate_candidate = task(
     audit.evaluate_candidate, name="evaluate-candidate", tags=["gpu"], timeout_seconds=6 * 3600,

@@ -15,7 +15,6 @@ from mergeaudit import store
 from mergeaudit.checkpoint import (
     Checkpoint,
     CheckpointCache,
-    CheckpointWriter,
     check_compatible,
     discover,
     parse_header,

@@ -48,14 +48,17 @@ def test_cross_field_problems_are_reported_together(tmp_path):
         tmp_path,
         models=[{"name": "a", "uri": str(tmp_path / "a")}, {"name": "a", "uri": str(tmp_path / "a2")}],
         strategies=[{"method": "tiez"}, {"method": "linear", "models": ["zz"]},
-                    {"method": "linear", "params": {"weights": [1.0]}}],
+                    {"method": "linear", "params": {"weights": [1.0]}},
+                    {"method": "ties", "model_params": {"a": {"density": 2.0}}},
+                    {"method": "sar"}],
         evaluation={"tasks": ["nope"]},
     )
     with pytest.raises(ConfigError) as info:
         parse_config(raw)
     msg = str(info.value)
     for expected in ("not unique: a", "unknown merge method 'tiez'", "unknown models zz",
-                     "weights has 1 entries for 2 models", "unknown task 'nope'"):
+                     "linear does not take weights (it takes: normalize, weight)", "density must be in (0, 1]",
+                     "sar) needs a `fisher:` section", "unknown task 'nope'"):
         assert expected in msg
 
 

@@ -10,7 +10,11 @@ import yaml
 from mergeaudit.errors import EvaluationError
 from mergeaudit.evaluation import EvalSettings, check_tasks, shipped_tasks
 from mergeaudit.evaluation.runner import evaluate_lm, materialize_tasks
-from mergeaudit.evaluation.verifiers import extract_answer, numeric_match, verify_numeric
+from mergeaudit.evaluation.verifiers import (
+    extract_answer,
+    numeric_match,
+    verify_numeric,
+)
 from mergeaudit.toy.arithmetic import make_problems
 from tests.oracle import TableLM
 

@@ -27,12 +27,21 @@ def audit_config(family, results_uri: str) -> dict:
 @pytest.mark.slow
 def test_flow_on_local_store(prefect_harness, toy_family, tmp_path):
     from flows.merge_audit import merge_audit
+    from mergeaudit.fisher import calibration_from_problems
+    from mergeaudit.toy.arithmetic import make_problems
 
     results = str(tmp_path / "results")
-    out = merge_audit(parse_config(audit_config(toy_family, results)))
+    raw = audit_config(toy_family, results)
+    raw["strategies"] += [{"method": "sar", "params": {"density": 0.8}},
+                          {"method": "dare_ties", "grid": {"density": [0.3, 0.6]}, "seed": 3}]
+    raw["fisher"] = {"calibration": str(calibration_from_problems(make_problems("add", 2, 4, 1), tmp_path / "c.jsonl")),
+                     "max_examples": 2}
+    out = merge_audit(parse_config(raw))
     assert set(out["tables"]) == {"runs", "geometry_tensors", "geometry_pairs", "candidates", "scores"}
     cands = tables.read_table(results, "candidates").to_pylist()
-    assert [c["kind"] for c in cands].count("merge") == 3 and len(cands) == 6
+    assert [c["kind"] for c in cands].count("merge") == 6 and len(cands) == 9
+    assert {c["method"] for c in cands} >= {"sar", "dare_ties", "linear", "task_arithmetic"}
+    assert len(list((tmp_path / "results" / "fisher").iterdir())) == 2, "one Fisher per fine-tune, cached"
     scores = ds.dataset(results + "/scores", partitioning="hive").to_table().to_pylist()
     assert {s["candidate_id"] for s in scores} == {c["candidate_id"] for c in cands}
     assert {s["metric"] for s in scores} == {"exact_match", "numeric_match"}
@@ -76,7 +85,7 @@ def test_credentials_from_a_prefect_block_never_leak(prefect_harness, s3_bucket,
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-    from prefect_aws import AwsCredentials, AwsClientParameters
+    from prefect_aws import AwsClientParameters, AwsCredentials
 
     from flows.merge_audit import merge_audit
     from mergeaudit import store

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergeaudit.geometry.spectral import SpectralSettings, principal_angles_deg, spectral_figures
+from mergeaudit.geometry.spectral import (
+    SpectralSettings,
+    principal_angles_deg,
+    spectral_figures,
+)
 
 EXACT = SpectralSettings(top_k_fraction=0.05, exact_max_dim=4096)
 RANDOMIZED = SpectralSettings(top_k_fraction=0.05, exact_max_dim=4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mergeaudit import store
 from mergeaudit.checkpoint import Checkpoint
-from mergeaudit.toy import build_toy_family, build_tokenizer
+from mergeaudit.toy import build_tokenizer, build_toy_family
 
 
 def test_tokenizer_round_trips_characters():

@@ -11,7 +11,13 @@
 
 from mergeaudit.checkpoint.cache import CheckpointCache
 from mergeaudit.checkpoint.discovery import CheckpointStatus, check_complete, discover
-from mergeaudit.checkpoint.format import DTYPES, TensorSpec, parse_header, read_tensor, serialize_safetensors
+from mergeaudit.checkpoint.format import (
+    DTYPES,
+    TensorSpec,
+    parse_header,
+    read_tensor,
+    serialize_safetensors,
+)
 from mergeaudit.checkpoint.reader import (
     CONFIG_FILE,
     INDEX_FILE,

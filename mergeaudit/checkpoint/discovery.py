@@ -16,7 +16,12 @@ import posixpath
 from dataclasses import dataclass
 
 from mergeaudit import store
-from mergeaudit.checkpoint.reader import CONFIG_FILE, INDEX_FILE, PICKLE_SUFFIXES, Checkpoint
+from mergeaudit.checkpoint.reader import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    PICKLE_SUFFIXES,
+    Checkpoint,
+)
 from mergeaudit.errors import MergeAuditError
 
 

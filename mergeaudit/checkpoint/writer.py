@@ -31,7 +31,13 @@ import torch
 
 from mergeaudit import store
 from mergeaudit.checkpoint.format import build_header, dtype_name, tensor_bytes
-from mergeaudit.checkpoint.reader import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TOKENIZER_FILES, Checkpoint
+from mergeaudit.checkpoint.reader import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    SINGLE_FILE,
+    TOKENIZER_FILES,
+    Checkpoint,
+)
 from mergeaudit.errors import CheckpointError
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
@@ -113,6 +119,14 @@ class CheckpointWriter:
         self._entries.append((name, dtype_name(name, t), list(t.shape), data.nbytes))
         self._shard_bytes += data.nbytes
         self._total += data.nbytes
+
+    def add_file(self, name: str, data: bytes) -> None:
+        """Add a small non-weight file (a report, say); written before the index."""
+        if self._closed:
+            raise CheckpointError(f"writer for {self.uri} is closed")
+        if name.endswith(".safetensors") or name in (INDEX_FILE, CONFIG_FILE) or "/" in name:
+            raise CheckpointError(f"{name!r} cannot be added as an extra file")
+        store.write_bytes(store.join(self._target, name), data)
 
     def _flush(self, shard: str) -> None:
         header = build_header(self._entries, self.metadata)

@@ -3,6 +3,11 @@
     from mergeaudit.evaluation import evaluate_model, EvalSettings
 """
 
-from mergeaudit.evaluation.runner import EvalSettings, check_tasks, evaluate_model, shipped_tasks
+from mergeaudit.evaluation.runner import (
+    EvalSettings,
+    check_tasks,
+    evaluate_model,
+    shipped_tasks,
+)
 
 __all__ = ["EvalSettings", "check_tasks", "evaluate_model", "shipped_tasks"]

@@ -103,7 +103,9 @@ def evaluate_model(model, tokenizer, task_names: list[str], settings: EvalSettin
     The caller places the model on its device; we pass the device along so inputs follow it.
     """
     check_tasks(task_names)
-    from lm_eval.models.huggingface import HFLM  # heavy import, kept off the library's import path
+    from lm_eval.models.huggingface import (
+        HFLM,  # heavy import, kept off the library's import path
+    )
 
     lm = HFLM(
         pretrained=model,

@@ -28,7 +28,11 @@ from dataclasses import dataclass, field
 import torch
 
 from mergeaudit.checkpoint import Checkpoint, iter_aligned
-from mergeaudit.geometry.spectral import SpectralSettings, spectral_figures, top_k_subspaces
+from mergeaudit.geometry.spectral import (
+    SpectralSettings,
+    spectral_figures,
+    top_k_subspaces,
+)
 from mergeaudit.geometry.stats import ModelSums, PairSums, changed_bf16, tensor_sums
 
 __all__ = ["GeometrySettings", "SpectralSettings", "changed_bf16", "compute_geometry", "parse_tensor_name"]

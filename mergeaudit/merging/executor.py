@@ -1,40 +1,214 @@
-"""Streaming merge executor: one tensor slot at a time, fp32 compute, output in a chosen dtype.
+"""The streaming merge executor: a MergePlan, validated up front, run one tensor slot at a time.
 
-Memory holds the base tensor and one tensor per model for the current slot, never a model.
+A `MergePlan` says everything that determines a merge: method, base and models (by id and
+URI), mergekit-style parameter settings, compute and output dtypes, seed, device and the
+Fisher sources a method needs. `prepare` opens every checkpoint's headers, checks names and
+shapes, and resolves and validates the parameters of every tensor, reporting every problem
+at once, before any tensor is read. `PreparedMerge.stream()` then yields merged tensors with
+memory bounded by one tensor per input plus the method's working set; `run_merge` writes them
+as a sharded checkpoint with a `mergeaudit_merge.json` report of what was computed.
 
-    for name, tensor in merge_stream("task_arithmetic", params, base, [ck_a, ck_b]):
-        ...
+Per tensor the report records the method's own figures (achieved density and rescale factor
+for sparsifying methods, ...) and `erased`: the fraction of the merged update's nonzero entries
+that the cast to the output dtype rounds back onto the base (sparse RLVR updates are often
+below bf16 resolution).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import datetime as dt
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
+import pydantic
 import torch
 
-from mergeaudit.checkpoint import Checkpoint, check_compatible, iter_aligned
-from mergeaudit.merging.registry import REGISTRY, MethodParams, TensorSlot
+import mergeaudit
+from mergeaudit import store
+from mergeaudit.checkpoint import (
+    Checkpoint,
+    CheckpointWriter,
+    check_compatible,
+    iter_aligned,
+)
+from mergeaudit.errors import ConfigError
+from mergeaudit.geometry import parse_tensor_name
+from mergeaudit.merging.params import check_all
+from mergeaudit.merging.registry import REGISTRY, MergeMethod, MethodParams, TensorSlot
+
+REPORT_FILE = "mergeaudit_merge.json"
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
 
 
-def merge_stream(
-    method: str,
-    params: MethodParams,
-    base: Checkpoint | None,
-    models: Sequence[Checkpoint],
-    out_dtype: torch.dtype | None = None,
-    compute_dtype: torch.dtype = torch.float32,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, merged tensor) for every tensor of the reference checkpoint, in file order.
+def parse_dtype(name: str | None, what: str) -> torch.dtype | None:
+    if name is None:
+        return None
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"{what} {name!r} is not one of {', '.join(sorted(DTYPES))}") from None
 
-    Names and shapes are checked across all checkpoints before the first tensor is read.
-    The output dtype defaults to the reference checkpoint's stored dtype per tensor.
-    """
-    fn = REGISTRY.get(method).fn
+
+class ModelRef(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+    id: str
+    uri: str
+
+
+class MergePlan(pydantic.BaseModel):
+    """Everything that determines a merge; small and serialisable (it travels between tasks)."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+    method: str
+    base: ModelRef | None = None
+    models: list[ModelRef]
+    parameters: dict[str, Any] = {}
+    model_parameters: list[dict[str, Any]] = []
+    compute_dtype: str | None = "float32"  # None: each tensor's stored dtype (mergekit without `dtype`)
+    out_dtype: str | None = None           # None: each tensor's stored dtype in the reference checkpoint
+    seed: int = 0
+    device: str = "cpu"
+    tokenizer_source: str | None = None    # a model id; default the base, else the first model
+    fisher: dict[str, str] = {}            # model id -> Fisher checkpoint URI
+
+    def settings_for_models(self) -> list[dict[str, Any]]:
+        if self.model_parameters and len(self.model_parameters) != len(self.models):
+            raise ConfigError("model_parameters must have one entry per model")
+        return list(self.model_parameters) or [{} for _ in self.models]
+
+
+@dataclass
+class PreparedMerge:
+    plan: MergePlan
+    method: MergeMethod
+    base: Checkpoint | None
+    models: list[Checkpoint]
+    fisher: list[Checkpoint] | None
+    params: dict[str, MethodParams]
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def reference(self) -> Checkpoint:
+        return self.base if self.base is not None else self.models[0]
+
+    def stream(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, merged tensor on the CPU in the output dtype) in file order."""
+        plan = self.plan
+        compute = parse_dtype(plan.compute_dtype, "dtype")
+        out_dtype = parse_dtype(plan.out_dtype, "out_dtype")
+        device = torch.device(plan.device)
+        sources = ([self.base] if self.base is not None else []) + self.models + (self.fisher or [])
+        ids = tuple(m.id for m in plan.models)
+        k = len(self.models)
+        for name, tensors in iter_aligned(sources, self.reference.keys()):
+            stored = self.reference.spec(name).torch_dtype
+            work = compute or stored
+            tensors = [t.to(device=device) for t in tensors]  # models stay in their stored dtype
+            base = tensors.pop(0).to(work) if self.base is not None else None
+            models, fisher = tuple(tensors[:k]), (tuple(tensors[k:]) if self.fisher else None)
+            slot = TensorSlot(name, base, models, ids, fisher, plan.seed, dtype=work)
+            merged = self.method.fn(slot, self.params[name])
+            target = out_dtype or stored
+            out = merged.to(target)
+            info = dict(slot.info)
+            if base is not None:
+                update = merged.float() - base.float()
+                moved = update != 0
+                stayed = out == base.to(target)
+                n = int(moved.sum())
+                info["erased"] = float((moved & stayed).sum()) / n if n else 0.0
+                info["update_entries"] = n
+            self.stats[name] = info
+            yield name, out.cpu()
+
+
+def prepare(plan: MergePlan, opener: Callable[[str], Checkpoint] = Checkpoint.open) -> PreparedMerge:
+    """Open headers, check shapes, resolve and validate every tensor's params; nothing is read.
+
+    `opener` opens a checkpoint URI (a read-through cache, say)."""
+    method = REGISTRY.get(plan.method)
+    parse_dtype(plan.compute_dtype, "dtype")
+    parse_dtype(plan.out_dtype, "out_dtype")
+    if plan.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {plan.device!r} was asked for but CUDA is not available")
+    if method.base == "required" and plan.base is None:
+        raise ConfigError(f"{plan.method} needs a base_model")
+    base = opener(plan.base.uri) if plan.base is not None else None
+    models = [opener(m.uri) for m in plan.models]
     ref = base if base is not None else models[0]
     check_compatible(ref, [m for m in models if m is not ref])
-    sources = ([base] if base is not None else []) + list(models)
-    for name, tensors in iter_aligned(sources, ref.keys()):
-        tensors = [t.to(compute_dtype) for t in tensors]
-        b = tensors.pop(0) if base is not None else None
-        merged = fn(TensorSlot(name, b, tuple(tensors)), params)
-        yield name, merged.to(out_dtype or ref.spec(name).torch_dtype)
+    num_layers = ref.config.get("num_hidden_layers")
+    tensors = [(n, parse_tensor_name(n)[0]) for n in ref.keys()]
+    params = check_all(method, tensors, num_layers, plan.parameters, plan.settings_for_models(), base is not None)
+    fisher = None
+    if any(p.uses_fisher() for p in params.values()):
+        missing = [m.id for m in plan.models if m.id not in plan.fisher]
+        if missing:
+            raise ConfigError(f"{plan.method} needs a diagonal Fisher for every model; none for {', '.join(missing)} "
+                              "(estimate one with `mergeaudit fisher`)")
+        fisher = [opener(plan.fisher[m.id]) for m in plan.models]
+        check_compatible(ref, fisher)
+    return PreparedMerge(plan, method, base, models, fisher, params)
+
+
+def run_merge(plan: MergePlan, out_uri: str, max_shard_bytes: int | None = None) -> dict[str, Any]:
+    """Validate, merge and write a checkpoint at out_uri; returns the report (also written)."""
+    prepared = prepare(plan)
+    out_uri = store.check_uri(out_uri)
+    tok_id = plan.tokenizer_source or (plan.base.id if plan.base else plan.models[0].id)
+    by_id = {m.id: ck for m, ck in zip(plan.models, prepared.models, strict=True)}
+    if plan.base is not None:
+        by_id[plan.base.id] = prepared.base
+    if tok_id not in by_id:
+        raise ConfigError(f"tokenizer_source {tok_id!r} is not one of the merged models")
+    out_dtype = parse_dtype(plan.out_dtype, "out_dtype")
+    started = dt.datetime.now(dt.timezone.utc)
+    kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
+    config = dict(prepared.reference.config)
+    with CheckpointWriter(out_uri, source=by_id[tok_id], config=config, dtype=out_dtype, **kwargs) as writer:
+        for name, tensor in prepared.stream():
+            writer.add(name, tensor)
+        report = merge_report(prepared, started)
+        writer.add_file(REPORT_FILE, json.dumps(report, indent=2, default=str).encode())
+    return report
+
+
+def merge_report(prepared: PreparedMerge, started: dt.datetime) -> dict[str, Any]:
+    """What was merged, how, and per tensor what the method and the output cast did."""
+    plan = prepared.plan
+    erased = [s["erased"] for s in prepared.stats.values() if "erased" in s]
+    weights = [s.get("update_entries", 0) for s in prepared.stats.values() if "erased" in s]
+    total = sum(weights)
+    return {
+        "mergeaudit_version": mergeaudit.__version__,
+        "started_at": started.isoformat(),
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "plan": plan.model_dump(mode="json"),
+        "method_reference": prepared.method.reference,
+        "inputs": {
+            "base": {"uri": prepared.base.uri, "fingerprint": prepared.base.fingerprint} if prepared.base else None,
+            "models": [{"id": m.id, "uri": ck.uri, "fingerprint": ck.fingerprint}
+                       for m, ck in zip(plan.models, prepared.models, strict=True)],
+        },
+        "erased_fraction": sum(e * w for e, w in zip(erased, weights, strict=True)) / total if total else 0.0,
+        "resolved_params": distinct_params(prepared.params),
+        "tensors": prepared.stats,
+    }
+
+
+def distinct_params(params: dict[str, MethodParams]) -> list[dict[str, Any]]:
+    """The distinct resolved parameter sets (gradients and filters make several), with the
+    number of tensors each applies to and one of them."""
+    groups: dict[str, dict[str, Any]] = {}
+    for name, p in params.items():
+        dumped = p.model_dump(mode="json", by_alias=True)
+        key = json.dumps(dumped, sort_keys=True)
+        group = groups.setdefault(key, {"params": dumped, "tensors": 0, "example": name})
+        group["tensors"] += 1
+    return list(groups.values())

@@ -1,47 +1,92 @@
 """The merge-method registry: pure functions over one tensor slot, with frozen params models.
 
 A method is registered once by name (the same snake_case string as mergekit's `merge_method`,
-the AuditConfig value and the `method` column), with its paper link. The registry refuses
-duplicate names, names unknown methods together with the known ones, and validates parameters
-(all problems at once) before any tensor is read.
+the AuditConfig value and the `method` column), with its paper link and its input contract.
+The registry refuses duplicate names and names unknown methods together with the known ones.
 
-    @register("linear", reference="https://arxiv.org/abs/2203.05482", params=LinearParams)
+    @register("linear", params=LinearParams, reference="https://arxiv.org/abs/2203.05482")
     def linear(slot: TensorSlot, p: LinearParams) -> torch.Tensor: ...
+
+Params models are frozen pydantic models (`extra="forbid"`). Fields listed in `PER_MODEL`
+hold one value per merged model (a tuple aligned with `slot.models`); the others are shared.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import pydantic
 import torch
 
 from mergeaudit.errors import ConfigError, UnknownMethodError
 
+Semantics = Literal["mergekit", "paper"]
+
 
 class MethodParams(pydantic.BaseModel):
     """Base of every method's parameters: frozen, unknown keys refused."""
 
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    PER_MODEL: ClassVar[dict[str, Any]] = {}  # field name -> default for a model without a value
+
+    @classmethod
+    def per_model_fields(cls) -> dict[str, Any]:
+        return dict(cls.PER_MODEL)
 
     def check(self, n_models: int) -> list[str]:
         """Problems that depend on how many models are merged (empty when fine)."""
         return []
 
+    def uses_fisher(self) -> bool:
+        """True when the method needs each model's diagonal Fisher (slot.fisher)."""
+        return False
+
 
 @dataclass(frozen=True)
 class TensorSlot:
-    """One tensor position across the checkpoints being merged, in fp32 compute dtype."""
+    """One tensor position across the checkpoints being merged, in the compute dtype.
+
+    `model_ids` name the models for randomness: model i's generator is keyed by
+    (seed, tensor name, model_ids[i]), so any tensor's mask can be regenerated alone and does
+    not depend on processing order or device. `fisher` holds each model's diagonal Fisher for
+    this tensor when the method uses it. Methods record what they computed in `info`. The
+    base is in the compute dtype; models may be in their stored dtype (read them through
+    `inputs()` or `deltas()`), so a bf16 model costs no fp32 copy until it is used.
+    """
 
     name: str
     base: torch.Tensor | None
     models: tuple[torch.Tensor, ...]
+    model_ids: tuple[str, ...] = ()
+    fisher: tuple[torch.Tensor, ...] | None = None
+    seed: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+    dtype: torch.dtype | None = None  # compute dtype; models may arrive in their stored dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        if self.dtype is not None:
+            return self.dtype
+        return self.base.dtype if self.base is not None else self.models[0].dtype
+
+    def inputs(self) -> list[torch.Tensor]:
+        """The models in the compute dtype (no copy when they already are)."""
+        return [m.to(self.compute_dtype) for m in self.models]
 
     def deltas(self) -> list[torch.Tensor]:
+        """Fresh task vectors model - base in the compute dtype (methods may modify them)."""
         if self.base is None:
             raise ConfigError(f"{self.name}: this method needs a base model")
-        return [m - self.base for m in self.models]
+        return [m.to(self.compute_dtype, copy=True).sub_(self.base) for m in self.models]
+
+    def generator(self, i: int) -> torch.Generator:
+        """A CPU generator keyed by (seed, tensor name, model i's id)."""
+        model_id = self.model_ids[i] if i < len(self.model_ids) else str(i)
+        digest = hashlib.sha256(f"{self.seed}\0{self.name}\0{model_id}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 MergeFn = Callable[[TensorSlot, MethodParams], torch.Tensor]
@@ -53,9 +98,23 @@ class MergeMethod:
     fn: MergeFn
     params: type[MethodParams]
     reference: str
-    needs_base: bool
-    symmetric: bool
+    base: Literal["required", "optional", "none"]
+    min_models: int = 1
+    max_models: int | None = None
+    symmetric: bool = True
     stochastic: bool = False
+    needs_fisher: bool = False
+
+    def check_inputs(self, n_models: int, has_base: bool) -> list[str]:
+        problems = []
+        if self.base == "required" and not has_base:
+            problems.append(f"{self.name} needs a base model")
+        if n_models < self.min_models or (self.max_models is not None and n_models > self.max_models):
+            want = (f"exactly {self.min_models}" if self.max_models == self.min_models
+                    else f"at least {self.min_models}" if self.max_models is None
+                    else f"{self.min_models} to {self.max_models}")
+            problems.append(f"{self.name} merges {want} models besides the base, not {n_models}")
+        return problems
 
 
 class Registry:
@@ -64,12 +123,15 @@ class Registry:
     def __init__(self) -> None:
         self._methods: dict[str, MergeMethod] = {}
 
-    def register(self, name: str, *, params: type[MethodParams], reference: str, needs_base: bool,
-                 symmetric: bool = True, stochastic: bool = False) -> Callable[[MergeFn], MergeFn]:
+    def register(self, name: str, *, params: type[MethodParams], reference: str,
+                 base: Literal["required", "optional", "none"] = "required", min_models: int = 1,
+                 max_models: int | None = None, symmetric: bool = True, stochastic: bool = False,
+                 needs_fisher: bool = False) -> Callable[[MergeFn], MergeFn]:
         def deco(fn: MergeFn) -> MergeFn:
             if name in self._methods:
                 raise ValueError(f"merge method {name!r} is already registered")
-            self._methods[name] = MergeMethod(name, fn, params, reference, needs_base, symmetric, stochastic)
+            self._methods[name] = MergeMethod(name, fn, params, reference, base, min_models, max_models,
+                                              symmetric, stochastic, needs_fisher)
             return fn
 
         return deco
@@ -84,23 +146,6 @@ class Registry:
             raise UnknownMethodError(
                 f"unknown merge method {name!r}; known methods: {', '.join(self.names())}"
             ) from None
-
-    def parse_params(self, name: str, raw: dict, n_models: int, has_base: bool) -> MethodParams:
-        """Validate a method's parameters for n models; every problem in one ConfigError."""
-        method = self.get(name)
-        problems: list[str] = []
-        if method.needs_base and not has_base:
-            problems.append(f"{name} needs a base model")
-        try:
-            params = method.params.model_validate(raw)
-        except pydantic.ValidationError as exc:
-            problems += [f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}" for e in exc.errors()]
-            params = None
-        if params is not None:
-            problems += params.check(n_models)
-        if problems:
-            raise ConfigError(f"invalid parameters for {name}: " + "; ".join(problems))
-        return params
 
 
 REGISTRY = Registry()

@@ -1,0 +1,145 @@
+"""mergekit YAML configs, read unchanged into a MergePlan.
+
+Supported: `models` (each `model:` a path or store URI, with optional `parameters:`),
+`base_model`, `merge_method`, `parameters` (scalars, per-layer gradient lists, `filter`
+conditions), `dtype` (the compute dtype, as in mergekit), `out_dtype`, `tokenizer_source`
+(`base` or one of the models). Refused with a clear reason: `slices`/`modules` (layer
+surgery), LoRA references (`model+lora`), `tokenizer_source: union` and the `tokenizer:`
+block (vocabulary merging), Hugging Face hub ids (nothing is downloaded), unknown keys.
+
+    plan = load_mergekit_config("ties.yaml", seed=0)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mergeaudit import store
+from mergeaudit.errors import ConfigError, MergeAuditError
+from mergeaudit.merging.executor import MergePlan, ModelRef, parse_dtype
+from mergeaudit.merging.registry import REGISTRY
+
+SUPPORTED_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source"}
+REFUSED = {
+    "slices": "layer slices are not supported (merge whole models)",
+    "modules": "modules are not supported (merge whole models)",
+    "tokenizer": "vocabulary merging (`tokenizer:`) is not supported; use tokenizer_source: base",
+}
+IGNORED = {"chat_template", "name"}
+
+
+def model_uri(ref: Any, where: str, config_dir: Path) -> str:
+    if not isinstance(ref, str) or not ref:
+        raise ConfigError(f"{where}: a model reference must be a path or URI, got {ref!r}")
+    if "+" in ref and "://" not in ref.split("+", 1)[0]:
+        raise ConfigError(f"{where}: LoRA references ({ref!r}) are not supported; merge the adapter first")
+    scheme, _ = store.split_scheme(ref)
+    if scheme == "file":
+        path = Path(ref).expanduser()
+        if not path.is_absolute():
+            cwd_path = Path(os.getcwd()) / path
+            path = cwd_path if cwd_path.exists() else config_dir / path
+        if not path.exists():
+            raise ConfigError(f"{where}: {ref!r} is not a local folder (Hugging Face hub ids are not downloaded; "
+                              "use a path or an s3:// URI)")
+        return str(path.absolute())
+    try:
+        return store.check_uri(ref)
+    except MergeAuditError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def plan_from_mergekit(data: Any, config_dir: Path, seed: int = 0, device: str = "cpu") -> MergePlan:
+    """A MergePlan from a parsed mergekit config; every problem reported at once."""
+    if not isinstance(data, dict):
+        raise ConfigError("a mergekit config is a mapping")
+    problems = [f"{k}: {REFUSED[k]}" for k in data if k in REFUSED]
+    unknown = sorted(set(data) - SUPPORTED_KEYS - set(REFUSED) - IGNORED)
+    if unknown:
+        problems.append(f"unknown keys {', '.join(unknown)} (supported: {', '.join(sorted(SUPPORTED_KEYS))})")
+    method_name = data.get("merge_method")
+    method = None
+    if not isinstance(method_name, str):
+        problems.append("merge_method is required")
+    else:
+        try:
+            method = REGISTRY.get(method_name)
+        except MergeAuditError as exc:
+            problems.append(str(exc))
+    base_ref = data.get("base_model")
+    base = None
+    if base_ref is not None:
+        try:
+            base = ModelRef(id=str(base_ref), uri=model_uri(base_ref, "base_model", config_dir))
+        except MergeAuditError as exc:
+            problems.append(str(exc))
+    models: list[ModelRef] = []
+    model_params: list[dict[str, Any]] = []
+    entries = data.get("models")
+    if not isinstance(entries, list) or not entries:
+        problems.append("models must be a non-empty list")
+        entries = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "model" not in entry:
+            problems.append(f"models[{i}] needs a `model:` key")
+            continue
+        extra = sorted(set(entry) - {"model", "parameters"})
+        if extra:
+            problems.append(f"models[{i}]: unknown keys {', '.join(extra)}")
+        # mergekit lists the base among the models; for methods that take a base it is not an input
+        if base is not None and str(entry["model"]) == base.id and (method is None or method.base != "none"):
+            continue
+        try:
+            models.append(ModelRef(id=str(entry["model"]), uri=model_uri(entry["model"], f"models[{i}]", config_dir)))
+            params = entry.get("parameters") or {}
+            if not isinstance(params, dict):
+                raise ConfigError(f"models[{i}].parameters must be a mapping")
+            model_params.append(params)
+        except MergeAuditError as exc:
+            problems.append(str(exc))
+    parameters = data.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        problems.append("parameters must be a mapping")
+        parameters = {}
+    for key in ("dtype", "out_dtype"):
+        try:
+            parse_dtype(data.get(key), key)
+        except MergeAuditError as exc:
+            problems.append(str(exc))
+    tok = data.get("tokenizer_source")
+    tokenizer_source = None
+    if tok == "union":
+        problems.append("tokenizer_source: union (vocabulary merging) is not supported; use base or a model")
+    elif tok not in (None, "base"):
+        tokenizer_source = str(tok)
+        if tokenizer_source not in {m.id for m in models} | ({base.id} if base else set()):
+            problems.append(f"tokenizer_source {tok!r} is not one of the models")
+    if problems:
+        raise ConfigError("invalid mergekit config: " + "; ".join(problems))
+    return MergePlan(
+        method=method_name,
+        base=base,
+        models=models,
+        parameters=parameters,
+        model_parameters=model_params,
+        compute_dtype=data.get("dtype"),
+        out_dtype=data.get("out_dtype") or data.get("dtype"),
+        seed=seed,
+        device=device,
+        tokenizer_source=tokenizer_source,
+    )
+
+
+def load_mergekit_config(path: str | Path, seed: int = 0, device: str = "cpu") -> MergePlan:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return plan_from_mergekit(data, path.parent.absolute(), seed=seed, device=device)

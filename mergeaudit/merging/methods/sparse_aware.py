@@ -1,0 +1,182 @@
+"""Merges built for sparse, near-orthogonal (RLVR) updates: an update only one model made
+should survive whole, not be divided by the number of models.
+
+ram, ramplus_tl   Reinforced Agent Merging (arXiv 2601.13572), mergekit 0.1.x semantics:
+                  an entry is updated when |delta| > epsilon; unique entries are kept whole,
+                  shared ones averaged over their contributors (ramplus_tl scales each model's
+                  unique entries by 1 + r * min(alpha, shared/unique)).
+disjoint_mean     ours: the same idea with the bf16 update mask of mergeaudit.geometry (an
+                  update below bf16 resolution is no update) or |delta| > epsilon, and
+                  per-model weights that scale each task vector first.
+fisher            diagonal-Fisher-weighted averaging (Matena & Raffel, arXiv 2111.09832) of
+                  the task vectors: base + sum_i w_i F_i d_i / sum_i w_i F_i.
+sar               Sensitivity-aware Resolving Merging (arXiv 2606.18521), our reading of the
+                  abstract; every choice below is ours and documented:
+  1. task vectors d_i = w_i (theta_i - theta_base), update masks m_i (bf16 or |d| > eps);
+  2. sensitivity s_i = F_i d_i^2 (second-order loss increase of dropping the update; with
+     `sensitivity: magnitude`, F = 1);
+  3. exclusive entries (one model updated): d_i kept undiluted;
+  4. overlapping entries, by `arbitration`:
+     - fisher_sign_average (default): elect the sign of sum_i m_i s_i sign(d_i), then average
+       the agreeing updates weighted by Fisher: sum_i a_i F_i d_i / sum_i a_i F_i;
+     - winner_take_all: the update of the model with the largest s_i;
+  5. magnitude-aware sparsification: of the merged update's nonzero entries keep the top
+     `density` (default 0.9) by Fisher-weighted magnitude Fbar * merged^2;
+  6. rescale (default on) so the merged update keeps its L1 norm.
+  Fisher values get a floor of `fisher_floor` x their mean, so a zero Fisher never divides by
+  zero and a model with no Fisher mass still counts where it is alone.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+
+from mergeaudit.merging import steps
+from mergeaudit.merging.registry import MethodParams, TensorSlot, register
+
+
+class RamParams(MethodParams):
+    epsilon: float = 1e-5
+
+
+class RamPlusParams(RamParams):
+    r: float = 0.1
+    alpha: float = 0.2
+
+
+def _ram_parts(slot: TensorSlot, epsilon: float):
+    deltas = torch.stack(slot.deltas()).reshape(len(slot.models), -1)
+    nonzero = deltas.abs() > epsilon
+    counts = nonzero.sum(dim=0, keepdim=True)
+    return deltas, nonzero, counts, counts > 1, counts == 1
+
+
+@register("ram", params=RamParams, reference="https://arxiv.org/abs/2601.13572")
+def ram(slot: TensorSlot, p: RamParams) -> torch.Tensor:
+    deltas, nonzero, counts, overlap, unique = _ram_parts(slot, p.epsilon)
+    dz = deltas * nonzero
+    merged = (dz * unique + dz * overlap / counts.clamp(min=1)).sum(dim=0)
+    return slot.base + merged.reshape_as(slot.base)
+
+
+@register("ramplus_tl", params=RamPlusParams, reference="https://arxiv.org/abs/2601.13572")
+def ramplus_tl(slot: TensorSlot, p: RamPlusParams) -> torch.Tensor:
+    deltas, nonzero, counts, overlap, unique = _ram_parts(slot, p.epsilon)
+    shared = (nonzero & overlap).sum(dim=1)
+    only = (nonzero & unique).sum(dim=1)
+    lam = 1 + p.r * (shared / only.clamp(min=p.epsilon)).clamp(min=0, max=p.alpha)
+    dz = deltas * nonzero
+    merged = (dz * unique * lam.unsqueeze(-1) + dz * overlap / counts.clamp(min=1)).sum(dim=0)
+    return slot.base + merged.reshape_as(slot.base)
+
+
+class MaskedParams(MethodParams):
+    PER_MODEL: ClassVar = {"weight": 1.0}
+    weight: tuple[float, ...] = ()
+    mask: Literal["bf16", "abs"] = "bf16"
+    epsilon: float = 1e-5
+
+
+def update_masks(slot: TensorSlot, deltas: torch.Tensor, p: MaskedParams) -> torch.Tensor:
+    """Stacked masks of the entries each model updated."""
+    if p.mask == "abs":
+        return deltas.abs() > p.epsilon
+    base_bits = slot.base.to(torch.bfloat16).view(torch.int16)
+    return torch.stack([m.to(torch.bfloat16).view(torch.int16) != base_bits for m in slot.models])
+
+
+def weighted_deltas(slot: TensorSlot, weights: tuple[float, ...]) -> torch.Tensor:
+    d = torch.stack(slot.deltas())
+    return d * torch.tensor(weights, dtype=d.dtype, device=d.device).reshape(-1, *[1] * slot.base.dim())
+
+
+@register("disjoint_mean", params=MaskedParams, reference="https://arxiv.org/abs/2606.18521")
+def disjoint_mean(slot: TensorSlot, p: MaskedParams) -> torch.Tensor:
+    """Updates made by one model are kept whole; overlapping ones are averaged."""
+    deltas = weighted_deltas(slot, p.weight)
+    masks = update_masks(slot, deltas, p)
+    counts = masks.sum(dim=0)
+    merged = (deltas * masks).sum(dim=0) / counts.clamp(min=1)
+    slot.info.update(exclusive=steps.kept_fraction(counts == 1), overlap=steps.kept_fraction(counts > 1))
+    return slot.base + merged
+
+
+class FisherParams(MethodParams):
+    PER_MODEL: ClassVar = {"weight": 1.0}
+    weight: tuple[float, ...] = ()
+    fisher_floor: float = 1e-6
+
+    def check(self, n_models: int) -> list[str]:
+        return [f"fisher weights must be positive (got {list(self.weight)})"] if any(w <= 0 for w in self.weight) else []
+
+    def uses_fisher(self) -> bool:
+        return True
+
+
+def floored_fisher(slot: TensorSlot, floor: float) -> torch.Tensor:
+    f = torch.stack([x.to(slot.compute_dtype) for x in slot.fisher]).clamp(min=0)
+    return f + floor * f.mean().clamp(min=torch.finfo(f.dtype).tiny)
+
+
+@register("fisher", params=FisherParams, base="optional", reference="https://arxiv.org/abs/2111.09832")
+def fisher(slot: TensorSlot, p: FisherParams) -> torch.Tensor:
+    f = floored_fisher(slot, p.fisher_floor)
+    w = torch.tensor(p.weight, dtype=f.dtype, device=f.device).reshape(-1, *[1] * (f.dim() - 1))
+    x = torch.stack(slot.deltas() if slot.base is not None else slot.inputs())
+    merged = (w * f * x).sum(dim=0) / (w * f).sum(dim=0)
+    return slot.base + merged if slot.base is not None else merged
+
+
+class SarParams(MaskedParams):
+    arbitration: Literal["fisher_sign_average", "winner_take_all"] = "fisher_sign_average"
+    sensitivity: Literal["fisher", "magnitude"] = "fisher"
+    density: float = 0.9
+    rescale: bool = True
+    fisher_floor: float = 1e-6
+
+    def check(self, n_models: int) -> list[str]:
+        return [] if 0 < self.density <= 1 else [f"density must be in (0, 1] (got {self.density})"]
+
+    def uses_fisher(self) -> bool:
+        return self.sensitivity == "fisher"
+
+
+@register("sar", params=SarParams, reference="https://arxiv.org/abs/2606.18521")
+def sar(slot: TensorSlot, p: SarParams) -> torch.Tensor:
+    deltas = weighted_deltas(slot, p.weight)
+    masks = update_masks(slot, deltas, p)
+    f = floored_fisher(slot, p.fisher_floor) if p.sensitivity == "fisher" else torch.ones_like(deltas)
+    sens = f * deltas.square() * masks
+    counts = masks.sum(dim=0)
+    exclusive = (deltas * masks).sum(dim=0) * (counts == 1)
+    if p.arbitration == "winner_take_all":
+        winner = sens.argmax(dim=0, keepdim=True)
+        resolved = deltas.gather(0, winner).squeeze(0)
+        conflicts = None
+    else:
+        sign = torch.where((sens * deltas.sign()).sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
+        agree = masks & (deltas.sign() == sign)
+        resolved = (agree * f * deltas).sum(dim=0) / (agree * f).sum(dim=0).clamp(min=torch.finfo(f.dtype).tiny)
+        conflicts = (counts > 1) & (masks & (deltas.sign() != sign)).any(dim=0)
+    merged = torch.where(counts > 1, resolved, exclusive)
+    kept = merged != 0
+    support = int(kept.sum())
+    if p.density < 1 and support:
+        score = (f.mean(dim=0) * merged.square()).reshape(-1)
+        score = torch.where(kept.reshape(-1), score, torch.full_like(score, -1.0))
+        kept = steps.top_k_mask(score, max(1, int(p.density * support))).reshape(merged.shape)
+    scale = 1.0
+    if p.rescale:
+        merged, scale = steps.rescale_l1(merged, kept)
+    else:
+        merged = merged * kept
+    slot.info.update(
+        exclusive=steps.kept_fraction(counts == 1),
+        overlap=steps.kept_fraction(counts > 1),
+        conflicts=steps.kept_fraction(conflicts) if conflicts is not None else None,
+        density_achieved=support and float(kept.sum()) / support,
+        rescale=scale,
+    )
+    return slot.base + merged
