@@ -168,3 +168,18 @@ def test_cuda_merge_matches_cpu(fp32_family, tmp_path, method):
     cpu = dict(prepare(plan).stream())
     for name, t in prepare(plan.model_copy(update={"device": "cuda"})).stream():
         assert torch.allclose(t, cpu[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_merge_reads_and_writes_s3(s3_bucket, tmp_path):
+    from mergeaudit.toy import build_toy_family
+
+    family = build_toy_family(s3_bucket + "/ckpts", variants={"x": 0.1, "y": 0.2})
+    cfg = {"merge_method": "dare_ties", "base_model": family.base, "parameters": {"density": 0.5, "weight": 1.0},
+           "models": [{"model": u} for u in family.variants.values()]}
+    path = tmp_path / "s3.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = subprocess.run([sys.executable, "-m", "mergeaudit.cli", "merge", str(path), s3_bucket + "/merged",
+                          "--seed", "3"], capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    merged = Checkpoint.open(s3_bucket + "/merged")
+    assert merged.keys() == Checkpoint.open(family.base).keys() and REPORT_FILE in merged.files
