@@ -17,6 +17,7 @@ import datetime as dt
 import hashlib
 import importlib.metadata
 import json
+import tempfile
 import uuid
 from typing import Any, Literal
 
@@ -24,8 +25,8 @@ import pydantic
 import torch
 
 import mergeaudit
-from mergeaudit import fisher, geometry, store, tables
-from mergeaudit.checkpoint import Checkpoint, CheckpointCache, check_compatible
+from mergeaudit import fisher, geometry, probes, store, tables
+from mergeaudit.checkpoint import Checkpoint, CheckpointCache, check_compatible, write_checkpoint
 from mergeaudit.config import (
     AuditConfig,
     EvalSpec,
@@ -34,6 +35,8 @@ from mergeaudit.config import (
     StrategySpec,
 )
 from mergeaudit.errors import CheckpointError
+from mergeaudit.evaluation import EvalSettings, evaluate_model
+from mergeaudit.evaluation.sandbox import SandboxLimits
 from mergeaudit.merging import REGISTRY
 from mergeaudit.merging.executor import MergePlan, ModelRef, prepare
 from mergeaudit.merging.params import check_all
@@ -61,10 +64,11 @@ class Candidate(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(frozen=True)
     candidate_id: str
     name: str
-    kind: Literal["checkpoint", "merge"]
+    kind: Literal["checkpoint", "merge", "probe"]
     inputs: list[CheckpointRecord]
     base: CheckpointRecord
     plan: MergePlan | None = None
+    probe: dict[str, Any] | None = None
 
     @property
     def method(self) -> str | None:
@@ -74,8 +78,9 @@ class Candidate(pydantic.BaseModel):
     def params(self) -> dict[str, Any]:
         if self.plan is None:
             return {}
-        return {"parameters": self.plan.parameters, "model_parameters": self.plan.model_parameters,
-                "seed": self.plan.seed, "out_dtype": self.plan.out_dtype}
+        out = {"parameters": self.plan.parameters, "model_parameters": self.plan.model_parameters,
+               "seed": self.plan.seed, "out_dtype": self.plan.out_dtype}
+        return {**out, "probe": self.probe} if self.probe else out
 
     @property
     def params_hash(self) -> str:
@@ -83,10 +88,12 @@ class Candidate(pydantic.BaseModel):
 
 
 class CandidateResult(pydantic.BaseModel):
-    """What evaluating one candidate produced: score rows and its update's bf16 sparsity."""
+    """What evaluating one candidate produced: score rows, per-sample verdicts, and the bf16
+    sparsity of its update."""
 
     candidate_id: str
     scores: list[dict[str, Any]]
+    samples: list[dict[str, Any]] = []
     update_sparsity_bf16: float | None
 
 
@@ -215,6 +222,14 @@ def plan_candidates(config: AuditConfig, records: dict[str, CheckpointRecord],
             name = f"{strat.method}({'+'.join(names)}{'; ' + label if label else ''})"
             out.append(Candidate(candidate_id=_digest(recipe)[:20], name=name, kind="merge",
                                  inputs=[records[n] for n in names], base=base, plan=plan))
+    refs = {name: ModelRef(id=name, uri=rec.uri) for name, rec in records.items()}
+    for name, probe, plan in probes.probe_plans(config, refs):
+        prepare(plan)
+        recipe = {"plan": plan.model_dump(mode="json", exclude={"device"}),
+                  "fingerprints": [records[m.id].fingerprint for m in [plan.base, *plan.models]],
+                  "version": mergeaudit.__version__}
+        out.append(Candidate(candidate_id=_digest(recipe)[:20], name=name, kind="probe",
+                             inputs=[records[m.id] for m in plan.models], base=base, plan=plan, probe=probe))
     seen: set[str] = set()
     return [c for c in out if not (c.candidate_id in seen or seen.add(c.candidate_id))]
 
@@ -244,18 +259,51 @@ def materialize(candidate: Candidate, storage: StorageSpec, device: str = "cpu",
     return model, load_tokenizer(base.uri), (1.0 - changed / numel if numel else 1.0)
 
 
-def evaluate_candidate(candidate: Candidate, spec: EvalSpec, storage: StorageSpec) -> CandidateResult:
-    """Materialise the candidate and score it with lm-eval on the configured tasks."""
-    from mergeaudit.evaluation import EvalSettings, evaluate_model
+def eval_settings(spec: EvalSpec) -> EvalSettings:
+    return EvalSettings(
+        limit=spec.limit, batch_size=spec.batch_size, max_length=spec.max_length, device=spec.device,
+        num_samples=spec.num_samples, temperature=spec.temperature, top_p=spec.top_p,
+        max_gen_toks=spec.max_gen_toks, pass_k=tuple(spec.pass_k), data_files=dict(spec.data_files),
+        math_timeout=spec.math_timeout, sandbox=SandboxLimits(wall_seconds=spec.code_timeout),
+    )
 
-    model, tokenizer, sparsity = materialize(candidate, storage, device=spec.device)
-    settings = EvalSettings(limit=spec.limit, batch_size=spec.batch_size, max_length=spec.max_length,
-                            device=spec.device)
-    with torch.inference_mode():
-        rows = evaluate_model(model, tokenizer, spec.tasks, settings)
-    for row in rows:
+
+def evaluate_candidate(candidate: Candidate, spec: EvalSpec, storage: StorageSpec) -> CandidateResult:
+    """Materialise the candidate and score it with lm-eval and the verifiers.
+
+    With `backend: hf` the model is built in memory on the configured device; with `vllm` the
+    candidate is written to a local folder and scored by vLLM in a subprocess."""
+    settings = eval_settings(spec)
+    if spec.backend == "vllm":
+        from mergeaudit.evaluation.vllm_backend import evaluate_with_vllm
+
+        with tempfile.TemporaryDirectory(prefix="mergeaudit-vllm-") as tmp:
+            base = open_checkpoint(candidate.base.uri, storage)
+            sparsity = save_candidate(candidate, storage, base, tmp)
+            result = evaluate_with_vllm(tmp, spec.tasks, settings)
+    else:
+        model, tokenizer, sparsity = materialize(candidate, storage, device=spec.device)
+        with torch.inference_mode():
+            result = evaluate_model(model, tokenizer, spec.tasks, settings)
+        del model
+    for row in result.scores + result.samples:
         row["candidate_id"] = candidate.candidate_id
-    return CandidateResult(candidate_id=candidate.candidate_id, scores=rows, update_sparsity_bf16=sparsity)
+    return CandidateResult(candidate_id=candidate.candidate_id, scores=result.scores, samples=result.samples,
+                           update_sparsity_bf16=sparsity)
+
+
+def save_candidate(candidate: Candidate, storage: StorageSpec, base: Checkpoint, out_dir: str) -> float:
+    """Write the candidate as a local checkpoint (for backends that load from disk)."""
+    counts = [0, 0]
+
+    def tensors():
+        for name, tensor in candidate_tensors(candidate, storage):
+            counts[0] += int(geometry.changed_bf16(base.get(name), tensor).sum())
+            counts[1] += tensor.numel()
+            yield name, tensor
+
+    write_checkpoint(out_dir, tensors(), source=base)
+    return 1.0 - counts[0] / counts[1] if counts[1] else 1.0
 
 
 def candidate_rows(candidates: list[Candidate], results: list[CandidateResult]) -> list[dict]:
@@ -288,14 +336,18 @@ def write_results(
 ) -> dict[str, str]:
     """Write the run's tables (runs last); returns table -> file URI."""
     run = run_row(config.name, started_at, config.model_dump_json())
+    scores = [row for r in results for row in r.scores]
+    probe_candidates, probe_scores = probes.summarize(config, candidates, scores)
     return tables.write_run(
         config.results_uri,
         run_id,
         f"{started_at:%Y-%m-%d}",
         {
             **geometry_tables,
-            "candidates": candidate_rows(candidates, results),
-            "scores": [row for r in results for row in r.scores],
+            "candidates": candidate_rows(candidates, results) + [
+                {**row, "mergeaudit_version": mergeaudit.__version__} for row in probe_candidates],
+            "scores": scores + probe_scores,
+            "samples": [row for r in results for row in r.samples],
             "runs": [run],
         },
     )
@@ -315,20 +367,30 @@ def run_row(audit_name: str, started_at: dt.datetime, config_json: str, status: 
 
 
 def summary_rows(config: AuditConfig, candidates: list[Candidate], results: list[CandidateResult]) -> list[dict]:
-    """One line per candidate: name, method, the first task's first metric, update sparsity."""
+    """One line per scored checkpoint and merge (primary metric of the first task, update
+    sparsity), then one per probe summary figure."""
     by_id = {r.candidate_id: r for r in results}
     task = config.evaluation.tasks[0]
+    scores = [row for r in results for row in r.scores]
+    metric = probes.primary_metric(scores, task)
     out = []
     for c in candidates:
+        if c.kind == "probe":
+            continue
         res = by_id.get(c.candidate_id)
-        scores = [s for s in (res.scores if res else []) if s["task"] == task]
-        main = next((s for s in scores if s["metric"] != "exact_match"), scores[0] if scores else None)
+        main = next((s for s in (res.scores if res else []) if s["task"] == task and s["metric"] == metric), None)
         out.append({
             "candidate": c.name,
             "method": c.method or c.kind,
-            "metric": f"{task}/{main['metric']}" if main else None,
+            "metric": f"{task}/{metric}" if main else None,
             "score": main["value"] if main else None,
             "stderr": main["stderr"] if main else None,
             "update_sparsity_bf16": res.update_sparsity_bf16 if res else None,
         })
+    probe_candidates, probe_scores = probes.summarize(config, candidates, scores)
+    names = {row["candidate_id"]: row["name"] for row in probe_candidates}
+    for s in probe_scores:
+        label = s["metric"] if s["filter"] == "probe" else f"{s['metric']} {s['filter']}"
+        out.append({"candidate": names[s["candidate_id"]], "method": "probe", "metric": label, "score": s["value"],
+                    "stderr": None, "update_sparsity_bf16": None})
     return out

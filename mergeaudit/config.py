@@ -93,13 +93,36 @@ class FisherSpec(_Frozen):
 
 
 class EvalSpec(_Frozen):
-    """What to score candidates on and how lm-eval runs."""
+    """What to score candidates on, how lm-eval samples, and how completions are verified."""
 
     tasks: list[str] = pydantic.Field(default_factory=lambda: ["mergeaudit_add2"], min_length=1)
     limit: int | None = pydantic.Field(None, ge=1, description="Documents per task (all when empty).")
     batch_size: int = pydantic.Field(16, ge=1, le=4096)
     max_length: int = pydantic.Field(256, ge=16)
     device: str = pydantic.Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
+    backend: Literal["hf", "vllm"] = pydantic.Field("hf", description="lm-eval backend (vllm when installed).")
+    num_samples: int = pydantic.Field(1, ge=1, le=1024, description="Completions per prompt.")
+    temperature: float = pydantic.Field(0.0, ge=0, description="Sampling temperature (0: greedy).")
+    top_p: float = pydantic.Field(1.0, gt=0, le=1)
+    max_gen_toks: int | None = pydantic.Field(None, ge=1, description="Override the tasks' generation length.")
+    pass_k: list[int] = pydantic.Field(default_factory=lambda: [1], description="k values of pass@k.")
+    data_files: dict[str, str] = pydantic.Field(
+        default_factory=dict, description="Local copies of benchmark data, e.g. {gsm8k: /data/gsm8k_test.jsonl}."
+    )
+    math_timeout: float = pydantic.Field(10.0, gt=0, description="Hard deadline of one math-verify check (s).")
+    code_timeout: float = pydantic.Field(10.0, gt=0, description="Wall-clock limit of one sandboxed program (s).")
+
+    @pydantic.model_validator(mode="after")
+    def _sampling_ok(self) -> EvalSpec:
+        problems = []
+        if self.num_samples > 1 and self.temperature == 0:
+            problems.append("num_samples > 1 needs temperature > 0 (greedy samples are identical)")
+        bad = [k for k in self.pass_k if not 1 <= k <= self.num_samples]
+        if bad:
+            problems.append(f"pass_k values {bad} must lie in [1, num_samples={self.num_samples}]")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class StorageSpec(_Frozen):
@@ -129,6 +152,56 @@ class GeometrySpec(_Frozen):
     exact_max_dim: int = pydantic.Field(1024, ge=1, description="Exact SVD up to this min(m, n); randomized above.")
 
 
+class InterpolationProbe(_Frozen):
+    """theta(alpha) = (1 - alpha) theta_a + alpha theta_b; the barrier is the worst dip below
+    the straight line between the endpoints' scores."""
+
+    a: str
+    b: str
+    alphas: list[float] = pydantic.Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=3)
+
+    @pydantic.field_validator("alphas")
+    @classmethod
+    def _endpoints(cls, v: list[float]) -> list[float]:
+        if 0.0 not in v or 1.0 not in v:
+            raise ValueError("alphas must include both endpoints 0 and 1")
+        return sorted(set(v))
+
+
+class TaskVectorProbe(_Frozen):
+    """theta(lambda) = base + lambda (theta_model - base)."""
+
+    model: str
+    lambdas: list[float] = pydantic.Field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0], min_length=2)
+
+
+class PerturbationProbe(_Frozen):
+    """Weight perturbations of each model, `seeds` draws per setting: Gaussian noise with a
+    standard deviation of `scale` x each tensor's RMS, and a DARE-style random drop of a
+    fraction of the task vector (rescaled by 1 / (1 - rate))."""
+
+    models: list[str] | None = pydantic.Field(None, description="Default: every fine-tuned model.")
+    gaussian_scales: list[float] = pydantic.Field(default_factory=lambda: [0.01, 0.03, 0.1])
+    drop_rates: list[float] = pydantic.Field(default_factory=lambda: [0.3, 0.6, 0.9])
+    seeds: int = pydantic.Field(2, ge=1, le=64)
+
+    @pydantic.model_validator(mode="after")
+    def _ranges(self) -> PerturbationProbe:
+        if any(s < 0 for s in self.gaussian_scales):
+            raise ValueError("gaussian_scales must be >= 0")
+        if any(not 0 <= r < 1 for r in self.drop_rates):
+            raise ValueError("drop_rates must lie in [0, 1)")
+        return self
+
+
+class ProbeSpec(_Frozen):
+    """Fragility probes, scored as candidates like any merge."""
+
+    interpolations: list[InterpolationProbe] = pydantic.Field(default_factory=list)
+    task_vectors: list[TaskVectorProbe] = pydantic.Field(default_factory=list)
+    perturbation: PerturbationProbe | None = None
+
+
 class AuditConfig(_Frozen):
     """One merge audit: a base, fine-tuned checkpoints, merge strategies, evaluation, results."""
 
@@ -141,6 +214,7 @@ class AuditConfig(_Frozen):
     storage: StorageSpec = pydantic.Field(default_factory=StorageSpec)
     geometry: GeometrySpec = pydantic.Field(default_factory=GeometrySpec)
     fisher: FisherSpec | None = pydantic.Field(None, description="Needed by the fisher and sar methods.")
+    probes: ProbeSpec = pydantic.Field(default_factory=ProbeSpec, description="Fragility probes.")
     score_inputs: bool = pydantic.Field(True, description="Also score the base and each fine-tune as references.")
 
     @pydantic.field_validator("name")
@@ -192,8 +266,22 @@ class AuditConfig(_Frozen):
                 except MergeAuditError as exc:
                     problems.append(f"strategies[{i}]: {exc}")
                     break
+        everyone = set(names)
+        for p in self.probes.interpolations:
+            problems += [f"probes.interpolations: unknown checkpoint {n!r}" for n in (p.a, p.b) if n not in everyone]
+        for p in self.probes.task_vectors:
+            if p.model not in known:
+                problems.append(f"probes.task_vectors: unknown model {p.model!r}")
+        if self.probes.perturbation and self.probes.perturbation.models:
+            problems += [f"probes.perturbation: unknown model {n!r}" for n in self.probes.perturbation.models
+                         if n not in everyone]
+        if self.evaluation.backend == "vllm":
+            from mergeaudit.evaluation.vllm_backend import vllm_available
+
+            if not vllm_available():
+                problems.append("evaluation.backend vllm needs the vllm package, which is not installed")
         try:
-            check_tasks(self.evaluation.tasks)
+            check_tasks(self.evaluation.tasks, self.evaluation.data_files)
         except MergeAuditError as exc:
             problems.append(f"evaluation: {exc}")
         if problems:

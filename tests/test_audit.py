@@ -44,3 +44,36 @@ def test_geometry_and_merges_read_through_the_cache(s3_bucket, tmp_path):
     (merge,) = [c for c in audit.plan_candidates(cfg, records) if c.kind == "merge"]
     names = [n for n, _ in audit.candidate_tensors(merge, cfg.storage)]
     assert len(names) == records["base"].n_tensors
+
+
+def test_probes_become_candidates_and_summaries(toy_family, tmp_path):
+    from mergeaudit.audit import CandidateResult, plan_candidates, summary_rows
+    from mergeaudit.probes import barrier_height
+
+    raw = config_for(toy_family, str(tmp_path / "r"))
+    raw["probes"] = {"interpolations": [{"a": "base", "b": "ft_a", "alphas": [0, 0.5, 1]}],
+                     "task_vectors": [{"model": "ft_b", "lambdas": [0, 1, 2]}],
+                     "perturbation": {"models": ["ft_a"], "gaussian_scales": [0.1], "drop_rates": [0.5], "seeds": 2}}
+    cfg = parse_config(raw)
+    records = audit.resolve_checkpoints(cfg)
+    cands = plan_candidates(cfg, records)
+    probes_ = [c for c in cands if c.kind == "probe"]
+    assert len(probes_) == 3 + 3 + 2 * 2
+    assert {c.plan.method for c in probes_} == {"linear", "task_arithmetic", "perturb_gaussian", "dare_linear"}
+    # fake scores on the primary metric: a valley in the middle of the interpolation path
+    score_of = {c.candidate_id: 0.8 for c in cands}
+    for c in probes_:
+        if c.probe["family"] == "interpolation" and c.probe["x"] == 0.5:
+            score_of[c.candidate_id] = 0.2
+        if c.probe["family"] == "gaussian":
+            score_of[c.candidate_id] = 0.5
+    results = [CandidateResult(candidate_id=c.candidate_id, update_sparsity_bf16=None,
+                               scores=[{"candidate_id": c.candidate_id, "task": "mergeaudit_add2",
+                                        "metric": "numeric_match", "filter": "verifier",
+                                        "value": score_of[c.candidate_id], "stderr": None, "n": 4}])
+               for c in cands]
+    rows = {(r["candidate"], r["metric"]): r["score"] for r in summary_rows(cfg, cands, results)}
+    assert rows[("probe:interpolation:base~ft_a", "barrier_height")] == pytest.approx(0.6)
+    assert rows[("probe:gaussian:ft_a", "score_drop gaussian@0.1")] == pytest.approx(0.3)
+    assert rows[("probe:task_vector:ft_b", "best_lambda")] == 0.0
+    assert barrier_height([(0.0, 0.5), (0.5, 0.9), (1.0, 0.7)]) == pytest.approx(0.0)

@@ -37,14 +37,17 @@ def test_flow_on_local_store(prefect_harness, toy_family, tmp_path):
     raw["fisher"] = {"calibration": str(calibration_from_problems(make_problems("add", 2, 4, 1), tmp_path / "c.jsonl")),
                      "max_examples": 2}
     out = merge_audit(parse_config(raw))
-    assert set(out["tables"]) == {"runs", "geometry_tensors", "geometry_pairs", "candidates", "scores"}
+    assert set(out["tables"]) == {"runs", "geometry_tensors", "geometry_pairs", "candidates", "scores", "samples"}
+    samples = tables.read_table(results, "samples").to_pylist()
+    assert len(samples) == 9 * 8 and {s["verifier"] for s in samples} == {"numeric"}
     cands = tables.read_table(results, "candidates").to_pylist()
     assert [c["kind"] for c in cands].count("merge") == 6 and len(cands) == 9
     assert {c["method"] for c in cands} >= {"sar", "dare_ties", "linear", "task_arithmetic"}
     assert len(list((tmp_path / "results" / "fisher").iterdir())) == 2, "one Fisher per fine-tune, cached"
     scores = ds.dataset(results + "/scores", partitioning="hive").to_table().to_pylist()
     assert {s["candidate_id"] for s in scores} == {c["candidate_id"] for c in cands}
-    assert {s["metric"] for s in scores} == {"exact_match", "numeric_match"}
+    assert {s["metric"] for s in scores} == {"exact_match", "numeric_match", "pass@1", "format_rate",
+                                             "verifier_errors"}
     assert all(s["n"] == 8 for s in scores)
     geo = tables.read_table(results, "geometry_tensors").to_pylist()
     for name, changed in toy_family.changed.items():
@@ -68,7 +71,7 @@ def test_flow_on_s3(prefect_harness, s3_bucket):
     raw["strategies"] = [{"method": "task_arithmetic"}]
     out = merge_audit(parse_config(raw))
     scores = tables.read_table(s3_bucket + "/results", "scores")
-    assert scores.num_rows == 2 * 3  # base, rl, one merge x two metrics
+    assert scores.num_rows == 5 * 3  # base, rl, one merge x five metrics
     assert out["tables"]["scores"].startswith("s3://")
 
 
@@ -111,7 +114,7 @@ def test_credentials_from_a_prefect_block_never_leak(prefect_harness, s3_bucket,
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
-    assert tables.read_table(s3_bucket + "/results", "scores").num_rows == 3 * 2
+    assert tables.read_table(s3_bucket + "/results", "scores").num_rows == 3 * 5
     for uri in out["tables"].values():
         assert secret.encode() not in store.read_bytes(uri)
     assert secret not in repr(out)

@@ -11,8 +11,8 @@ from mergeaudit.merging import REGISTRY, TensorSlot
 from mergeaudit.merging.params import check_all, evaluate, layer_position, resolve
 from mergeaudit.merging.registry import MethodParams, Registry
 
-REQUIRED = {"slerp": {"t": 0.3}}
-N_MODELS = {"slerp": 1, "nuslerp": 2}
+REQUIRED = {"slerp": {"t": 0.3}, "perturb_gaussian": {"scale": 0.0}}
+N_MODELS = {"slerp": 1, "nuslerp": 2, "perturb_gaussian": 1}
 
 
 def t(v) -> torch.Tensor:
@@ -45,7 +45,8 @@ def test_registry_refuses_duplicates_and_names_known_methods():
 def test_every_issue_method_is_registered():
     assert set(REGISTRY.names()) == {
         "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
-        "della_linear", "slerp", "nuslerp", "model_stock", "ram", "ramplus_tl", "disjoint_mean", "fisher", "sar"}
+        "della_linear", "slerp", "nuslerp", "model_stock", "ram", "ramplus_tl", "disjoint_mean", "fisher", "sar",
+        "perturb_gaussian"}
 
 
 def test_gradients_and_filters_resolve_like_mergekit():
@@ -196,6 +197,15 @@ def test_disjoint_mean_uses_the_bf16_update_mask():
 def test_fisher_weighted_average():
     out = run("fisher", [0.0, 0.0], [1.0, 1.0], [3.0, 3.0], fisher=[[1.0, 3.0], [1.0, 1.0]])
     assert out == pytest.approx([2.0, 1.5], rel=1e-4)
+
+
+def test_gaussian_perturbation_is_scaled_to_the_tensor():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 300, generator=g) * 3.0
+    slot = TensorSlot("w", None, (x,), ("m",), None, 1)
+    out = REGISTRY.get("perturb_gaussian").fn(slot, params("perturb_gaussian", 1, {"scale": 0.1}))
+    noise_std = float((out - x).std())
+    assert noise_std == pytest.approx(0.1 * float(x.square().mean().sqrt()), rel=0.02)
 
 
 def test_sar_arbitration_rules():

@@ -130,3 +130,21 @@ def model_stock(slot: TensorSlot, p: ModelStockParams) -> torch.Tensor:
     average = sum(ws) / k
     slot.info["model_stock_t"] = float(t.mean())
     return (t * average + (1 - t) * w0).reshape(shape)
+
+
+class GaussianParams(MethodParams):
+    scale: float
+
+    def check(self, n_models: int) -> list[str]:
+        return [] if self.scale >= 0 else [f"scale must be >= 0 (got {self.scale})"]
+
+
+@register("perturb_gaussian", params=GaussianParams, base="none", min_models=1, max_models=1, stochastic=True,
+          reference="https://arxiv.org/abs/2606.18521")
+def perturb_gaussian(slot: TensorSlot, p: GaussianParams) -> torch.Tensor:
+    """Fragility probe, not a merge: the model plus Gaussian noise whose per-entry standard
+    deviation is `scale` times the tensor's RMS (noise scaled to each tensor's norm)."""
+    x = slot.inputs()[0]
+    rms = torch.linalg.vector_norm(x.float()) / max(1, x.numel()) ** 0.5
+    noise = torch.randn(x.shape, generator=slot.generator(0), dtype=torch.float32).to(x.device)
+    return (x.float() + noise * (p.scale * rms)).to(x.dtype)
