@@ -34,7 +34,7 @@ from mergeaudit.config import (
     StorageSpec,
     StrategySpec,
 )
-from mergeaudit.errors import CheckpointError
+from mergeaudit.errors import CheckpointError, EvaluationError
 from mergeaudit.evaluation import EvalSettings, evaluate_model
 from mergeaudit.evaluation.sandbox import SandboxLimits
 from mergeaudit.merging import REGISTRY
@@ -324,6 +324,78 @@ def candidate_rows(candidates: list[Candidate], results: list[CandidateResult]) 
         }
         for c in candidates
     ]
+
+
+class EvaluationRecord(pydantic.BaseModel):
+    """Where one candidate's evaluation (scores and samples) was stored: the small record
+    tasks and child flow runs pass around instead of the rows themselves."""
+
+    candidate_id: str
+    uri: str
+    scores: int
+    samples: int
+    update_sparsity_bf16: float | None
+
+
+def evaluation_key(candidate: Candidate, spec: EvalSpec) -> str:
+    """Cache key of an evaluation: the candidate id (recipe + input fingerprints + version) and
+    the evaluation settings."""
+    return _digest({"candidate": candidate.candidate_id, "eval": spec.model_dump(mode="json"),
+                    "version": mergeaudit.__version__})[:24]
+
+
+def evaluate_to_store(candidate: Candidate, spec: EvalSpec, storage: StorageSpec, results_uri: str) -> EvaluationRecord:
+    """Evaluate a candidate and store the result under RESULTS/evaluations/<key>.json; an
+    evaluation already stored under that key (same inputs, settings and code) is reused."""
+    uri = store.join(results_uri, "evaluations", f"{evaluation_key(candidate, spec)}.json")
+    if store.exists(uri):
+        return stored_evaluation(candidate, spec, results_uri)
+    result = evaluate_candidate(candidate, spec, storage)
+    store.write_bytes(uri, result.model_dump_json().encode())
+    return EvaluationRecord(candidate_id=candidate.candidate_id, uri=uri, scores=len(result.scores),
+                            samples=len(result.samples), update_sparsity_bf16=result.update_sparsity_bf16)
+
+
+def stored_evaluation(candidate: Candidate, spec: EvalSpec, results_uri: str) -> EvaluationRecord:
+    """The record of an evaluation another process stored (a child flow run, say)."""
+    uri = store.join(results_uri, "evaluations", f"{evaluation_key(candidate, spec)}.json")
+    if not store.exists(uri):
+        raise EvaluationError(f"the evaluation of {candidate.name} completed but {uri} is missing")
+    result = CandidateResult.model_validate_json(store.read_bytes(uri))
+    return EvaluationRecord(candidate_id=candidate.candidate_id, uri=uri, scores=len(result.scores),
+                            samples=len(result.samples), update_sparsity_bf16=result.update_sparsity_bf16)
+
+
+def load_evaluation(record: EvaluationRecord) -> CandidateResult:
+    return CandidateResult.model_validate_json(store.read_bytes(record.uri))
+
+
+class RunOutcome(pydantic.BaseModel):
+    """What a finished run wrote, and what to show about it."""
+
+    run_id: str
+    results_uri: str
+    tables: dict[str, str]
+    summary: list[dict[str, Any]]
+    markdown: str
+
+
+def finish_run(
+    config: AuditConfig,
+    run_id: str,
+    started_at: dt.datetime,
+    geometry_tables: dict[str, list[dict]],
+    candidates: list[Candidate],
+    evaluations: list[EvaluationRecord],
+) -> RunOutcome:
+    """Load the stored evaluations, write the run's tables (runs last), and summarise."""
+    from mergeaudit import report
+
+    results = [load_evaluation(e) for e in evaluations]
+    files = write_results(config, run_id, started_at, geometry_tables, candidates, results)
+    summary = summary_rows(config, candidates, results)
+    markdown = report.markdown_summary(config, run_id, summary, geometry_tables)
+    return RunOutcome(run_id=run_id, results_uri=config.results_uri, tables=files, summary=summary, markdown=markdown)
 
 
 def write_results(

@@ -7,6 +7,7 @@
     mergeaudit fisher MODEL CALIB.jsonl --out CACHE   diagonal Fisher for the fisher/sar methods
     mergeaudit discover PREFIX [--marker] list checkpoints under a prefix and their completeness
     mergeaudit convert SRC OUT --allow-pickle   pickled weights -> safetensors (weights_only)
+    mergeaudit notify-receiver --prefix URI [--port 8088]   bucket notifications -> checkpoint events
 
 User errors (a config that does not validate, a missing checkpoint, an unknown store scheme)
 print one line and exit with status 2; only bugs show a traceback.
@@ -198,6 +199,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_notify_receiver(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    load_entrypoint("flows.notify:serve")(args.host, args.port, args.prefix, state_uri=args.state_uri,
+                                          marker=args.marker, kind=args.kind)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergeaudit", description="Audit merges of RLVR-trained checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -246,6 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="required: load the pickles with torch.load(weights_only=True)")
     p.set_defaults(func=cmd_convert)
+    p = sub.add_parser("notify-receiver",
+                       help="turn S3/MinIO bucket notifications into mergeaudit.checkpoint.landed events")
+    p.add_argument("--prefix", action="append", required=True, help="watched s3:// prefix (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8088)
+    p.add_argument("--state-uri", default=None, help="the watcher's state (shared with watch-checkpoints)")
+    p.add_argument("--marker", default=None, help="completion marker a complete checkpoint must hold")
+    p.add_argument("--kind", default="rlvr", help="training kind announced with the checkpoints")
+    p.set_defaults(func=cmd_notify_receiver)
     return parser
 
 

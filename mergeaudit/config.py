@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from pathlib import Path
+from pathlib import Path  # noqa: F401 - in signatures
 from typing import Any, Literal
 
 import pydantic
@@ -215,6 +215,10 @@ class AuditConfig(_Frozen):
     geometry: GeometrySpec = pydantic.Field(default_factory=GeometrySpec)
     fisher: FisherSpec | None = pydantic.Field(None, description="Needed by the fisher and sar methods.")
     probes: ProbeSpec = pydantic.Field(default_factory=ProbeSpec, description="Fragility probes.")
+    routing: Literal["inline", "pools"] = pydantic.Field(
+        "inline", description="inline: everything in this process; pools: evaluations as runs of evaluate_deployment."
+    )
+    evaluate_deployment: str = pydantic.Field("evaluate/gpu", description="Deployment that evaluates one candidate.")
     score_inputs: bool = pydantic.Field(True, description="Also score the base and each fine-tune as references.")
 
     @pydantic.field_validator("name")
@@ -317,14 +321,26 @@ def parse_config(data: Any, source: str = "config") -> AuditConfig:
 
 
 def load_config(path: str | Path) -> AuditConfig:
-    """Load an AuditConfig from a YAML file (data only; no tags, no code)."""
-    path = Path(path)
+    """Load an AuditConfig from a YAML file on any store (data only; no tags, no code)."""
+    uri = store.check_uri(str(path))
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
+        text = store.read_bytes(uri).decode()
+    except MergeAuditError:
+        raise ConfigError(f"config file {path} does not exist or cannot be read") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping, not {type(data).__name__}")
     return parse_config(data, source=str(path))
+
+
+def with_models(config: AuditConfig, extra: list[CheckpointSpec]) -> AuditConfig:
+    """The config with more fine-tuned models (a landed checkpoint, say), validated again."""
+    if not extra:
+        return config
+    data = config.model_dump(mode="json")
+    names = {m["name"] for m in data["models"]}
+    data["models"] += [m.model_dump(mode="json") for m in extra if m.name not in names]
+    return parse_config(data, source="config with added models")

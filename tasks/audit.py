@@ -1,12 +1,18 @@
-"""The merge audit's Prefect tasks; the flow in flows/merge_audit.py chains them."""
+"""The merge audit's Prefect tasks: one-line wrappers whose decorators carry retries (transient
+failures only), timeouts, cache keys and tags. flows/merge_audit.py chains them."""
 
 from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
 
 from mergeaudit import audit
-from tasks.policies import STORAGE_RETRIES, retry_transient
+from mergeaudit.audit import Candidate, EvaluationRecord
+from mergeaudit.config import EvalSpec, StorageSpec
+from tasks.policies import CACHED, STORAGE_RETRIES, geometry_key, retry_transient
+
+GPU_LIMIT = "gpu"  # a global concurrency limit: `prefect gcl create gpu --limit <GPUs>`
 
 resolve_checkpoints = task(
     audit.resolve_checkpoints, name="resolve-checkpoints", tags=["storage"], timeout_seconds=600,
@@ -14,19 +20,27 @@ resolve_checkpoints = task(
 )
 compute_geometry = task(
     audit.compute_geometry, name="compute-geometry", tags=["storage", "cpu"], timeout_seconds=6 * 3600,
-    retry_condition_fn=retry_transient, cache_policy=NO_CACHE, **STORAGE_RETRIES,
+    retry_condition_fn=retry_transient, cache_key_fn=geometry_key, **CACHED, **STORAGE_RETRIES,
 )
+# Fisher checkpoints and evaluations are memoised in the results store itself, keyed by input
+# fingerprints, settings and code version (mergeaudit.fisher / audit.evaluate_to_store): the
+# stored result is the cache, so a key can never point at data that is gone.
 estimate_fisher = task(
     audit.estimate_fisher, name="estimate-fisher", tags=["storage"], timeout_seconds=6 * 3600,
     retry_condition_fn=retry_transient, cache_policy=NO_CACHE, task_run_name="fisher-{name}", **STORAGE_RETRIES,
 )
-plan_candidates = task(audit.plan_candidates, name="plan-candidates", cache_policy=NO_CACHE)
-evaluate_candidate = task(
-    audit.evaluate_candidate, name="evaluate-candidate", tags=["gpu"], timeout_seconds=6 * 3600,
-    retry_condition_fn=retry_transient, cache_policy=NO_CACHE, **STORAGE_RETRIES,
-    task_run_name="evaluate-{candidate.name}",
-)
-write_results = task(
-    audit.write_results, name="write-results", tags=["storage"], timeout_seconds=600,
+plan_candidates = task(audit.plan_candidates, name="plan-candidates", cache_policy=NO_CACHE,
+                       retry_condition_fn=retry_transient, **STORAGE_RETRIES)
+finish_run = task(
+    audit.finish_run, name="write-results", tags=["storage"], timeout_seconds=1800,
     retry_condition_fn=retry_transient, cache_policy=NO_CACHE, **STORAGE_RETRIES,
 )
+
+
+@task(name="evaluate-candidate", tags=["gpu"], timeout_seconds=6 * 3600, retry_condition_fn=retry_transient,
+      cache_policy=NO_CACHE, task_run_name="evaluate-{candidate.name}", **STORAGE_RETRIES)
+def evaluate_candidate(candidate: Candidate, evaluation: EvalSpec, storage: StorageSpec,
+                       results_uri: str) -> EvaluationRecord:
+    """Score one candidate while holding a slot of the global `gpu` concurrency limit."""
+    with concurrency(GPU_LIMIT, occupy=1, strict=False):
+        return audit.evaluate_to_store(candidate, evaluation, storage, results_uri)

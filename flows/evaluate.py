@@ -1,0 +1,22 @@
+"""The evaluate flow: score one candidate; deployed as `evaluate/gpu` on the `gpu` work pool.
+
+The parent audit starts one run per candidate with `run_deployment` when `routing: pools`.
+Parameters are small records (the candidate's recipe, the evaluation and storage settings, the
+results URI); the scores and samples go to the store, and the run returns where.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.credentials import use_storage_credentials
+from mergeaudit.audit import Candidate, EvaluationRecord
+from mergeaudit.config import EvalSpec, StorageSpec
+from tasks.audit import evaluate_candidate
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(candidate: Candidate, evaluation: EvalSpec, storage: StorageSpec, results_uri: str) -> EvaluationRecord:
+    """Evaluate one merge, probe or checkpoint candidate and store its scores and samples."""
+    use_storage_credentials(storage)
+    return evaluate_candidate(candidate, evaluation, storage, results_uri)

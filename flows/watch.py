@@ -1,0 +1,39 @@
+"""The checkpoint watcher: announce every newly complete checkpoint under some prefixes.
+
+Deployed as `watch-checkpoints/poll` on an interval schedule. Each run lists the prefixes,
+emits `mergeaudit.checkpoint.landed` once per complete checkpoint it has not announced in this
+version (the `merge-audit/on-checkpoint` deployment is triggered by that event), and records
+what it announced in the store, so a restarted watcher does not announce it again.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.events import emit_event
+
+from mergeaudit import watch
+
+
+def announce(landed: watch.Landed) -> None:
+    """Emit `mergeaudit.checkpoint.landed`; the id is stable, so Prefect drops a repeat."""
+    emit_event(
+        event=watch.EVENT,
+        resource={"prefect.resource.id": f"mergeaudit.checkpoint.{landed.fingerprint}",
+                  "prefect.resource.name": landed.name},
+        payload=landed.payload(),
+        id=landed.event_id,
+    )
+
+
+@flow(name="watch-checkpoints", persist_result=True)
+def watch_checkpoints(prefixes: list[str], state_uri: str, marker: str | None = None,
+                      kind: str = "rlvr") -> list[dict]:
+    """Emit one event per newly complete checkpoint; returns what was announced."""
+    log = get_run_logger()
+    announced = []
+    for landed in watch.new_checkpoints(prefixes, watch.load_state(state_uri), marker=marker, kind=kind):
+        announce(landed)
+        watch.remember(state_uri, landed)
+        log.info("announced %s (%s)", landed.uri, landed.fingerprint)
+        announced.append(landed.payload())
+    return announced

@@ -1,0 +1,71 @@
+"""Which complete checkpoints are new under some prefixes: the watcher's memory lives in the store.
+
+The state is a JSON object `{checkpoint URI: fingerprint}` at `state_uri`, rewritten atomically
+after every checkpoint announced, so a restarted watcher never announces a checkpoint twice (a
+crash between announcing and recording announces it once more; announcements carry a stable
+id derived from URI and fingerprint, so a receiver can drop the duplicate). A checkpoint whose
+files change gets a new fingerprint and is announced again.
+
+    for landed in new_checkpoints(["s3://ckpts/rl"], load_state(state_uri)):
+        announce(landed); remember(state_uri, landed)
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass
+
+from mergeaudit import store
+from mergeaudit.checkpoint import discover
+from mergeaudit.errors import StoreError
+
+EVENT = "mergeaudit.checkpoint.landed"
+
+
+@dataclass(frozen=True)
+class Landed:
+    uri: str
+    name: str
+    fingerprint: str
+    prefix: str
+    kind: str
+
+    @property
+    def event_id(self) -> uuid.UUID:
+        return uuid.uuid5(uuid.NAMESPACE_URL, f"{self.uri}#{self.fingerprint}")
+
+    def payload(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def checkpoint_name(prefix: str, uri: str) -> str:
+    """A short, config-safe name from the checkpoint's path under its prefix."""
+    rel = uri[len(prefix):].strip("/") if uri.startswith(prefix) else store.basename(uri)
+    name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in (rel or store.basename(uri)))
+    return name.strip("-.")[:64] or "checkpoint"
+
+
+def load_state(state_uri: str) -> dict[str, str]:
+    try:
+        return json.loads(store.read_bytes(state_uri)) if store.exists(state_uri) else {}
+    except (StoreError, json.JSONDecodeError) as exc:
+        raise StoreError(f"watcher state {state_uri} cannot be read: {exc}") from exc
+
+
+def new_checkpoints(prefixes: list[str], state: dict[str, str], marker: str | None = None,
+                    kind: str = "rlvr") -> list[Landed]:
+    """Complete checkpoints under the prefixes that the state has not seen in this version."""
+    out = []
+    for prefix in prefixes:
+        prefix = store.check_uri(prefix)
+        for status in discover(prefix, marker=marker):
+            if status.complete and state.get(status.uri) != status.fingerprint:
+                out.append(Landed(status.uri, checkpoint_name(prefix, status.uri), status.fingerprint, prefix, kind))
+    return out
+
+
+def remember(state_uri: str, landed: Landed) -> None:
+    state = load_state(state_uri)
+    state[landed.uri] = landed.fingerprint
+    store.write_bytes(state_uri, json.dumps(state, indent=1, sort_keys=True).encode())
