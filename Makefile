@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv browser clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,17 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mergeaudit demo
 
-test: $(STAMP)
+# The report test opens the HTML report in headless Chromium. Debian's package is installed
+# when it is missing and apt-get can run (root); elsewhere that one test skips, unless
+# MERGEAUDIT_REQUIRE_CHROMIUM is set (CI sets it).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)) ; } || \
+	  echo "chromium not installed: the report's browser test will skip"
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
 clean:

@@ -1,5 +1,11 @@
 """The merge audit flow, as a list of stages:
-resolve checkpoints -> geometry -> Fisher -> plan candidates -> evaluate -> tables -> artifacts.
+resolve checkpoints -> geometry -> Fisher -> plan candidates -> evaluate -> tables (committed,
+with the regression check against the previous run of this audit) -> report -> artifacts.
+
+A candidate whose evaluation fails for good does not stop the others: the run commits its
+tables with the failure recorded, publishes the report, and then ends Failed with a summary,
+as it does when the regression alarm fires (the event `mergeaudit.regression` carries the
+details).
 
 Run it on embedded defaults (no server: Prefect starts an ephemeral API in-process):
     mergeaudit audit audit.yaml
@@ -18,12 +24,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
+from prefect.events import emit_event
 from prefect.runtime import flow_run
+from prefect.states import Failed
 
 from flows.credentials import use_storage_credentials
-from mergeaudit import audit
+from mergeaudit import audit, report, store
 from mergeaudit.config import AuditConfig, CheckpointSpec, load_config, with_models
-from mergeaudit.errors import ConfigError, EvaluationError
+from mergeaudit.errors import ConfigError
 from tasks.audit import (
     compute_geometry,
     estimate_fisher,
@@ -52,11 +60,28 @@ def merge_audit(
     if config.routing == "pools":
         evaluations = evaluate_on_pool(config, candidates)
     else:
-        evaluations = [evaluate_candidate(c, config.evaluation, config.storage, config.results_uri) for c in candidates]
-    outcome = finish_run(config, run_id, started_at, geometry, candidates, evaluations)
-    publish_artifacts(config, outcome)
-    get_run_logger().info("run %s wrote %s", run_id, ", ".join(outcome.tables))
-    return outcome.model_dump(exclude={"markdown"})
+        evaluations = [evaluate_inline(config, c) for c in candidates]
+    outcome = finish_run(config, run_id, started_at, records, geometry, candidates, evaluations)
+    publish_report(config, outcome)
+    get_run_logger().info("run %s committed %s", run_id, ", ".join(outcome.tables))
+    result = outcome.model_dump()
+    problems = outcome.problems()
+    if outcome.regressions and outcome.regressions.get("regressions"):
+        emit_event(event="mergeaudit.regression",
+                   resource={"prefect.resource.id": f"mergeaudit.audit.{artifact_key(config.name, 'audit')}",
+                             "prefect.resource.name": config.name},
+                   payload={**outcome.regressions, "results_uri": config.results_uri})
+    if problems:
+        return Failed(message=problems, data=result)
+    return result
+
+
+def evaluate_inline(config: AuditConfig, candidate: audit.Candidate) -> audit.EvaluationRecord:
+    """Evaluate in this process; a failure (after retries) is recorded, not raised."""
+    state = evaluate_candidate(candidate, config.evaluation, config.storage, config.results_uri, return_state=True)
+    if state.is_completed():
+        return state.result()
+    return audit.failed_evaluation(candidate, f"{state.name}: {state.message}")
 
 
 def resolve_config(config: AuditConfig | None, config_uri: str | None) -> AuditConfig:
@@ -84,25 +109,40 @@ def dispatch_evaluation(config: AuditConfig, candidate: audit.Candidate, parent:
 
 
 def evaluate_on_pool(config: AuditConfig, candidates: list[audit.Candidate]) -> list[audit.EvaluationRecord]:
-    """One `evaluate` run per candidate on the GPU pool, concurrently; every child's final
-    state is checked and any failure fails the audit with a summary."""
+    """One `evaluate` run per candidate on the GPU pool, concurrently. Every child's final
+    state is checked: a child that did not complete becomes a failed record naming its flow run
+    (the audit then ends Failed with one line per failed child, after writing the rest)."""
     parent = str(flow_run.get_id() or audit.new_run_id())
     children = [f.result() for f in [dispatch_evaluation.submit(config, c, parent) for c in candidates]]
-    failed = [c for c in children if c["state"] != StateType.COMPLETED.value]
-    if failed:
-        lines = "; ".join(f"{c['candidate']} ({c['flow_run']}): {c['state']} {c['message'] or ''}".strip()
-                          for c in failed)
-        raise EvaluationError(f"{len(failed)} of {len(children)} evaluations did not complete: {lines}")
-    return [audit.stored_evaluation(c, config.evaluation, config.results_uri) for c in candidates]
+    out = []
+    for cand, child in zip(candidates, children):
+        if child["state"] == StateType.COMPLETED.value:
+            out.append(audit.stored_evaluation(cand, config.evaluation, config.results_uri))
+        else:
+            out.append(audit.failed_evaluation(
+                cand, f"evaluate run {child['flow_run']} ended {child['state']}: {child['message'] or ''}"))
+    return out
 
 
 def artifact_key(name: str, suffix: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"{name}-{suffix}".lower()).strip("-")
 
 
-def publish_artifacts(config: AuditConfig, outcome: audit.RunOutcome) -> None:
-    """A markdown report and a keyed leaderboard table: the UI shows both across nightly runs."""
-    create_markdown_artifact(outcome.markdown, key=artifact_key(config.name, "report"),
-                             description=f"merge audit {config.name}, run {outcome.run_id}")
+@task(name="publish-report", tags=["storage"], retries=2, retry_delay_seconds=5)
+def publish_report(config: AuditConfig, outcome: audit.RunOutcome) -> str:
+    """The HTML report next to the tables (RESULTS/reports/RUN.html), the same content as a
+    keyed markdown artifact, and a keyed leaderboard table artifact: the UI shows both
+    across nightly runs."""
+    data = report.load_run(config.results_uri, outcome.run_id)
+    if outcome.regressions:
+        from mergeaudit.regression import RegressionReport
+
+        data.regression = RegressionReport.model_validate(outcome.regressions)
+    content = report.build_content(data)
+    uri = store.join(config.results_uri, "reports", f"{outcome.run_id}.html")
+    store.write_bytes(uri, report.render_html(data, content).encode())
+    create_markdown_artifact(report.render_markdown(data, content), key=artifact_key(config.name, "report"),
+                             description=f"merge audit {config.name}, run {outcome.run_id}; HTML: {uri}")
     create_table_artifact(outcome.summary, key=artifact_key(config.name, "leaderboard"),
                           description=f"candidates of run {outcome.run_id}, best first")
+    return uri

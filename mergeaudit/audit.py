@@ -55,6 +55,8 @@ class CheckpointRecord(pydantic.BaseModel):
     fingerprint: str
     n_tensors: int
     nbytes: int
+    model_type: str | None = None
+    dtype: str | None = None
 
 
 class Candidate(pydantic.BaseModel):
@@ -136,9 +138,19 @@ def resolve_checkpoints(config: AuditConfig) -> dict[str, CheckpointRecord]:
     kinds = {config.base.name: "base", **{m.name: m.kind for m in config.models}}
     return {
         name: CheckpointRecord(name=name, uri=ck.uri, kind=kinds[name], fingerprint=ck.fingerprint,
-                               n_tensors=len(ck.keys()), nbytes=ck.nbytes)
+                               n_tensors=len(ck.keys()), nbytes=ck.nbytes, model_type=ck.config.get("model_type"),
+                               dtype=_main_dtype(ck))
         for name, ck in opened.items()
     }
+
+
+def _main_dtype(ck: Checkpoint) -> str | None:
+    """The dtype holding most of the checkpoint's bytes (F32, BF16, F16)."""
+    sizes: dict[str, int] = {}
+    for name in ck.keys():
+        spec = ck.spec(name)
+        sizes[spec.dtype] = sizes.get(spec.dtype, 0) + spec.nbytes
+    return max(sizes, key=sizes.get) if sizes else None
 
 
 def geometry_settings(spec: GeometrySpec) -> geometry.GeometrySettings:
@@ -306,8 +318,10 @@ def save_candidate(candidate: Candidate, storage: StorageSpec, base: Checkpoint,
     return 1.0 - counts[0] / counts[1] if counts[1] else 1.0
 
 
-def candidate_rows(candidates: list[Candidate], results: list[CandidateResult]) -> list[dict]:
+def candidate_rows(candidates: list[Candidate], results: list[CandidateResult],
+                   failures: dict[str, str] | None = None) -> list[dict]:
     sparsity = {r.candidate_id: r.update_sparsity_bf16 for r in results}
+    failures = failures or {}
     return [
         {
             "candidate_id": c.candidate_id,
@@ -321,9 +335,17 @@ def candidate_rows(candidates: list[Candidate], results: list[CandidateResult]) 
             "input_fingerprints": [r.fingerprint for r in c.inputs],
             "update_sparsity_bf16": sparsity.get(c.candidate_id),
             "mergeaudit_version": mergeaudit.__version__,
+            "status": "failed" if c.candidate_id in failures else "ok",
+            "error": failures.get(c.candidate_id),
         }
         for c in candidates
     ]
+
+
+def checkpoint_rows(config: AuditConfig, records: dict[str, CheckpointRecord]) -> list[dict]:
+    return [{"name": r.name, "role": "base" if name == config.base.name else "model", "kind": r.kind, "uri": r.uri,
+             "fingerprint": r.fingerprint, "n_tensors": r.n_tensors, "nbytes": r.nbytes, "model_type": r.model_type,
+             "dtype": r.dtype} for name, r in records.items()]
 
 
 class EvaluationRecord(pydantic.BaseModel):
@@ -331,10 +353,18 @@ class EvaluationRecord(pydantic.BaseModel):
     tasks and child flow runs pass around instead of the rows themselves."""
 
     candidate_id: str
-    uri: str
+    uri: str | None
     scores: int
     samples: int
     update_sparsity_bf16: float | None
+    status: Literal["ok", "failed"] = "ok"
+    error: str | None = None
+
+
+def failed_evaluation(candidate: Candidate, error: str) -> EvaluationRecord:
+    """The record of an evaluation that failed for good (after its retries)."""
+    return EvaluationRecord(candidate_id=candidate.candidate_id, uri=None, scores=0, samples=0,
+                            update_sparsity_bf16=None, status="failed", error=" ".join(error.split())[:2000])
 
 
 def evaluation_key(candidate: Candidate, spec: EvalSpec) -> str:
@@ -377,57 +407,99 @@ class RunOutcome(pydantic.BaseModel):
     results_uri: str
     tables: dict[str, str]
     summary: list[dict[str, Any]]
-    markdown: str
+    failed: list[str] = []
+    regressions: dict[str, Any] | None = None
+
+    def problems(self) -> str | None:
+        """One paragraph on what went wrong (failed candidates, regressions), or None."""
+        lines = [f"{len(self.failed)} candidate(s) failed: {', '.join(self.failed)}"] if self.failed else []
+        if self.regressions and self.regressions.get("regressions"):
+            from mergeaudit.regression import RegressionReport
+
+            lines.append(RegressionReport.model_validate(self.regressions).summary())
+        return "\n".join(lines) or None
 
 
 def finish_run(
     config: AuditConfig,
     run_id: str,
     started_at: dt.datetime,
+    checkpoints: dict[str, CheckpointRecord],
     geometry_tables: dict[str, list[dict]],
     candidates: list[Candidate],
     evaluations: list[EvaluationRecord],
 ) -> RunOutcome:
-    """Load the stored evaluations, write the run's tables (runs last), and summarise."""
-    from mergeaudit import report
+    """Load the stored evaluations, compare with the previous run of this audit, and commit the
+    run's tables (one manifest, written last)."""
+    from mergeaudit import regression
 
-    results = [load_evaluation(e) for e in evaluations]
-    files = write_results(config, run_id, started_at, geometry_tables, candidates, results)
+    results = [load_evaluation(e) for e in evaluations if e.status == "ok"]
+    failures = {e.candidate_id: e.error or "failed" for e in evaluations if e.status == "failed"}
+    rows = result_rows(config, checkpoints, geometry_tables, candidates, results, failures)
+    check = None
+    if config.alarm.enabled:
+        previous = [m for m in tables.committed_runs(config.results_uri, audit_name=config.name)
+                    if m["run_id"] != run_id]
+        if previous:
+            prev_id = previous[-1]["run_id"]
+            current = {t: tables.to_arrow(t, rows[t]) for t in ("candidates", "scores")}
+            before = {t: tables.read_table(config.results_uri, t, run_id=prev_id) for t in ("candidates", "scores")}
+            found, compared = regression.compare(current, before, config.alarm)
+        else:
+            prev_id, found, compared = None, [], 0
+        check = regression.RegressionReport(audit_name=config.name, run_id=run_id, previous_run_id=prev_id,
+                                            regressions=found, compared=compared)
+    rows["runs"] = [run_row(config.name, started_at, config.model_dump_json(),
+                            status="failed" if failures else "completed",
+                            n_candidates=len(candidates), n_failed=len(failures),
+                            previous_run_id=check.previous_run_id if check else None,
+                            regressions_json=json.dumps([r.model_dump() for r in check.regressions]) if check else None)]
+    files = tables.write_run(config.results_uri, run_id, f"{started_at:%Y-%m-%d}", rows, audit_name=config.name,
+                             package_versions=package_versions())
     summary = summary_rows(config, candidates, results)
-    markdown = report.markdown_summary(config, run_id, summary, geometry_tables)
-    return RunOutcome(run_id=run_id, results_uri=config.results_uri, tables=files, summary=summary, markdown=markdown)
+    names = {c.candidate_id: c.name for c in candidates}
+    return RunOutcome(run_id=run_id, results_uri=config.results_uri, tables=files, summary=summary,
+                      failed=[names[cid] for cid in failures],
+                      regressions=check.model_dump() if check else None)
 
 
-def write_results(
+def result_rows(
     config: AuditConfig,
-    run_id: str,
-    started_at: dt.datetime,
+    checkpoints: dict[str, CheckpointRecord],
     geometry_tables: dict[str, list[dict]],
     candidates: list[Candidate],
     results: list[CandidateResult],
-) -> dict[str, str]:
-    """Write the run's tables (runs last); returns table -> file URI."""
-    run = run_row(config.name, started_at, config.model_dump_json())
+    failures: dict[str, str] | None = None,
+) -> dict[str, list[dict]]:
+    """Every table's rows of one run but `runs`; scores and samples carry their candidate's
+    name, method and parameter hash."""
     scores = [row for r in results for row in r.scores]
     probe_candidates, probe_scores = probes.summarize(config, candidates, scores)
-    return tables.write_run(
-        config.results_uri,
-        run_id,
-        f"{started_at:%Y-%m-%d}",
-        {
-            **geometry_tables,
-            "candidates": candidate_rows(candidates, results) + [
-                {**row, "mergeaudit_version": mergeaudit.__version__} for row in probe_candidates],
-            "scores": scores + probe_scores,
-            "samples": [row for r in results for row in r.samples],
-            "runs": [run],
-        },
-    )
+    cands = candidate_rows(candidates, results, failures) + [
+        {**row, "mergeaudit_version": mergeaudit.__version__, "status": "ok"} for row in probe_candidates]
+    by_id = {c["candidate_id"]: c for c in cands}
+
+    def tag(row: dict, full: bool = True) -> dict:
+        c = by_id.get(row["candidate_id"], {})
+        extra = {"candidate": c.get("name")}
+        if full:
+            extra.update(method=c.get("method"), params_hash=c.get("params_hash"))
+        return {**row, **extra}
+
+    return {
+        **geometry_tables,
+        "checkpoints": checkpoint_rows(config, checkpoints),
+        "candidates": cands,
+        "scores": [tag(r) for r in scores + probe_scores],
+        "samples": [tag(row, full=False) for r in results for row in r.samples],
+    }
 
 
-def run_row(audit_name: str, started_at: dt.datetime, config_json: str, status: str = "completed") -> dict:
+def run_row(audit_name: str, started_at: dt.datetime, config_json: str, status: str = "completed",
+            **extra: Any) -> dict:
     """The `runs` row: what ran, when, with which configuration and package versions."""
     return {
+        **extra,
         "audit_name": audit_name,
         "started_at": started_at,
         "finished_at": dt.datetime.now(dt.timezone.utc),

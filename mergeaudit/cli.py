@@ -8,6 +8,9 @@
     mergeaudit discover PREFIX [--marker] list checkpoints under a prefix and their completeness
     mergeaudit convert SRC OUT --allow-pickle   pickled weights -> safetensors (weights_only)
     mergeaudit notify-receiver --prefix URI [--port 8088]   bucket notifications -> checkpoint events
+    mergeaudit query RESULTS "SQL"        DuckDB over the committed result tables
+    mergeaudit report RESULTS [--run ID] --out report.html   self-contained HTML report
+    mergeaudit regressions RESULTS [--run ID]   regression check; exits 1 when one is found
 
 User errors (a config that does not validate, a missing checkpoint, an unknown store scheme)
 print one line and exit with status 2; only bugs show a traceback.
@@ -40,12 +43,22 @@ def load_entrypoint(entrypoint: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def run_audit(config) -> dict:
-    """Check everything that can be checked before the flow starts, then run the flow."""
+EXIT_ALARM = 1
+
+
+def run_audit(config) -> tuple[dict, str | None]:
+    """Check everything that can be checked before the flow starts, then run the flow.
+
+    Returns the flow's result and, when the run ended Failed after committing its tables
+    (failed candidates, regressions), its summary."""
     from mergeaudit.audit import resolve_checkpoints
 
     resolve_checkpoints(config)  # missing or incompatible checkpoints fail here, in one line
-    return load_entrypoint(AUDIT_FLOW)(config)
+    state = load_entrypoint(AUDIT_FLOW)(config, return_state=True)
+    data = state.result(raise_on_failure=False)
+    if isinstance(data, BaseException):
+        raise data
+    return data, None if state.is_completed() else (state.message or state.name)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -70,10 +83,42 @@ def format_table(rows: list[dict]) -> str:
 def cmd_audit(args: argparse.Namespace) -> int:
     from mergeaudit.config import load_config
 
-    result = run_audit(load_config(args.config))
+    result, problems = run_audit(load_config(args.config))
     print(format_table(result["summary"]))
     print(f"\nrun {result['run_id']}: tables under {result['results_uri']}")
+    if problems:
+        print(f"mergeaudit: audit ended Failed:\n{problems}", file=sys.stderr)
+        return EXIT_ALARM
     return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from mergeaudit import tables
+
+    rows = tables.query(args.results, args.sql, run_id=args.run).to_pylist()
+    print(format_table(rows[: args.max_rows]))
+    if len(rows) > args.max_rows:
+        print(f"... {len(rows) - args.max_rows} more rows (--max-rows)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mergeaudit import regression, report
+
+    check = regression.check_run(args.results, args.run)
+    out = report.write_report(args.results, args.out, run_id=check.run_id, regression=check)
+    print(f"wrote {out} (run {check.run_id})")
+    return 0
+
+
+def cmd_regressions(args: argparse.Namespace) -> int:
+    from mergeaudit import regression
+    from mergeaudit.config import AlarmSpec
+
+    spec = AlarmSpec(max_drop=args.max_drop, z=args.z, metrics=args.metrics)
+    check = regression.check_run(args.results, args.run, spec)
+    print(check.summary())
+    return EXIT_ALARM if check.regressions else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -92,7 +137,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config_path = workdir / "audit.yaml"
     config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     print(f"demo checkpoints in {family.root}; config written to {config_path}")
-    result = run_audit(parse_config(raw, source=str(config_path)))
+    result, problems = run_audit(parse_config(raw, source=str(config_path)))
     print()
     print(format_table(result["summary"]))
     print(f"\nrun {result['run_id']}: Parquet tables under {result['results_uri']}")
@@ -263,6 +308,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--marker", default=None, help="completion marker a complete checkpoint must hold")
     p.add_argument("--kind", default="rlvr", help="training kind announced with the checkpoints")
     p.set_defaults(func=cmd_notify_receiver)
+    p = sub.add_parser("query", help="run SQL (DuckDB) over the committed result tables")
+    p.add_argument("results", help="results URI (path or s3://)")
+    p.add_argument("sql", help="SQL naming the tables: runs, checkpoints, geometry_tensors, geometry_pairs, "
+                               "candidates, scores, samples (each with date and run_id columns)")
+    p.add_argument("--run", default=None, help="only this run's rows")
+    p.add_argument("--max-rows", type=int, default=200)
+    p.set_defaults(func=cmd_query)
+    p = sub.add_parser("report", help="write a run's self-contained HTML report with plots")
+    p.add_argument("results", help="results URI (path or s3://)")
+    p.add_argument("--run", default=None, help="run id (default: the latest committed run)")
+    p.add_argument("--out", required=True, help="where to write the HTML (path or store URI)")
+    p.set_defaults(func=cmd_report)
+    p = sub.add_parser("regressions", help="compare a run with the previous run of its audit; exit 1 on regressions")
+    p.add_argument("results", help="results URI (path or s3://)")
+    p.add_argument("--run", default=None, help="run id (default: the latest committed run)")
+    p.add_argument("--max-drop", type=float, default=0.02, help="flag drops larger than this (score units)")
+    p.add_argument("--z", type=float, default=2.0, help="...and larger than this many standard errors")
+    p.add_argument("--metrics", choices=["primary", "all"], default="primary")
+    p.set_defaults(func=cmd_regressions)
     return parser
 
 

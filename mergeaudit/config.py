@@ -202,6 +202,16 @@ class ProbeSpec(_Frozen):
     perturbation: PerturbationProbe | None = None
 
 
+class AlarmSpec(_Frozen):
+    """The regression alarm: when a score drop against the previous run of this audit counts."""
+
+    enabled: bool = pydantic.Field(True, description="Compare each run with the previous committed run.")
+    max_drop: float = pydantic.Field(0.02, ge=0.0, description="Flag drops larger than this (score units)...")
+    z: float = pydantic.Field(2.0, ge=0.0, description="...and larger than this many standard errors of the difference.")
+    metrics: Literal["primary", "all"] = pydantic.Field(
+        "primary", description="primary: each task's ranking metric; all: every metric where higher is better.")
+
+
 class AuditConfig(_Frozen):
     """One merge audit: a base, fine-tuned checkpoints, merge strategies, evaluation, results."""
 
@@ -215,6 +225,7 @@ class AuditConfig(_Frozen):
     geometry: GeometrySpec = pydantic.Field(default_factory=GeometrySpec)
     fisher: FisherSpec | None = pydantic.Field(None, description="Needed by the fisher and sar methods.")
     probes: ProbeSpec = pydantic.Field(default_factory=ProbeSpec, description="Fragility probes.")
+    alarm: AlarmSpec = pydantic.Field(default_factory=AlarmSpec, description="Regression alarm.")
     routing: Literal["inline", "pools"] = pydantic.Field(
         "inline", description="inline: everything in this process; pools: evaluations as runs of evaluate_deployment."
     )

@@ -222,6 +222,15 @@ def _refresh(loc: Location, path: str | None = None) -> None:
         loc.fs.invalidate_cache(path or loc.path)
 
 
+def refresh_tree(loc: Location) -> None:
+    """Forget s3fs's cached listings of a folder and everything below it (before a glob/find)."""
+    if loc.scheme == "s3":
+        prefix = loc.path.rstrip("/")
+        for key in [k for k in list(loc.fs.dircache) if k == prefix or k.startswith(prefix + "/")]:
+            loc.fs.dircache.pop(key, None)
+        loc.fs.invalidate_cache(loc.path)
+
+
 def exists(uri: str) -> bool:
     loc = locate(uri)
     with translate_errors(uri, "check"):

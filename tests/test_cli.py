@@ -61,7 +61,7 @@ def test_demo_runs_end_to_end(tmp_path):
     for expected in ("candidate", "task_arithmetic(ft_a+ft_b; lambda=0.5)", "Parquet tables under", "scores"):
         assert expected in out.stdout
     assert (tmp_path / "demo" / "audit.yaml").is_file()
-    assert list((tmp_path / "demo" / "results" / "scores").glob("date=*/run_id=*/part-0.parquet"))
+    assert list((tmp_path / "demo" / "results" / "scores").glob("date=*/run_id=*/part-*.parquet"))
 
 
 def test_discover_and_convert_commands(toy_family, tmp_path):

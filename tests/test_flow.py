@@ -37,7 +37,11 @@ def test_flow_on_local_store(prefect_harness, toy_family, tmp_path):
     raw["fisher"] = {"calibration": str(calibration_from_problems(make_problems("add", 2, 4, 1), tmp_path / "c.jsonl")),
                      "max_examples": 2}
     out = merge_audit(parse_config(raw))
-    assert set(out["tables"]) == {"runs", "geometry_tensors", "geometry_pairs", "candidates", "scores", "samples"}
+    assert set(out["tables"]) == set(tables.SCHEMAS)
+    ckpts = {r["name"]: r for r in tables.read_table(results, "checkpoints").to_pylist()}
+    assert {n: (r["role"], r["dtype"], r["model_type"]) for n, r in ckpts.items()} == {
+        "base": ("base", "BF16", "llama"), "ft_a": ("model", "BF16", "llama"), "ft_b": ("model", "BF16", "llama")}
+    assert (tmp_path / "results" / "reports" / f"{out['run_id']}.html").exists()
     samples = tables.read_table(results, "samples").to_pylist()
     assert len(samples) == 9 * 8 and {s["verifier"] for s in samples} == {"numeric"}
     cands = tables.read_table(results, "candidates").to_pylist()
@@ -46,6 +50,8 @@ def test_flow_on_local_store(prefect_harness, toy_family, tmp_path):
     assert len(list((tmp_path / "results" / "fisher").iterdir())) == 2, "one Fisher per fine-tune, cached"
     scores = ds.dataset(results + "/scores", partitioning="hive").to_table().to_pylist()
     assert {s["candidate_id"] for s in scores} == {c["candidate_id"] for c in cands}
+    names = {c["candidate_id"]: (c["name"], c["method"], c["params_hash"]) for c in cands}
+    assert all((s["candidate"], s["method"], s["params_hash"]) == names[s["candidate_id"]] for s in scores)
     assert {s["metric"] for s in scores} == {"exact_match", "numeric_match", "pass@1", "format_rate",
                                              "verifier_errors"}
     assert all(s["n"] == 8 for s in scores)
@@ -126,10 +132,10 @@ def test_credentials_from_a_prefect_block_never_leak(prefect_harness, s3_bucket,
 
     for _ in range(40):  # logs reach the API in batches
         logs = asyncio.run(run_logs())
-        if any("wrote" in m for m in logs):
+        if any("committed" in m for m in logs):
             break
         time.sleep(0.25)
-    assert any("wrote" in m for m in logs), "the run's logs reached the API"
+    assert any("committed" in m for m in logs), "the run's logs reached the API"
     assert not [m for m in logs if secret in m]
     assert "s3cr3t" not in repr(store.S3Credentials(access_key_id="k", secret_access_key=secret))
 
@@ -140,3 +146,52 @@ def test_unknown_credentials_block_is_a_config_error(prefect_harness):
 
     with pytest.raises(ConfigError, match="aws-credentials/absent"):
         s3_credentials_from_block("aws-credentials/absent")
+
+
+async def _events(prefix: str) -> list[dict]:
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    async with httpx.AsyncClient(base_url=PREFECT_API_URL.value()) as client:
+        resp = await client.post("/events/filter", json={"filter": {"event": {"prefix": [prefix]}}, "limit": 50})
+        resp.raise_for_status()
+        return resp.json()["events"]
+
+
+@pytest.mark.slow
+def test_regression_commits_the_run_then_fails_the_flow_and_emits_an_event(prefect_harness, toy_family, tmp_path):
+    """A previous committed run of the same audit scored every candidate 1.0; the untrained
+    toy scores ~0 now: the run is committed, the report published, the event emitted, and the
+    flow ends Failed with the summary."""
+    import asyncio
+    import json
+    import time
+
+    from flows.merge_audit import merge_audit
+
+    results = str(tmp_path / "results")
+    raw = {**audit_config(toy_family, results), "name": "alarmed", "strategies": [{"method": "linear"}]}
+    names = ["base", "ft_a", "ft_b", "linear(ft_a+ft_b)"]
+    tables.write_run(results, "20261126T000000Z-earlier", "2026-11-26", {
+        "runs": [{"audit_name": "alarmed", "status": "completed"}],
+        "candidates": [{"candidate_id": f"old{k}", "name": n, "kind": "merge" if "(" in n else "checkpoint",
+                        "status": "ok"} for k, n in enumerate(names)],
+        "scores": [{"candidate_id": f"old{k}", "task": "mergeaudit_add2", "metric": "numeric_match",
+                    "filter": "verifier", "value": 1.0, "stderr": 0.0, "n": 8} for k in range(len(names))],
+    })
+    state = merge_audit(parse_config(raw), return_state=True)
+    assert state.is_failed()
+    assert "4 regression(s) against 20261126T000000Z-earlier" in state.message
+    run_id = state.result(raise_on_failure=False)["run_id"]
+    (run,) = tables.read_table(results, "runs", run_id=run_id).to_pylist()
+    assert run["previous_run_id"] == "20261126T000000Z-earlier"
+    assert {r["candidate"] for r in json.loads(run["regressions_json"])} == set(names)
+    assert (tmp_path / "results" / "reports" / f"{run_id}.html").exists()
+    for _ in range(40):  # events reach the API asynchronously
+        events = asyncio.run(_events("mergeaudit.regression"))
+        if events:
+            break
+        time.sleep(0.25)
+    (event,) = [e for e in events if e["payload"]["run_id"] == run_id]
+    assert event["resource"]["prefect.resource.name"] == "alarmed"
+    assert len(event["payload"]["regressions"]) == 4

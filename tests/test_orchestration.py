@@ -127,7 +127,7 @@ def test_rerun_reuses_finished_work_and_publishes_artifacts(prefect_harness, toy
 
     found = asyncio.run(artifacts())
     assert {a.type for a in found} == {"markdown", "table"} and len(found) == 4  # two runs x two keys
-    assert any("Leaderboard" in str(a.data) for a in found if a.type == "markdown")
+    assert any("Merge leaderboard" in str(a.data) for a in found if a.type == "markdown")
 
 
 def test_add_models_and_config_checks(prefect_harness, toy_family, tmp_path):

@@ -1,8 +1,15 @@
-"""Result tables: declared schemas, Hive partitions readable by pyarrow and DuckDB, rewrites."""
+"""Result tables: declared schemas, committed runs only, rewrites, concurrent writers, a killed
+writer, older schema versions, and DuckDB queries over what is committed."""
 
 from __future__ import annotations
 
-import pyarrow.dataset as ds
+import io
+import multiprocessing
+import subprocess
+import sys
+import textwrap
+
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -15,50 +22,141 @@ SCORES = [
 ]
 
 
+def run_tables(n_scores: int = 2, name: str = "nightly") -> dict[str, list[dict]]:
+    return {"scores": (SCORES * n_scores)[:n_scores],
+            "candidates": [{"candidate_id": "c1", "name": "ties(a+b)", "kind": "merge", "status": "ok"}],
+            "runs": [{"audit_name": name, "status": "completed"}]}
+
+
 def test_write_and_read_back(store_root):
     uri = tables.write_table(store_root, "scores", "r1", "2026-11-27", SCORES)
-    assert uri.endswith("scores/date=2026-11-27/run_id=r1/part-0.parquet")
+    assert "scores/date=2026-11-27/run_id=r1/part-" in uri and uri.endswith(".parquet")
     got = tables.read_table(store_root, "scores")
     assert got.num_rows == 2
     assert set(got.column("run_id").to_pylist()) == {"r1"}
     assert got.column("stderr").to_pylist() == [0.1, None]
-
-
-def test_plain_pyarrow_and_duckdb_read_the_layout(tmp_path):
-    import duckdb
-
-    root = str(tmp_path / "results")
-    tables.write_table(root, "scores", "r1", "2026-11-27", SCORES)
-    tables.write_table(root, "scores", "r2", "2026-11-28", SCORES[:1])
-    table = ds.dataset(root + "/scores", partitioning="hive").to_table()
-    assert table.num_rows == 3 and set(table.column("run_id").to_pylist()) == {"r1", "r2"}
-    n = duckdb.sql(
-        f"select count(*) from read_parquet('{root}/scores/*/*/*.parquet', hive_partitioning=true) where run_id = 'r2'"
-    ).fetchall()[0][0]
-    assert n == 1
+    meta = pq.read_schema(io.BytesIO(store.read_bytes(uri))).metadata
+    assert meta[b"mergeaudit.schema_version"] == str(tables.SCHEMA_VERSION).encode()
+    assert meta[b"mergeaudit.table"] == b"scores" and meta[b"mergeaudit.run_id"] == b"r1"
 
 
 def test_rewriting_a_run_replaces_it_even_on_another_date(store_root):
-    tables.write_table(store_root, "scores", "r1", "2026-11-27", SCORES)
-    tables.write_table(store_root, "scores", "r1", "2026-11-28", SCORES[:1])
+    tables.write_run(store_root, "r1", "2026-11-27", run_tables(2))
+    tables.write_run(store_root, "r1", "2026-11-28", run_tables(1))
     got = tables.read_table(store_root, "scores")
     assert got.num_rows == 1 and got.column("date").to_pylist() == ["2026-11-28"]
+    assert len(tables.committed_runs(store_root)) == 1
+    loc = store.locate(store_root)
+    files = [p for p in loc.fs.find(loc.path) if p.endswith(".parquet")]
+    assert len(files) == 3, files  # the replaced version's files are gone
 
 
-def test_files_carry_the_schema_version(tmp_path):
-    uri = tables.write_table(str(tmp_path), "scores", "r1", "2026-11-27", SCORES)
-    meta = pq.read_schema(uri).metadata
-    assert meta[b"mergeaudit.schema_version"] == str(tables.SCHEMA_VERSION).encode()
-    assert meta[b"mergeaudit.table"] == b"scores"
+def test_a_writer_killed_mid_run_leaves_no_visible_rows(tmp_path):
+    root = str(tmp_path / "results")
+    tables.write_run(root, "r0", "2026-11-26", run_tables(2))
+    code = textwrap.dedent(f"""
+        import os, signal
+        from mergeaudit import store, tables
+        real = store.write_bytes
+        def dying(uri, data):
+            if "/_commits/" in uri:          # every data file is written: die before the commit
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(uri, data)
+        store.write_bytes = dying
+        tables.write_run({root!r}, "r1", "2026-11-27", {run_tables(2)!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert store.exists(root + "/scores/date=2026-11-27/run_id=r1")  # it did write data files...
+    for table in ("scores", "candidates", "runs"):  # ...that nobody sees
+        assert set(tables.read_table(root, table).column("run_id").to_pylist()) == {"r0"}
+    assert [m["run_id"] for m in tables.committed_runs(root)] == ["r0"]
+    assert tables.query(root, "select count(*) as n from scores").column("n").to_pylist() == [2]
+    removed = tables.vacuum(root, older_than_s=0)
+    assert len(removed) == 3 and all("run_id=r1" in u for u in removed)
+    assert tables.read_table(root, "scores").num_rows == 2
 
 
-def test_unknown_columns_and_tables_fail():
+def _write_runs(args: tuple[str, int]) -> None:
+    root, worker = args
+    for k in range(3):
+        tables.write_run(root, f"w{worker}-r{k}", "2026-11-27", run_tables(worker + 1, name=f"audit{worker}"))
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_concurrent_writers_lose_nothing(backend, tmp_path, request):
+    root = str(tmp_path / "results") if backend == "local" else request.getfixturevalue("s3_bucket") + "/results"
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        pool.map(_write_runs, [(root, w) for w in range(4)])
+    runs = tables.committed_runs(root)
+    assert len(runs) == 12
+    scores = tables.read_table(root, "scores")
+    assert scores.num_rows == 3 * (1 + 2 + 3 + 4)
+    assert {r["run_id"] for r in tables.read_table(root, "runs", audit_name="audit2").to_pylist()} == \
+        {"w2-r0", "w2-r1", "w2-r2"}
+
+
+def test_older_schema_versions_are_read_and_upgraded(tmp_path):
+    """A version-1 results folder (part-0.parquet files, no manifests, fewer columns) reads
+    next to a version-2 run; a v1 run without its `runs` file was never committed."""
+    root = str(tmp_path / "results")
+    v1_scores = pa.schema([("candidate_id", pa.string()), ("task", pa.string()), ("metric", pa.string()),
+                           ("filter", pa.string()), ("value", pa.float64()), ("stderr", pa.float64()),
+                           ("n", pa.int64())])
+    v1_runs = pa.schema([("audit_name", pa.string()), ("status", pa.string())])
+
+    def put(table: str, run: str, schema: pa.Schema, rows: list[dict]) -> None:
+        data = pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(
+            {b"mergeaudit.schema_version": b"1", b"mergeaudit.table": table.encode()})
+        buf = io.BytesIO()
+        pq.write_table(data, buf)
+        store.write_bytes(f"{root}/{table}/date=2026-11-01/run_id={run}/part-0.parquet", buf.getvalue())
+
+    put("scores", "old1", v1_scores, SCORES)
+    put("runs", "old1", v1_runs, [{"audit_name": "nightly", "status": "completed"}])
+    put("scores", "old2", v1_scores, SCORES)  # a v1 writer died before its runs row: not committed
+    tables.write_run(root, "new1", "2026-11-27", run_tables(1))
+    scores = tables.read_table(root, "scores")
+    assert sorted(scores.column("run_id").to_pylist()) == ["new1", "old1", "old1"]
+    assert scores.schema.names[: len(tables.SCHEMAS["scores"])] == tables.SCHEMAS["scores"].names
+    assert scores.filter(pa.compute.equal(scores["run_id"], "old1")).column("method").null_count == 2
+    assert [m["run_id"] for m in tables.committed_runs(root, audit_name="nightly")] == ["old1", "new1"]
+    tables.write_run(root, "old1", "2026-11-01", run_tables(1))  # rewriting a v1 run replaces it
+    assert not store.exists(f"{root}/scores/date=2026-11-01/run_id=old1/part-0.parquet")
+    assert tables.read_table(root, "scores", run_id="old1").num_rows == 1
+
+
+def test_newer_schema_versions_are_refused(tmp_path):
+    data = tables.to_arrow("scores", SCORES)
+    with pytest.raises(Exception, match="newer than this mergeaudit"):
+        tables.upgrade("scores", data, tables.SCHEMA_VERSION + 1)
+
+
+def test_query_joins_committed_tables(store_root):
+    tables.write_run(store_root, "r1", "2026-11-27", run_tables(2))
+    got = tables.query(store_root, "select c.name, count(*) as n from scores s join candidates c "
+                                   "using (run_id, candidate_id) group by c.name")
+    assert got.to_pylist() == [{"name": "ties(a+b)", "n": 1}]
+    with pytest.raises(ConfigError, match="names none of the tables"):
+        tables.query(store_root, "select 1")
+    with pytest.raises(ConfigError, match="query failed"):
+        tables.query(store_root, "select nope from scores")
+
+
+def test_bad_rows_and_ids_fail_before_anything_is_written(tmp_path):
+    root = str(tmp_path / "r")
     with pytest.raises(ConfigError, match="not in the schema: bogus"):
-        tables.to_arrow("scores", [{"bogus": 1}])
+        tables.write_run(root, "r1", "2026-11-27", {"scores": SCORES, "runs": [{"bogus": 1}]})
     with pytest.raises(ConfigError, match="unknown table"):
         tables.to_arrow("nope", [])
+    with pytest.raises(ConfigError, match="run id"):
+        tables.write_run(root, "../x", "2026-11-27", {"scores": SCORES})
+    with pytest.raises(ConfigError, match="YYYY-MM-DD"):
+        tables.write_run(root, "r1", "27.11.2026", {"scores": SCORES})
+    assert not store.exists(root)
 
 
 def test_reading_a_missing_table_gives_an_empty_one(tmp_path):
     assert tables.read_table(str(tmp_path), "runs").num_rows == 0
-    assert not store.exists(str(tmp_path / "runs"))
+    assert tables.committed_runs(str(tmp_path)) == []

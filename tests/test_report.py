@@ -1,0 +1,208 @@
+"""The HTML report (parses, every plot present, opens in headless Chromium without errors), the
+regression alarm on constructed runs, and the CLI commands over committed tables."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+
+import pytest
+
+from mergeaudit import regression, report, tables
+from mergeaudit.config import AlarmSpec
+
+MODELS = {"rl_math": "rlvr", "sft_code": "sft"}
+MODULES = ["self_attn.q_proj", "mlp.down_proj"]
+
+
+def cand(cid: str, name: str, kind: str, method: str | None = None, inputs=(), probe=None, status="ok") -> dict:
+    params = {"probe": probe} if probe else {}
+    return {"candidate_id": cid, "name": name, "kind": kind, "method": method, "params_json": json.dumps(params),
+            "params_hash": cid[-4:], "input_names": list(inputs), "input_uris": [f"s3://ck/{n}" for n in inputs],
+            "input_fingerprints": [f"fp-{n}" for n in inputs], "update_sparsity_bf16": 0.9, "status": status,
+            "mergeaudit_version": "0.1.0", "error": None if status == "ok" else "CUDA out of memory"}
+
+
+def score(cid: str, value: float, stderr: float | None = 0.01, task: str = "mergeaudit_add2",
+          metric: str = "numeric_match", filt: str = "verifier") -> dict:
+    return {"candidate_id": cid, "task": task, "metric": metric, "filter": filt, "value": value, "stderr": stderr,
+            "n": 100}
+
+
+def constructed_run(merge_scores: dict[str, float], audit: str = "nightly", failed: tuple = ()) -> dict:
+    """All tables of one audit run, built by hand: two models with 3 layers, one pair, three
+    merges, an interpolation path and a perturbation probe."""
+    geo = [{"scope": "tensor", "model": m, "kind": k, "tensor": f"model.layers.{layer}.{mod}.weight", "layer": layer,
+            "module": mod, "numel": 100, "changed_bf16": 10 * (layer + 1), "sparsity_bf16": 1 - 0.1 * (layer + 1)}
+           for m, k in MODELS.items() for layer in range(3) for mod in MODULES]
+    geo += [{"scope": "model", "model": m, "kind": k, "sparsity_bf16": 0.8, "sparsity_rel": 0.7, "sparsity_abs": 0.6,
+             "rel_update_norm": 0.01} for m, k in MODELS.items()]
+    pairs = [{"scope": "global", "model_a": "rl_math", "model_b": "sft_code", "kind_a": "rlvr", "kind_b": "sft",
+              "mask": "bf16", "jaccard_lift": 1.3, "cosine": 0.05, "overlap_of_a": 0.2, "overlap_of_a_lift": 1.2,
+              "sign_conflict_rate": 0.45}]
+    cands = [cand("c-base", "base", "checkpoint", inputs=["base"]),
+             cand("c-rl", "rl_math", "checkpoint", inputs=["rl_math"]),
+             cand("c-sft", "sft_code", "checkpoint", inputs=["sft_code"])]
+    scores = [score("c-base", 0.30), score("c-rl", 0.60), score("c-sft", 0.50)]
+    for k, (name, value) in enumerate(merge_scores.items()):
+        cid = f"c-merge{k}"
+        cands.append(cand(cid, name, "merge", name.split("(")[0], ["rl_math", "sft_code"],
+                          status="failed" if name in failed else "ok"))
+        if name not in failed:
+            scores.append(score(cid, value))
+    for k, alpha in enumerate([0.0, 0.5, 1.0]):
+        cands.append(cand(f"c-i{k}", f"interp(rl_math~sft_code; alpha={alpha})", "probe", "linear",
+                          ["rl_math", "sft_code"], probe={"family": "interpolation", "path": "rl_math~sft_code",
+                                                          "x": alpha, "seed": None}))
+        scores.append(score(f"c-i{k}", [0.6, 0.35, 0.5][k]))
+    for k, scale in enumerate([0.01, 0.1]):
+        cands.append(cand(f"c-g{k}", f"noise(rl_math; scale={scale})", "probe", "perturb_gaussian", ["rl_math"],
+                          probe={"family": "gaussian", "path": "rl_math", "x": scale, "seed": 0}))
+        scores.append(score(f"c-g{k}", [0.58, 0.2][k]))
+    cands.append({**cand("c-ps", "probe:interpolation:rl_math~sft_code", "probe_summary", "interpolation"),
+                  "input_names": ["rl_math", "sft_code"]})
+    scores.append(score("c-ps", 0.2, None, metric="barrier_height", filt="probe"))
+    ckpts = [{"name": n, "role": "base" if n == "base" else "model", "kind": k, "uri": f"s3://ck/{n}",
+              "fingerprint": f"fp-{n}", "n_tensors": 6, "nbytes": 1200, "model_type": "llama", "dtype": "BF16"}
+             for n, k in {"base": "base", **MODELS}.items()]
+    return {"runs": [{"audit_name": audit, "status": "completed", "mergeaudit_version": "0.1.0",
+                      "package_versions": json.dumps({"torch": "2.13.0"})}],
+            "checkpoints": ckpts, "geometry_tensors": geo, "geometry_pairs": pairs, "candidates": cands,
+            "scores": scores}
+
+
+MERGES = {"ties(rl_math+sft_code)": 0.62, "linear(rl_math+sft_code)": 0.40, "sar(rl_math+sft_code)": 0.65}
+
+
+class Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.figures, self.images, self.external, self.open = [], [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "figure":
+            self.figures.append(a.get("id"))
+        if tag == "img":
+            self.images.append(a.get("src", ""))
+        if tag in ("script", "link", "iframe") and (a.get("src") or a.get("href")):
+            self.external.append((tag, a))
+        if tag not in ("meta", "img", "br", "link", "input", "hr"):
+            self.open.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.open and self.open[-1] == tag, f"</{tag}> closes <{self.open[-1] if self.open else None}>"
+        self.open.pop()
+
+
+EXPECTED_PLOTS = {"plot-sparsity-rl-math", "plot-sparsity-sft-code", "plot-pairs", "plot-scores-mergeaudit-add2",
+                  "plot-probe-interpolation", "plot-probe-gaussian"}
+
+
+def test_report_is_one_self_contained_page_with_every_plot(tmp_path):
+    root = str(tmp_path / "results")
+    tables.write_run(root, "r1", "2026-11-26", constructed_run(MERGES))
+    out = tmp_path / "report.html"
+    report.write_report(root, str(out))
+    page = out.read_text()
+    parser = Collector()
+    parser.feed(page)
+    parser.close()
+    assert parser.open == [], "every element is closed"
+    assert set(parser.figures) == EXPECTED_PLOTS
+    assert len(parser.images) == len(EXPECTED_PLOTS)
+    for src in parser.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert parser.external == [] and "http://" not in page and "https://" not in page
+    for heading in ("Merge leaderboard", "Fragility probes", "Provenance", "Checkpoints"):
+        assert heading in page
+    # the leaderboard ranks merges against their best constituent; provenance names every input
+    board = report.leaderboard(report.load_run(root))
+    sar = next(r for r in board if r["candidate"] == "sar(rl_math+sft_code)")
+    assert sar["best_input"] == 0.60 and sar["margin"] == pytest.approx(0.05)
+    assert "rl_math = s3://ck/rl_math @ fp-rl_math" in page
+    md = report.render_markdown(report.load_run(root))
+    assert "## Merge leaderboard" in md and md.count("data:image/png;base64,") == len(EXPECTED_PLOTS)
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_report_opens_in_headless_chromium(tmp_path):
+    browser = chromium()
+    if browser is None:
+        if os.environ.get("MERGEAUDIT_REQUIRE_CHROMIUM"):
+            pytest.fail("MERGEAUDIT_REQUIRE_CHROMIUM is set but no chromium is installed")
+        pytest.skip("no chromium on this machine (make test installs it where it can)")
+    root = str(tmp_path / "results")
+    tables.write_run(root, "r1", "2026-11-26", constructed_run(MERGES))
+    out = tmp_path / "report.html"
+    report.write_report(root, str(out))
+    proc = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+         "--virtual-time-budget=5000", "--dump-dom", out.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f'data-plots-ok="{len(EXPECTED_PLOTS)}"' in proc.stdout, proc.stdout[:2000]
+    assert 'class="broken"' not in proc.stdout
+    console_errors = [line for line in proc.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert console_errors == []
+
+
+def test_regressions_on_constructed_runs(tmp_path):
+    root = str(tmp_path / "results")
+    tables.write_run(root, "r1", "2026-11-25", constructed_run(MERGES))
+    tables.write_run(root, "x1", "2026-11-25", constructed_run({"ties(rl_math+sft_code)": 0.0}, audit="other"))
+    first = regression.check_run(root, "r1")
+    assert first.previous_run_id is None and first.regressions == []
+    worse = {"ties(rl_math+sft_code)": 0.50,      # -0.12: far beyond 0.02 and 2 standard errors
+             "linear(rl_math+sft_code)": 0.39,    # -0.01: under the absolute threshold
+             "sar(rl_math+sft_code)": 0.65}
+    tables.write_run(root, "r2", "2026-11-26", constructed_run(worse, failed=("sar(rl_math+sft_code)",)))
+    check = regression.check_run(root)  # the latest run, against r1 (not the other audit's x1)
+    assert check.run_id == "r2" and check.previous_run_id == "r1"
+    assert {(r.kind, r.candidate) for r in check.regressions} == {
+        ("score_drop", "ties(rl_math+sft_code)"), ("newly_failed", "sar(rl_math+sft_code)")}
+    drop = next(r for r in check.regressions if r.kind == "score_drop")
+    assert drop.drop == pytest.approx(0.12) and drop.z == pytest.approx(0.12 / (2**0.5 * 0.01))
+    assert "ties(rl_math+sft_code) mergeaudit_add2/numeric_match: 0.6200 -> 0.5000" in check.summary()
+    # in standard-error units: the same drop with wide error bars is noise
+    noisy = constructed_run({**worse, "ties(rl_math+sft_code)": 0.40})  # -0.10 against r2, se 0.10
+    noisy["scores"] = [{**s, "stderr": 0.1} for s in noisy["scores"]]
+    tables.write_run(root, "r3", "2026-11-27", noisy)
+    assert [r.candidate for r in regression.check_run(root, "r3").regressions] == []
+    assert [r.candidate for r in regression.check_run(root, "r3", AlarmSpec(z=0.5)).regressions] == [
+        "ties(rl_math+sft_code)"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mergeaudit.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_query_report_and_regressions_commands(tmp_path):
+    root = str(tmp_path / "results")
+    tables.write_run(root, "r1", "2026-11-25", constructed_run(MERGES))
+    ok = run_cli("regressions", root)
+    assert ok.returncode == 0 and "no earlier committed run" in ok.stdout
+    tables.write_run(root, "r2", "2026-11-26", constructed_run({**MERGES, "ties(rl_math+sft_code)": 0.3}))
+    alarm = run_cli("regressions", root)
+    assert alarm.returncode == 1 and "1 regression(s) against r1" in alarm.stdout
+    q = run_cli("query", root, "select run_id, count(*) as n from scores group by run_id order by run_id")
+    assert q.returncode == 0, q.stderr
+    assert [line.split() for line in q.stdout.splitlines()[2:]] == [["r1", "12"], ["r2", "12"]]
+    bad = run_cli("query", root, "select * from nowhere")
+    assert bad.returncode == 2 and "names none of the tables" in bad.stderr
+    out = tmp_path / "r.html"
+    rep = run_cli("report", root, "--run", "r2", "--out", str(out))
+    assert rep.returncode == 0, rep.stderr
+    assert "1 regression(s) against r1" in out.read_text()
