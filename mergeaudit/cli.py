@@ -122,27 +122,47 @@ def cmd_regressions(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from mergeaudit import report
     from mergeaudit.config import parse_config
-    from mergeaudit.demo import DEMO_TRAIN_STEPS, demo_config, prepare_demo
+    from mergeaudit.demo import demo_config, prepare_demo, verdict
+    from mergeaudit.regression import RegressionReport
+    from mergeaudit.toy.experts import QUICK_RECIPE, ExpertRecipe, total_training_seconds
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo builds everything locally
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    if args.train_steps is None:
-        args.train_steps = DEMO_TRAIN_STEPS
-
     workdir = Path(args.workdir).absolute()
-    print(f"preparing demo checkpoints in {workdir} (the base trains once, then is reused)")
-    family = prepare_demo(workdir, train_steps=args.train_steps)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    print(f"toy experts in {workdir / 'checkpoints'} (trained once per recipe, then reused)")
+    family = prepare_demo(workdir, QUICK_RECIPE if args.quick else ExpertRecipe())
+    print(f"training took {total_training_seconds(family):.0f} s when it ran")
     raw = demo_config(family, workdir)
+    if args.limit:
+        raw["evaluation"]["limit"] = args.limit
     config_path = workdir / "audit.yaml"
     config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    print(f"demo checkpoints in {family.root}; config written to {config_path}")
+    print(f"auditing with {config_path}")
     result, problems = run_audit(parse_config(raw, source=str(config_path)))
+    run_id = result["run_id"]
+    text = verdict(result["results_uri"], run_id)
+    data = report.load_run(result["results_uri"], run_id)
+    if result.get("regressions"):
+        data.regression = RegressionReport.model_validate(result["regressions"])
+    data.notes = text
+    html_path = workdir / "report.html"
+    html_path.write_text(report.render_html(data))
     print()
-    print(format_table(result["summary"]))
-    print(f"\nrun {result['run_id']}: Parquet tables under {result['results_uri']}")
-    for table, uri in result["tables"].items():
-        print(f"  {table:17s} {uri}")
+    print(format_table([r for r in result["summary"] if r["method"] != "probe"]))
+    print()
+    print(text)
+    print(f"\nrun {run_id}: Parquet tables under {result['results_uri']}")
+    print(f"report: {html_path}")
+    print(f"demo took {time.perf_counter() - t0:.0f} s")
+    if problems:
+        print(f"mergeaudit: audit ended Failed:\n{problems}", file=sys.stderr)
+        return EXIT_ALARM
     return 0
 
 
@@ -257,10 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="run the merge audit flow on a YAML AuditConfig")
     p.add_argument("config", help="path of the AuditConfig YAML")
     p.set_defaults(func=cmd_audit)
-    p = sub.add_parser("demo", help="build tiny checkpoints locally, audit them, print a summary")
+    p = sub.add_parser("demo", help="train toy SFT and RLVR experts, audit them, print a verdict")
     p.add_argument("--workdir", default=DEMO_WORKDIR, help=f"where the demo store lives (default {DEMO_WORKDIR})")
-    p.add_argument("--train-steps", type=int, default=None,
-                   help="training steps of the toy base (default: the demo's recipe; 0 = untrained)")
+    p.add_argument("--quick", action="store_true", help="a few training steps only (tests; the verdict means little)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate this many problems per task (default: all)")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("geometry", help="update geometry of fine-tuned checkpoints against a base")
     p.add_argument("base", help="base checkpoint URI")

@@ -38,6 +38,7 @@ class RunData:
     run_id: str
     rows: dict[str, list[dict]]
     regression: Any = None  # a regression.RegressionReport, when checked
+    notes: str | None = None  # free text shown first (the demo's verdict)
 
     @property
     def run(self) -> dict:
@@ -365,6 +366,8 @@ def render_html(data: RunData, content: Content | None = None) -> str:
     title, sub = _header(data)
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1><p>{html.escape(sub)}</p>"]
+    if data.notes:
+        parts.append(f"<h2>Verdict</h2><pre id='notes'>{html.escape(data.notes)}</pre>")
     if data.regression is not None:
         cls = "alarm" if data.regression.regressions else "ok"
         parts.append(f"<pre class='{cls}' id='regressions'>{html.escape(data.regression.summary())}</pre>")
@@ -384,6 +387,8 @@ def render_markdown(data: RunData, content: Content | None = None, images: bool 
     content = content or build_content(data)
     title, sub = _header(data)
     parts = [f"# {title}", sub]
+    if data.notes:
+        parts += ["## Verdict", "```\n" + data.notes + "\n```"]
     if data.regression is not None:
         parts += ["## Regression check", "```\n" + data.regression.summary() + "\n```"]
     for heading, rows, cols in content.sections[:4]:

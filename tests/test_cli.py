@@ -55,15 +55,6 @@ def test_missing_config_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path):
-    out = run_cli("demo", "--workdir", str(tmp_path / "demo"), "--train-steps", "20")
-    assert out.returncode == 0, out.stderr[-3000:]
-    for expected in ("candidate", "task_arithmetic(ft_a+ft_b; lambda=0.5)", "Parquet tables under", "scores"):
-        assert expected in out.stdout
-    assert (tmp_path / "demo" / "audit.yaml").is_file()
-    assert list((tmp_path / "demo" / "results" / "scores").glob("date=*/run_id=*/part-*.parquet"))
-
-
 def test_discover_and_convert_commands(toy_family, tmp_path):
     import io
 
