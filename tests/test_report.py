@@ -206,3 +206,15 @@ def test_query_report_and_regressions_commands(tmp_path):
     rep = run_cli("report", root, "--run", "r2", "--out", str(out))
     assert rep.returncode == 0, rep.stderr
     assert "1 regression(s) against r1" in out.read_text()
+
+
+def test_report_and_regressions_refuse_what_is_not_there(tmp_path):
+    empty = run_cli("report", str(tmp_path / "nothing"), "--out", str(tmp_path / "r.html"))
+    assert empty.returncode == 2 and "no committed runs" in empty.stderr
+    assert not (tmp_path / "r.html").exists()
+    root = str(tmp_path / "results")
+    tables.write_run(root, "r1", "2026-11-25", constructed_run(MERGES))
+    unknown = run_cli("regressions", root, "--run", "r9")
+    assert unknown.returncode == 2 and "run 'r9' is not committed" in unknown.stderr
+    bad = run_cli("regressions", root, "--max-drop", "-1")
+    assert bad.returncode == 2 and "max_drop" in bad.stderr

@@ -2,7 +2,8 @@
 
 Nothing here touches the network: `build_tokenizer()` makes a character-level tokenizer and
 `build_toy_family()` writes a tiny Llama base plus fine-tuned variants whose task vectors have a
-known density, in Hugging Face format.
+known density, in Hugging Face format. `toy.experts.build_expert_family()` trains the demo's
+base and its SFT and RLVR (GRPO-style) experts on verifiable arithmetic.
 """
 
 from mergeaudit.toy.models import ToyFamily, build_toy_family, tiny_llama_config
