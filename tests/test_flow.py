@@ -195,3 +195,41 @@ def test_regression_commits_the_run_then_fails_the_flow_and_emits_an_event(prefe
     (event,) = [e for e in events if e["payload"]["run_id"] == run_id]
     assert event["resource"]["prefect.resource.name"] == "alarmed"
     assert len(event["payload"]["regressions"]) == 4
+
+
+@pytest.mark.slow
+def test_a_failing_candidate_is_recorded_and_the_others_still_scored(prefect_harness, tmp_path):
+    """A checkpoint deleted after planning: its own evaluation and the merge that reads it fail
+    (no retries: not transient), the others are scored, and the run commits all of it."""
+    import datetime as dt
+    import shutil
+
+    from prefect import flow
+
+    from flows.merge_audit import evaluate_inline
+    from mergeaudit import audit
+
+    family = build_toy_family(str(tmp_path / "ck"), variants={"a": 0.1, "b": 0.2})
+    results = str(tmp_path / "results")
+    config = parse_config({**audit_config(family, results), "strategies": [{"method": "linear"}]})
+
+    @flow
+    def partial():
+        records = audit.resolve_checkpoints(config)
+        candidates = audit.plan_candidates(config, records)
+        shutil.rmtree(family.variants["b"])
+        evaluations = [evaluate_inline(config, c) for c in candidates]
+        return audit.finish_run(config, "r-partial", dt.datetime.now(dt.timezone.utc), records, {}, candidates,
+                                evaluations)
+
+    outcome = partial()
+    assert sorted(outcome.failed) == ["b", "linear(a+b)"]
+    assert "2 candidate(s) failed" in outcome.problems()
+    cands = {c["name"]: c for c in tables.read_table(results, "candidates").to_pylist()}
+    assert {n: c["status"] for n, c in cands.items()} == {"base": "ok", "a": "ok", "b": "failed",
+                                                          "linear(a+b)": "failed"}
+    assert "not found" in cands["b"]["error"] or "missing" in cands["b"]["error"]
+    scored = {r["candidate"] for r in tables.read_table(results, "scores").to_pylist()}
+    assert scored == {"base", "a"}
+    (run,) = tables.read_table(results, "runs").to_pylist()
+    assert (run["status"], run["n_candidates"], run["n_failed"]) == ("failed", 4, 2)
