@@ -443,7 +443,8 @@ def finish_run(
         if previous:
             prev_id = previous[-1]["run_id"]
             current = {t: tables.to_arrow(t, rows[t]) for t in ("candidates", "scores")}
-            before = {t: tables.read_table(config.results_uri, t, run_id=prev_id) for t in ("candidates", "scores")}
+            before = {t: tables.read_table(config.results_uri, t, run_id=prev_id, manifests=previous)
+                      for t in ("candidates", "scores")}
             found, compared = regression.compare(current, before, config.alarm)
         else:
             prev_id, found, compared = None, [], 0

@@ -113,7 +113,7 @@ def check_run(results_uri: str, run_id: str | None = None, spec: AlarmSpec | Non
         raise ConfigError(f"no committed runs under {results_uri}")
     if run_id is None:
         run_id = runs[-1]["run_id"]
-    names = {m["run_id"]: _name(results_uri, m) for m in runs}
+    names = {m["run_id"]: tables.manifest_audit_name(results_uri, m) for m in runs}
     if run_id not in names:
         raise ConfigError(f"run {run_id!r} is not committed under {results_uri}")
     audit = names[run_id]
@@ -124,12 +124,9 @@ def check_run(results_uri: str, run_id: str | None = None, spec: AlarmSpec | Non
     previous_id = earlier[-1]
 
     def load(rid: str) -> dict[str, pa.Table]:
-        return {t: tables.read_table(results_uri, t, run_id=rid) for t in ("candidates", "scores")}
+        return {t: tables.read_table(results_uri, t, run_id=rid, manifests=runs) for t in ("candidates", "scores")}
 
     found, compared = compare(load(run_id), load(previous_id), spec)
     return RegressionReport(audit_name=audit, run_id=run_id, previous_run_id=previous_id, regressions=found,
                             compared=compared)
 
-
-def _name(results_uri: str, manifest: dict) -> str | None:
-    return tables._audit_name(results_uri, manifest)

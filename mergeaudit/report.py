@@ -73,7 +73,7 @@ def load_run(results_uri: str, run_id: str | None = None) -> RunData:
     run_id = run_id or runs[-1]["run_id"]
     if run_id not in {m["run_id"] for m in runs}:
         raise ConfigError(f"run {run_id!r} is not committed under {results_uri}")
-    rows = {t: tables.read_table(results_uri, t, run_id=run_id).to_pylist() for t in REPORT_TABLES}
+    rows = {t: tables.read_table(results_uri, t, run_id=run_id, manifests=runs).to_pylist() for t in REPORT_TABLES}
     return RunData(results_uri, run_id, rows)
 
 

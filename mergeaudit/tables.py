@@ -394,11 +394,12 @@ def committed_runs(results_uri: str, audit_name: str | None = None) -> list[dict
     seen = {m["run_id"] for m in manifests}
     manifests += [m for m in _legacy_manifests(results_uri) if m["run_id"] not in seen]
     if audit_name is not None:
-        manifests = [m for m in manifests if _audit_name(results_uri, m) == audit_name]
+        manifests = [m for m in manifests if manifest_audit_name(results_uri, m) == audit_name]
     return sorted(manifests, key=lambda m: (m.get("committed_at") or "", m["run_id"]))
 
 
-def _audit_name(results_uri: str, manifest: dict) -> str | None:
+def manifest_audit_name(results_uri: str, manifest: dict) -> str | None:
+    """The audit a committed run belongs to (version-1 runs keep it only in their runs row)."""
     if manifest.get("audit_name") is not None or not manifest.get("legacy"):
         return manifest.get("audit_name")
     runs = _read_files(results_uri, "runs", [manifest])
@@ -439,12 +440,17 @@ def _read_files(results_uri: str, table: str, manifests: list[dict]) -> pa.Table
     return pa.concat_tables(out) if out else schema.empty_table()
 
 
-def read_table(results_uri: str, table: str, run_id: str | None = None, audit_name: str | None = None) -> pa.Table:
+def read_table(results_uri: str, table: str, run_id: str | None = None, audit_name: str | None = None,
+               manifests: list[dict] | None = None) -> pa.Table:
     """The committed rows of a table (one run's, one audit's, or all), in the current schema,
-    with `date` and `run_id` columns. A run replaced while being read is read again."""
+    with `date` and `run_id` columns. `manifests` (from `committed_runs`) saves listing the
+    commits again when reading several tables. A run replaced while being read is read again."""
     _check_table(table)
     for attempt in range(3):
-        manifests = _select(results_uri, run_id, audit_name)
+        if manifests is None or attempt:
+            manifests = _select(results_uri, run_id, audit_name)
+        else:
+            manifests = [m for m in manifests if run_id is None or m["run_id"] == run_id]
         try:
             return _read_files(results_uri, table, manifests)
         except StoreError as exc:
