@@ -28,8 +28,16 @@ from mergeaudit.geometry.kernels import kernel_view, model_kernel, pair_kernel
 CHUNK = 1 << 23
 
 
+class _Sums:
+    """Field-wise accumulation of a dataclass of sums (tensor -> layer -> model)."""
+
+    def add(self, other: _Sums) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
 @dataclass
-class ModelSums:
+class ModelSums(_Sums):
     """Sums over entries of one model's update (per tensor, layer or model)."""
 
     numel: int = 0
@@ -38,10 +46,6 @@ class ModelSums:
     changed_abs: int = 0
     update_sq: float = 0.0
     base_sq: float = 0.0
-
-    def add(self, other: ModelSums) -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def derived(self) -> dict[str, float | int | None]:
         n = self.numel
@@ -61,7 +65,7 @@ class ModelSums:
 
 
 @dataclass
-class PairSums:
+class PairSums(_Sums):
     """Sums over entries of two models' updates A and B (bf16 masks)."""
 
     numel: int = 0
@@ -76,10 +80,6 @@ class PairSums:
     overlap_dot: float = 0.0
     overlap_a_sq: float = 0.0
     overlap_b_sq: float = 0.0
-
-    def add(self, other: PairSums) -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def derived(self) -> dict[str, float | int | None]:
         a, b, ab, chance = self.changed_a, self.changed_b, self.overlap, self.overlap_chance
