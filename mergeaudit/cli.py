@@ -3,7 +3,7 @@
     mergeaudit audit CONFIG.yaml          run the audit flow on a YAML AuditConfig
     mergeaudit demo [--workdir DIR]       build tiny checkpoints, audit them, print a summary
     mergeaudit geometry BASE MODEL... --out RESULTS [--kind NAME=rlvr]   update geometry tables
-    mergeaudit merge CONFIG.yaml OUT [--device cpu|cuda] [--seed N]   run a mergekit config
+    mergeaudit merge CONFIG.yaml OUT [--overwrite] [--device cpu|cuda] [--seed N]   run a mergekit config
     mergeaudit fisher MODEL CALIB.jsonl --out CACHE   diagonal Fisher for the fisher/sar methods
     mergeaudit discover PREFIX [--marker] list checkpoints under a prefix and their completeness
     mergeaudit convert SRC OUT --allow-pickle   pickled weights -> safetensors (weights_only)
@@ -232,7 +232,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     plan = load_mergekit_config(args.config, seed=args.seed, device=args.device)
     if args.fisher:
         plan = plan.model_copy(update={"fisher": dict(parse_models(args.fisher))})
-    report = run_merge(plan, args.out, max_shard_bytes=args.max_shard_bytes)
+    report = run_merge(plan, args.out, max_shard_bytes=args.max_shard_bytes, overwrite=args.overwrite,
+                       protect=[args.config])
     print(f"merged {plan.method} of {len(plan.models)} models into {args.out}: "
           f"{len(report['tensors'])} tensors, {report['erased_fraction']:.2%} of the merged update erased by "
           f"the cast to {plan.out_dtype or 'the stored dtype'}; details in {args.out}/mergeaudit_merge.json")
@@ -300,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-bytes", type=int, default=None, help="shard size of the output (default 2 GiB)")
     p.add_argument("--fisher", nargs="*", default=[], metavar="MODEL=URI",
                    help="Fisher checkpoints of the models (for the fisher and sar methods)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT when it holds a previous mergeaudit output (anything else is never replaced)")
     p.set_defaults(func=cmd_merge)
     p = sub.add_parser("fisher", help="estimate a model's diagonal Fisher on a calibration JSONL")
     p.add_argument("model", help="checkpoint URI")

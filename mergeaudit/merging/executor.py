@@ -6,7 +6,8 @@ Fisher sources a method needs. `prepare` opens every checkpoint's headers, check
 shapes, and resolves and validates the parameters of every tensor, reporting every problem
 at once, before any tensor is read. `PreparedMerge.stream()` then yields merged tensors with
 memory bounded by one tensor per input plus the method's working set; `run_merge` writes them
-as a sharded checkpoint with a `mergeaudit_merge.json` report of what was computed.
+as a sharded checkpoint with a `mergeaudit_merge.json` report of what was computed, after checking
+that the output overlaps no input and replaces nothing mergeaudit did not write.
 
 Per tensor the report records the method's own figures (achieved density and rescale factor
 for sparsifying methods, ...) and `erased`: the fraction of the merged update's nonzero entries
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ from mergeaudit.checkpoint import (
     check_compatible,
     iter_aligned,
 )
+from mergeaudit.checkpoint.writer import check_output
 from mergeaudit.errors import ConfigError
 from mergeaudit.geometry import parse_tensor_name
 from mergeaudit.merging.params import check_all
@@ -157,10 +159,23 @@ def prepare(plan: MergePlan, opener: Callable[[str], Checkpoint] = Checkpoint.op
     return PreparedMerge(plan, method, base, models, fisher, params)
 
 
-def run_merge(plan: MergePlan, out_uri: str, max_shard_bytes: int | None = None) -> dict[str, Any]:
-    """Validate, merge and write a checkpoint at out_uri; returns the report (also written)."""
-    prepared = prepare(plan)
+def plan_uris(plan: MergePlan) -> list[str]:
+    """Every checkpoint URI a plan reads: base, models and Fisher sources."""
+    return [*([plan.base.uri] if plan.base else []), *(m.uri for m in plan.models), *plan.fisher.values()]
+
+
+def run_merge(plan: MergePlan, out_uri: str, max_shard_bytes: int | None = None, *, overwrite: bool = False,
+              protect: Iterable[str] = ()) -> dict[str, Any]:
+    """Validate, merge and write a checkpoint at out_uri; returns the report (also written).
+
+    out_uri must not overlap an input of the plan or a `protect` URI (the config file, say),
+    and an existing out_uri is replaced only when it is a previous mergeaudit output and
+    `overwrite` is set (see `mergeaudit.checkpoint.writer`); both are checked before any
+    checkpoint is opened. A failure leaves an old checkpoint at out_uri as it was."""
     out_uri = store.check_uri(out_uri)
+    protected = [*plan_uris(plan), *protect]
+    check_output(out_uri, protected, overwrite)
+    prepared = prepare(plan)
     tok_id = plan.tokenizer_source or (plan.base.id if plan.base else plan.models[0].id)
     by_id = {m.id: ck for m, ck in zip(plan.models, prepared.models, strict=True)}
     if plan.base is not None:
@@ -171,7 +186,8 @@ def run_merge(plan: MergePlan, out_uri: str, max_shard_bytes: int | None = None)
     started = dt.datetime.now(dt.timezone.utc)
     kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
     config = dict(prepared.reference.config)
-    with CheckpointWriter(out_uri, source=by_id[tok_id], config=config, dtype=out_dtype, **kwargs) as writer:
+    with CheckpointWriter(out_uri, source=by_id[tok_id], config=config, dtype=out_dtype, overwrite=overwrite,
+                          protect=protected, **kwargs) as writer:
         for name, tensor in prepared.stream():
             writer.add(name, tensor)
         report = merge_report(prepared, started)
