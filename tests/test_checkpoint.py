@@ -437,3 +437,75 @@ def test_file_shrunk_after_open_is_an_error_not_a_crash(tmp_path):
         fh.truncate(1000)
     with pytest.raises(CheckpointError, match="changed while being read"):
         ck.get("big")
+
+
+def other_tensors() -> dict[str, torch.Tensor]:
+    """Same names and sizes as many_tensors(3, 1000), other bytes (so another fingerprint)."""
+    return {f"t{i}": torch.full((1000,), 10.0 + i) for i in range(3)}
+
+
+def test_cache_never_touches_folders_it_did_not_create(s3_bucket, tmp_path):
+    from mergeaudit.checkpoint.cache import touch_seconds_ago
+
+    a = make_ckpt(s3_bucket, many_tensors(3, 1000), name="a")
+    size = sum(f.size for f in store.list_files(a).values())
+    root = tmp_path / "cache"
+    root.mkdir()
+    precious = root / "precious"
+    precious.mkdir()
+    (precious / "data.bin").write_bytes(b"x" * size)
+    lookalike = root / Checkpoint.open(make_ckpt(s3_bucket, other_tensors(), name="b")).fingerprint
+    lookalike.mkdir()
+    (lookalike / "model.safetensors").write_bytes(b"not from the cache")
+    for folder in (precious, lookalike):
+        touch_seconds_ago(folder, 3600)
+    cache = CheckpointCache(root, max_bytes=int(size * 1.5))
+    assert cache.entries() == []
+    Checkpoint.open(a, cache=cache)
+    b = Checkpoint.open(store.join(s3_bucket, "b"), cache=cache)  # its folder is taken: read in place
+    assert b.get("t2")[0].item() == 12.0
+    assert (precious / "data.bin").read_bytes() == b"x" * size
+    assert (lookalike / "model.safetensors").read_bytes() == b"not from the cache"
+    assert [e[0].name for e in cache.entries()] == [Checkpoint.open(a).fingerprint]
+
+
+def test_cache_never_evicts_an_entry_in_use_and_says_when_too_small(s3_bucket, tmp_path, caplog):
+    a = make_ckpt(s3_bucket, many_tensors(3, 1000), name="a")
+    b = make_ckpt(s3_bucket, other_tensors(), name="b")
+    size = sum(f.size for f in store.list_files(a).values())
+    cache = CheckpointCache(tmp_path / "cache", max_bytes=int(size * 1.5))
+    reading = Checkpoint.open(a, cache=cache)
+    stream = reading.iter_tensors()
+    assert next(stream)[0] == "t0"
+    with caplog.at_level("WARNING", logger="mergeaudit.checkpoint.cache"):
+        other = Checkpoint.open(b, cache=cache)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "too small" in warning and str(size) in warning and str(int(size * 1.5)) in warning and b in warning
+    assert {n: t[0].item() for n, t in stream} == {"t1": 1.0, "t2": 2.0}, "the entry in use is still there"
+    assert other.get("t1")[0].item() == 11.0 and other.spec("t1").file.startswith("s3://"), "read in place"
+    assert [e[0].name for e in cache.entries()] == [reading.fingerprint]
+    del reading, stream
+    Checkpoint.open(b, cache=cache)  # no longer in use: evicted for b
+    assert [e[0].name for e in cache.entries()] == [other.fingerprint]
+
+
+def test_cache_lease_holds_across_processes(s3_bucket, tmp_path):
+    import subprocess
+    import sys
+
+    a = make_ckpt(s3_bucket, many_tensors(3, 1000), name="a")
+    b = make_ckpt(s3_bucket, other_tensors(), name="b")
+    size = sum(f.size for f in store.list_files(a).values())
+    code = (f"import sys\nfrom mergeaudit.checkpoint import Checkpoint, CheckpointCache\n"
+            f"ck = Checkpoint.open({a!r}, cache=CheckpointCache({str(tmp_path / 'cache')!r}, {int(size * 1.5)}))\n"
+            "print('ready', flush=True)\nsys.stdin.read()\nprint(ck.get('t2')[0].item(), flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        cache = CheckpointCache(tmp_path / "cache", max_bytes=int(size * 1.5))
+        Checkpoint.open(b, cache=cache)
+        assert [e[0].name for e in cache.entries()] == [Checkpoint.open(a).fingerprint]
+        out, _ = proc.communicate("", timeout=60)
+    finally:
+        proc.kill()
+    assert out.strip() == "2.0" and proc.returncode == 0

@@ -3,8 +3,17 @@
 Nightly runs audit mostly unchanged checkpoints; with a cache, the first run streams each
 checkpoint's files to `CACHE_DIR/<fingerprint>/` (ranged reads of COPY_CHUNK, bounded memory)
 and later runs read the local copy. A changed file changes the fingerprint, so stale bytes are
-never served. Entries are evicted least-recently-used beyond `max_bytes`; a checkpoint larger
-than the whole cache is read from the source instead.
+never served.
+
+The cache only ever touches what it created: every entry holds a marker file
+(`.mergeaudit-cache-entry`, JSON with the fingerprint and source URI) written before the entry
+is renamed into place, and `entries()`, eviction and lookups ignore folders without it (and
+anything else in CACHE_DIR). A reader holds a lease on its entry for as long as the returned
+`CacheLease` lives (`Checkpoint.open` keeps it on the checkpoint): a shared `flock` on the
+marker. Eviction, least-recently-used first, takes a non-blocking exclusive lock and skips
+entries it cannot get, so an entry in use is never evicted, by this process or another one.
+When the checkpoint does not fit in `max_bytes` beside the entries in use, the cache logs a
+warning naming the sizes and the checkpoint is read in place, from its source.
 
     cache = CheckpointCache("/var/cache/mergeaudit", max_bytes=200 << 30)
     ck = Checkpoint.open("s3://bkt/step-400", cache=cache)
@@ -12,6 +21,9 @@ than the whole cache is read from the source instead.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import logging
 import os
 import shutil
@@ -22,7 +34,62 @@ from pathlib import Path
 from mergeaudit import store
 
 COPY_CHUNK = 64 * 1024 * 1024
+MARKER = ".mergeaudit-cache-entry"
 log = logging.getLogger(__name__)
+
+
+class CacheLease:
+    """A cached checkpoint's local folder, kept from eviction while this object lives (or until
+    `release()`)."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path = str(path)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.release()
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    def __repr__(self) -> str:
+        return f"CacheLease({self.path!r}, held={self._fd is not None})"
+
+
+def _lock(marker: Path, mode: int) -> int | None:
+    """An fd holding `mode` on marker, or None when the lock is not free (non-blocking modes)
+    or the marker is gone."""
+    try:
+        fd = os.open(marker, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, mode)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """True when path still names the file fd has open (the entry was not evicted meanwhile)."""
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _entry_bytes(entry: Path) -> int:
+    return sum(f.stat().st_size for f in entry.iterdir() if f.is_file() and f.name != MARKER)
 
 
 class CheckpointCache:
@@ -31,21 +98,42 @@ class CheckpointCache:
         self.max_bytes = int(max_bytes)
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def fetch(self, uri: str, files: dict[str, store.FileInfo]) -> str | None:
-        """Local folder holding the checkpoint's files (downloading on a miss), or None when
-        the checkpoint does not fit the cache or is already local."""
+    def fetch(self, uri: str, files: dict[str, store.FileInfo]) -> CacheLease | None:
+        """A lease on the local folder holding the checkpoint's files (downloading on a miss),
+        or None when the checkpoint is local already or does not fit the cache (read in place)."""
         if store.locate(uri).is_local:
             return None
         size = sum(f.size for f in files.values())
         if size > self.max_bytes:
-            log.warning("checkpoint %s (%d bytes) is larger than the cache (%d): reading it in place",
-                        uri, size, self.max_bytes)
+            log.warning("checkpoint %s (%d bytes) is larger than the cache %s (max_bytes %d): reading it in place",
+                        uri, size, self.root, self.max_bytes)
             return None
-        entry = self.root / store.fingerprint(list(files.values()))
-        if entry.is_dir():
+        key = store.fingerprint(list(files.values()))
+        entry = self.root / key
+        lease = self._lease(entry, key)
+        if lease is not None:
             os.utime(entry)  # recently used
-            return str(entry)
-        self._evict(keep_free=size)
+            return lease
+        if entry.exists() or entry.is_symlink():
+            log.warning("%s exists but is not a complete entry of this cache: reading %s in place", entry, uri)
+            return None
+        if not self._make_room(size, uri):
+            return None
+        return self._download(uri, files, key, entry)
+
+    def _lease(self, entry: Path, key: str) -> CacheLease | None:
+        marker = entry / MARKER
+        if entry.is_symlink() or not entry.is_dir():
+            return None
+        fd = _lock(marker, fcntl.LOCK_SH)
+        if fd is None:
+            return None
+        if not _same_file(fd, marker) or _marker_key(marker) != key:
+            os.close(fd)
+            return None
+        return CacheLease(entry, fd)
+
+    def _download(self, uri: str, files: dict[str, store.FileInfo], key: str, entry: Path) -> CacheLease | None:
         staging = self.root / f".partial-{uuid.uuid4().hex[:12]}"
         staging.mkdir()
         try:
@@ -53,33 +141,77 @@ class CheckpointCache:
                 with open(staging / name, "wb") as out:
                     for start in range(0, fi.size, COPY_CHUNK):
                         out.write(store.read_range(fi.uri, start, min(fi.size, start + COPY_CHUNK)))
-            os.rename(staging, entry)
-        except FileExistsError:  # another process cached it meanwhile
-            shutil.rmtree(staging, ignore_errors=True)
+            marker = staging / MARKER
+            marker.write_text(json.dumps({"fingerprint": key, "source": uri, "bytes": sum(f.size for f in files.values())}))
+            fd = _lock(marker, fcntl.LOCK_SH)  # leased from before it is visible
+            try:
+                os.rename(staging, entry)
+            except OSError:  # another process cached it meanwhile
+                os.close(fd)
+                shutil.rmtree(staging, ignore_errors=True)
+                return self._lease(entry, key)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        return str(entry)
+        return CacheLease(entry, fd)
 
     def entries(self) -> list[tuple[Path, int, float]]:
-        """(folder, bytes, last use) of every cached checkpoint, oldest first."""
+        """(folder, bytes, last use) of every entry this cache created, oldest first."""
         out = []
         for entry in self.root.iterdir():
-            if entry.name.startswith(".") or not entry.is_dir():
+            if entry.name.startswith(".") or entry.is_symlink() or not entry.is_dir():
                 continue
-            size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
-            out.append((entry, size, entry.stat().st_mtime))
+            if _marker_key(entry / MARKER) != entry.name:
+                continue  # not made by this cache: never counted, never evicted
+            out.append((entry, _entry_bytes(entry), entry.stat().st_mtime))
         return sorted(out, key=lambda e: e[2])
 
-    def _evict(self, keep_free: int) -> None:
+    def _make_room(self, need: int, uri: str) -> bool:
+        """Evict unused entries, oldest first, until `need` bytes fit; False (after a warning,
+        evicting nothing) when they cannot fit beside the entries in use."""
         entries = self.entries()
-        used = sum(e[1] for e in entries)
-        for entry, size, _ in entries:
-            if used + keep_free <= self.max_bytes:
-                break
-            shutil.rmtree(entry, ignore_errors=True)
-            used -= size
-            log.info("evicted %s from the checkpoint cache", entry.name)
+        locked: list[tuple[Path, int, int]] = []  # (entry, bytes, fd) held exclusively: not in use
+        try:
+            in_use = 0
+            for entry, size, _ in entries:
+                fd = _lock(entry / MARKER, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if fd is None:
+                    in_use += size
+                else:
+                    locked.append((entry, size, fd))
+            used = in_use + sum(e[1] for e in locked)
+            if in_use + need > self.max_bytes:
+                log.warning("checkpoint cache %s is too small for the working set: %s needs %d bytes, entries in use "
+                            "hold %d, max_bytes is %d; reading it in place (raise storage.cache_max_gb)",
+                            self.root, uri, need, in_use, self.max_bytes)
+                return False
+            for entry, size, fd in locked:
+                if used + need <= self.max_bytes:
+                    break
+                if not _same_file(fd, entry / MARKER):
+                    continue
+                grave = self.root / f".evicting-{uuid.uuid4().hex[:12]}"
+                try:
+                    os.rename(entry, grave)  # under the exclusive lock: no reader holds it
+                except OSError as exc:
+                    log.warning("cannot evict %s from the checkpoint cache: %s", entry, exc)
+                    continue
+                shutil.rmtree(grave, ignore_errors=True)
+                used -= size
+                log.info("evicted %s (%d bytes) from the checkpoint cache", entry.name, size)
+            return True
+        finally:
+            for _, _, fd in locked:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def _marker_key(marker: Path) -> str | None:
+    try:
+        doc = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc.get("fingerprint") if isinstance(doc, dict) else None
 
 
 def touch_seconds_ago(path: Path, seconds: float) -> None:

@@ -89,11 +89,13 @@ class Checkpoint:
         config = read_json(files[CONFIG_FILE].uri)
         layout = weight_layout(norm, files)
         if cache is not None:
-            local = cache.fetch(norm, files)
-            if local is not None:
-                local_files = store.list_files(local)
+            lease = cache.fetch(norm, files)
+            if lease is not None:
+                local_files = store.list_files(lease.path)
                 specs = read_specs(norm, local_files, layout)
-                return cls(norm, config, files, specs)
+                ck = cls(norm, config, files, specs)
+                ck.cache_lease = lease  # the cache never evicts the entry while this checkpoint lives
+                return ck
         return cls(norm, config, files, read_specs(norm, files, layout))
 
     # -- the tiny interface ------------------------------------------------------------------
