@@ -24,8 +24,20 @@ class TransientStoreError(StoreError):
     """A storage failure worth retrying: network errors, S3 5xx, throttling."""
 
 
+class ObjectChangedError(StoreError):
+    """An object replaced between its listing and a read pinned to the listed version."""
+
+
 class CheckpointError(MergeAuditError):
     """A checkpoint that is missing, incomplete, corrupt or unsafe to read."""
+
+
+class CheckpointChangedError(CheckpointError):
+    """A checkpoint whose files changed after it was opened (and fingerprinted).
+
+    Not transient: a retry that reopened the checkpoint would score a different checkpoint
+    under the run's recorded fingerprint. The candidate fails; the next run audits the new
+    version under its own fingerprint."""
 
 
 class ShapeMismatchError(CheckpointError):

@@ -4,13 +4,16 @@ A store URI is a plain path or `file://...` (the embedded default), `s3://bucket
 s3fs, any S3-compatible endpoint), or `memory://...` (tests). S3 takes the standard AWS
 environment: credentials from `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_PROFILE`, the
 endpoint from `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`. Reads are ranged requests with s3fs's
-read-ahead switched off (by default it fetches 50 MB for an 8-byte read).
+read-ahead switched off (by default it fetches 50 MB for an 8-byte read). A read given the
+FileInfo its object was listed with (`expect=`) gets those bytes or an `ObjectChangedError`:
+S3 reads send `If-Match: <ETag>`, local reads compare the open file's size and mtime.
 
     from mergeaudit import store
     store.read_range("s3://bucket/ckpt/model.safetensors", 0, 8)
 
 Every failure leaves this module as a `StoreError` (or `TransientStoreError` when a retry may
-help) whose message names the URI and never the credentials.
+help, or `ObjectChangedError` when a pinned object was replaced) whose message names the URI
+and never the credentials.
 """
 
 from __future__ import annotations
@@ -287,56 +290,6 @@ def list_dirs(uri: str) -> list[str]:
     return [join(loc.uri, n) for n in sorted(names)]
 
 
-def read_bytes(uri: str) -> bytes:
-    loc = locate(uri)
-    with translate_errors(uri, "read"):
-        return loc.fs.cat_file(loc.path)
-
-
-def read_range(uri: str, start: int, end: int) -> bytes:
-    """Bytes [start, end) of one object, as one ranged request; short reads are errors."""
-    if end <= start:
-        return b""
-    loc = locate(uri)
-    with translate_errors(uri, "read"):
-        data = loc.fs.cat_file(loc.path, start=start, end=end)
-    if len(data) != end - start:
-        raise StoreError(f"short read from {uri}: wanted bytes [{start}, {end}), got {len(data)}")
-    return data
-
-
-def read_into(uri: str, start: int, buf: bytearray | memoryview) -> None:
-    """Fill buf with bytes [start, start + len(buf)) of one object, as one ranged request.
-
-    Local files are read with pread straight into buf (no intermediate copy, the GIL released);
-    other stores fetch the range and copy it in. Short reads are errors.
-    """
-    view = memoryview(buf).cast("B")
-    want = view.nbytes
-    if want == 0:
-        return
-    loc = locate(uri)
-    with translate_errors(uri, "read"):
-        if loc.is_local:
-            fd = os.open(loc.path, os.O_RDONLY)
-            try:
-                got = 0
-                while got < want:
-                    n = os.preadv(fd, [view[got:]], start + got)
-                    if n == 0:
-                        break
-                    got += n
-            finally:
-                os.close(fd)
-        else:
-            data = loc.fs.cat_file(loc.path, start=start, end=start + want)
-            got = len(data)
-            view[:got] = data
-            del data
-    if got != want:
-        raise StoreError(f"short read from {uri}: wanted bytes [{start}, {start + want}), got {got}")
-
-
 def write_bytes(uri: str, data: bytes) -> None:
     """Write one object so that readers see either nothing or all of it.
 
@@ -398,6 +351,8 @@ def open_write(uri: str) -> Iterator:
 
 def copy(src_uri: str, dst_uri: str) -> None:
     """Copy one object between any two stores (streams through this process)."""
+    from mergeaudit.store_reads import read_bytes
+
     write_bytes(dst_uri, read_bytes(src_uri))
 
 
@@ -415,3 +370,16 @@ def fingerprint(infos: list[FileInfo]) -> str:
     for fi in sorted(infos, key=lambda f: basename(f.uri)):
         h.update(f"{basename(fi.uri)}\0{fi.size}\0{fi.version}\n".encode())
     return h.hexdigest()[:32]
+
+
+_READS = ("Expect", "check_local_version", "read_bytes", "read_into", "read_range")
+
+
+def __getattr__(name: str):
+    """`read_bytes`, `read_range`, `read_into` (version-pinned) live in mergeaudit.store_reads,
+    which imports this module; they are part of this module's API."""
+    if name in _READS:
+        from mergeaudit import store_reads
+
+        return getattr(store_reads, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,155 @@
+"""Reads from any store, pinned to the version a listing saw: part of `mergeaudit.store`.
+
+    store.read_range(uri, start, end, expect=file_info)   # bytes of that version, or an error
+
+A fingerprint (names, sizes, version tags of a checkpoint's files) describes what was listed,
+so every read that feeds a fingerprinted result must read that version. With `expect` (the
+object's FileInfo or its version tag): S3 GETs carry `If-Match: "<ETag>"`, which the store
+refuses with 412 once the object is replaced (ListObjectsV2 gives no VersionId, and If-Match
+works on versioned and unversioned buckets alike); local reads compare the open file's size and
+mtime with the tag after reading (an in-place rewrite of the same size within one tick of the
+file-system clock, a few ms, is invisible to stat); other stores compare info() after the read.
+A change is an ObjectChangedError (a StoreError, not transient: retrying the same pinned read
+cannot succeed). Import these from `mergeaudit.store`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Union
+
+import fsspec.asyn
+
+from mergeaudit.errors import ObjectChangedError, StoreError
+from mergeaudit.store import FileInfo, Location, _file_info, locate, translate_errors
+
+Expect = Union[FileInfo, str, None]
+
+
+def read_bytes(uri: str, expect: Expect = None) -> bytes:
+    """A whole object; with `expect`, only the version that was listed (see read_range)."""
+    loc = locate(uri)
+    version = _version_of(expect)
+    with translate_errors(uri, "read"):
+        if loc.is_local and version is not None:
+            with open(loc.path, "rb") as fh:
+                data = fh.read()
+                check_local_version(uri, os.fstat(fh.fileno()), version)
+            return data
+        return _get(loc, None, None, version)
+
+
+def read_range(uri: str, start: int, end: int, expect: Expect = None) -> bytes:
+    """Bytes [start, end) of one object, as one ranged request; short reads are errors.
+
+    `expect` (the object's FileInfo, or its version tag) pins the read to the version that was
+    listed: on S3 the request carries `If-Match: <ETag>` and the store refuses it when the
+    object has been replaced; locally the open file's size and mtime are compared after the
+    read. Either way a change is an ObjectChangedError, never a silent mix of versions.
+    """
+    if end <= start:
+        return b""
+    loc = locate(uri)
+    version = _version_of(expect)
+    with translate_errors(uri, "read"):
+        if loc.is_local and version is not None:
+            buf = bytearray(end - start)
+            read_into(uri, start, buf, expect=version)
+            return bytes(buf)
+        data = _get(loc, start, end, version)
+    if len(data) != end - start:
+        raise StoreError(f"short read from {uri}: wanted bytes [{start}, {end}), got {len(data)}")
+    return data
+
+
+def read_into(uri: str, start: int, buf: bytearray | memoryview, expect: Expect = None) -> None:
+    """Fill buf with bytes [start, start + len(buf)) of one object, as one ranged request.
+
+    Local files are read with pread straight into buf (no intermediate copy, the GIL released);
+    other stores fetch the range and copy it in. Short reads are errors; `expect` as in
+    read_range.
+    """
+    view = memoryview(buf).cast("B")
+    want = view.nbytes
+    if want == 0:
+        return
+    loc = locate(uri)
+    version = _version_of(expect)
+    with translate_errors(uri, "read"):
+        if loc.is_local:
+            fd = os.open(loc.path, os.O_RDONLY)
+            try:
+                got = 0
+                while got < want:
+                    n = os.preadv(fd, [view[got:]], start + got)
+                    if n == 0:
+                        break
+                    got += n
+                if version is not None:  # after the read: a change during it shows too
+                    check_local_version(uri, os.fstat(fd), version)
+            finally:
+                os.close(fd)
+        else:
+            data = _get(loc, start, start + want, version)
+            got = len(data)
+            view[:got] = data
+            del data
+    if got != want:
+        raise StoreError(f"short read from {uri}: wanted bytes [{start}, {start + want}), got {got}")
+
+
+def _version_of(expect: Expect) -> str | None:
+    return expect.version if isinstance(expect, FileInfo) else expect
+
+
+def check_local_version(uri: str, st: os.stat_result, version: str) -> None:
+    """ObjectChangedError unless an open local file (its fstat) still has the listed version tag."""
+    # the same tag list_files builds from fsspec's stat (size, float mtime: ~0.2 us resolution)
+    now = _file_info(uri, {"size": st.st_size, "mtime": st.st_mtime, "created": st.st_ctime}).version
+    if now != version:
+        raise ObjectChangedError(f"{uri} changed since it was listed (was {version}, now {now})")
+
+
+def _get(loc: Location, start: int | None, end: int | None, version: str | None) -> bytes:
+    """One GET (ranged when start is given); pinned to `version` when it is an S3 ETag."""
+    if loc.scheme == "s3" and version is not None and version.startswith("etag:"):
+        # s3fs's cat_file cannot send If-Match; its retrying, error-translating _call_s3 can
+        bucket, key, _ = loc.fs.split_path(loc.path)
+        kw = {"IfMatch": '"' + version.removeprefix("etag:") + '"'}
+        if start is not None:
+            kw["Range"] = f"bytes={start}-{end - 1}"
+
+        async def get() -> bytes:
+            resp = await loc.fs._call_s3("get_object", Bucket=bucket, Key=key, **kw)
+            try:
+                return await resp["Body"].read()
+            finally:
+                resp["Body"].close()
+
+        try:
+            return fsspec.asyn.sync(loc.fs.loop, get)
+        except Exception as exc:  # noqa: BLE001 - only a failed precondition is ours to name
+            if _precondition_failed(exc):
+                raise ObjectChangedError(
+                    f"{loc.uri} changed since it was listed: its ETag is no longer {version[5:]} "
+                    "(the GET's If-Match failed)") from exc
+            raise
+    data = loc.fs.cat_file(loc.path, start=start, end=end)
+    if version is not None and loc.scheme != "s3" and not loc.is_local:
+        now = _file_info(loc.uri, loc.fs.info(loc.path)).version  # memory://: compare after the read
+        if now != version:
+            raise ObjectChangedError(f"{loc.uri} changed since it was listed (was {version}, now {now})")
+    return data
+
+
+def _precondition_failed(exc: BaseException | None) -> bool:
+    seen = 0
+    while exc is not None and seen < 8:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            code = (response.get("Error", {}) or {}).get("Code")
+            status = (response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode")
+            if code == "PreconditionFailed" or status == 412:
+                return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
