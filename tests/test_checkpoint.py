@@ -177,7 +177,7 @@ def test_hostile_header_requests_nothing_beyond_the_file(tmp_path, monkeypatch):
     uri = _write_raw(str(tmp_path), {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, 2**40)
     asked = []
     real = store.read_range
-    monkeypatch.setattr(store, "read_range", lambda u, s, e: asked.append((s, e)) or real(u, s, e))
+    monkeypatch.setattr(store, "read_range", lambda u, s, e, **kw: asked.append((s, e)) or real(u, s, e, **kw))
     with pytest.raises(CheckpointError):
         parse_header(uri, store.info(uri).size)
     assert asked == [(0, 8)]
@@ -352,9 +352,9 @@ def test_read_through_cache(s3_bucket, tmp_path, monkeypatch):
     read_from = []
     real = store.read_into
 
-    def spy(u, start, buf):
+    def spy(u, start, buf, **kw):
         read_from.append(u)
-        return real(u, start, buf)
+        return real(u, start, buf, **kw)
 
     monkeypatch.setattr(store, "read_into", spy)
     second = Checkpoint.open(uri, cache=cache)

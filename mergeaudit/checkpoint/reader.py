@@ -3,9 +3,12 @@
 A checkpoint is a folder (any store URI) with `config.json`, weights in `model.safetensors` or
 in shards named by `model.safetensors.index.json` (the two layouts transformers loads), and
 tokenizer files. `Checkpoint.open` lists the folder and validates every header before any
-tensor is read; tensors then stream with one ranged read each. `iter_tensors` keeps a bounded
-window of reads in flight (several requests at once, so S3 bandwidth is used), so memory is
-bounded by that window, never by the model.
+tensor is read; tensors then stream with one ranged read each. Every read is pinned to the
+version of its file that the listing (and so the fingerprint) saw: S3 GETs carry
+`If-Match: <ETag>`, local reads compare size and mtime, and a file replaced mid-audit is a
+`CheckpointChangedError` instead of a silent mix of old and new tensors. `iter_tensors` keeps
+a bounded window of reads in flight (several requests at once, so S3 bandwidth is used), so
+memory is bounded by that window, never by the model.
 
     ck = Checkpoint.open("s3://bucket/run-7/step-400")
     for name, tensor in ck.iter_tensors(window_bytes=256 << 20):
@@ -27,7 +30,13 @@ import torch
 
 from mergeaudit import store
 from mergeaudit.checkpoint.format import TensorSpec, parse_header, read_tensor
-from mergeaudit.errors import CheckpointError, ShapeMismatchError, StoreError
+from mergeaudit.errors import (
+    CheckpointChangedError,
+    CheckpointError,
+    ObjectChangedError,
+    ShapeMismatchError,
+    StoreError,
+)
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -53,11 +62,16 @@ LOCAL_MAX_REQUESTS = 2
 TIED_HEAD = "lm_head.weight"
 
 
-def read_json(uri: str) -> dict:
+def read_json(uri: str, expect: store.Expect = None) -> dict:
+    """A small JSON object file (config, index); `expect` pins the read to the listed version."""
     try:
-        data = json.loads(store.read_bytes(uri))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{uri} is not valid JSON ({exc})") from exc
+        data = json.loads(store.read_bytes(uri, expect=expect))
+    except ObjectChangedError as exc:
+        raise CheckpointChangedError(f"{exc}; it changed while the checkpoint was being opened") from exc
+    except RecursionError:
+        raise CheckpointError(f"{uri} is not valid JSON (nested too deeply)") from None
+    except (UnicodeError, ValueError) as exc:  # JSONDecodeError, and over-long integers
+        raise CheckpointError(f"{uri} is not valid JSON ({str(exc).splitlines()[0][:200]})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{uri} is not a JSON object")
     return data
@@ -86,7 +100,7 @@ class Checkpoint:
         """
         norm = store.check_uri(uri)
         files = list_checkpoint_files(norm)
-        config = read_json(files[CONFIG_FILE].uri)
+        config = read_json(files[CONFIG_FILE].uri, expect=files[CONFIG_FILE])
         layout = weight_layout(norm, files)
         if cache is not None:
             lease = cache.fetch(norm, files)
@@ -230,7 +244,7 @@ def weight_layout(uri: str, files: dict[str, store.FileInfo]) -> dict[str, str] 
     crashed upload leaves behind, and is incomplete.
     """
     if INDEX_FILE in files:
-        index = read_json(files[INDEX_FILE].uri)
+        index = read_json(files[INDEX_FILE].uri, expect=files[INDEX_FILE])
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map or not all(
                 isinstance(v, str) and "/" not in v for v in weight_map.values()):
@@ -252,7 +266,7 @@ def read_specs(uri: str, files: dict[str, store.FileInfo], weight_map: dict[str,
     specs: dict[str, TensorSpec] = {}
     for shard in shard_names:
         fi = files[shard]
-        for name, spec in sorted(parse_header(fi.uri, fi.size).items(), key=lambda kv: kv[1].start):
+        for name, spec in sorted(parse_header(fi.uri, fi.size, expect=fi).items(), key=lambda kv: kv[1].start):
             if weight_map is not None and weight_map.get(name) != shard:
                 raise CheckpointError(f"{fi.uri}: tensor {name!r} is not mapped to this shard by the index")
             if name in specs:
