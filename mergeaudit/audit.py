@@ -276,7 +276,8 @@ def eval_settings(spec: EvalSpec) -> EvalSettings:
         limit=spec.limit, batch_size=spec.batch_size, max_length=spec.max_length, device=spec.device,
         num_samples=spec.num_samples, temperature=spec.temperature, top_p=spec.top_p,
         max_gen_toks=spec.max_gen_toks, pass_k=tuple(spec.pass_k), data_files=dict(spec.data_files),
-        math_timeout=spec.math_timeout, sandbox=SandboxLimits(wall_seconds=spec.code_timeout),
+        math_timeout=spec.math_timeout,
+        sandbox=SandboxLimits(wall_seconds=spec.code_timeout, minimum_isolation=spec.code_isolation),
     )
 
 

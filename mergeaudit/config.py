@@ -111,6 +111,11 @@ class EvalSpec(_Frozen):
     )
     math_timeout: float = pydantic.Field(10.0, gt=0, description="Hard deadline of one math-verify check (s).")
     code_timeout: float = pydantic.Field(10.0, gt=0, description="Wall-clock limit of one sandboxed program (s).")
+    code_isolation: Literal["bwrap", "best_effort"] = pydantic.Field(
+        "bwrap", description="Minimum isolation for model-generated code: bwrap (default) refuses to score code "
+        "unless bubblewrap runs it as an unprivileged user in its own namespaces; best_effort falls back to a "
+        "weaker launcher (reported in the isolation it measured)."
+    )
 
     @pydantic.model_validator(mode="after")
     def _sampling_ok(self) -> EvalSpec:
