@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test venv browser clean
+.PHONY: demo test venv browser sandbox clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,18 @@ browser:
 	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)) ; } || \
 	  echo "chromium not installed: the report's browser test will skip"
 
-test: $(STAMP) browser
+# Model-generated code runs in bubblewrap (Debian's package bubblewrap), as an unprivileged user in
+# its own namespaces. Installed when missing and apt-get can run (root); elsewhere scoring code
+# refuses to run (evaluation.code_isolation: bwrap) and the sandbox tests skip, unless
+# MERGEAUDIT_REQUIRE_BWRAP is set (set it in CI). The demo scores no code, so it does not need it.
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get install -y -qq bubblewrap >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null 2>&1)) ; } || \
+	  echo "bubblewrap not installed: code tasks will refuse to score and the sandbox tests will skip"
+
+test: $(STAMP) browser sandbox
 	$(BIN)/python -m pytest
 
 clean:
