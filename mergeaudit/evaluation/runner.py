@@ -11,8 +11,11 @@ one; `TaskManager(include_path=<that folder>, include_defaults=False)` indexes o
 Scores come in two kinds: lm-eval's own metrics, and, for tasks that declare a verifier
 (`metadata.mergeaudit_verifier`: numeric, math or code), our verdicts on every sampled
 completion (from lm-eval's logged samples): mean reward with its standard error, pass@k by the
-unbiased estimator, the format rate and the count of verifier errors. Per-sample rows carry
-the prompt hash, completion, extracted answer, verdict, reward and any error.
+unbiased estimator, the format rate and the counts of verifier errors, of timeouts (a timeout
+scores 0 but is counted apart, never as a plain wrong answer; its error starts "timeout:") and,
+for code, of violations (forged verdicts). Per-sample rows carry the prompt hash, completion,
+extracted answer, verdict, reward and any error. Tasks with code are refused before generation
+when the sandbox's minimum isolation is not available (`sandbox.require_isolation`).
 
     result = evaluate_model(model, tokenizer, ["mergeaudit_add2"], EvalSettings(limit=20))
 """
@@ -32,7 +35,7 @@ import yaml
 
 from mergeaudit import store
 from mergeaudit.errors import EvaluationError
-from mergeaudit.evaluation.sandbox import SandboxLimits
+from mergeaudit.evaluation.sandbox import SandboxLimits, require_isolation
 from mergeaudit.evaluation.verifiers import Verifier
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -275,6 +278,8 @@ def run_tasks(lm, tasks: list[TaskSource], settings: EvalSettings) -> EvalResult
     from lm_eval.evaluator import evaluate
     from lm_eval.tasks import TaskManager
 
+    if any(t.verifier == "code" for t in tasks):  # refuse before generating, not after
+        require_isolation(settings.sandbox.minimum_isolation)
     memoize_lm_eval_templates()
     random.seed(settings.seed)
     np.random.seed(settings.seed)
@@ -356,6 +361,7 @@ def verify_samples(task: TaskSource, logged: list[dict], verifier: Verifier,
                    pass_k: tuple[int, ...]) -> tuple[list[dict], list[dict]]:
     """Verdicts on every completion of a task, and the aggregate score rows."""
     samples, rewards, per_doc, formats, errors = [], [], [], [], 0
+    counts = {"timeout": 0, "violation": 0}
     metric = {"numeric": "numeric_match", "math": "math_verify", "code": "code_pass"}[task.verifier]
     for entry in logged:
         completions = [str(c) for c in (entry.get("resps") or [[]])[0]]
@@ -367,6 +373,8 @@ def verify_samples(task: TaskSource, logged: list[dict], verifier: Verifier,
             correct += v.correct
             rewards.append(v.reward)
             errors += v.error is not None
+            if v.status in counts:
+                counts[v.status] += 1
             if v.format_ok is not None:
                 formats.append(1.0 if v.format_ok else 0.0)
             samples.append({"task": task.name, "doc_id": int(entry["doc_id"]), "sample": i,
@@ -391,4 +399,10 @@ def verify_samples(task: TaskSource, logged: list[dict], verifier: Verifier,
         row("format_rate", formats)
     scores.append({"task": task.name, "metric": "verifier_errors", "filter": "verifier", "value": float(errors),
                    "stderr": None, "n": len(samples)})
+    # Counted apart (they are also errors): a timeout is not a wrong answer, a violation is a forgery.
+    scores.append({"task": task.name, "metric": "verifier_timeouts", "filter": "verifier",
+                   "value": float(counts["timeout"]), "stderr": None, "n": len(samples)})
+    if task.verifier == "code":
+        scores.append({"task": task.name, "metric": "code_violations", "filter": "verifier",
+                       "value": float(counts["violation"]), "stderr": None, "n": len(samples)})
     return samples, scores
