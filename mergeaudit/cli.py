@@ -8,7 +8,8 @@
     mergeaudit discover PREFIX [--marker] list checkpoints under a prefix and their completeness
     mergeaudit convert SRC OUT --allow-pickle   pickled weights -> safetensors (weights_only)
     mergeaudit notify-receiver --prefix URI [--port 8088]   bucket notifications -> checkpoint events
-    mergeaudit query RESULTS "SQL"        DuckDB over the committed result tables
+    mergeaudit query RESULTS "SQL"        DuckDB over the committed result tables (no file access)
+    mergeaudit vacuum RESULTS [--older-than SECONDS]   delete files of killed or replaced writers
     mergeaudit report RESULTS [--run ID] --out report.html   self-contained HTML report
     mergeaudit regressions RESULTS [--run ID]   regression check; exits 1 when one is found
 
@@ -99,6 +100,16 @@ def cmd_query(args: argparse.Namespace) -> int:
     print(format_table(rows[: args.max_rows]))
     if len(rows) > args.max_rows:
         print(f"... {len(rows) - args.max_rows} more rows (--max-rows)")
+    return 0
+
+
+def cmd_vacuum(args: argparse.Namespace) -> int:
+    from mergeaudit import tables
+
+    removed = tables.vacuum(args.results, older_than_s=args.older_than)
+    for uri in removed:
+        print(f"removed {uri}")
+    print(f"{len(removed)} files removed (uncommitted, superseded or temporary, older than {args.older_than:g} s)")
     return 0
 
 
@@ -338,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default=None, help="only this run's rows")
     p.add_argument("--max-rows", type=int, default=200)
     p.set_defaults(func=cmd_query)
+    p = sub.add_parser("vacuum", help="delete files of killed or replaced writers from a results store")
+    p.add_argument("results", help="results URI (path or s3://)")
+    p.add_argument("--older-than", type=float, default=6 * 3600, metavar="SECONDS",
+                   help="only files at least this old, so writes in progress survive (default 6 h)")
+    p.set_defaults(func=cmd_vacuum)
     p = sub.add_parser("report", help="write a run's self-contained HTML report with plots")
     p.add_argument("results", help="results URI (path or s3://)")
     p.add_argument("--run", default=None, help="run id (default: the latest committed run)")

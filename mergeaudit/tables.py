@@ -1,15 +1,22 @@
-"""Result tables: pyarrow schemas declared once, Hive-partitioned Parquet under a results URI,
-committed run by run.
+"""Result tables: Hive-partitioned Parquet under a results URI, committed run by run (the
+schemas are declared once in `mergeaudit.schemas` and re-exported here).
 
 Layout: table `T` of run `R` on date `D` lives in files `RESULTS/T/date=D/run_id=R/part-W.parquet`
 (`W` unique per write), and the run becomes visible when its manifest `RESULTS/_commits/R.json`
 is written, last and atomically. The manifest lists every file of the run, so
 
 - a writer killed mid-run leaves files no manifest names: readers never see them (`vacuum`
-  deletes them later);
+  deletes them later, with the hidden `.NAME.tmp-*` files of killed local writes);
 - writing a run id again writes new files and replaces the manifest in one step, then deletes
   the files of the manifest it replaced; readers see the old run or the new one, never a mix;
 - two audits writing at once touch different manifests and lose nothing.
+
+A manifest is trusted only when it names files inside its own run's partition folders
+(`T/date=D/run_id=R/NAME.parquet`: no `..`, absolute paths or other schemes), so no read,
+rewrite or vacuum follows it elsewhere. A damaged store still answers: a manifest that is
+truncated, not JSON or invalid, or a data file that is missing or unreadable, leaves that run
+out with a warning naming it (`logging`), and every other run reads as usual; `vacuum` keeps
+the files of runs whose manifest is damaged.
 
 Every file carries the table name, its schema version and the writer's package versions in its
 Parquet metadata. Readers upgrade older schema versions on the fly (new columns read as nulls,
@@ -20,8 +27,9 @@ committed when its `runs` file existed). Readers:
     query(RESULTS, "select ... from scores join candidates using (run_id, candidate_id)")
     committed_files(RESULTS, "scores")    # for pandas/DuckDB/Spark reading the files themselves
 
-(A plain glob over `T/*/*/*.parquet` also sees uncommitted and superseded files; read through
-these functions, or the files they list.)
+`query` runs DuckDB with only the committed tables registered: external access (files, URLs,
+extensions) is off and the configuration locked. (A plain glob over `T/*/*/*.parquet` also sees
+uncommitted and superseded files; read through these functions, or the files they list.)
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import logging
 import posixpath
 import re
 import time
@@ -40,197 +49,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mergeaudit import store
-from mergeaudit.errors import ConfigError, StoreError
+from mergeaudit.errors import ConfigError, StoreError, TransientStoreError
+from mergeaudit.schemas import (  # noqa: F401 - re-exported: tables.SCHEMAS, tables.to_arrow, ...
+    PARTITION_FIELDS,
+    RENAMES,
+    SCHEMA_VERSION,
+    SCHEMAS,
+    check_table,
+    to_arrow,
+    upgrade,
+)
 
-SCHEMA_VERSION = 2
 COMMITS = "_commits"
 MANIFEST_FORMAT = "mergeaudit.commit/1"
 LEGACY_PART_FILE = "part-0.parquet"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-
-_TS = pa.timestamp("us", tz="UTC")
-SCHEMAS: dict[str, pa.Schema] = {
-    "runs": pa.schema([
-        ("audit_name", pa.string()),
-        ("started_at", _TS),
-        ("finished_at", _TS),
-        ("status", pa.string()),
-        ("config_json", pa.string()),
-        ("mergeaudit_version", pa.string()),
-        ("package_versions", pa.string()),
-        ("n_candidates", pa.int32()),            # v2
-        ("n_failed", pa.int32()),                # v2
-        ("previous_run_id", pa.string()),        # v2: the run the regression check compared with
-        ("regressions_json", pa.string()),       # v2: what the regression check flagged
-    ]),
-    "checkpoints": pa.schema([                   # v2
-        ("name", pa.string()),
-        ("role", pa.string()),                   # base | model
-        ("kind", pa.string()),                   # base | rlvr | sft | unknown
-        ("uri", pa.string()),
-        ("fingerprint", pa.string()),
-        ("n_tensors", pa.int64()),
-        ("nbytes", pa.int64()),
-        ("model_type", pa.string()),
-        ("dtype", pa.string()),
-    ]),
-    "geometry_tensors": pa.schema([
-        ("scope", pa.string()),          # tensor | layer | model
-        ("model", pa.string()),
-        ("kind", pa.string()),
-        ("model_uri", pa.string()),
-        ("model_fingerprint", pa.string()),
-        ("base_uri", pa.string()),
-        ("base_fingerprint", pa.string()),
-        ("tensor", pa.string()),
-        ("layer", pa.int32()),
-        ("module", pa.string()),
-        ("numel", pa.int64()),
-        ("changed_bf16", pa.int64()),
-        ("changed_rel", pa.int64()),
-        ("changed_abs", pa.int64()),
-        ("sparsity_bf16", pa.float64()),
-        ("sparsity_rel", pa.float64()),
-        ("sparsity_abs", pa.float64()),
-        ("update_norm", pa.float64()),
-        ("base_norm", pa.float64()),
-        ("rel_update_norm", pa.float64()),
-        ("topk", pa.int32()),
-        ("spectral_method", pa.string()),
-        ("stable_rank", pa.float64()),
-        ("energy_topk_left", pa.float64()),
-        ("energy_topk_right", pa.float64()),
-        ("angle_left_max_deg", pa.float64()),
-        ("angle_left_mean_deg", pa.float64()),
-        ("angle_right_max_deg", pa.float64()),
-        ("angle_right_mean_deg", pa.float64()),
-        ("reason", pa.string()),
-    ]),
-    "geometry_pairs": pa.schema([
-        ("scope", pa.string()),          # tensor | layer | global
-        ("model_a", pa.string()),
-        ("model_b", pa.string()),
-        ("kind_a", pa.string()),
-        ("kind_b", pa.string()),
-        ("model_a_fingerprint", pa.string()),
-        ("model_b_fingerprint", pa.string()),
-        ("base_uri", pa.string()),
-        ("base_fingerprint", pa.string()),
-        ("mask", pa.string()),
-        ("tensor", pa.string()),
-        ("layer", pa.int32()),
-        ("module", pa.string()),
-        ("numel", pa.int64()),
-        ("changed_a", pa.int64()),
-        ("changed_b", pa.int64()),
-        ("overlap", pa.int64()),
-        ("overlap_chance", pa.float64()),
-        ("overlap_of_a", pa.float64()),
-        ("overlap_of_a_chance", pa.float64()),
-        ("overlap_of_a_lift", pa.float64()),
-        ("overlap_of_b", pa.float64()),
-        ("overlap_of_b_chance", pa.float64()),
-        ("overlap_of_b_lift", pa.float64()),
-        ("jaccard", pa.float64()),
-        ("jaccard_chance", pa.float64()),
-        ("jaccard_lift", pa.float64()),
-        ("sign_conflict_rate", pa.float64()),
-        ("cosine", pa.float64()),
-        ("cosine_overlap", pa.float64()),
-        ("norm_ratio", pa.float64()),
-    ]),
-    "candidates": pa.schema([
-        ("candidate_id", pa.string()),
-        ("name", pa.string()),
-        ("kind", pa.string()),
-        ("method", pa.string()),
-        ("params_json", pa.string()),
-        ("params_hash", pa.string()),
-        ("input_names", pa.list_(pa.string())),
-        ("input_uris", pa.list_(pa.string())),
-        ("input_fingerprints", pa.list_(pa.string())),
-        ("update_sparsity_bf16", pa.float64()),
-        ("mergeaudit_version", pa.string()),
-        ("status", pa.string()),                 # v2: ok | failed
-        ("error", pa.string()),                  # v2
-    ]),
-    "samples": pa.schema([
-        ("candidate_id", pa.string()),
-        ("candidate", pa.string()),              # v2
-        ("task", pa.string()),
-        ("doc_id", pa.int64()),
-        ("sample", pa.int32()),
-        ("prompt_hash", pa.string()),
-        ("completion", pa.string()),
-        ("extracted", pa.string()),
-        ("verdict", pa.bool_()),
-        ("reward", pa.float64()),
-        ("format_ok", pa.bool_()),
-        ("verifier", pa.string()),
-        ("error", pa.string()),
-    ]),
-    "scores": pa.schema([
-        ("candidate_id", pa.string()),
-        ("candidate", pa.string()),              # v2: provenance, denormalised from candidates
-        ("method", pa.string()),                 # v2
-        ("params_hash", pa.string()),            # v2
-        ("task", pa.string()),
-        ("metric", pa.string()),
-        ("filter", pa.string()),
-        ("value", pa.float64()),
-        ("stderr", pa.float64()),
-        ("n", pa.int64()),
-    ]),
-}
-
-PARTITION_FIELDS = [pa.field("date", pa.string()), pa.field("run_id", pa.string())]
-
-# Column renames per table: {table: {old name: new name}}, applied to files older than the
-# current version. Version 2 only added columns.
-RENAMES: dict[str, dict[str, str]] = {}
-
-
-def _check_table(name: str) -> pa.Schema:
-    schema = SCHEMAS.get(name)
-    if schema is None:
-        raise ConfigError(f"unknown table {name!r}; tables: {', '.join(SCHEMAS)}")
-    return schema
-
-
-def to_arrow(name: str, rows: list[dict]) -> pa.Table:
-    """Rows to a table of the declared schema; missing keys become nulls, extra keys fail."""
-    schema = _check_table(name)
-    extra = sorted({k for r in rows for k in r} - set(schema.names))
-    if extra:
-        raise ConfigError(f"table {name}: columns not in the schema: {', '.join(extra)}")
-    columns = {f.name: [r.get(f.name) for r in rows] for f in schema}
-    try:
-        table = pa.Table.from_pydict(columns, schema=schema)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise ConfigError(f"table {name}: {exc}") from exc
-    return table.replace_schema_metadata({b"mergeaudit.schema_version": str(SCHEMA_VERSION).encode(),
-                                          b"mergeaudit.table": name.encode()})
-
-
-def upgrade(name: str, table: pa.Table, version: int) -> pa.Table:
-    """A table read from a file of an older (or the current) schema version, in the current
-    schema: renamed columns under their new names, added columns as nulls, types cast."""
-    schema = _check_table(name)
-    if version > SCHEMA_VERSION:
-        raise StoreError(f"table {name} has schema version {version}, newer than this mergeaudit "
-                         f"({SCHEMA_VERSION}); upgrade mergeaudit to read it")
-    if version < SCHEMA_VERSION:
-        renames = RENAMES.get(name, {})
-        table = table.rename_columns([renames.get(c, c) for c in table.column_names])
-    cols = []
-    for field in schema:
-        if field.name in table.column_names:
-            cols.append(table.column(field.name).cast(field.type))
-        else:
-            cols.append(pa.nulls(table.num_rows, field.type))
-    return pa.Table.from_arrays(cols, schema=schema)
-
+_TMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{12}$")  # store.write_bytes's temporary files
+log = logging.getLogger(__name__)
 
 # -- writing -----------------------------------------------------------------------------------
 
@@ -279,7 +115,11 @@ def write_run(results_uri: str, run_id: str, run_date: str, tables: dict[str, li
         store.write_bytes(uri, _parquet_bytes(table, meta))
         files[name] = uri
         entries[name] = {"files": [rel], "rows": table.num_rows}
-    previous = _read_manifest(manifest_uri(results_uri, run_id))
+    try:
+        previous = _read_manifest(manifest_uri(results_uri, run_id))
+    except DamagedManifestError as exc:  # its files are left alone (it may name anything)
+        log.warning("replacing run %s: %s; the files it names are left in place", run_id, exc)
+        previous = None
     manifest = {
         "format": MANIFEST_FORMAT, "run_id": run_id, "date": run_date, "audit_name": audit_name,
         "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(), "writer": writer,
@@ -308,9 +148,14 @@ def _remove_legacy(results_uri: str, run_id: str) -> None:
 
 
 def vacuum(results_uri: str, older_than_s: float = 6 * 3600) -> list[str]:
-    """Delete data files no manifest names (left by killed writers or replaced runs) that are
-    older than `older_than_s` (so files of a write in progress survive); returns their URIs."""
-    committed = {store.join(results_uri, f) for m in committed_runs(results_uri)
+    """Delete what killed or replaced writers left, older than `older_than_s` (so a write in
+    progress survives): data files no manifest names, and the hidden temporary files of local
+    writes (`.NAME.tmp-*`, in the table folders and `_commits/`). Files of a run whose manifest
+    is damaged are kept (its data may be recoverable). Returns the URIs removed."""
+    if not older_than_s >= 0:
+        raise ConfigError(f"vacuum: older_than_s must be a non-negative number of seconds, not {older_than_s}")
+    good, damaged = _scan_commits(results_uri)
+    committed = {store.join(results_uri, f) for m in good + _legacy_manifests(results_uri)
                  for e in m["tables"].values() for f in e["files"]}
     loc = store.locate(results_uri)
     removed = []
@@ -322,12 +167,19 @@ def vacuum(results_uri: str, older_than_s: float = 6 * 3600) -> list[str]:
     now = time.time()
     for path, raw in found.items():
         rel = posixpath.relpath(str(path), loc.path.rstrip("/"))
-        if rel.split("/")[0] not in SCHEMAS or not rel.endswith(".parquet"):
+        parts = rel.split("/")
+        if parts[0] not in SCHEMAS and parts[0] != COMMITS:
             continue
-        uri = store.join(loc.uri, rel)
+        temporary = _TMP_NAME.match(parts[-1]) is not None
+        data = parts[0] in SCHEMAS and len(parts) == 4 and rel.endswith(".parquet") and not parts[-1].startswith(".")
+        if not temporary and not data:
+            continue
+        if data and (store.join(loc.uri, rel) in committed or parts[2].removeprefix("run_id=") in damaged):
+            continue
         stamp = raw.get("mtime") or raw.get("LastModified") or raw.get("created")
         age = now - (stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp or now))
-        if uri not in committed and age >= older_than_s:
+        if age >= older_than_s:
+            uri = store.join(loc.uri, rel)
             store.remove(uri)
             removed.append(uri)
     return removed
@@ -336,18 +188,80 @@ def vacuum(results_uri: str, older_than_s: float = 6 * 3600) -> list[str]:
 # -- reading -----------------------------------------------------------------------------------
 
 
+class DamagedManifestError(StoreError):
+    """A commit manifest that cannot be read or names files outside its run's folders."""
+
+
 def _read_manifest(uri: str) -> dict | None:
+    """The manifest at uri, validated; None when there is none."""
     try:
         doc = json.loads(store.read_bytes(uri))
     except StoreError as exc:
         if "not found" in str(exc):
             return None
-        raise
-    except json.JSONDecodeError as exc:
-        raise StoreError(f"commit manifest {uri} is not valid JSON: {exc}") from exc
-    if doc.get("format") != MANIFEST_FORMAT:
-        raise StoreError(f"commit manifest {uri} has an unknown format {doc.get('format')!r}")
+        if isinstance(exc, TransientStoreError):
+            raise
+        raise DamagedManifestError(f"commit manifest {uri} cannot be read: {exc}") from exc
+    except (UnicodeDecodeError, RecursionError, ValueError) as exc:
+        raise DamagedManifestError(f"commit manifest {uri} is not valid JSON: {exc}") from exc
+    problem = _manifest_problem(doc, posixpath.basename(uri).removesuffix(".json"))
+    if problem:
+        raise DamagedManifestError(f"commit manifest {uri} {problem}")
     return doc
+
+
+def _manifest_problem(doc: Any, run_id: str) -> str | None:
+    """Why a manifest cannot be trusted, or None. Every file it names must be a data file in
+    its run's partition folders, `TABLE/date=DATE/run_id=RUN/NAME.parquet`: no `..`, no absolute
+    path, no other scheme, no other run."""
+    if not isinstance(doc, dict):
+        return "is not a JSON object"
+    if doc.get("format") != MANIFEST_FORMAT:
+        return f"has an unknown format {doc.get('format')!r}"
+    if doc.get("run_id") != run_id or not _SAFE_ID.match(run_id):
+        return f"names run {doc.get('run_id')!r}, not the run of its file name"
+    date = doc.get("date")
+    if not isinstance(date, str) or not _DATE.match(date):
+        return f"has an invalid date {date!r}"
+    entries = doc.get("tables")
+    if not isinstance(entries, dict):
+        return "has no tables"
+    for table, entry in entries.items():
+        files = entry.get("files") if isinstance(entry, dict) else None
+        if not isinstance(table, str) or not _SAFE_ID.match(table) or not isinstance(files, list):
+            return f"has an invalid entry for table {table!r}"
+        for f in files:
+            parts = f.split("/") if isinstance(f, str) else []
+            if (len(parts) != 4 or parts[:3] != [table, f"date={date}", f"run_id={run_id}"]
+                    or not parts[3].endswith(".parquet") or parts[3].startswith(".") or "\\" in f or ":" in f):
+                return f"names a file outside its run's folders: {f!r}"
+    return None
+
+
+def _scan_commits(results_uri: str) -> tuple[list[dict], set[str]]:
+    """(valid manifests, run ids of damaged ones); each damaged one is logged as a warning."""
+    root = store.join(results_uri, COMMITS)
+    loc = store.locate(root)
+    with store.translate_errors(root, "list"):
+        store.refresh_tree(loc)
+        names = [str(p) for p in loc.fs.glob(loc.path.rstrip("/") + "/*.json")] if loc.fs.exists(loc.path) else []
+    uris = [store.join(loc.uri, posixpath.basename(n)) for n in names if not posixpath.basename(n).startswith(".")]
+
+    def load(uri: str) -> dict | DamagedManifestError | None:
+        try:
+            return _read_manifest(uri)
+        except DamagedManifestError as exc:
+            return exc
+
+    good, damaged = [], set()
+    with ThreadPoolExecutor(8) as pool:
+        for uri, m in zip(uris, pool.map(load, uris)):
+            if isinstance(m, DamagedManifestError):
+                log.warning("skipping run %s: %s", store.basename(uri).removesuffix(".json"), m)
+                damaged.add(store.basename(uri).removesuffix(".json"))
+            elif m:
+                good.append(m)
+    return good, damaged
 
 
 def _legacy_files(results_uri: str, run_id: str | None = None, table: str = "*") -> list[str]:
@@ -382,15 +296,9 @@ def _legacy_manifests(results_uri: str) -> list[dict]:
 
 
 def committed_runs(results_uri: str, audit_name: str | None = None) -> list[dict]:
-    """The manifests of every committed run, oldest first (version-1 runs included)."""
-    root = store.join(results_uri, COMMITS)
-    loc = store.locate(root)
-    with store.translate_errors(root, "list"):
-        store.refresh_tree(loc)
-        names = [str(p) for p in loc.fs.glob(loc.path.rstrip("/") + "/*.json")] if loc.fs.exists(loc.path) else []
-    uris = [store.join(loc.uri, posixpath.basename(n)) for n in names]
-    with ThreadPoolExecutor(8) as pool:
-        manifests = [m for m in pool.map(_read_manifest, uris) if m]
+    """The manifests of every committed run, oldest first (version-1 runs included); a damaged
+    manifest is skipped with a warning naming it."""
+    manifests, _ = _scan_commits(results_uri)
     seen = {m["run_id"] for m in manifests}
     manifests += [m for m in _legacy_manifests(results_uri) if m["run_id"] not in seen]
     if audit_name is not None:
@@ -402,7 +310,7 @@ def manifest_audit_name(results_uri: str, manifest: dict) -> str | None:
     """The audit a committed run belongs to (version-1 runs keep it only in their runs row)."""
     if manifest.get("audit_name") is not None or not manifest.get("legacy"):
         return manifest.get("audit_name")
-    runs = _read_files(results_uri, "runs", [manifest])
+    runs, _ = _read_files(results_uri, "runs", [manifest])
     names = runs.column("audit_name").to_pylist()
     return names[0] if names else None
 
@@ -410,7 +318,7 @@ def manifest_audit_name(results_uri: str, manifest: dict) -> str | None:
 def committed_files(results_uri: str, table: str, run_id: str | None = None,
                     audit_name: str | None = None) -> list[str]:
     """URIs of the committed files of a table (one run's, one audit's, or all)."""
-    _check_table(table)
+    check_table(table)
     return [store.join(results_uri, f) for m in _select(results_uri, run_id, audit_name)
             for f in m["tables"].get(table, {}).get("files", [])]
 
@@ -426,51 +334,80 @@ def _read_file(uri: str) -> tuple[pa.Table, int]:
     return table, int(meta.get(b"mergeaudit.schema_version", b"1"))
 
 
-def _read_files(results_uri: str, table: str, manifests: list[dict]) -> pa.Table:
+def _read_files(results_uri: str, table: str, manifests: list[dict]) -> tuple[pa.Table, dict[str, str]]:
+    """The rows of a table from these runs, and {run id: problem} of the runs left out because a
+    file they name is missing or unreadable."""
     jobs = [(m, store.join(results_uri, f)) for m in manifests for f in m["tables"].get(table, {}).get("files", [])]
+
+    def load(job: tuple[dict, str]) -> pa.Table | str:
+        try:
+            data, version = _read_file(job[1])
+        except TransientStoreError:
+            raise
+        except (StoreError, pa.ArrowException, OSError, ValueError) as exc:
+            return f"{job[1]}: {' '.join(str(exc).split())[:300]}"
+        return upgrade(table, data, version)  # a newer schema is not damage: it raises
+
     with ThreadPoolExecutor(8) as pool:
-        parts = list(pool.map(lambda job: _read_file(job[1]), jobs))
+        parts = list(pool.map(load, jobs))
+    damaged = {m["run_id"]: p for (m, _), p in zip(jobs, parts) if isinstance(p, str)}
     schema = SCHEMAS[table].append(PARTITION_FIELDS[0]).append(PARTITION_FIELDS[1])
     out = []
-    for (manifest, _), (data, version) in zip(jobs, parts):
-        data = upgrade(table, data, version)
+    for (manifest, _), data in zip(jobs, parts):
+        if manifest["run_id"] in damaged:
+            continue
         n = data.num_rows
         data = data.append_column(PARTITION_FIELDS[0], pa.array([manifest["date"]] * n, pa.string()))
         out.append(data.append_column(PARTITION_FIELDS[1], pa.array([manifest["run_id"]] * n, pa.string())))
-    return pa.concat_tables(out) if out else schema.empty_table()
+    return (pa.concat_tables(out) if out else schema.empty_table()), damaged
 
 
 def read_table(results_uri: str, table: str, run_id: str | None = None, audit_name: str | None = None,
                manifests: list[dict] | None = None) -> pa.Table:
     """The committed rows of a table (one run's, one audit's, or all), in the current schema,
     with `date` and `run_id` columns. `manifests` (from `committed_runs`) saves listing the
-    commits again when reading several tables. A run replaced while being read is read again."""
-    _check_table(table)
+    commits again when reading several tables. A run replaced while being read is read again; a
+    run with a missing or unreadable file is left out with a warning naming it."""
+    check_table(table)
     for attempt in range(3):
         if manifests is None or attempt:
             manifests = _select(results_uri, run_id, audit_name)
         else:
             manifests = [m for m in manifests if run_id is None or m["run_id"] == run_id]
-        try:
-            return _read_files(results_uri, table, manifests)
-        except StoreError as exc:
-            if "not found" not in str(exc) or attempt == 2:
-                raise
+        data, damaged = _read_files(results_uri, table, manifests)
+        if not damaged:
+            return data
+        if attempt < 2:  # a run rewritten meanwhile has a new manifest: read again
+            now = {m["run_id"]: m.get("writer") for m in _select(results_uri, run_id, audit_name)}
+            if any(now.get(m["run_id"]) != m.get("writer") for m in manifests if m["run_id"] in damaged):
+                continue
+        for rid, problem in sorted(damaged.items()):
+            log.warning("skipping run %s of table %s: %s", rid, table, problem)
+        return data
     raise AssertionError("unreachable")
 
 
 def connect(results_uri: str, tables: list[str] | None = None, run_id: str | None = None):
-    """An in-memory DuckDB connection with one view per committed table (all, or `tables`)."""
+    """An in-memory DuckDB connection with one view per committed table (all, or `tables`) and
+    nothing else: external access (files, URLs, extensions) is switched off after registering the
+    tables, and the configuration locked so that SQL cannot switch it back on."""
     import duckdb
 
-    con = duckdb.connect()
-    for name in tables or list(SCHEMAS):
-        con.register(name, read_table(results_uri, name, run_id=run_id))
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    try:
+        for name in tables or list(SCHEMAS):
+            con.register(name, read_table(results_uri, name, run_id=run_id))
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    except BaseException:
+        con.close()
+        raise
     return con
 
 
 def query(results_uri: str, sql: str, run_id: str | None = None) -> pa.Table:
-    """Run SQL over the committed tables (each table name is a view); returns an Arrow table."""
+    """Run SQL over the committed tables (each table name is a view; no files, URLs or
+    extensions are reachable); returns an Arrow table."""
     import duckdb
 
     used = [name for name in SCHEMAS if re.search(rf"\b{name}\b", sql)]

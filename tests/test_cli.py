@@ -101,3 +101,40 @@ def test_geometry_command_bad_input(toy_family, tmp_path, extra, message):
                   str(tmp_path / "res"), *extra)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "res").exists()
+
+
+def _results_with_a_leftover(tmp_path) -> tuple[str, object]:
+    from mergeaudit import tables
+
+    root = str(tmp_path / "results")
+    tables.write_run(root, "r1", "2026-11-27", {"scores": [
+        {"candidate_id": "c1", "task": "t", "metric": "m", "filter": "none", "value": 0.5, "n": 2}]})
+    leftover = tmp_path / "results" / "_commits" / ".r2.json.tmp-0123456789ab"
+    leftover.write_text("{")
+    return root, leftover
+
+
+def test_vacuum_command_prints_what_it_removed(tmp_path, capsys):
+    from mergeaudit.cli import main
+
+    root, leftover = _results_with_a_leftover(tmp_path)
+    assert main(["vacuum", root]) == 0  # younger than the default threshold: kept
+    assert leftover.exists() and "0 files removed" in capsys.readouterr().out
+    assert main(["vacuum", root, "--older-than", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"removed {leftover}" in out and "1 files removed" in out and not leftover.exists()
+
+
+@pytest.mark.parametrize("sql", ["select * from scores, read_csv('/etc/passwd')",
+                                 "copy scores to '{tmp}/exfil.csv'",
+                                 "select * from read_parquet('{tmp}/results/scores/*/*/*.parquet')"])
+def test_query_command_cannot_reach_files(tmp_path, capsys, sql):
+    from mergeaudit.cli import main
+
+    root, _ = _results_with_a_leftover(tmp_path)
+    assert main(["query", root, sql.format(tmp=tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "mergeaudit: error: query failed: Permission Error" in err
+    assert not (tmp_path / "exfil.csv").exists()
+    assert main(["query", root, "select task, value from scores"]) == 0
+    assert "0.5000" in capsys.readouterr().out

@@ -160,3 +160,133 @@ def test_bad_rows_and_ids_fail_before_anything_is_written(tmp_path):
 def test_reading_a_missing_table_gives_an_empty_one(tmp_path):
     assert tables.read_table(str(tmp_path), "runs").num_rows == 0
     assert tables.committed_runs(str(tmp_path)) == []
+
+
+# -- a damaged store still answers ---------------------------------------------------------------
+
+def _manifest_path(root: str, run_id: str) -> str:
+    return tables.manifest_uri(root, run_id)
+
+
+def _edit_manifest(root: str, run_id: str, edit) -> None:
+    import json
+
+    doc = json.loads(store.read_bytes(_manifest_path(root, run_id)))
+    edit(doc)
+    store.write_bytes(_manifest_path(root, run_id), json.dumps(doc).encode())
+
+
+def _two_runs(root: str) -> None:
+    tables.write_run(root, "r0", "2026-11-26", run_tables(2))
+    tables.write_run(root, "r1", "2026-11-27", run_tables(1))
+
+
+def _warnings(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+@pytest.mark.parametrize("bad", ["../precious.parquet", "{abs}", "s3://elsewhere/x.parquet",
+                                 "scores/date=2026-11-26/run_id=r0/{r0file}",
+                                 "scores/date=2026-11-27/run_id=r1/../../../../precious.parquet"])
+def test_a_manifest_naming_files_outside_its_run_is_never_followed(tmp_path, caplog, bad):
+    root = str(tmp_path / "results")
+    _two_runs(root)
+    precious = tmp_path / "precious.parquet"
+    r0file = tables.committed_files(root, "scores", run_id="r0")[0]
+    precious.write_bytes(store.read_bytes(r0file))  # a valid scores file, even
+    bad = bad.format(abs=str(precious), r0file=r0file.rsplit("/", 1)[1])
+    _edit_manifest(root, "r1", lambda d: d["tables"]["scores"].update(files=[bad]))
+    with caplog.at_level("WARNING", logger="mergeaudit.tables"):
+        assert tables.read_table(root, "scores").column("run_id").to_pylist() == ["r0", "r0"]
+    assert "r1" in _warnings(caplog) and "outside its run's folders" in _warnings(caplog)
+    tables.write_run(root, "r1", "2026-11-27", run_tables(1))  # rewriting the run deletes nothing it names
+    tables.vacuum(root, older_than_s=0)
+    assert precious.exists() and store.exists(r0file)
+    assert sorted(tables.read_table(root, "scores").column("run_id").to_pylist()) == ["r0", "r0", "r1"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not json", "stray list", "empty", "other format", "other run"])
+def test_a_damaged_commit_is_skipped_and_every_other_run_answers(store_root, caplog, damage):
+    from mergeaudit import report
+
+    _two_runs(store_root)
+    uri = _manifest_path(store_root, "r1")
+    if damage == "truncated":
+        store.write_bytes(uri, store.read_bytes(uri)[:40])
+    elif damage == "not json":
+        store.write_bytes(store.join(store_root, "_commits", "notes.json"), b"\xff\xfe hello")
+    elif damage == "stray list":
+        store.write_bytes(store.join(store_root, "_commits", "x.json"), b"[1, 2]")
+    elif damage == "empty":
+        store.write_bytes(uri, b"")
+    elif damage == "other format":
+        _edit_manifest(store_root, "r1", lambda d: d.update(format="someone-else/9"))
+    else:
+        _edit_manifest(store_root, "r1", lambda d: d.update(run_id="r0"))
+    survivors = ["r0", "r1"] if damage in ("not json", "stray list") else ["r0"]
+    with caplog.at_level("WARNING", logger="mergeaudit.tables"):
+        assert [m["run_id"] for m in tables.committed_runs(store_root)] == survivors
+        for table in ("scores", "candidates", "runs"):
+            assert set(tables.read_table(store_root, table).column("run_id").to_pylist()) == set(survivors)
+        assert tables.query(store_root, "select count(*) as n from candidates").column("n").to_pylist() == \
+            [len(survivors)]
+        assert report.load_run(store_root, "r0").run_id == "r0"
+    assert "skipping run" in _warnings(caplog)
+    tables.vacuum(store_root, older_than_s=0)  # a damaged run's files are kept for recovery
+    assert len(tables.committed_files(store_root, "scores")) == len(survivors)
+    assert store.exists(store.join(store_root, "scores", "date=2026-11-27", "run_id=r1"))
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_missing_or_broken_data_file_skips_its_run(store_root, caplog, damage):
+    from mergeaudit import report
+
+    _two_runs(store_root)
+    (lost,) = tables.committed_files(store_root, "scores", run_id="r1")
+    if damage == "deleted":
+        store.remove(lost)
+    else:
+        store.write_bytes(lost, store.read_bytes(lost)[:30])
+    with caplog.at_level("WARNING", logger="mergeaudit.tables"):
+        assert tables.read_table(store_root, "scores").column("run_id").to_pylist() == ["r0", "r0"]
+        assert tables.query(store_root, "select count(*) as n from scores").column("n").to_pylist() == [2]
+        assert tables.read_table(store_root, "candidates").num_rows == 2
+        assert report.load_run(store_root, "r0").run_id == "r0"
+    assert "r1" in _warnings(caplog) and store.basename(lost) in _warnings(caplog)
+
+
+def test_vacuum_removes_temporary_files_of_killed_writers_and_nothing_else(tmp_path):
+    root = str(tmp_path / "results")
+    _two_runs(root)
+    part = tmp_path / "results" / "scores" / "date=2026-11-27" / "run_id=r2"
+    part.mkdir(parents=True)
+    leftovers = [part / ".part-0123456789ab.parquet.tmp-0123456789ab",
+                 tmp_path / "results" / "_commits" / ".r2.json.tmp-ba9876543210"]
+    for f in leftovers:
+        f.write_bytes(b"half written")
+    mine = [tmp_path / "results" / "README.md", tmp_path / "results" / "scores" / "notes.txt",
+            tmp_path / "results" / "_commits" / "keep.txt"]
+    for f in mine:
+        f.write_text("not mergeaudit's")
+    assert tables.vacuum(root, older_than_s=3600) == []  # a write in progress survives
+    removed = tables.vacuum(root, older_than_s=0)
+    assert sorted(removed) == sorted(str(f) for f in leftovers)
+    assert all(f.exists() for f in mine) and not any(f.exists() for f in leftovers)
+    assert tables.read_table(root, "scores").num_rows == 3
+
+
+@pytest.mark.parametrize("sql", [
+    "select * from scores, read_csv('/etc/passwd')",
+    "select * from read_parquet('{root}/scores/*/*/*.parquet')",
+    "copy scores to '{root}/../exfil.csv'",
+    "set lock_configuration = false",
+    "attach '{root}/../x.db' as x; select * from scores",
+    "select * from scores, read_text('/etc/hostname')",
+])
+def test_query_reaches_only_the_registered_tables(tmp_path, sql):
+    root = str(tmp_path / "results")
+    _two_runs(root)
+    with pytest.raises(ConfigError, match="query failed"):
+        tables.query(root, sql.format(root=root) + (" -- scores" if "scores" not in sql else ""))
+    assert not (tmp_path / "exfil.csv").exists() and not (tmp_path / "x.db").exists()
+    assert tables.query(root, "select count(*) as n from scores").column("n").to_pylist() == [3]

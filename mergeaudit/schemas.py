@@ -1,0 +1,196 @@
+"""The result tables' pyarrow schemas, declared once, and how rows and older files meet them.
+
+`SCHEMAS` names every table and its columns at `SCHEMA_VERSION`; `to_arrow` turns rows into a
+table of the declared schema (missing keys are nulls, unknown keys fail); `upgrade` brings a
+table read from a file of an older version to the current schema (renames in `RENAMES`, added
+columns as nulls). `mergeaudit.tables` writes and reads them and re-exports these names.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from mergeaudit.errors import ConfigError, StoreError
+
+SCHEMA_VERSION = 2
+_TS = pa.timestamp("us", tz="UTC")
+SCHEMAS: dict[str, pa.Schema] = {
+    "runs": pa.schema([
+        ("audit_name", pa.string()),
+        ("started_at", _TS),
+        ("finished_at", _TS),
+        ("status", pa.string()),
+        ("config_json", pa.string()),
+        ("mergeaudit_version", pa.string()),
+        ("package_versions", pa.string()),
+        ("n_candidates", pa.int32()),            # v2
+        ("n_failed", pa.int32()),                # v2
+        ("previous_run_id", pa.string()),        # v2: the run the regression check compared with
+        ("regressions_json", pa.string()),       # v2: what the regression check flagged
+    ]),
+    "checkpoints": pa.schema([                   # v2
+        ("name", pa.string()),
+        ("role", pa.string()),                   # base | model
+        ("kind", pa.string()),                   # base | rlvr | sft | unknown
+        ("uri", pa.string()),
+        ("fingerprint", pa.string()),
+        ("n_tensors", pa.int64()),
+        ("nbytes", pa.int64()),
+        ("model_type", pa.string()),
+        ("dtype", pa.string()),
+    ]),
+    "geometry_tensors": pa.schema([
+        ("scope", pa.string()),          # tensor | layer | model
+        ("model", pa.string()),
+        ("kind", pa.string()),
+        ("model_uri", pa.string()),
+        ("model_fingerprint", pa.string()),
+        ("base_uri", pa.string()),
+        ("base_fingerprint", pa.string()),
+        ("tensor", pa.string()),
+        ("layer", pa.int32()),
+        ("module", pa.string()),
+        ("numel", pa.int64()),
+        ("changed_bf16", pa.int64()),
+        ("changed_rel", pa.int64()),
+        ("changed_abs", pa.int64()),
+        ("sparsity_bf16", pa.float64()),
+        ("sparsity_rel", pa.float64()),
+        ("sparsity_abs", pa.float64()),
+        ("update_norm", pa.float64()),
+        ("base_norm", pa.float64()),
+        ("rel_update_norm", pa.float64()),
+        ("topk", pa.int32()),
+        ("spectral_method", pa.string()),
+        ("stable_rank", pa.float64()),
+        ("energy_topk_left", pa.float64()),
+        ("energy_topk_right", pa.float64()),
+        ("angle_left_max_deg", pa.float64()),
+        ("angle_left_mean_deg", pa.float64()),
+        ("angle_right_max_deg", pa.float64()),
+        ("angle_right_mean_deg", pa.float64()),
+        ("reason", pa.string()),
+    ]),
+    "geometry_pairs": pa.schema([
+        ("scope", pa.string()),          # tensor | layer | global
+        ("model_a", pa.string()),
+        ("model_b", pa.string()),
+        ("kind_a", pa.string()),
+        ("kind_b", pa.string()),
+        ("model_a_fingerprint", pa.string()),
+        ("model_b_fingerprint", pa.string()),
+        ("base_uri", pa.string()),
+        ("base_fingerprint", pa.string()),
+        ("mask", pa.string()),
+        ("tensor", pa.string()),
+        ("layer", pa.int32()),
+        ("module", pa.string()),
+        ("numel", pa.int64()),
+        ("changed_a", pa.int64()),
+        ("changed_b", pa.int64()),
+        ("overlap", pa.int64()),
+        ("overlap_chance", pa.float64()),
+        ("overlap_of_a", pa.float64()),
+        ("overlap_of_a_chance", pa.float64()),
+        ("overlap_of_a_lift", pa.float64()),
+        ("overlap_of_b", pa.float64()),
+        ("overlap_of_b_chance", pa.float64()),
+        ("overlap_of_b_lift", pa.float64()),
+        ("jaccard", pa.float64()),
+        ("jaccard_chance", pa.float64()),
+        ("jaccard_lift", pa.float64()),
+        ("sign_conflict_rate", pa.float64()),
+        ("cosine", pa.float64()),
+        ("cosine_overlap", pa.float64()),
+        ("norm_ratio", pa.float64()),
+    ]),
+    "candidates": pa.schema([
+        ("candidate_id", pa.string()),
+        ("name", pa.string()),
+        ("kind", pa.string()),
+        ("method", pa.string()),
+        ("params_json", pa.string()),
+        ("params_hash", pa.string()),
+        ("input_names", pa.list_(pa.string())),
+        ("input_uris", pa.list_(pa.string())),
+        ("input_fingerprints", pa.list_(pa.string())),
+        ("update_sparsity_bf16", pa.float64()),
+        ("mergeaudit_version", pa.string()),
+        ("status", pa.string()),                 # v2: ok | failed
+        ("error", pa.string()),                  # v2
+    ]),
+    "samples": pa.schema([
+        ("candidate_id", pa.string()),
+        ("candidate", pa.string()),              # v2
+        ("task", pa.string()),
+        ("doc_id", pa.int64()),
+        ("sample", pa.int32()),
+        ("prompt_hash", pa.string()),
+        ("completion", pa.string()),
+        ("extracted", pa.string()),
+        ("verdict", pa.bool_()),
+        ("reward", pa.float64()),
+        ("format_ok", pa.bool_()),
+        ("verifier", pa.string()),
+        ("error", pa.string()),
+    ]),
+    "scores": pa.schema([
+        ("candidate_id", pa.string()),
+        ("candidate", pa.string()),              # v2: provenance, denormalised from candidates
+        ("method", pa.string()),                 # v2
+        ("params_hash", pa.string()),            # v2
+        ("task", pa.string()),
+        ("metric", pa.string()),
+        ("filter", pa.string()),
+        ("value", pa.float64()),
+        ("stderr", pa.float64()),
+        ("n", pa.int64()),
+    ]),
+}
+
+PARTITION_FIELDS = [pa.field("date", pa.string()), pa.field("run_id", pa.string())]
+
+# Column renames per table: {table: {old name: new name}}, applied to files older than the
+# current version. Version 2 only added columns.
+RENAMES: dict[str, dict[str, str]] = {}
+
+
+def check_table(name: str) -> pa.Schema:
+    schema = SCHEMAS.get(name)
+    if schema is None:
+        raise ConfigError(f"unknown table {name!r}; tables: {', '.join(SCHEMAS)}")
+    return schema
+
+
+def to_arrow(name: str, rows: list[dict]) -> pa.Table:
+    """Rows to a table of the declared schema; missing keys become nulls, extra keys fail."""
+    schema = check_table(name)
+    extra = sorted({k for r in rows for k in r} - set(schema.names))
+    if extra:
+        raise ConfigError(f"table {name}: columns not in the schema: {', '.join(extra)}")
+    columns = {f.name: [r.get(f.name) for r in rows] for f in schema}
+    try:
+        table = pa.Table.from_pydict(columns, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ConfigError(f"table {name}: {exc}") from exc
+    return table.replace_schema_metadata({b"mergeaudit.schema_version": str(SCHEMA_VERSION).encode(),
+                                          b"mergeaudit.table": name.encode()})
+
+
+def upgrade(name: str, table: pa.Table, version: int) -> pa.Table:
+    """A table read from a file of an older (or the current) schema version, in the current
+    schema: renamed columns under their new names, added columns as nulls, types cast."""
+    schema = check_table(name)
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"table {name} has schema version {version}, newer than this mergeaudit "
+                         f"({SCHEMA_VERSION}); upgrade mergeaudit to read it")
+    if version < SCHEMA_VERSION:
+        renames = RENAMES.get(name, {})
+        table = table.rename_columns([renames.get(c, c) for c in table.column_names])
+    cols = []
+    for field in schema:
+        if field.name in table.column_names:
+            cols.append(table.column(field.name).cast(field.type))
+        else:
+            cols.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(cols, schema=schema)
