@@ -509,3 +509,24 @@ def test_cache_lease_holds_across_processes(s3_bucket, tmp_path):
     finally:
         proc.kill()
     assert out.strip() == "2.0" and proc.returncode == 0
+
+
+def test_cache_refuses_a_checkpoint_replaced_while_it_is_downloaded(s3_bucket, tmp_path, monkeypatch):
+    from mergeaudit.errors import CheckpointChangedError
+
+    uri = make_ckpt(s3_bucket, many_tensors(3, 1000))
+    cache = CheckpointCache(tmp_path / "cache", max_bytes=10**7)
+    real = store.read_range
+
+    def replaced_first(u, start, end, **kw):
+        if u.endswith(".safetensors") and not replaced_first.done:
+            replaced_first.done = True
+            store.write_bytes(u, store.read_bytes(store.join(other, "model.safetensors")))
+        return real(u, start, end, **kw)
+
+    other = make_ckpt(s3_bucket, other_tensors(), name="other")
+    replaced_first.done = False
+    monkeypatch.setattr(store, "read_range", replaced_first)
+    with pytest.raises(CheckpointChangedError, match="changed while it was being cached"):
+        Checkpoint.open(uri, cache=cache)
+    assert cache.entries() == [] and [p.name for p in (tmp_path / "cache").iterdir()] == []

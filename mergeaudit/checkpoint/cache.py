@@ -1,9 +1,10 @@
 """A read-through cache of whole checkpoints on local disk, keyed by fingerprint, size-limited.
 
 Nightly runs audit mostly unchanged checkpoints; with a cache, the first run streams each
-checkpoint's files to `CACHE_DIR/<fingerprint>/` (ranged reads of COPY_CHUNK, bounded memory)
-and later runs read the local copy. A changed file changes the fingerprint, so stale bytes are
-never served.
+checkpoint's files to `CACHE_DIR/<fingerprint>/` (ranged reads of COPY_CHUNK, bounded memory,
+each pinned to the listed version, so a file replaced mid-download is a CheckpointChangedError
+and nothing is cached) and later runs read the local copy. A changed file changes the
+fingerprint, so stale bytes are never served.
 
 The cache only ever touches what it created: every entry holds a marker file
 (`.mergeaudit-cache-entry`, JSON with the fingerprint and source URI) written before the entry
@@ -32,6 +33,7 @@ import uuid
 from pathlib import Path
 
 from mergeaudit import store
+from mergeaudit.errors import CheckpointChangedError, ObjectChangedError
 
 COPY_CHUNK = 64 * 1024 * 1024
 MARKER = ".mergeaudit-cache-entry"
@@ -140,7 +142,7 @@ class CheckpointCache:
             for name, fi in files.items():
                 with open(staging / name, "wb") as out:
                     for start in range(0, fi.size, COPY_CHUNK):
-                        out.write(store.read_range(fi.uri, start, min(fi.size, start + COPY_CHUNK)))
+                        out.write(store.read_range(fi.uri, start, min(fi.size, start + COPY_CHUNK), expect=fi))
             marker = staging / MARKER
             marker.write_text(json.dumps({"fingerprint": key, "source": uri, "bytes": sum(f.size for f in files.values())}))
             fd = _lock(marker, fcntl.LOCK_SH)  # leased from before it is visible
@@ -150,6 +152,9 @@ class CheckpointCache:
                 os.close(fd)
                 shutil.rmtree(staging, ignore_errors=True)
                 return self._lease(entry, key)
+        except ObjectChangedError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise CheckpointChangedError(f"{exc}; {uri} changed while it was being cached") from exc
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
