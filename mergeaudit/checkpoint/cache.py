@@ -56,6 +56,10 @@ class CacheLease:
     def __del__(self) -> None:
         self.release()
 
+    def __getstate__(self) -> dict:
+        # A copy or an unpickled lease holds nothing (and never closes the original's fd).
+        return {"path": self.path, "_fd": None}
+
     def __fspath__(self) -> str:
         return self.path
 
