@@ -1,9 +1,10 @@
 """Typed configuration: AuditConfig is both the Prefect flow parameter and the YAML file.
 
-YAML is data: it loads with `yaml.safe_load` into frozen pydantic models that refuse unknown
-keys. Validation happens before any tensor is read and reports every problem at once: unknown
-store schemes, duplicate checkpoint names, strategies naming unknown models or methods, bad
-method parameters, unknown tasks.
+YAML is data: it loads with a bounded SafeLoader (`mergeaudit.safe_yaml`: no tags, no alias
+bombs) into frozen pydantic models that refuse unknown keys. Validation happens before any
+tensor is read and reports every problem at once: unknown store schemes, duplicate checkpoint
+names, strategies naming unknown models or methods, bad or non-finite method parameters, grids
+beyond `max_grid_points`, results written inside a checkpoint folder, unknown tasks.
 
     config = load_config("audit.yaml")
 """
@@ -11,15 +12,17 @@ method parameters, unknown tasks.
 from __future__ import annotations
 
 import itertools
+import math
+import os
 import re
 from pathlib import Path  # noqa: F401 - in signatures
 from typing import Any, Literal
 
 import pydantic
-import yaml
 
 from mergeaudit import store
 from mergeaudit.errors import ConfigError, MergeAuditError
+from mergeaudit.safe_yaml import load_yaml
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -77,8 +80,13 @@ class StrategySpec(_Frozen):
         None, description="dtype the merged weights are rounded to (default: the base's, as a saved merge would be)."
     )
 
+    def grid_size(self) -> int:
+        """How many candidates the grid makes (computed without expanding it)."""
+        return math.prod(len(v) for v in self.grid.values())
+
     def points(self) -> list[dict[str, Any]]:
-        """The params of every grid point (fixed params overridden by the grid's values)."""
+        """The params of every grid point (fixed params overridden by the grid's values);
+        AuditConfig refuses grids beyond its `max_grid_points` before anything expands one."""
         keys = sorted(self.grid)
         return [{**self.params, **dict(zip(keys, combo))} for combo in itertools.product(*(self.grid[k] for k in keys))]
 
@@ -236,6 +244,9 @@ class AuditConfig(_Frozen):
     )
     evaluate_deployment: str = pydantic.Field("evaluate/gpu", description="Deployment that evaluates one candidate.")
     score_inputs: bool = pydantic.Field(True, description="Also score the base and each fine-tune as references.")
+    max_grid_points: int = pydantic.Field(
+        4096, ge=1, le=1_000_000,
+        description="Most candidates all strategies' grids may make together (each is a merge and an evaluation).")
 
     @pydantic.field_validator("name")
     @classmethod
@@ -264,7 +275,16 @@ class AuditConfig(_Frozen):
         if dupes:
             problems.append(f"checkpoint names are not unique: {', '.join(dupes)}")
         known = {m.name for m in self.models}
+        problems += self._output_problems()
+        sizes = [s.grid_size() for s in self.strategies]
+        if sum(sizes) > self.max_grid_points:
+            each = ", ".join(f"strategies[{i}] ({s.method}) {n}" for i, (s, n) in enumerate(zip(self.strategies, sizes))
+                             if n > 1)
+            problems.append(f"the grids make {sum(sizes)} candidates ({each}), more than max_grid_points="
+                            f"{self.max_grid_points}; shrink them or raise max_grid_points")
         for i, strat in enumerate(self.strategies):
+            if sizes[i] > self.max_grid_points:
+                continue  # too large to expand, even to check its points
             chosen = strat.models if strat.models is not None else [m.name for m in self.models]
             unknown = [n for n in chosen + list(strat.model_params) if n not in known]
             if unknown:
@@ -308,6 +328,21 @@ class AuditConfig(_Frozen):
             raise ValueError("; ".join(problems))
         return self
 
+    def _output_problems(self) -> list[str]:
+        """Results (and the Fisher cache) must not be written inside a checkpoint folder, nor in a
+        folder holding one: vacuuming or rewriting results would then touch checkpoint files."""
+        problems = []
+        outputs = {"results_uri": self.results_uri}
+        if self.fisher is not None and self.fisher.cache_uri:
+            outputs["fisher.cache_uri"] = self.fisher.cache_uri
+        for what, out in outputs.items():
+            for ck in [self.base, *self.models]:
+                if _nested(out, ck.uri):
+                    problems.append(f"{what} {out} lies inside checkpoint {ck.name} ({ck.uri})")
+                elif _nested(ck.uri, out):
+                    problems.append(f"{what} {out} contains checkpoint {ck.name} ({ck.uri})")
+        return problems
+
     def strategy_models(self, strat: StrategySpec) -> list[str]:
         return strat.models if strat.models is not None else [m.name for m in self.models]
 
@@ -316,6 +351,19 @@ class AuditConfig(_Frozen):
             if spec.name == name:
                 return spec
         raise ConfigError(f"no checkpoint named {name!r}")
+
+
+def _nested(inner: str, outer: str) -> bool:
+    """True when URI inner is outer or lies below it (local paths compared with symlinks resolved)."""
+    def norm(uri: str) -> str:
+        scheme, rest = store.split_scheme(store.check_uri(uri))
+        return os.path.realpath(rest) if scheme == "file" else f"{scheme}://{rest.strip('/')}"
+
+    try:
+        a, b = norm(inner), norm(outer)
+    except MergeAuditError:
+        return False  # a bad URI is reported by its own validator
+    return a == b or a.startswith(b.rstrip("/") + "/")
 
 
 def format_validation_error(exc: pydantic.ValidationError) -> str:
@@ -340,13 +388,10 @@ def load_config(path: str | Path) -> AuditConfig:
     """Load an AuditConfig from a YAML file on any store (data only; no tags, no code)."""
     uri = store.check_uri(str(path))
     try:
-        text = store.read_bytes(uri).decode()
+        raw = store.read_bytes(uri)
     except MergeAuditError:
         raise ConfigError(f"config file {path} does not exist or cannot be read") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    data = load_yaml(raw, source=str(path))
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping, not {type(data).__name__}")
     return parse_config(data, source=str(path))

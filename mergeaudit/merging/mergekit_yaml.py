@@ -5,7 +5,9 @@ Supported: `models` (each `model:` a path or store URI, with optional `parameter
 conditions), `dtype` (the compute dtype, as in mergekit), `out_dtype`, `tokenizer_source`
 (`base` or one of the models). Refused with a clear reason: `slices`/`modules` (layer
 surgery), LoRA references (`model+lora`), `tokenizer_source: union` and the `tokenizer:`
-block (vocabulary merging), Hugging Face hub ids (nothing is downloaded), unknown keys.
+block (vocabulary merging), Hugging Face hub ids (nothing is downloaded), unknown keys, and
+numbers that are not finite or lie beyond +-1e6 (a NaN weight would merge into NaNs). The file
+is read with a bounded loader (mergeaudit.safe_yaml): no alias bombs, no deep nesting.
 
     plan = load_mergekit_config("ties.yaml", seed=0)
 """
@@ -16,12 +18,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mergeaudit import store
 from mergeaudit.errors import ConfigError, MergeAuditError
 from mergeaudit.merging.executor import MergePlan, ModelRef, parse_dtype
+from mergeaudit.merging.params import number_problems
 from mergeaudit.merging.registry import REGISTRY
+from mergeaudit.safe_yaml import load_yaml
 
 SUPPORTED_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source"}
 REFUSED = {
@@ -105,6 +107,10 @@ def plan_from_mergekit(data: Any, config_dir: Path, seed: int = 0, device: str =
     if not isinstance(parameters, dict):
         problems.append("parameters must be a mapping")
         parameters = {}
+    problems += number_problems(parameters, "parameters")
+    for i, entry in enumerate(entries):
+        if isinstance(entry, dict):
+            problems += number_problems(entry.get("parameters"), f"models[{i}].parameters")
     for key in ("dtype", "out_dtype"):
         try:
             parse_dtype(data.get(key), key)
@@ -135,11 +141,12 @@ def plan_from_mergekit(data: Any, config_dir: Path, seed: int = 0, device: str =
 
 
 def load_mergekit_config(path: str | Path, seed: int = 0, device: str = "cpu") -> MergePlan:
+    """A MergePlan from a mergekit YAML file (bounded loader: see mergeaudit.safe_yaml)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return plan_from_mergekit(data, path.parent.absolute(), seed=seed, device=device)
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    return plan_from_mergekit(load_yaml(raw, source=str(path)), path.parent.absolute(), seed=seed, device=device)

@@ -9,7 +9,7 @@ in mergekit 0.1.x.
 `resolve` turns settings into one frozen params object per tensor: shared fields as scalars,
 per-model fields (`weight`, `density`, ...) as tuples aligned with the merged models.
 `check_all` resolves every tensor of a plan before any tensor is read and reports every
-problem at once.
+problem at once; numbers must be finite and within MAX_PARAM_MAGNITUDE (registry.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Union
 import pydantic
 
 from mergeaudit.errors import ConfigError
-from mergeaudit.merging.registry import MergeMethod, MethodParams
+from mergeaudit.merging.registry import MAX_PARAM_MAGNITUDE, MergeMethod, MethodParams
 
 Scalar = Union[bool, int, float, str]
 
@@ -54,6 +54,12 @@ def evaluate(setting: Any, tensor: str, t: float) -> Any:
             numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting)
             if not numeric:
                 return setting[int(t * (len(setting) - 1))]
+            # checked before interpolating: a 400-digit integer would raise OverflowError
+            bad = [v for v in setting if not abs(v) <= MAX_PARAM_MAGNITUDE]  # False for NaN, too
+            if bad:
+                shown = repr(bad[0]) if isinstance(bad[0], float) else f"an integer of {len(str(abs(bad[0])))} digits"
+                raise ConfigError(f"gradient value {shown} is not a finite number of magnitude at most "
+                                  f"{MAX_PARAM_MAGNITUDE:g}")
             scaled = t * (len(setting) - 1)
             i0 = int(scaled)
             i1 = min(len(setting) - 1, i0 + 1)
@@ -67,6 +73,23 @@ def evaluate(setting: Any, tensor: str, t: float) -> Any:
                 return evaluate(cond.value, tensor, t)
         return None
     raise ConfigError(f"unsupported parameter setting {setting!r}")
+
+
+def number_problems(value: Any, where: str) -> list[str]:
+    """Every number in a settings tree (scalars, gradient lists, conditions) that is not finite
+    or lies beyond MAX_PARAM_MAGNITUDE, by where it is; checked before anything is resolved."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        if abs(value) <= MAX_PARAM_MAGNITUDE:  # False for NaN and infinities
+            return []
+        shown = repr(value) if isinstance(value, float) else f"an integer of {len(str(abs(value)))} digits"
+        return [f"{where}: {shown} is not a finite number of magnitude at most {MAX_PARAM_MAGNITUDE:g}"]
+    if isinstance(value, Mapping):
+        return [p for k, v in value.items() for p in number_problems(v, f"{where}.{k}")]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in number_problems(v, f"{where}[{i}]")]
+    return []
 
 
 def layer_position(layer: int | None, num_layers: int | None) -> float:

@@ -24,13 +24,27 @@ import torch
 from mergeaudit.errors import ConfigError, UnknownMethodError
 
 Semantics = Literal["mergekit", "paper"]
+# Every numeric merge parameter (weights, densities, lambda, t, ...) lies within +-1e6: real
+# configs use values near 1, and beyond this a merge is an overflow, not an experiment.
+MAX_PARAM_MAGNITUDE = 1e6
 
 
 class MethodParams(pydantic.BaseModel):
-    """Base of every method's parameters: frozen, unknown keys refused."""
+    """Base of every method's parameters: frozen, unknown keys refused, numbers finite and
+    within MAX_PARAM_MAGNITUDE (a NaN, infinite or 1e308 weight would merge into NaNs)."""
 
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid", populate_by_name=True, allow_inf_nan=False)
     PER_MODEL: ClassVar[dict[str, Any]] = {}  # field name -> default for a model without a value
+
+    @pydantic.field_validator("*", mode="after")
+    @classmethod
+    def _bounded(cls, v: Any) -> Any:
+        values = v if isinstance(v, tuple) else (v,)
+        bad = [x for x in values if isinstance(x, (int, float)) and not isinstance(x, bool)
+               and not abs(x) <= MAX_PARAM_MAGNITUDE]  # False for NaN and infinities too
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a finite number of magnitude at most {MAX_PARAM_MAGNITUDE:g}")
+        return v
 
     @classmethod
     def per_model_fields(cls) -> dict[str, Any]:
