@@ -384,6 +384,16 @@ def main(argv: list[str] | None = None) -> int:
             exc = format_validation_error(exc)
         print("mergeaudit: error: " + " ".join(str(exc).split()), file=sys.stderr)
         return EXIT_USER_ERROR
+    except RuntimeError as exc:
+        # Prefect raises a bare RuntimeError (with the server's output) when its ephemeral API
+        # does not come up in time; flows/__init__.py raises the limit to 90 s
+        if "ephemeral Prefect API server" not in str(exc):
+            raise
+        setting = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+        print(f"mergeaudit: error: Prefect's ephemeral API did not start within {os.environ.get(setting, '20')} s "
+              f"(machine busy?); raise {setting}, or set PREFECT_API_URL to a running Prefect server",
+              file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130
 
