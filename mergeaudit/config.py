@@ -25,10 +25,24 @@ from mergeaudit.errors import ConfigError, MergeAuditError
 from mergeaudit.safe_yaml import load_yaml
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# No float in a config is infinite, NaN or beyond this (probe lambdas, scales, timeouts...);
+# merge parameters have the same bound (merging.registry.MAX_PARAM_MAGNITUDE).
+MAX_MAGNITUDE = 1e6
 
 
 class _Frozen(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+    """Frozen, unknown keys refused, every float finite and within +-MAX_MAGNITUDE."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    @pydantic.field_validator("*", mode="after")
+    @classmethod
+    def _bounded(cls, v: Any) -> Any:
+        values = v if isinstance(v, list) else [v]
+        bad = [x for x in values if isinstance(x, float) and not abs(x) <= MAX_MAGNITUDE]
+        if bad:
+            raise ValueError(f"{bad[0]!r} lies beyond +-{MAX_MAGNITUDE:g}")
+        return v
 
 
 class CheckpointSpec(_Frozen):

@@ -162,6 +162,22 @@ def test_weights_within_bounds_still_validate(tmp_path):
     assert cfg.strategies[0].model_params["a"]["weight"] == 1e6
 
 
+def test_non_finite_or_absurd_numbers_elsewhere_in_the_config_are_refused(tmp_path):
+    raw = base_config(
+        tmp_path,
+        probes={"task_vectors": [{"model": "a", "lambdas": [0.0, 1e308]}],
+                "interpolations": [{"a": "base", "b": "a", "alphas": [0.0, 1.0, float("inf")]}],
+                "perturbation": {"gaussian_scales": [float("nan")]}},
+        geometry={"eta": float("inf")},
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    msg = str(info.value)
+    for where in ("probes.task_vectors.0.lambdas: 1e+308 lies beyond", "probes.interpolations.0.alphas.2",
+                  "probes.perturbation.gaussian_scales.0", "geometry.eta"):
+        assert where in msg, msg
+
+
 def test_million_point_grid_is_refused_quickly_with_size_and_limit(tmp_path):
     grid = {k: [0.1 * i for i in range(1, 11)] for k in ("lambda", "normalize_", "a", "b", "c", "d")}
     raw = base_config(tmp_path, strategies=[{"method": "task_arithmetic", "grid": grid}])
