@@ -6,7 +6,7 @@ sandbox gets new user, pid, network, ipc, uts and cgroup namespaces (`--unshare-
 (`--disable-userns` where bwrap has it), a root of its own that is read-only (`--remount-ro /`)
 holding only /usr (and the /bin, /lib* links or folders), the interpreter's prefix read-only, the
 task files read-only at /task, a size-capped tmpfs at /work, a new /proc (only its own
-processes) and a minimal /dev; an empty environment but PATH/HOME/TMPDIR/LANG;
+processes) and a minimal read-only /dev; an empty environment but PATH/HOME/TMPDIR/LANG;
 `--die-with-parent` and `--new-session`. When its pid 1 ends, the kernel kills every process in
 the namespace, so nothing the program starts outlives it.
 
