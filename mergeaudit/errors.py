@@ -44,6 +44,11 @@ class ShapeMismatchError(CheckpointError):
     """Checkpoints that cannot be combined because tensor names or shapes disagree."""
 
 
+class UnsafeOutputError(ConfigError):
+    """An output URI whose writing would delete or overwrite data mergeaudit did not create, or
+    an input of the same job."""
+
+
 class UnknownMethodError(ConfigError):
     """A merge method name that is not in the registry."""
 

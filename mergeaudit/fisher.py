@@ -128,7 +128,8 @@ def estimate_fisher(model_uri: str, calibration_uri: str, cache_uri: str,
         "estimator": "empirical diagonal Fisher, per-example gradients of the response log-likelihood",
         "mergeaudit_version": mergeaudit.__version__,
     }
-    with CheckpointWriter(out, config=ck.config, dtype=torch.float32) as writer:
+    # out is this cache's own entry: a leftover of a killed write may be replaced
+    with CheckpointWriter(out, config=ck.config, dtype=torch.float32, overwrite=True) as writer:
         for name in ck.keys():
             if name in fisher:
                 writer.add(name, fisher[name])

@@ -60,7 +60,7 @@ from mergeaudit.checkpoint.reader import (
     TOKENIZER_FILES,
     Checkpoint,
 )
-from mergeaudit.errors import CheckpointError, ConfigError, MergeAuditError
+from mergeaudit.errors import CheckpointError, MergeAuditError, UnsafeOutputError
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 COPY_CHUNK = 16 * 1024 * 1024
@@ -70,11 +70,6 @@ PROVENANCE_FORMAT = "mergeaudit.checkpoint/1"
 # PROVENANCE_FILE existed are recognised by it.
 LEGACY_REPORT_FILE = "mergeaudit_merge.json"
 _SHARD_NAME = re.compile(r"^model(-[0-9a-f]{12})?-[0-9]{5}\.safetensors$|^model\.safetensors$")
-
-
-class UnsafeOutputError(ConfigError):
-    """An output URI whose writing would delete or overwrite data mergeaudit did not create, or
-    an input of the same job."""
 
 
 @dataclass(frozen=True)
