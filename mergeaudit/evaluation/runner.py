@@ -10,12 +10,14 @@ one; `TaskManager(include_path=<that folder>, include_defaults=False)` indexes o
 
 Scores come in two kinds: lm-eval's own metrics, and, for tasks that declare a verifier
 (`metadata.mergeaudit_verifier`: numeric, math or code), our verdicts on every sampled
-completion (from lm-eval's logged samples): mean reward with its standard error, pass@k by the
-unbiased estimator, the format rate and the counts of verifier errors, of timeouts (a timeout
-scores 0 but is counted apart, never as a plain wrong answer; its error starts "timeout:") and,
-for code, of violations (forged verdicts). Per-sample rows carry the prompt hash, completion,
-extracted answer, verdict, reward and any error. Tasks with code are refused before generation
-when the sandbox's minimum isolation is not available (`sandbox.require_isolation`).
+completion (from lm-eval's logged samples): mean reward, pass@k by the unbiased estimator, the
+format rate and the counts of verifier errors, of timeouts (a timeout scores 0 but is counted
+apart, never as a plain wrong answer; its error starts "timeout:") and, for code, of violations
+(forged verdicts). Reward, pass@k and format rate take the prompt as the unit: mean per prompt,
+then mean and standard error across prompts, n = prompts (mergeaudit.results.stats states the
+formulas). Per-sample rows carry the prompt hash, completion, extracted answer, verdict, reward
+and any error. Tasks with code are refused before generation when the sandbox's minimum
+isolation is not available (`sandbox.require_isolation`).
 
     result = evaluate_model(model, tokenizer, ["mergeaudit_add2"], EvalSettings(limit=20))
 """
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import math
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from mergeaudit import store
 from mergeaudit.errors import EvaluationError
 from mergeaudit.evaluation.sandbox import SandboxLimits, require_isolation
 from mergeaudit.evaluation.verifiers import Verifier
+from mergeaudit.results.stats import pass_at_k, prompt_mean_stderr
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 LM_EVAL_PREFIX = "lm_eval://"
@@ -341,26 +343,10 @@ def score_rows(results: dict) -> list[dict]:
     return rows
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k (Chen et al. 2021): 1 - C(n - c, k) / C(n, k)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def mean_stderr(values: list[float]) -> tuple[float, float | None]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
-
-
 def verify_samples(task: TaskSource, logged: list[dict], verifier: Verifier,
                    pass_k: tuple[int, ...]) -> tuple[list[dict], list[dict]]:
     """Verdicts on every completion of a task, and the aggregate score rows."""
-    samples, rewards, per_doc, formats, errors = [], [], [], [], 0
+    samples, rewards, per_doc, formats, errors = [], [], [], [], 0  # rewards, formats: one list per prompt
     counts = {"timeout": 0, "violation": 0}
     metric = {"numeric": "numeric_match", "math": "math_verify", "code": "code_pass"}[task.verifier]
     for entry in logged:
@@ -368,15 +354,17 @@ def verify_samples(task: TaskSource, logged: list[dict], verifier: Verifier,
         reference = str(entry.get("target"))
         prefix = str(entry["doc"].get(task.program_prefix, "")) if task.program_prefix else ""
         correct = 0
+        rewards.append([])
+        formats.append([])
         for i, completion in enumerate(completions):
             v = verifier.verify(task.verifier, completion, reference, task.answer_format, prefix)
             correct += v.correct
-            rewards.append(v.reward)
+            rewards[-1].append(v.reward)
             errors += v.error is not None
             if v.status in counts:
                 counts[v.status] += 1
             if v.format_ok is not None:
-                formats.append(1.0 if v.format_ok else 0.0)
+                formats[-1].append(1.0 if v.format_ok else 0.0)
             samples.append({"task": task.name, "doc_id": int(entry["doc_id"]), "sample": i,
                             "prompt_hash": entry.get("prompt_hash"), "completion": completion,
                             "extracted": v.extracted, "verdict": v.correct, "reward": v.reward,
@@ -386,16 +374,18 @@ def verify_samples(task: TaskSource, logged: list[dict], verifier: Verifier,
         return [], []
     scores = []
 
-    def row(name: str, values: list[float]) -> None:
-        mean, stderr = mean_stderr(values)
+    def row(name: str, per_prompt: list[list[float]]) -> None:
+        # the prompt is the unit: mean per prompt, then mean and standard error across prompts
+        per_prompt = [xs for xs in per_prompt if xs]
+        mean, stderr = prompt_mean_stderr(per_prompt)
         scores.append({"task": task.name, "metric": name, "filter": "verifier", "value": mean,
-                       "stderr": stderr, "n": len(values)})
+                       "stderr": stderr, "n": len(per_prompt)})
 
     row(metric, rewards)
     for k in pass_k:
-        if all(n >= k for n, _ in per_doc):
-            row(f"pass@{k}", [pass_at_k(n, c, k) for n, c in per_doc])
-    if formats:
+        if all(n >= k for n, _ in per_doc):  # pass@k of a prompt with fewer than k samples is undefined
+            row(f"pass@{k}", [[pass_at_k(n, c, k)] for n, c in per_doc])
+    if any(formats):
         row("format_rate", formats)
     scores.append({"task": task.name, "metric": "verifier_errors", "filter": "verifier", "value": float(errors),
                    "stderr": None, "n": len(samples)})
