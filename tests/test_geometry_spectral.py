@@ -71,3 +71,17 @@ def test_randomized_error_within_documented_bounds():
     for key in ("angle_left_max_deg", "angle_right_max_deg", "angle_left_mean_deg", "angle_right_mean_deg"):
         assert rand[key] == pytest.approx(exact[key], abs=1.0)
     assert rand["stable_rank"] == pytest.approx(exact["stable_rank"], rel=0.03)
+
+
+def test_randomized_svd_leaves_the_global_generator_alone():
+    from mergeaudit.geometry.spectral import SpectralSettings, spectral_figures
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(300, 200, generator=g)
+    settings = SpectralSettings(top_k_fraction=0.05, exact_max_dim=10)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = spectral_figures(w, w + 0.01 * torch.randn(300, 200, generator=g), None, settings)
+    assert torch.equal(torch.rand(3), expected), "the global RNG state is untouched"
+    assert first["spectral_method"] == "randomized"
