@@ -55,3 +55,7 @@ class UnknownMethodError(ConfigError):
 
 class EvaluationError(MergeAuditError):
     """A task that is unknown or whose data cannot be found."""
+
+
+class IsolationError(EvaluationError):
+    """The configured minimum isolation for model-generated code is not available here."""

@@ -39,15 +39,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mergeaudit.errors import EvaluationError
+from mergeaudit.errors import IsolationError
 
 NOBODY = 65534
 MINIMUM_LEVELS = ("bwrap", "best_effort")
 SANDBOX_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/work", "TMPDIR": "/work", "LANG": "C.UTF-8"}
-
-
-class IsolationError(EvaluationError):
-    """The configured minimum isolation for model-generated code is not available here."""
 
 
 def bwrap_path() -> str | None:
