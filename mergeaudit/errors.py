@@ -53,6 +53,11 @@ class UnknownMethodError(ConfigError):
     """A merge method name that is not in the registry."""
 
 
+class NonFiniteError(MergeAuditError):
+    """A merge whose output holds NaN or infinite values: the method or the cast to the output
+    dtype overflowed, or an input already held them."""
+
+
 class EvaluationError(MergeAuditError):
     """A task that is unknown or whose data cannot be found."""
 

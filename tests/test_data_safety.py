@@ -286,3 +286,57 @@ def test_merge_failing_midway_into_an_existing_s3_checkpoint_keeps_it(toy_family
 def test_checks_fail_as_user_errors(tmp_path):
     with pytest.raises(MergeAuditError):
         check_output(str(tmp_path / "x"), [str(tmp_path)])
+
+
+# -- no silent NaN checkpoints ---------------------------------------------------------------------
+
+def _fp16_family(root: Path, poison: float | None = None) -> dict[str, str]:
+    """A base and two fine-tunes in float16 whose weights are near float16's largest value."""
+    base = {"w": torch.full((8, 8), 30000.0, dtype=torch.float16)}
+    out = {"base": write_checkpoint(str(root / "base"), base.items(), config=CFG)}
+    for i, name in enumerate(("ft_a", "ft_b")):
+        t = base["w"].clone()
+        t[0, i] = 30001.0 if poison is None else poison
+        out[name] = write_checkpoint(str(root / name), {"w": t}.items(), config=CFG)
+    return out
+
+
+def _merge_cfg(family: dict[str, str], method: str, weight: float, dtype: str | None) -> dict:
+    cfg = {"merge_method": method, "base_model": family["base"],
+           "models": [{"model": family[n], "parameters": {"weight": weight}} for n in ("ft_a", "ft_b")],
+           "parameters": {"normalize": False}}
+    if dtype:
+        cfg["dtype"], _, out = dtype.partition(">")
+        if out:
+            cfg["out_dtype"] = out
+    return cfg
+
+
+@pytest.mark.parametrize("poison,method,weight,dtype,reason", [
+    (None, "linear", 2.0, None, "NaN or infinite values from finite inputs (computing in float16)"),
+    (None, "linear", 2.0, "float32>float16", "overflows float16"),  # 2 x 30000 does not fit float16
+    (float("nan"), "task_arithmetic", 0.5, "float32", "ft_b holds NaN or infinite"),
+    (float("inf"), "linear", 0.5, "float32", "ft_b holds NaN or infinite"),
+])
+def test_a_merge_that_would_write_non_finite_values_fails_and_writes_nothing(tmp_path, capsys, poison, method,
+                                                                             weight, dtype, reason):
+    family = _fp16_family(tmp_path / "in", poison)
+    if poison is not None and method == "linear":  # poison only ft_b
+        t = {"w": torch.full((8, 8), 30000.0, dtype=torch.float16)}
+        shutil.rmtree(family["ft_a"])
+        family["ft_a"] = write_checkpoint(family["ft_a"], t.items(), config=CFG)
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump(_merge_cfg(family, method, weight, dtype)))
+    out = tmp_path / "out"
+    assert main(["merge", str(config), str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and reason in err[0], err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_a_finite_merge_of_the_same_inputs_still_works(tmp_path):
+    family = _fp16_family(tmp_path / "in")
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump(_merge_cfg(family, "linear", 0.5, None)))
+    assert main(["merge", str(config), str(tmp_path / "out")]) == 0
+    assert bool(torch.isfinite(read_all(str(tmp_path / "out"))["w"]).all())

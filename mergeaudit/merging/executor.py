@@ -35,7 +35,7 @@ from mergeaudit.checkpoint import (
     iter_aligned,
 )
 from mergeaudit.checkpoint.writer import check_output
-from mergeaudit.errors import ConfigError
+from mergeaudit.errors import ConfigError, NonFiniteError
 from mergeaudit.geometry import parse_tensor_name
 from mergeaudit.merging.params import check_all
 from mergeaudit.merging.registry import REGISTRY, MergeMethod, MethodParams, TensorSlot
@@ -118,6 +118,8 @@ class PreparedMerge:
             merged = self.method.fn(slot, self.params[name])
             target = out_dtype or stored
             out = merged.to(target)
+            if not bool(torch.isfinite(out).all()):
+                raise NonFiniteError(_non_finite_reason(name, plan.method, merged, target, slot))
             info = dict(slot.info)
             if base is not None:
                 update = merged.float() - base.float()
@@ -128,6 +130,20 @@ class PreparedMerge:
                 info["update_entries"] = n
             self.stats[name] = info
             yield name, out.cpu()
+
+
+def _non_finite_reason(name: str, method: str, merged: torch.Tensor, target: torch.dtype, slot: TensorSlot) -> str:
+    """Why a merged tensor is not finite: an input already was, the method overflowed, or the
+    cast to the output dtype did."""
+    inputs = ([("base", slot.base)] if slot.base is not None else []) + list(zip(slot.model_ids, slot.models))
+    bad = [mid for mid, t in inputs if not bool(torch.isfinite(t).all())]
+    if bad:
+        return f"tensor {name!r}: input {', '.join(bad)} holds NaN or infinite values; the merge would too"
+    if not bool(torch.isfinite(merged).all()):
+        return (f"tensor {name!r}: {method} produced NaN or infinite values from finite inputs "
+                f"(computing in {str(merged.dtype).removeprefix('torch.')})")
+    return (f"tensor {name!r}: the {method} result overflows {str(target).removeprefix('torch.')} "
+            f"(largest magnitude {float(merged.abs().max()):.3g}); choose a wider output dtype or smaller weights")
 
 
 def prepare(plan: MergePlan, opener: Callable[[str], Checkpoint] = Checkpoint.open) -> PreparedMerge:
