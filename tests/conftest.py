@@ -89,3 +89,15 @@ def prefect_harness():
 
     with prefect_test_harness():
         yield
+
+
+@pytest.fixture
+def bwrap():
+    """Tests that run model-generated code need bubblewrap: skip without it, fail when CI
+    (MERGEAUDIT_REQUIRE_BWRAP) says it must be there."""
+    from mergeaudit.evaluation import isolation
+
+    if isolation.bwrap_path() is None:
+        if os.environ.get("MERGEAUDIT_REQUIRE_BWRAP"):
+            pytest.fail("MERGEAUDIT_REQUIRE_BWRAP is set but bubblewrap is not installed")
+        pytest.skip("no bubblewrap on this machine (make test installs it where it can)")

@@ -28,12 +28,7 @@ LIMITS = SandboxLimits(wall_seconds=6, cpu_seconds=2, memory_bytes=512 * 1024**2
 STRONG = "bwrap kuid=65534 user=nobody caps=none nnp pid=ns net=none fs=ro env=empty nproc=9"
 
 
-@pytest.fixture(autouse=True)
-def bwrap():
-    if isolation.bwrap_path() is None:
-        if os.environ.get("MERGEAUDIT_REQUIRE_BWRAP"):
-            pytest.fail("MERGEAUDIT_REQUIRE_BWRAP is set but bubblewrap is not installed")
-        pytest.skip("no bubblewrap on this machine (make test installs it where it can)")
+pytestmark = pytest.mark.usefixtures("bwrap")
 
 
 def with_marker(cmd: str = "") -> str:

@@ -8,11 +8,9 @@ SandboxLimits; none spawns.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
-from mergeaudit.evaluation import isolation
 from mergeaudit.evaluation.code_tests import UnsupportedTests, compile_tests
 from mergeaudit.evaluation.packs import code_problems
 from mergeaudit.evaluation.sandbox import SandboxLimits, run_code
@@ -22,12 +20,7 @@ LIMITS = SandboxLimits(wall_seconds=6, cpu_seconds=2, memory_bytes=512 * 1024**2
 TESTS = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-4, 4) == 0\n\ncheck(add)\n"
 
 
-@pytest.fixture(autouse=True)
-def bwrap():
-    if isolation.bwrap_path() is None:
-        if os.environ.get("MERGEAUDIT_REQUIRE_BWRAP"):
-            pytest.fail("MERGEAUDIT_REQUIRE_BWRAP is set but bubblewrap is not installed")
-        pytest.skip("no bubblewrap on this machine (make test installs it where it can)")
+pytestmark = pytest.mark.usefixtures("bwrap")
 
 
 FORGERIES = {
