@@ -208,24 +208,6 @@ def test_gaussian_perturbation_is_scaled_to_the_tensor():
     assert noise_std == pytest.approx(0.1 * float(x.square().mean().sqrt()), rel=0.02)
 
 
-def test_sar_arbitration_rules():
-    base = [0.0] * 4
-    a, b = [1.0, 0.0, 2.0, -1.0], [0.0, 3.0, 1.0, 2.0]
-    fisher = [[1.0, 1.0, 1.0, 9.0], [1.0, 1.0, 4.0, 1.0]]
-    common = {"density": 1.0, "rescale": False}
-    # exclusive entries kept whole; overlap at 2: s_a = 1*4 = 4 < s_b = 4*1 = 4? tie -> a (first);
-    # at 3: s_a = 9*1 = 9 > s_b = 1*4 = 4 -> a's -1
-    wta = run("sar", base, a, b, fisher=fisher, shared={**common, "arbitration": "winner_take_all"})
-    assert wta == pytest.approx([1.0, 3.0, 2.0, -1.0])
-    # sign-aware average: at 2 both positive -> Fisher-weighted mean (1*2 + 4*1)/5; at 3 the
-    # elected sign is that of sum s_i sign(d_i) = -9 + 4 < 0 -> only a agrees
-    avg = run("sar", base, a, b, fisher=fisher, shared=common)
-    assert avg == pytest.approx([1.0, 3.0, 6 / 5, -1.0], rel=1e-4)
-    # magnitude-aware sparsification keeps the strongest entries and rescales to the same L1
-    sparse = run("sar", base, a, b, fisher=fisher, shared={"density": 0.5, "arbitration": "winner_take_all"})
-    assert sum(v != 0 for v in sparse) == 2 and sum(abs(v) for v in sparse) == pytest.approx(7.0)
-
-
 # -- conformance over the registry -----------------------------------------------------------------
 
 @pytest.mark.parametrize("method", REGISTRY.names())

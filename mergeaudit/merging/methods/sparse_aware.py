@@ -10,27 +10,55 @@ disjoint_mean     ours: the same idea with the bf16 update mask of mergeaudit.ge
                   per-model weights that scale each task vector first.
 fisher            diagonal-Fisher-weighted averaging (Matena & Raffel, arXiv 2111.09832) of
                   the task vectors: base + sum_i w_i F_i d_i / sum_i w_i F_i.
-sar               Sensitivity-aware Resolving Merging (arXiv 2606.18521), our reading of the
-                  abstract; every choice below is ours and documented:
-  1. task vectors d_i = w_i (theta_i - theta_base), update masks m_i (bf16 or |d| > eps);
-  2. sensitivity s_i = F_i d_i^2 (second-order loss increase of dropping the update; with
-     `sensitivity: magnitude`, F = 1);
-  3. exclusive entries (one model updated): d_i kept undiluted;
-  4. overlapping entries, by `arbitration`:
-     - fisher_sign_average (default): elect the sign of sum_i m_i s_i sign(d_i), then average
-       the agreeing updates weighted by Fisher: sum_i a_i F_i d_i / sum_i a_i F_i;
-     - winner_take_all: the update of the model with the largest s_i;
-  5. magnitude-aware sparsification: of the merged update's nonzero entries keep the top
-     `density` (default 0.9) by Fisher-weighted magnitude Fbar * merged^2;
-  6. rescale (default on) so the merged update keeps its L1 norm.
-  Fisher values get a floor of `fisher_floor` x their mean, so a zero Fisher never divides by
-  zero and a model with no Fisher mass still counts where it is alone.
+sar               Sensitivity-aware Resolving Merging (arXiv 2606.18521); see below.
+
+SAR. The paper's description (its abstract; we have not seen its method section) is: "resolves
+conflicts in overlapping update regions via Fisher Information-based sensitivity arbitration,
+followed by magnitude-aware sparsification and rescaling". Every concrete choice is ours:
+
+- task vectors: d_i = w_i (theta_i - theta_base), with a `weight` per model (default 1).
+- update regions: m_i marks the entries whose bf16 value moved (`mask: bf16`, the default: an
+  update below bf16 resolution is no update) or where |d_i| > `epsilon` (`mask: abs`); an entry
+  updated by two or more models is overlapping, by one exclusive.
+- Fisher Information: each model's diagonal Fisher on its own calibration set (`mergeaudit
+  fisher`), divided by its own mean over the tensor, per model and per tensor
+  (`fisher_normalize: mean`, the default; `none` keeps the raw scales), plus `fisher_floor`
+  (1e-6, in units of that mean) so that no entry weighs exactly 0.
+- sensitivity: s_i = F_i d_i^2, the second-order loss increase of dropping d_i
+  (`sensitivity: magnitude` sets F = 1 and needs no Fisher).
+- arbitration on overlaps: `fisher_sign_average` (default) elects the sign of
+  sum_i m_i s_i sign(d_i) and averages the agreeing updates weighted by Fisher,
+  sum_i a_i F_i d_i / sum_i a_i F_i; `winner_take_all` keeps the update with the largest s_i.
+- exclusive entries (not named by the paper): kept whole, never divided by the model count.
+- magnitude-aware sparsification: of the merged update's nonzero entries keep the top `density`
+  (default 0.9) by Fisher-weighted magnitude mean_i(F_i) * merged^2 (merged^2 without Fisher);
+  done once on the merged update, not per model before arbitration.
+- rescaling: `rescale: l1` (default) scales the kept entries so the merged update keeps its L1
+  norm (mergekit's DARE/DELLA rule); `inverse_density` scales them by support / kept, i.e.
+  1 / achieved density (the DARE paper's 1/p); `none`. `rescale: true / false` (older configs)
+  mean `l1` / `none`.
+- global scale (not in the abstract; task arithmetic's lambda): base + `lambda` * merged update,
+  applied last, after rescaling.
+
+Why normalise the Fisher, and by the mean: arbitration compares F_i of different models at the
+same entry, so a factor common to one model's whole Fisher (calibration-set size, a sum rather
+than a mean over tokens, response lengths, how peaked the model is) would decide conflicts on
+its own: with raw Fisher, one expert's Fisher x100 won 92% of the conflicting entries of a
+synthetic pair instead of 50% (tests/test_sar.py). Dividing by the mean or by the sum over the
+tensor gives the same ratios between models (they share numel), so the same merge; the mean
+keeps values near 1, which makes `fisher_floor` a relative floor and keeps fp32 away from
+underflow on 100M-entry tensors. Not the median (diagonal Fisher is heavy-tailed and mostly
+near 0, so the median can be 0), not the mean over each model's own update support (it would
+reward a model for updating low-Fisher entries), not one factor per model across tensors (it
+would leave per-tensor scale differences between the experts' Fisher estimates). What still
+decides a conflict is each entry's Fisher relative to the rest of that model's tensor, times d^2.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+import pydantic
 import torch
 
 from mergeaudit.merging import steps
@@ -132,22 +160,45 @@ def fisher(slot: TensorSlot, p: FisherParams) -> torch.Tensor:
 class SarParams(MaskedParams):
     arbitration: Literal["fisher_sign_average", "winner_take_all"] = "fisher_sign_average"
     sensitivity: Literal["fisher", "magnitude"] = "fisher"
+    fisher_normalize: Literal["mean", "none"] = "mean"
     density: float = 0.9
-    rescale: bool = True
+    rescale: Literal["l1", "inverse_density", "none"] = "l1"
+    lambda_: float = pydantic.Field(1.0, alias="lambda")
     fisher_floor: float = 1e-6
 
+    @pydantic.field_validator("rescale", mode="before")
+    @classmethod
+    def _rescale_bool(cls, v):
+        # earlier configs wrote `rescale: true/false`; true meant L1 matching
+        return {True: "l1", False: "none"}.get(v, v) if isinstance(v, bool) else v
+
     def check(self, n_models: int) -> list[str]:
-        return [] if 0 < self.density <= 1 else [f"density must be in (0, 1] (got {self.density})"]
+        problems = [] if 0 < self.density <= 1 else [f"density must be in (0, 1] (got {self.density})"]
+        if self.fisher_floor < 0:
+            problems.append(f"fisher_floor must be >= 0 (got {self.fisher_floor})")
+        return problems
 
     def uses_fisher(self) -> bool:
         return self.sensitivity == "fisher"
+
+
+def sar_fisher(slot: TensorSlot, p: SarParams) -> torch.Tensor:
+    """Each model's Fisher for this tensor divided by its own mean over the tensor, plus
+    `fisher_floor` (in units of that mean); a model with no Fisher mass here gets the floor
+    alone. `fisher_normalize: none` keeps the raw scales (floor x the mean of all models)."""
+    if p.fisher_normalize == "none":
+        return floored_fisher(slot, p.fisher_floor)
+    f = torch.stack([x.to(slot.compute_dtype) for x in slot.fisher]).clamp(min=0)
+    mean = f.reshape(len(slot.fisher), -1).mean(dim=1).reshape(-1, *[1] * (f.dim() - 1))
+    f = torch.where(mean > 0, f / mean.clamp(min=torch.finfo(f.dtype).tiny), f)
+    return f + p.fisher_floor
 
 
 @register("sar", params=SarParams, reference="https://arxiv.org/abs/2606.18521")
 def sar(slot: TensorSlot, p: SarParams) -> torch.Tensor:
     deltas = weighted_deltas(slot, p.weight)
     masks = update_masks(slot, deltas, p)
-    f = floored_fisher(slot, p.fisher_floor) if p.sensitivity == "fisher" else torch.ones_like(deltas)
+    f = sar_fisher(slot, p) if p.sensitivity == "fisher" else torch.ones_like(deltas)
     sens = f * deltas.square() * masks
     counts = masks.sum(dim=0)
     exclusive = (deltas * masks).sum(dim=0) * (counts == 1)
@@ -167,16 +218,22 @@ def sar(slot: TensorSlot, p: SarParams) -> torch.Tensor:
         score = (f.mean(dim=0) * merged.square()).reshape(-1)
         score = torch.where(kept.reshape(-1), score, torch.full_like(score, -1.0))
         kept = steps.top_k_mask(score, max(1, int(p.density * support))).reshape(merged.shape)
+    n_kept = int(kept.sum())
     scale = 1.0
-    if p.rescale:
+    if p.rescale == "l1":
         merged, scale = steps.rescale_l1(merged, kept)
     else:
-        merged = merged * kept
+        merged = merged.mul_(kept)
+        if p.rescale == "inverse_density" and n_kept:
+            scale = support / n_kept
+            merged.mul_(scale)
+    if p.lambda_ != 1:
+        merged.mul_(p.lambda_)
     slot.info.update(
         exclusive=steps.kept_fraction(counts == 1),
         overlap=steps.kept_fraction(counts > 1),
         conflicts=steps.kept_fraction(conflicts) if conflicts is not None else None,
-        density_achieved=support and float(kept.sum()) / support,
+        density_achieved=support and n_kept / support,
         rescale=scale,
     )
     return slot.base + merged
