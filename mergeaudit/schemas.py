@@ -70,6 +70,21 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("angle_right_max_deg", pa.float64()),
         ("angle_right_mean_deg", pa.float64()),
         ("reason", pa.string()),
+        # added with issue 15 (nullable; files without them read as nulls): see mergeaudit.geometry
+        ("n_tensors", pa.int64()),                       # tensors in a layer/module/model row
+        ("sparsity_bf16_numel_weighted", pa.float64()),  # 1 - changed/numel (scope rows)
+        ("update_rank", pa.int64()),
+        ("update_rank_ratio", pa.float64()),
+        ("energy_topk", pa.float64()),                   # two-sided block ||U_k^T D V_k||^2 / ||D||^2
+        ("spectral_drift", pa.float64()),
+        ("principal_alpha", pa.float64()),
+        ("principal_changed", pa.int64()),               # changed entries of tensors with a principal mask
+        ("principal_overlap", pa.int64()),               # ... inside the principal mask
+        ("principal_overlap_share", pa.float64()),
+        ("principal_overlap_chance", pa.float64()),
+        ("principal_lift", pa.float64()),
+        ("elected_sign_shared", pa.int64()),             # changed entries also changed by another model
+        ("elected_sign_disagreement", pa.float64()),
     ]),
     "geometry_pairs": pa.schema([
         ("scope", pa.string()),          # tensor | layer | global
@@ -103,6 +118,11 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("cosine", pa.float64()),
         ("cosine_overlap", pa.float64()),
         ("norm_ratio", pa.float64()),
+        # added with issue 15 (nullable): shares of each model's Fisher mass, where Fisher is given
+        ("fisher_a_overlap_share", pa.float64()),
+        ("fisher_a_exclusive_share", pa.float64()),
+        ("fisher_b_overlap_share", pa.float64()),
+        ("fisher_b_exclusive_share", pa.float64()),
     ]),
     "candidates": pa.schema([
         ("candidate_id", pa.string()),

@@ -122,6 +122,10 @@ def test_toy_family_tables(toy_family):
     assert all(r["spectral_method"] == "exact" and 0 <= r["energy_topk_left"] <= 1 for r in two_d)
     norms = [r for r in per_tensor if r["tensor"].endswith("norm.weight")]
     assert norms and all(r.get("spectral_method") is None for r in norms)
+    from mergeaudit.schemas import to_arrow
+
+    assert to_arrow("geometry_tensors", tensor_rows).num_rows == len(tensor_rows)  # rows fit the schema
+    assert to_arrow("geometry_pairs", pair_rows).num_rows == len(pair_rows)
     (glob,) = [r for r in pair_rows if r["scope"] == "global"]
     assert glob["overlap"] == sum(r["overlap"] for r in pair_rows if r["scope"] == "tensor")
     # independent random masks: the overlap is what chance predicts

@@ -28,11 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mergeaudit.checkpoint import Checkpoint, iter_aligned
-from mergeaudit.geometry.spectral import (
-    SpectralSettings,
-    spectral_figures,
-    top_k_subspaces,
-)
+from mergeaudit.geometry.spectral import SpectralSettings, decompose, spectral_figures
 from mergeaudit.geometry.stats import ModelSums, PairSums, changed_bf16, tensor_sums
 
 __all__ = ["GeometrySettings", "SpectralSettings", "changed_bf16", "compute_geometry", "parse_tensor_name"]
@@ -99,7 +95,7 @@ def compute_geometry(
         spectral = settings.spectral if w.ndim == 2 and min(w.shape) > 1 else None
         if spectral is not None:
             w32 = w.float()
-            subspaces = top_k_subspaces(w32, spectral.k(tuple(w.shape)), spectral)
+            subspaces = decompose(w32, spectral.k(tuple(w.shape)), spectral)
         for m, ft, acc in zip(present, fts, sums.models, strict=True):
             extra = spectral_figures(w32, ft.float(), subspaces, spectral) if spectral is not None else {}
             tensor_rows.append(model_row(m, "tensor", tensor, layer, module, **acc.derived(), **extra))

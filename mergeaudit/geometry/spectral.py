@@ -1,29 +1,37 @@
-"""Spectral figures of a 2-D update: is it aligned with the base weight's principal directions?
+"""Spectral figures of a 2-D update: rank, drift, and alignment with the base's principal directions.
 
-For a base weight W (m x n), a fine-tuned weight W' and the update D = W' - W:
+For a base weight W (m x n), a fine-tuned weight W' and the update D = W' - W (all fp32 in; the
+small matrices below in fp64):
 
-- `stable_rank`: ||D||_F^2 / sigma_1(D)^2, the effective number of directions the update uses;
-- `energy_topk_left` / `_right`: the share of ||D||_F^2 inside the span of W's top-k left
-  (right) singular vectors, ||U_k^T D||_F^2 / ||D||_F^2 (resp. ||D V_k||_F^2 / ||D||_F^2). A
-  random update has share ~ k/m (k/n); an update along W's principal directions has share ~1;
-- principal angles between the top-k left (right) singular subspaces of W and W': the
-  arccos of the singular values of U_k^T U'_k, reported as max and mean in degrees.
+- `update_rank`: the number of singular values of D above max(m, n) * eps(fp32) * sigma_1(D),
+  torch.linalg.matrix_rank's default for an fp32 matrix (Mukherjee et al., arXiv 2505.11711,
+  report RL updates as nearly full rank); `update_rank_ratio` = update_rank / min(m, n). Exact:
+  eigenvalues of the fp64 Gram matrix of D restricted to its non-zero rows and columns (which
+  cannot change the rank), so a sparse update costs only its support;
+- `stable_rank`: ||D||_F^2 / sigma_1(D)^2, sigma_1 from the same exact spectrum;
+- `energy_topk`: the share of ||D||_F^2 in the two-sided block of W's top-k singular subspaces,
+  ||U_k^T D V_k||_F^2 / ||D||_F^2 (Zhu et al., arXiv 2511.08567, "off-principal" updates have a
+  small share); `energy_topk_left` / `_right` keep the one-sided shares ||U_k^T D||_F^2 and
+  ||D V_k||_F^2 (over ||D||_F^2), which say on which side an update leaves the principal span;
+- principal angles between the top-k left (right) singular subspaces of W and W', max and mean in
+  degrees: atan2(sin, cos) of the fp64 singular values of (I - U U^T) U' (sines) and U^T U'
+  (cosines), accurate to ~1e-6 degrees over 0-90 (the arccos of fp32 cosines alone was quantized
+  at 0.03-0.09 degrees). An identical W' gives exactly 0;
+- `spectral_drift`: ||s_k(W') - s_k(W)||_2 / ||s_k(W)||_2 over the top-k singular values (Zhu
+  et al.'s "spectrum preservation": RLVR keeps the spectrum, SFT distorts it).
 
-k is `top_k_fraction` of min(m, n), at least 1. Matrices with min(m, n) <= `exact_max_dim` use
-the exact SVD (torch.linalg.svd, matrix_norm(ord=2)). Larger ones use the randomized range
-finder of Halko, Martinsson & Tropp (torch.svd_lowrank's algorithm, with a local generator so the
-global RNG is never reseeded) with q = k + `oversample` columns and
-`power_iters` power iterations for the subspaces, and q = 32 with twice the iterations for
-sigma_1(D) (an update's spectrum is often flat, where sigma_1 converges slowly).
+k is `top_k_fraction` of min(m, n), at least 1. The exact SVD (fp64) is used when it is cheap:
+min(m, n) <= `exact_max_dim` and m * n * min(m, n) <= `exact_max_cost`; otherwise the randomized
+range finder of Halko, Martinsson & Tropp (torch.svd_lowrank's algorithm, with a local generator
+so the global RNG is never reseeded), q = k + `oversample` columns, `power_iters` power
+iterations, Rayleigh-Ritz in fp64. The base's decomposition is computed once per tensor and shared
+by every fine-tune: each fine-tune's range finder starts from the base's right sketch basis (W' is
+close to W, so `warm_iters` iterations suffice instead of `power_iters`).
 
-Measured error of the randomized path against the exact SVD (1536 x 1024 weights shaped like
-trained ones: a rank-32 spike over Gaussian noise; a 10%-dense random update plus a rank-1 part;
-k = 10, q = 20, 4 iterations; 3 seeds; tests/test_geometry_spectral.py checks these bounds):
-energy shares within 1e-4 absolute, principal angles within 0.21 degrees (max) and 0.04 (mean),
-stable rank within 1.3%. When W has no spectral gap at k (pure noise), the top-k subspace is
-ill-defined: the energy shares still agree within 3e-4, but the angles can differ by up to 45
-degrees (max) and 7 (mean), as the exact angles are themselves unstable there. A 1536 x 1024
-tensor takes 0.6 s exact and 0.04 s randomized on 2 cores.
+Measured accuracy of the randomized path (tests/test_geometry_spectral.py checks the bounds):
+on 1536 x 1024 weights with a rank-32 spike over noise and a 10%-dense update, energy shares within
+1e-3 of the exact SVD, principal angles within 1 degree, drift within 1e-3 absolute; on a family
+with a spectral gap at k and true angles of 1e-3 to 10 degrees, angles within 2e-4 degrees.
 """
 
 from __future__ import annotations
@@ -33,92 +41,162 @@ from dataclasses import dataclass
 
 import torch
 
+FP32_EPS = torch.finfo(torch.float32).eps
+GRAM_ROWS = 16384  # rows of an update converted to fp64 at a time (bounded memory for embeddings)
+
 
 @dataclass(frozen=True)
 class SpectralSettings:
     top_k_fraction: float = 0.01
     exact_max_dim: int = 1024
-    oversample: int = 10
-    power_iters: int = 4
+    exact_max_cost: float = 5e7     # m * n * min(m, n): ~0.05-0.1 s of fp64 SVD on 2 cores
+    oversample: int = 20
+    power_iters: int = 6
+    warm_iters: int = 2
     seed: int = 0
 
     def k(self, shape: tuple[int, ...]) -> int:
         return max(1, int(round(self.top_k_fraction * min(shape))))
 
     def exact(self, shape: tuple[int, ...]) -> bool:
-        return min(shape) <= self.exact_max_dim
+        m, n = shape
+        return min(m, n) <= self.exact_max_dim and m * n * min(m, n) <= self.exact_max_cost
 
 
-def top_k_subspaces(w: torch.Tensor, k: int, settings: SpectralSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthonormal bases (m x k, n x k) of the top-k left and right singular subspaces of w."""
+@dataclass(frozen=True)
+class Decomposition:
+    """Top-k singular triplets of one matrix (fp64), plus the sketch basis a warm start reuses."""
+
+    u: torch.Tensor          # m x k
+    s: torch.Tensor          # k
+    v: torch.Tensor          # n x k
+    sketch: torch.Tensor | None  # n x q right basis of the randomized path (fp32), None if exact
+    method: str
+
+
+def decompose(w: torch.Tensor, k: int, settings: SpectralSettings, warm: Decomposition | None = None) -> Decomposition:
+    """Top-k singular triplets of w (fp32 in); `warm`, the base's decomposition, seeds the sketch."""
     if settings.exact(tuple(w.shape)):
-        u, _, vh = torch.linalg.svd(w, full_matrices=False)
-        return u[:, :k], vh[:k].T
+        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        return Decomposition(u[:, :k], s[:k], vh[:k].T, None, "exact")
     q = min(k + settings.oversample, min(w.shape))
-    u, _, v = svd_lowrank(w, q=q, niter=settings.power_iters, seed=settings.seed)
-    return u[:, :k], v[:, :k]
+    if warm is not None and warm.sketch is not None:
+        start, iters = warm.sketch, settings.warm_iters
+    else:
+        gen = torch.Generator(device=w.device).manual_seed(settings.seed)
+        start = torch.randn(w.shape[1], q, dtype=w.dtype, device=w.device, generator=gen)
+        iters = settings.power_iters
+    u, s, v, sketch = _range_finder(w, start, iters)
+    return Decomposition(u[:, :k], s[:k], v[:, :k], sketch, "randomized")
+
+
+def _range_finder(a: torch.Tensor, start: torch.Tensor, niter: int):
+    """Halko et al. 2011 with `niter` power iterations from the n x q test matrix `start`;
+    the final Rayleigh-Ritz step in fp64."""
+    basis = torch.linalg.qr(a @ start).Q
+    right = start
+    for _ in range(niter):
+        right = torch.linalg.qr(a.mT @ basis).Q
+        basis = torch.linalg.qr(a @ right).Q
+    u, s, vh = torch.linalg.svd((basis.mT @ a).double(), full_matrices=False)
+    return basis.double() @ u, s, vh.mT, right
 
 
 def svd_lowrank(a: torch.Tensor, q: int, niter: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """torch.svd_lowrank's algorithm (Halko et al. 2011, range finder with `niter` power
-    iterations), with its Gaussian test matrix drawn from a local generator: torch's version
-    draws from the global RNG, and reseeding that would change every later draw of the caller."""
+    """torch.svd_lowrank's algorithm with its Gaussian test matrix drawn from a local generator:
+    torch's version draws from the global RNG, and reseeding that would change every later draw."""
     gen = torch.Generator(device=a.device).manual_seed(seed)
     r = torch.randn(a.shape[-1], q, dtype=a.dtype, device=a.device, generator=gen)
-    basis = torch.linalg.qr(a @ r).Q
-    for _ in range(niter):
-        basis = torch.linalg.qr(a.mT @ basis).Q
-        basis = torch.linalg.qr(a @ basis).Q
-    u, s, vh = torch.linalg.svd(basis.mT @ a, full_matrices=False)
-    return basis @ u, s, vh.mT
-
-
-def top_singular_value(d: torch.Tensor, settings: SpectralSettings) -> float:
-    if settings.exact(tuple(d.shape)):
-        return float(torch.linalg.matrix_norm(d, ord=2))
-    # An update's spectrum is often flat (sparse, noise-like), where sigma_1 converges slowly:
-    # a wider sketch and twice the power iterations (measured: 0.4% low vs 4% with q=8, 4 its).
-    _, s, _ = svd_lowrank(d, q=min(32, min(d.shape)), niter=2 * settings.power_iters, seed=settings.seed)
-    return float(s[0])
+    u, s, v, _ = _range_finder(a, r, niter)
+    return u.to(a.dtype), s.to(a.dtype), v.to(a.dtype)
 
 
 def principal_angles_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Principal angles (degrees, ascending) between the column spans of orthonormal a and b."""
-    cos = torch.linalg.svdvals(a.T @ b).clamp(0.0, 1.0)
-    return torch.rad2deg(torch.arccos(cos)).sort().values
+    """Principal angles (degrees, ascending) between the column spans of orthonormal a and b.
+
+    cos from svdvals(a^T b), sin from svdvals(b - a a^T b), both fp64; the angle is atan2(sin,
+    cos) pairing the i-th smallest sine with the i-th largest cosine (Bjorck & Golub; Knyazev &
+    Argentati), accurate near 0 degrees (where arccos loses half the digits) and near 90.
+    """
+    a, b = a.double(), b.double()
+    proj = a.T @ b
+    cos = torch.linalg.svdvals(proj).clamp(0.0, 1.0)                      # descending
+    sin = torch.linalg.svdvals(b - a @ proj).clamp(0.0, 1.0).flip(0)      # ascending
+    p = min(a.shape[1], b.shape[1])
+    return torch.rad2deg(torch.atan2(sin[:p], cos[:p])).sort().values
+
+
+def update_spectrum(d: torch.Tensor) -> torch.Tensor:
+    """Singular values of d (descending, fp64), exactly, from the Gram matrix of its support."""
+    nz = d.ne(0)
+    sub = d[nz.any(dim=1)][:, nz.any(dim=0)]
+    del nz
+    if sub.numel() == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    if sub.shape[0] < sub.shape[1]:
+        sub = sub.mT
+    gram = torch.zeros(sub.shape[1], sub.shape[1], dtype=torch.float64)
+    for start in range(0, sub.shape[0], GRAM_ROWS):  # fp64 a block of rows at a time
+        block = sub[start:start + GRAM_ROWS].double()
+        gram += block.mT @ block
+    return torch.linalg.eigvalsh(gram).clamp_min(0.0).sqrt().flip(0)
 
 
 def spectral_figures(
     w: torch.Tensor,
     w_ft: torch.Tensor,
-    base_subspaces: tuple[torch.Tensor, torch.Tensor] | None,
+    base: Decomposition | None,
     settings: SpectralSettings,
 ) -> dict[str, float | int | str | None]:
     """All spectral columns for one (model, 2-D tensor); inputs in fp32.
 
-    `base_subspaces` lets the caller compute W's subspaces once for all fine-tuned models.
+    `base` (from `decompose(w, k, settings)`) lets the caller decompose W once for all fine-tunes.
     """
-    k = settings.k(tuple(w.shape))
-    u, v = base_subspaces if base_subspaces is not None else top_k_subspaces(w, k, settings)
+    shape = tuple(w.shape)
+    k = settings.k(shape)
+    base = base if base is not None else decompose(w, k, settings)
     d = w_ft - w
-    energy = float(d.square().sum())
-    out: dict[str, float | int | str | None] = {
-        "topk": k,
-        "spectral_method": "exact" if settings.exact(tuple(w.shape)) else "randomized",
-    }
-    if energy > 0 and math.isfinite(energy):
-        sigma1 = top_singular_value(d, settings)
-        out["stable_rank"] = energy / sigma1**2 if sigma1 > 0 else None
-        out["energy_topk_left"] = float((u.T @ d).square().sum()) / energy
-        out["energy_topk_right"] = float((d @ v).square().sum()) / energy
-    else:
-        out.update(stable_rank=None, energy_topk_left=None, energy_topk_right=None)
-    u_ft, v_ft = top_k_subspaces(w_ft, k, settings)
-    left, right = principal_angles_deg(u, u_ft), principal_angles_deg(v, v_ft)
+    out: dict[str, float | int | str | None] = {"topk": k, "spectral_method": base.method}
+    if not bool(torch.isfinite(d).all()):
+        return out  # a NaN or Inf update: the norms already show it; no spectrum to speak of
+    spectrum = update_spectrum(d)
+    energy = float(spectrum.square().sum())
+    if energy == 0:  # identical weights (up to the sign of zero): same subspaces and spectrum
+        out.update(update_rank=0, update_rank_ratio=0.0, stable_rank=None, energy_topk=None, energy_topk_left=None,
+                   energy_topk_right=None, angle_left_max_deg=0.0, angle_left_mean_deg=0.0,
+                   angle_right_max_deg=0.0, angle_right_mean_deg=0.0, spectral_drift=0.0)
+        return out
+    sigma1 = float(spectrum[0])
+    rank = int((spectrum > max(shape) * FP32_EPS * sigma1).sum())
+    # the k-column products in fp32 (no fp64 copy of a large D), their squares summed in fp64
+    u32, v32 = base.u.float(), base.v.float()
+    ud = (u32.T @ d).double()
+    out.update(
+        update_rank=rank,
+        update_rank_ratio=rank / min(shape),
+        stable_rank=energy / sigma1**2,
+        energy_topk=float((ud @ base.v).square().sum()) / energy,
+        energy_topk_left=float(ud.square().sum()) / energy,
+        energy_topk_right=float((d @ v32).double().square().sum()) / energy,
+    )
+    ft = decompose(w_ft, k, settings, warm=base)
+    left, right = principal_angles_deg(base.u, ft.u), principal_angles_deg(base.v, ft.v)
+    drift = float((ft.s - base.s).norm() / base.s.norm()) if float(base.s.norm()) > 0 else None
     out.update(
         angle_left_max_deg=float(left.max()),
         angle_left_mean_deg=float(left.mean()),
         angle_right_max_deg=float(right.max()),
         angle_right_mean_deg=float(right.mean()),
+        spectral_drift=drift,
     )
     return out
+
+
+def principal_mask(base: Decomposition, shape: tuple[int, int], alpha: float) -> torch.Tensor:
+    """Zhu et al.'s principal weights: the top-`alpha` fraction of entries of |U_k S_k V_k^T|,
+    the magnitude of the base's rank-k reconstruction (a boolean m x n mask)."""
+    recon = ((base.u * base.s) @ base.v.T).float().abs().reshape(-1)
+    n = recon.numel()
+    keep = max(1, min(n, int(math.ceil(alpha * n))))
+    threshold = recon.kthvalue(n - keep + 1).values
+    return (recon >= threshold).reshape(shape)
