@@ -149,7 +149,7 @@ def test_dare_masks_regenerate_alone_and_ignore_processing_order(fp32_family, tm
     prepared = prepare(plan)
     base = prepared.base.get(name).float()
     slot = TensorSlot(name, base, tuple(m.get(name).float() for m in prepared.models), tuple(m.id for m in plan.models),
-                      None, 11)
+                      None, 11, random_keys=tuple(m.fingerprint for m in prepared.models))
     assert torch.equal(REGISTRY.get("dare_ties").fn(slot, prepared.params[name]), merged[name])
     other_seed = dict(prepare(plan.model_copy(update={"seed": 12})).stream())
     assert not torch.equal(other_seed[name], merged[name])

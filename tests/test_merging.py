@@ -232,3 +232,41 @@ def test_conformance(method):
         c = m.fn(TensorSlot("w", base, tuple(models[i] for i in order), tuple(ids[i] for i in order),
                             tuple(fisher[i] for i in order), 7), p)
         assert torch.allclose(a, c, atol=1e-5)
+
+
+# -- randomness follows the checkpoint, not the spelling of its path ---------------------------------
+
+@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
+def test_random_masks_are_keyed_by_checkpoint_fingerprint(tmp_path, monkeypatch, method):
+    from mergeaudit.checkpoint import Checkpoint, write_checkpoint
+    from mergeaudit.merging.executor import MergePlan, ModelRef, prepare
+
+    g = torch.Generator().manual_seed(0)
+    names = ["model.layers.0.mlp.down_proj.weight", "model.norm.weight"]
+    base = {n: torch.randn(64, 64 if "proj" in n else 1, generator=g).squeeze(-1) for n in names}
+    update = {n: torch.randn(b.shape, generator=g) * (torch.rand(b.shape, generator=g) < 0.5) for n, b in base.items()}
+
+    def write(name: str, factor: float) -> str:
+        tensors = ((n, b + factor * update[n]) for n, b in base.items())
+        return write_checkpoint(str(tmp_path / name), tensors, config={"num_hidden_layers": 1})
+
+    base_uri = write("base", 0.0)
+    write("a", 1.0)
+    write("a_changed", 2.0)  # the same update support, doubled: a new version of "a"
+    monkeypatch.chdir(tmp_path)
+
+    def kept(uri: str, model_id: str) -> dict[str, torch.Tensor]:
+        """The entries the method kept (its mask on the update's support), per tensor."""
+        plan = MergePlan(method=method, base=ModelRef(id="base", uri=base_uri),
+                         models=[ModelRef(id=model_id, uri=uri)], parameters={"density": 0.5}, seed=3)
+        return {n: t != base[n] for n, t in prepare(plan).stream()}
+
+    spellings = [kept(uri, uri) for uri in ("./a", str(tmp_path / "a"), "a/")] + [kept("a", "another-id")]
+    assert all(m.keys() == spellings[0].keys() and all(torch.equal(m[n], spellings[0][n]) for n in m)
+               for m in spellings[1:])
+    name = names[0]
+    assert 0.2 < float(spellings[0][name].float().mean()) < 0.3  # density 0.5 of a 50% update
+    changed = kept("a_changed", "./a")
+    same = spellings[0][name] == changed[name]
+    assert float(same.float().mean()) < 0.85, "a changed checkpoint must draw a new mask"
+    assert Checkpoint.open("./a").fingerprint == Checkpoint.open("a/").fingerprint != Checkpoint.open("a_changed").fingerprint

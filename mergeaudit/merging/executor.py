@@ -107,6 +107,7 @@ class PreparedMerge:
         device = torch.device(plan.device)
         sources = ([self.base] if self.base is not None else []) + self.models + (self.fisher or [])
         ids = tuple(m.id for m in plan.models)
+        keys = tuple(ck.fingerprint for ck in self.models)  # masks follow the checkpoint, not its spelling
         k = len(self.models)
         for name, tensors in iter_aligned(sources, self.reference.keys()):
             stored = self.reference.spec(name).torch_dtype
@@ -114,7 +115,7 @@ class PreparedMerge:
             tensors = [t.to(device=device) for t in tensors]  # models stay in their stored dtype
             base = tensors.pop(0).to(work) if self.base is not None else None
             models, fisher = tuple(tensors[:k]), (tuple(tensors[k:]) if self.fisher else None)
-            slot = TensorSlot(name, base, models, ids, fisher, plan.seed, dtype=work)
+            slot = TensorSlot(name, base, models, ids, fisher, plan.seed, dtype=work, random_keys=keys)
             merged = self.method.fn(slot, self.params[name])
             target = out_dtype or stored
             out = merged.to(target)

@@ -63,9 +63,14 @@ class MethodParams(pydantic.BaseModel):
 class TensorSlot:
     """One tensor position across the checkpoints being merged, in the compute dtype.
 
-    `model_ids` name the models for randomness: model i's generator is keyed by
-    (seed, tensor name, model_ids[i]), so any tensor's mask can be regenerated alone and does
-    not depend on processing order or device. `fisher` holds each model's diagonal Fisher for
+    `model_ids` name the models in messages. `random_keys` key the randomness: model i's
+    generator is keyed by (seed, tensor name, random_keys[i]), so any tensor's mask can be
+    regenerated alone and does not depend on processing order or device. The executor passes
+    each checkpoint's fingerprint (its files' names, sizes and ETags or mtimes), so the same
+    checkpoint reached by another spelling of its path (`./a`, `/abs/a`, `a/`) or another id
+    draws the same masks, a changed checkpoint draws new ones, and one checkpoint listed twice
+    draws the same mask twice. Without `random_keys` (tests, REPL use) `model_ids` key it, and
+    without either the position does. `fisher` holds each model's diagonal Fisher for
     this tensor when the method uses it. Methods record what they computed in `info`. The
     base is in the compute dtype; models may be in their stored dtype (read them through
     `inputs()` or `deltas()`), so a bf16 model costs no fp32 copy until it is used.
@@ -79,6 +84,7 @@ class TensorSlot:
     seed: int = 0
     info: dict[str, Any] = field(default_factory=dict)
     dtype: torch.dtype | None = None  # compute dtype; models may arrive in their stored dtype
+    random_keys: tuple[str, ...] = ()  # per model; default model_ids
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -97,9 +103,10 @@ class TensorSlot:
         return [m.to(self.compute_dtype, copy=True).sub_(self.base) for m in self.models]
 
     def generator(self, i: int) -> torch.Generator:
-        """A CPU generator keyed by (seed, tensor name, model i's id)."""
-        model_id = self.model_ids[i] if i < len(self.model_ids) else str(i)
-        digest = hashlib.sha256(f"{self.seed}\0{self.name}\0{model_id}".encode()).digest()
+        """A CPU generator keyed by (seed, tensor name, model i's random key)."""
+        keys = self.random_keys or self.model_ids
+        key = keys[i] if i < len(keys) else str(i)
+        digest = hashlib.sha256(f"{self.seed}\0{self.name}\0{key}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
