@@ -208,6 +208,40 @@ def test_gaussian_perturbation_is_scaled_to_the_tensor():
     assert noise_std == pytest.approx(0.1 * float(x.square().mean().sqrt()), rel=0.02)
 
 
+def test_gaussian_perturbation_scaled_to_the_task_vector_on_its_support():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(200, 300, generator=g)
+    support = torch.rand(200, 300, generator=g) < 0.2
+    delta = 0.01 * torch.randn(200, 300, generator=g) * support
+    x = base + delta
+    m = REGISTRY.get("perturb_gaussian")
+
+    def perturb(scale_to: str, model=x):
+        slot = TensorSlot("w", base, (model,), ("m",), None, 1)
+        return m.fn(slot, params("perturb_gaussian", 1, {"scale": 0.5, "scale_to": scale_to})), slot.info
+
+    tv, info = perturb("task_vector")
+    noise = tv - x
+    moved = x != base  # the exact support in fp32 (an update can round to nothing)
+    assert torch.equal(noise != 0, moved)  # only the update's entries are perturbed
+    rms_update = float(delta[moved].square().mean().sqrt())
+    assert float(noise[moved].std()) == pytest.approx(0.5 * rms_update, rel=0.03)
+    assert info["noise_std"] == pytest.approx(0.5 * rms_update, rel=1e-5) and info["support"] == pytest.approx(0.2, abs=0.01)
+    # the same draw as the weight-RMS scaling, only scaled differently
+    rms, rms_info = perturb("weight_rms")
+    assert torch.allclose((noise / info["noise_std"])[moved], ((rms - x) / rms_info["noise_std"])[moved], atol=1e-3)
+    unchanged, _ = perturb("task_vector", model=base.clone())
+    assert torch.equal(unchanged, base)
+
+
+def test_gaussian_task_vector_scaling_needs_a_base():
+    m = REGISTRY.get("perturb_gaussian")
+    with pytest.raises(ConfigError, match="scale_to: task_vector needs a base model"):
+        check_all(m, [("w", None)], None, {"scale": 0.1, "scale_to": "task_vector"}, [{}], has_base=False)
+    check_all(m, [("w", None)], None, {"scale": 0.1}, [{}], has_base=False)
+    check_all(m, [("w", None)], None, {"scale": 0.1, "scale_to": "task_vector"}, [{}], has_base=True)
+
+
 # -- conformance over the registry -----------------------------------------------------------------
 
 @pytest.mark.parametrize("method", REGISTRY.names())

@@ -169,7 +169,7 @@ def check_all(
         for tensor, layer in tensors:
             try:
                 p = resolve(method, tensor, layer_position(layer, num_layers), shared, per_model)
-                for msg in p.check(len(per_model)):
+                for msg in p.check(len(per_model)) + p.check_base(has_base):
                     note(msg, tensor)
                 resolved[tensor] = p
             except pydantic.ValidationError as exc:

@@ -54,6 +54,10 @@ class MethodParams(pydantic.BaseModel):
         """Problems that depend on how many models are merged (empty when fine)."""
         return []
 
+    def check_base(self, has_base: bool) -> list[str]:
+        """Problems with these params given whether the plan names a base (empty when fine)."""
+        return []
+
     def uses_fisher(self) -> bool:
         """True when the method needs each model's diagonal Fisher (slot.fisher)."""
         return False

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
@@ -134,17 +134,38 @@ def model_stock(slot: TensorSlot, p: ModelStockParams) -> torch.Tensor:
 
 class GaussianParams(MethodParams):
     scale: float
+    scale_to: Literal["weight_rms", "task_vector"] = "weight_rms"
 
     def check(self, n_models: int) -> list[str]:
         return [] if self.scale >= 0 else [f"scale must be >= 0 (got {self.scale})"]
 
+    def check_base(self, has_base: bool) -> list[str]:
+        if self.scale_to == "task_vector" and not has_base:
+            return ["perturb_gaussian with scale_to: task_vector needs a base model (the task vector is model - base)"]
+        return []
 
-@register("perturb_gaussian", params=GaussianParams, base="none", min_models=1, max_models=1, stochastic=True,
+
+@register("perturb_gaussian", params=GaussianParams, base="optional", min_models=1, max_models=1, stochastic=True,
           reference="https://arxiv.org/abs/2606.18521")
 def perturb_gaussian(slot: TensorSlot, p: GaussianParams) -> torch.Tensor:
-    """Fragility probe, not a merge: the model plus Gaussian noise whose per-entry standard
-    deviation is `scale` times the tensor's RMS (noise scaled to each tensor's norm)."""
-    x = slot.inputs()[0]
-    rms = torch.linalg.vector_norm(x.float()) / max(1, x.numel()) ** 0.5
+    """Fragility probe, not a merge: the model plus Gaussian noise e ~ N(0, 1) times a per-tensor
+    standard deviation, drawn from the slot's keyed generator (the same draw for both scalings).
+
+    `scale_to: weight_rms` (default): std = `scale` x the tensor's RMS, noise on every entry.
+    `scale_to: task_vector`: std = `scale` x the RMS of the task vector d = model - base over
+    its support (the entries where d != 0 exactly, in the compute dtype), and noise only on that
+    support, as the fragility literature perturbs an update; a tensor the fine-tune left
+    unchanged stays unchanged. A base stored in another dtype than the model makes rounding
+    differences look like updates (see geometry's dtype check)."""
+    x = slot.inputs()[0].float()
     noise = torch.randn(x.shape, generator=slot.generator(0), dtype=torch.float32).to(x.device)
-    return (x.float() + noise * (p.scale * rms)).to(x.dtype)
+    if p.scale_to == "weight_rms":
+        std = float(torch.linalg.vector_norm(x)) / max(1, x.numel()) ** 0.5 * p.scale
+        slot.info.update(noise_std=std)
+        return (x + noise * std).to(slot.compute_dtype)
+    d = x - slot.base.float()
+    support = d != 0
+    n = int(support.sum())
+    std = float(torch.linalg.vector_norm(d)) / n ** 0.5 * p.scale if n else 0.0
+    slot.info.update(noise_std=std, support=n / max(1, x.numel()))
+    return (x + noise.mul_(support) * std).to(slot.compute_dtype)
