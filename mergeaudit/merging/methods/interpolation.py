@@ -1,4 +1,6 @@
-"""Interpolating merges: linear, slerp, nuslerp, model_stock (mergekit 0.1.x semantics)."""
+"""Interpolating merges: linear, slerp, nuslerp, model_stock (mergekit 0.1.x semantics); and
+perturb_gaussian, the Gaussian-noise fragility probe (noise scaled to the weights' RMS or to the
+task vector on its support)."""
 
 from __future__ import annotations
 
