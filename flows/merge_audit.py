@@ -64,13 +64,13 @@ def merge_audit(
     outcome = finish_run(config, run_id, started_at, records, geometry, candidates, evaluations)
     publish_report(config, outcome)
     get_run_logger().info("run %s committed %s", run_id, ", ".join(outcome.tables))
-    result = outcome.model_dump()
+    result = outcome.model_dump(mode="json")
     problems = outcome.problems()
-    if outcome.regressions and outcome.regressions.get("regressions"):
+    if outcome.regressions and outcome.regressions.regressions:
         emit_event(event="mergeaudit.regression",
                    resource={"prefect.resource.id": f"mergeaudit.audit.{artifact_key(config.name, 'audit')}",
                              "prefect.resource.name": config.name},
-                   payload={**outcome.regressions, "results_uri": config.results_uri})
+                   payload={**outcome.regressions.event_payload(), "results_uri": config.results_uri})
     if problems:
         return Failed(message=problems, data=result)
     return result
@@ -131,13 +131,10 @@ def artifact_key(name: str, suffix: str) -> str:
 @task(name="publish-report", tags=["storage"], retries=2, retry_delay_seconds=5)
 def publish_report(config: AuditConfig, outcome: audit.RunOutcome) -> str:
     """The HTML report next to the tables (RESULTS/reports/RUN.html), the same content as a
-    keyed markdown artifact, and a keyed leaderboard table artifact: the UI shows both
-    across nightly runs."""
+    keyed markdown artifact, and a keyed leaderboard table artifact (the run summary of
+    mergeaudit.results.leaderboard): the UI shows both across nightly runs."""
     data = report.load_run(config.results_uri, outcome.run_id)
-    if outcome.regressions:
-        from mergeaudit.regression import RegressionReport
-
-        data.regression = RegressionReport.model_validate(outcome.regressions)
+    data.regression = outcome.regressions
     content = report.build_content(data)
     uri = store.join(config.results_uri, "reports", f"{outcome.run_id}.html")
     store.write_bytes(uri, report.render_html(data, content).encode())

@@ -41,6 +41,9 @@ from mergeaudit.merging import REGISTRY
 from mergeaudit.merging.executor import MergePlan, ModelRef, prepare
 from mergeaudit.merging.params import check_all
 from mergeaudit.modeling import build_model, load_tokenizer
+from mergeaudit.results import compare, fragility, leaderboard
+from mergeaudit.results.compare import RegressionReport
+from mergeaudit.results.scores import RunResults
 
 PACKAGES = ("torch", "transformers", "lm_eval", "prefect", "safetensors", "pyarrow", "s3fs", "fsspec")
 
@@ -338,9 +341,17 @@ def candidate_rows(candidates: list[Candidate], results: list[CandidateResult],
             "mergeaudit_version": mergeaudit.__version__,
             "status": "failed" if c.candidate_id in failures else "ok",
             "error": failures.get(c.candidate_id),
+            **_probe_columns(c.probe),
         }
         for c in candidates
     ]
+
+
+def _probe_columns(probe: dict[str, Any] | None) -> dict[str, Any]:
+    if not probe:
+        return {}
+    return {"probe_family": probe["family"], "probe_path": probe["path"], "probe_x": float(probe["x"]),
+            "probe_seed": probe.get("seed")}
 
 
 def checkpoint_rows(config: AuditConfig, records: dict[str, CheckpointRecord]) -> list[dict]:
@@ -407,17 +418,15 @@ class RunOutcome(pydantic.BaseModel):
     run_id: str
     results_uri: str
     tables: dict[str, str]
-    summary: list[dict[str, Any]]
+    summary: list[dict[str, Any]]  # mergeaudit.results.leaderboard.summary of the run
     failed: list[str] = []
-    regressions: dict[str, Any] | None = None
+    regressions: RegressionReport | None = None
 
     def problems(self) -> str | None:
         """One paragraph on what went wrong (failed candidates, regressions), or None."""
         lines = [f"{len(self.failed)} candidate(s) failed: {', '.join(self.failed)}"] if self.failed else []
-        if self.regressions and self.regressions.get("regressions"):
-            from mergeaudit.regression import RegressionReport
-
-            lines.append(RegressionReport.model_validate(self.regressions).summary())
+        if self.regressions and self.regressions.regressions:
+            lines.append(self.regressions.summary())
         return "\n".join(lines) or None
 
 
@@ -432,25 +441,14 @@ def finish_run(
 ) -> RunOutcome:
     """Load the stored evaluations, compare with the previous run of this audit, and commit the
     run's tables (one manifest, written last)."""
-    from mergeaudit import regression
-
     results = [load_evaluation(e) for e in evaluations if e.status == "ok"]
     failures = {e.candidate_id: e.error or "failed" for e in evaluations if e.status == "failed"}
     rows = result_rows(config, checkpoints, geometry_tables, candidates, results, failures)
+    run = RunResults(config.results_uri, run_id, {**rows, "runs": [{"audit_name": config.name}]})
     check = None
     if config.alarm.enabled:
-        previous = [m for m in tables.committed_runs(config.results_uri, audit_name=config.name)
-                    if m["run_id"] != run_id]
-        if previous:
-            prev_id = previous[-1]["run_id"]
-            current = {t: tables.to_arrow(t, rows[t]) for t in ("candidates", "scores")}
-            before = {t: tables.read_table(config.results_uri, t, run_id=prev_id, manifests=previous)
-                      for t in ("candidates", "scores")}
-            found, compared = regression.compare(current, before, config.alarm)
-        else:
-            prev_id, found, compared = None, [], 0
-        check = regression.RegressionReport(audit_name=config.name, run_id=run_id, previous_run_id=prev_id,
-                                            regressions=found, compared=compared)
+        previous = [m for m in tables.committed_runs(config.results_uri) if m["run_id"] != run_id]
+        check = compare.check(run, config.alarm, previous)
     rows["runs"] = [run_row(config.name, started_at, config.model_dump_json(),
                             status="failed" if failures else "completed",
                             n_candidates=len(candidates), n_failed=len(failures),
@@ -458,11 +456,9 @@ def finish_run(
                             regressions_json=json.dumps([r.model_dump() for r in check.regressions]) if check else None)]
     files = tables.write_run(config.results_uri, run_id, f"{started_at:%Y-%m-%d}", rows, audit_name=config.name,
                              package_versions=package_versions())
-    summary = summary_rows(config, candidates, results)
     names = {c.candidate_id: c.name for c in candidates}
-    return RunOutcome(run_id=run_id, results_uri=config.results_uri, tables=files, summary=summary,
-                      failed=[names[cid] for cid in failures],
-                      regressions=check.model_dump() if check else None)
+    return RunOutcome(run_id=run_id, results_uri=config.results_uri, tables=files,
+                      summary=leaderboard.summary(run), failed=[names[cid] for cid in failures], regressions=check)
 
 
 def result_rows(
@@ -476,9 +472,12 @@ def result_rows(
     """Every table's rows of one run but `runs`; scores and samples carry their candidate's
     name, method and parameter hash."""
     scores = [row for r in results for row in r.scores]
-    probe_candidates, probe_scores = probes.summarize(config, candidates, scores)
-    cands = candidate_rows(candidates, results, failures) + [
-        {**row, "mergeaudit_version": mergeaudit.__version__, "status": "ok"} for row in probe_candidates]
+    samples = [row for r in results for row in r.samples]
+    cands = candidate_rows(candidates, results, failures)
+    run = RunResults(config.results_uri, "", {"candidates": cands, "scores": scores, "samples": samples,
+                                              "checkpoints": checkpoint_rows(config, checkpoints)})
+    probe_candidates, probe_scores = fragility.summarize(run)
+    cands += [{**row, "mergeaudit_version": mergeaudit.__version__, "status": "ok"} for row in probe_candidates]
     by_id = {c["candidate_id"]: c for c in cands}
 
     def tag(row: dict, full: bool = True) -> dict:
@@ -493,7 +492,7 @@ def result_rows(
         "checkpoints": checkpoint_rows(config, checkpoints),
         "candidates": cands,
         "scores": [tag(r) for r in scores + probe_scores],
-        "samples": [tag(row, full=False) for r in results for row in r.samples],
+        "samples": [tag(row, full=False) for row in samples],
     }
 
 
@@ -510,33 +509,3 @@ def run_row(audit_name: str, started_at: dt.datetime, config_json: str, status: 
         "mergeaudit_version": mergeaudit.__version__,
         "package_versions": json.dumps(package_versions(), sort_keys=True),
     }
-
-
-def summary_rows(config: AuditConfig, candidates: list[Candidate], results: list[CandidateResult]) -> list[dict]:
-    """One line per scored checkpoint and merge (primary metric of the first task, update
-    sparsity), then one per probe summary figure."""
-    by_id = {r.candidate_id: r for r in results}
-    task = config.evaluation.tasks[0]
-    scores = [row for r in results for row in r.scores]
-    metric = probes.primary_metric(scores, task)
-    out = []
-    for c in candidates:
-        if c.kind == "probe":
-            continue
-        res = by_id.get(c.candidate_id)
-        main = next((s for s in (res.scores if res else []) if s["task"] == task and s["metric"] == metric), None)
-        out.append({
-            "candidate": c.name,
-            "method": c.method or c.kind,
-            "metric": f"{task}/{metric}" if main else None,
-            "score": main["value"] if main else None,
-            "stderr": main["stderr"] if main else None,
-            "update_sparsity_bf16": res.update_sparsity_bf16 if res else None,
-        })
-    probe_candidates, probe_scores = probes.summarize(config, candidates, scores)
-    names = {row["candidate_id"]: row["name"] for row in probe_candidates}
-    for s in probe_scores:
-        label = s["metric"] if s["filter"] == "probe" else f"{s['metric']} {s['filter']}"
-        out.append({"candidate": names[s["candidate_id"]], "method": "probe", "metric": label, "score": s["value"],
-                    "stderr": None, "update_sparsity_bf16": None})
-    return out

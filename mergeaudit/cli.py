@@ -114,20 +114,24 @@ def cmd_vacuum(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from mergeaudit import regression, report
+    from mergeaudit import report
+    from mergeaudit.results import compare
 
-    check = regression.check_run(args.results, args.run)
+    check = compare.check_run(args.results, args.run)
     out = report.write_report(args.results, args.out, run_id=check.run_id, regression=check)
     print(f"wrote {out} (run {check.run_id})")
     return 0
 
 
 def cmd_regressions(args: argparse.Namespace) -> int:
-    from mergeaudit import regression
-    from mergeaudit.config import AlarmSpec
+    from scipy.stats import norm
 
-    spec = AlarmSpec(max_drop=args.max_drop, z=args.z, metrics=args.metrics)
-    check = regression.check_run(args.results, args.run, spec)
+    from mergeaudit.config import AlarmSpec
+    from mergeaudit.results import compare
+
+    # `--z` is read as a one-sided significance level (z = 2: p <= 0.023); the alarm is a test now
+    spec = AlarmSpec(max_drop=args.max_drop, significance=float(norm.sf(args.z)), metrics=args.metrics)
+    check = compare.check_run(args.results, args.run, spec)
     print(check.summary())
     return EXIT_ALARM if check.regressions else 0
 
@@ -137,8 +141,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from mergeaudit import report
     from mergeaudit.config import parse_config
-    from mergeaudit.demo import demo_config, prepare_demo, verdict
-    from mergeaudit.regression import RegressionReport
+    from mergeaudit.demo import OWN_TASKS, demo_config, prepare_demo, verdict
+    from mergeaudit.results.compare import RegressionReport
     from mergeaudit.toy.experts import QUICK_RECIPE, ExpertRecipe, total_training_seconds
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo builds everything locally
@@ -162,6 +166,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if result.get("regressions"):
         data.regression = RegressionReport.model_validate(result["regressions"])
     data.notes = text
+    data.own_tasks = OWN_TASKS
     html_path = workdir / "report.html"
     html_path.write_text(report.render_html(data))
     print()

@@ -234,7 +234,9 @@ class AlarmSpec(_Frozen):
 
     enabled: bool = pydantic.Field(True, description="Compare each run with the previous committed run.")
     max_drop: float = pydantic.Field(0.02, ge=0.0, description="Flag drops larger than this (score units)...")
-    z: float = pydantic.Field(2.0, ge=0.0, description="...and larger than this many standard errors of the difference.")
+    significance: float = pydantic.Field(
+        0.05, gt=0.0, lt=1.0, description="...whose one-sided p-value is at most this: McNemar's exact test or a "
+        "paired t-test on the prompts both runs share, Welch's z only when the prompts differ (mergeaudit.results).")
     metrics: Literal["primary", "all"] = pydantic.Field(
         "primary", description="primary: each task's ranking metric; all: every metric where higher is better.")
 

@@ -5,7 +5,8 @@ subtraction, two SFT experts and two RLVR experts (one skill each; mergeaudit.to
 runs the full audit on them (geometry, 10 merge strategies per pair with small grids, the
 verifiers on both skills, interpolation and perturbation probes), writes the Parquet tables and
 the HTML report, and prints a verdict: how sparse and how overlapping the RLVR updates are next
-to the SFT ones, and how the best merge of each pair does against its two experts.
+to the SFT ones, and how the best merge of each pair does against its two experts and the base
+(scores with standard errors, MergeBench's measures, all from mergeaudit.results).
 
     family = prepare_demo(Path(".mergeaudit/demo"))
     config = demo_config(family, Path(".mergeaudit/demo"))
@@ -17,13 +18,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mergeaudit import tables
 from mergeaudit.fisher import calibration_from_problems
+from mergeaudit.results import leaderboard, load_run
 from mergeaudit.toy.arithmetic import make_problems
 from mergeaudit.toy.experts import ExpertFamily, ExpertRecipe, build_expert_family
 
 TASKS = {"add": "mergeaudit_add2", "sub": "mergeaudit_sub2"}
 PAIRS = {"sft": ("sft_add", "sft_sub"), "rlvr": ("rl_add", "rl_sub")}
+OWN_TASKS = {"sft_add": TASKS["add"], "sft_sub": TASKS["sub"], "rl_add": TASKS["add"], "rl_sub": TASKS["sub"]}
 
 
 def prepare_demo(workdir: Path, recipe: ExpertRecipe | None = None, progress=print) -> ExpertFamily:
@@ -70,26 +72,35 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def _gain(value: float | None, base: float | None) -> str:
-    return "-" if value is None or base is None else f"{value:.3f} ({value - base:+.3f})"
+def _pm(v: float | None, se: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}" + (f" +/- {se:.3f}" if se is not None else "")
+
+
+def _share(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0%}"
 
 
 def verdict(results_uri: str, run_id: str) -> str:
-    """What the run shows about SFT versus RLVR experts, in a few lines (numbers included)."""
-    geo = tables.read_table(results_uri, "geometry_tensors", run_id=run_id).to_pylist()
-    pairs = tables.read_table(results_uri, "geometry_pairs", run_id=run_id).to_pylist()
-    cands = tables.read_table(results_uri, "candidates", run_id=run_id).to_pylist()
-    scores = tables.read_table(results_uri, "scores", run_id=run_id).to_pylist()
+    """What the run shows about SFT versus RLVR experts, in a few lines (numbers with standard
+    errors), read from mergeaudit.results: the leaderboard, its paired tests and MergeBench's
+    measures (gain kept subtracts the base; a score of 0.0 is a score, not a missing one)."""
+    run = load_run(results_uri, run_id)
+    geo, pairs = run.table("geometry_tensors"), run.table("geometry_pairs")
     sparsity = {r["model"]: r["sparsity_bf16"] for r in geo if r["scope"] == "model"}
     lift = {frozenset((r["model_a"], r["model_b"])): r for r in pairs if r["scope"] == "global"}
-    value = {(s["candidate_id"], s["task"]): s["value"] for s in scores
-             if s["metric"] == "numeric_match" and s["filter"] == "verifier"}
-    by_name = {c["name"]: c["candidate_id"] for c in cands}
+    board = {(r.candidate, r.task): r for r in leaderboard.rows(run)}
+    bench = {r.candidate: r for r in leaderboard.mergebench(run, OWN_TASKS)}
 
-    def skill_scores(name: str) -> dict[str, float | None]:
-        return {skill: value.get((by_name.get(name), task)) for skill, task in TASKS.items()}
+    def score(name: str, skill: str) -> leaderboard.LeaderRow | None:
+        row = board.get((name, TASKS[skill]))
+        return row if row is not None and row.score is not None else None
 
-    lines = ["Verdict (toy SFT vs RLVR experts; numeric_match on the held-out 2-digit + and - test sets)", ""]
+    def pm(name: str, skill: str) -> str:
+        row = score(name, skill)
+        return _pm(row.score, row.stderr) if row else "-"
+
+    lines = ["Verdict (toy SFT vs RLVR experts; numeric_match on the held-out 2-digit + and - test sets, "
+             "+/- one standard error over prompts)", ""]
     mean_sp = {k: sum(sparsity[m] for m in pair) / 2 for k, pair in PAIRS.items()}
     pair_rows = {k: lift.get(frozenset(pair), {}) for k, pair in PAIRS.items()}
     lines.append("update geometry             SFT pair     RLVR pair")
@@ -103,43 +114,50 @@ def verdict(results_uri: str, run_id: str) -> str:
     lines.append(f"  -> RLVR updates are {'sparser' if sparser else 'NOT sparser'} than SFT updates, and their overlap "
                  f"is {'closer to' if closer else 'NOT closer to'} chance (paper: sparser, near chance).")
     lines.append("")
-    base = skill_scores("base")
-    lines.append(f"experts against the base (add {_fmt(base['add'])}, sub {_fmt(base['sub'])}), on their own skill:")
+    lines.append(f"experts against the base (add {pm('base', 'add')}, sub {pm('base', 'sub')}), on their own skill:")
+    improved: dict[str, bool] = {}
     for kind, (a, b) in PAIRS.items():
-        ga = _gain(skill_scores(a)["add"], base["add"])
-        gb = _gain(skill_scores(b)["sub"], base["sub"])
-        lines.append(f"  {kind}: {a} add {ga}, {b} sub {gb}")
+        parts = []
+        for expert, skill in ((a, "add"), (b, "sub")):
+            mine, base = score(expert, skill), score("base", skill)
+            gain = mine.score - base.score if mine and base else None
+            parts.append(f"{expert} {skill} {pm(expert, skill)} (gain {_fmt(gain)})")
+            improved[expert] = gain is not None and gain > 0
+        lines.append(f"  {kind}: " + ", ".join(parts))
     lines.append("")
     lines.append("best merge of each pair (mean over both skills) against its experts")
-    outcome = {}
+    kept: dict[str, float | None] = {}
     for kind, (a, b) in PAIRS.items():
-        merges = [c["name"] for c in cands if c["kind"] == "merge" and set(c["input_names"] or []) == {a, b}]
         means = {}
-        for name in merges:
-            s = skill_scores(name)
-            if all(v is not None for v in s.values()):
-                means[name] = sum(s.values()) / len(s)
+        for c in run.candidates("merge"):
+            if set(c["input_names"] or []) == {a, b} and all(score(c["name"], k) for k in TASKS):
+                means[c["name"]] = sum(score(c["name"], k).score for k in TASKS) / len(TASKS)
         if not means:
             lines.append(f"  {kind}: no scored merges")
             continue
-        best = max(means, key=means.get)
-        ea, eb, bs = skill_scores(a), skill_scores(b), skill_scores(best)
-        own = {"add": ea["add"], "sub": eb["sub"]}  # each expert on its own skill
-        lines.append(f"  {kind}: {best}: add {_fmt(bs['add'])}, sub {_fmt(bs['sub'])} (mean {_fmt(means[best])})")
-        lines.append(f"        experts on their own skill: {a} add {_fmt(own['add'])}, {b} sub {_fmt(own['sub'])}; "
-                     f"off-skill: {a} sub {_fmt(ea['sub'])}, {b} add {_fmt(eb['add'])}")
-        linear = means.get(f"linear({a}+{b})")
-        sar = means.get(f"sar({a}+{b})")
-        lines.append(f"        linear mean {_fmt(linear)}, sar mean {_fmt(sar)}; "
-                     f"retained share of the experts' own-skill scores: "
-                     f"{_fmt(means[best] / ((own['add'] + own['sub']) / 2) if own['add'] and own['sub'] else None)}")
-        outcome[kind] = (means[best], (own["add"] + own["sub"]) / 2 if own["add"] and own["sub"] else None, linear, sar)
-    if "sft" in outcome and "rlvr" in outcome and outcome["sft"][1] and outcome["rlvr"][1]:
-        keep_sft = outcome["sft"][0] / outcome["sft"][1]
-        keep_rl = outcome["rlvr"][0] / outcome["rlvr"][1]
+        best = max(sorted(means), key=means.get)
+        ses = [score(best, k).stderr for k in TASKS]
+        se = sum(x * x for x in ses) ** 0.5 / len(ses) if all(x is not None for x in ses) else None
+        mb = bench[best]
+        lines.append(f"  {kind}: {best}: add {pm(best, 'add')}, sub {pm(best, 'sub')} (mean {_pm(means[best], se)})")
+        lines.append(f"        experts on their own skill: {a} add {pm(a, 'add')}, {b} sub {pm(b, 'sub')}; "
+                     f"off-skill: {a} sub {pm(a, 'sub')}, {b} add {pm(b, 'add')}")
+        sig = [f"{k} {'beats' if score(best, k).beats_base else 'does not significantly beat'} the base"
+               for k in TASKS]
+        lines.append(f"        normalized performance {_share(mb.normalized_performance)}; gain over the base kept "
+                     f"{_share(mb.gain_kept)}; " + ", ".join(sig) + " (paired, one-sided p <= 0.05)")
+        kept[kind] = mb.gain_kept if any(improved.get(e) for e in (a, b)) else None
+        if kept[kind] is None:
+            lines.append(f"        {kind} experts did not improve on the base: the merge kept the base's score.")
+    if "sft" in kept and "rlvr" in kept:
         lines.append("")
-        lines.append(f"  -> the best RLVR merge keeps {keep_rl:.0%} of its experts' own-skill scores, the best SFT "
-                     f"merge {keep_sft:.0%}. " + ("RLVR experts merge worse here, the paper's sparsity curse."
-                                                  if keep_rl < keep_sft else
-                                                  "The toy does NOT show RLVR experts merging worse than SFT ones."))
+        if kept["rlvr"] is None or kept["sft"] is None:
+            which = "RLVR" if kept["rlvr"] is None else "SFT"
+            lines.append(f"  -> the {which} experts did not improve on the base, so their merge kept the base's "
+                         "score; the toy cannot say whether RLVR experts merge worse than SFT ones.")
+        else:
+            lines.append(f"  -> the best RLVR merge keeps {kept['rlvr']:.0%} of its experts' gains over the base, "
+                         f"the best SFT merge {kept['sft']:.0%}. "
+                         + ("RLVR experts merge worse here, the paper's sparsity curse." if kept["rlvr"] < kept["sft"]
+                            else "The toy does NOT show RLVR experts merging worse than SFT ones."))
     return "\n".join(lines)

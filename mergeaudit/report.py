@@ -5,12 +5,17 @@ embedded plots, and the same content as Markdown (the flow's Prefect artifact).
     html = render_html(data)                       # mergeaudit report RESULTS --out report.html
     md = render_markdown(data)
 
+Every number comes from mergeaudit.results (leaderboard, MergeBench measures, fragility
+summaries, the comparison with the previous run); this module only lays them out, and importing
+it loads neither torch nor any merge method.
+
 Plots (PNG, base64 in the page, each in a <figure id="plot-...">): per-layer update-sparsity
 heatmap per model; pairwise overlap-lift and cosine matrices; per task, merge scores with the
-constituent checkpoints as reference lines; interpolation, task-vector and perturbation curves.
-Tables: the merge leaderboard, fragility summaries, per-model geometry, and the provenance of
-every candidate row (method, parameters and their hash, input URIs and fingerprints, run,
-package versions).
+constituent checkpoints as reference lines; interpolation, task-vector and perturbation curves
+(first task). Tables: the regression check (test, prompts better and worse, p-value per
+score), the merge leaderboard (with significance against the best constituent and the base),
+MergeBench's measures, fragility summaries (with intervals and standard errors), per-model
+geometry, and the provenance of every candidate row.
 """
 
 from __future__ import annotations
@@ -18,35 +23,24 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from mergeaudit import probes, tables
-from mergeaudit.errors import ConfigError
-
-REPORT_TABLES = ("runs", "checkpoints", "geometry_tensors", "geometry_pairs", "candidates", "scores")
+from mergeaudit.results import leaderboard as board
+from mergeaudit.results.compare import RegressionReport
+from mergeaudit.results.scores import RunResults, params
+from mergeaudit.results.scores import load_run as load_results
 
 
 @dataclass
-class RunData:
-    """The committed rows of one run, as lists of dicts."""
+class RunData(RunResults):
+    """A run's results plus what the report shows around them."""
 
-    results_uri: str
-    run_id: str
-    rows: dict[str, list[dict]]
-    regression: Any = None  # a regression.RegressionReport, when checked
+    regression: RegressionReport | None = None  # the check against the previous run, when made
     notes: str | None = None  # free text shown first (the demo's verdict)
-
-    @property
-    def run(self) -> dict:
-        return (self.rows["runs"] or [{}])[0]
-
-    @property
-    def audit_name(self) -> str:
-        return self.run.get("audit_name") or "?"
+    own_tasks: dict[str, str] | None = None  # expert -> own task, for MergeBench's measures
 
 
 @dataclass
@@ -67,55 +61,12 @@ class Content:
 
 
 def load_run(results_uri: str, run_id: str | None = None) -> RunData:
-    runs = tables.committed_runs(results_uri)
-    if not runs:
-        raise ConfigError(f"no committed runs under {results_uri}")
-    run_id = run_id or runs[-1]["run_id"]
-    if run_id not in {m["run_id"] for m in runs}:
-        raise ConfigError(f"run {run_id!r} is not committed under {results_uri}")
-    rows = {t: tables.read_table(results_uri, t, run_id=run_id, manifests=runs).to_pylist() for t in REPORT_TABLES}
-    return RunData(results_uri, run_id, rows)
-
-
-# -- derived rows --------------------------------------------------------------------------------
-
-
-def _params(row: dict) -> dict:
-    try:
-        return json.loads(row.get("params_json") or "{}")
-    except json.JSONDecodeError:
-        return {}
-
-
-def primary_scores(data: RunData) -> dict[str, tuple[str, dict[str, dict]]]:
-    """task -> (primary metric, candidate_id -> score row)."""
-    scores = [s for s in data.rows["scores"] if s["filter"] != "probe" and "@" not in (s["filter"] or "")]
-    out = {}
-    for task in sorted({s["task"] for s in scores}):
-        metric = probes.primary_metric([s for s in scores if s["task"] == task], task)
-        out[task] = (metric, {s["candidate_id"]: s for s in scores if s["task"] == task and s["metric"] == metric})
-    return out
+    run = load_results(results_uri, run_id)
+    return RunData(run.results_uri, run.run_id, run.rows)
 
 
 def leaderboard(data: RunData) -> list[dict]:
-    """Checkpoints and merges on each task's primary metric, best first, with the best
-    constituent's score and the margin over it."""
-    cands = {c["candidate_id"]: c for c in data.rows["candidates"] if c["kind"] in ("checkpoint", "merge")}
-    by_name = {c["name"]: c for c in cands.values() if c["kind"] == "checkpoint"}
-    out = []
-    for task, (metric, rows) in primary_scores(data).items():
-        for cid, c in cands.items():
-            s = rows.get(cid)
-            refs = [rows.get(by_name[n]["candidate_id"], {}).get("value") for n in c["input_names"] or []
-                    if n in by_name] if c["kind"] == "merge" else []
-            refs = [r for r in refs if r is not None]
-            best = max(refs) if refs else None
-            value = s["value"] if s else None
-            out.append({"task": task, "metric": metric, "candidate": c["name"], "kind": c["kind"],
-                        "method": c["method"] or "-", "score": value, "stderr": s["stderr"] if s else None,
-                        "best_input": best, "margin": value - best if value is not None and best is not None else None,
-                        "update_sparsity_bf16": c["update_sparsity_bf16"], "status": c.get("status") or "ok"})
-    return sorted(out, key=lambda r: (r["task"], r["score"] is None, -(r["score"] or 0.0)))
+    return [r.model_dump() for r in board.rows(data)]
 
 
 def provenance(data: RunData) -> list[dict]:
@@ -143,9 +94,17 @@ def pair_geometry(data: RunData) -> list[dict]:
 
 
 def probe_summaries(data: RunData) -> list[dict]:
-    names = {c["candidate_id"]: c["name"] for c in data.rows["candidates"] if c["kind"] == "probe_summary"}
-    return [{"probe": names[s["candidate_id"]], "metric": s["metric"], "setting": s["filter"], "value": s["value"]}
-            for s in data.rows["scores"] if s["candidate_id"] in names]
+    names = {c["candidate_id"]: c["name"] for c in data.candidates("probe_summary")}
+    return [{"probe": names[s["candidate_id"]], "task": s["task"], "metric": s["metric"], "x": s.get("probe_x"),
+             "value": s["value"], "stderr": s["stderr"], "ci_low": s.get("ci_low"), "ci_high": s.get("ci_high")}
+            for s in data.table("scores") if s["candidate_id"] in names]
+
+
+def comparisons(data: RunData) -> list[dict]:
+    if data.regression is None:
+        return []
+    return [r.model_dump(include={"candidate", "task", "metric", "previous", "current", "drop", "test", "n_shared",
+                                  "n_better", "n_worse", "p_value", "flagged"}) for r in data.regression.comparisons]
 
 
 # -- plots ---------------------------------------------------------------------------------------
@@ -224,7 +183,8 @@ def score_bars(data: RunData) -> list[Figure]:
     plt = _pyplot()
     cands = {c["candidate_id"]: c for c in data.rows["candidates"]}
     out = []
-    for task, (metric, rows) in primary_scores(data).items():
+    for task in data.tasks():
+        metric, rows = data.primary_metric(task), data.primary_scores(task, ("checkpoint", "merge"))
         merges = [(cands[cid]["name"], s) for cid, s in rows.items() if cands.get(cid, {}).get("kind") == "merge"]
         refs = [(cands[cid]["name"], s["value"]) for cid, s in rows.items()
                 if cands.get(cid, {}).get("kind") == "checkpoint"]
@@ -250,15 +210,17 @@ def score_bars(data: RunData) -> list[Figure]:
 
 def probe_curves(data: RunData) -> list[Figure]:
     plt = _pyplot()
-    tasks = primary_scores(data)
+    tasks = data.tasks()
     if not tasks:
         return []
-    task = next(iter(tasks))
-    metric, rows = tasks[task]
+    task = tasks[0]
+    metric, rows = data.primary_metric(task), data.primary_scores(task, ("probe",))
     series: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
-    for c in data.rows["candidates"]:
-        probe = _params(c).get("probe")
-        if c["kind"] == "probe" and probe and c["candidate_id"] in rows:
+    for c in data.candidates("probe"):
+        probe = {"family": c.get("probe_family"), "path": c.get("probe_path"), "x": c.get("probe_x")}
+        if probe["family"] is None:  # written before probe settings became columns
+            probe = params(c).get("probe") or probe
+        if probe["family"] and c["candidate_id"] in rows:
             series[probe["family"]][probe["path"]].append((float(probe["x"]), rows[c["candidate_id"]]["value"]))
     out = []
     labels = {"interpolation": ("alpha (0 = a, 1 = b)", "Interpolation paths"),
@@ -286,9 +248,13 @@ def probe_curves(data: RunData) -> list[Figure]:
 def build_content(data: RunData) -> Content:
     figs = sparsity_heatmaps(data) + pair_matrices(data) + score_bars(data) + probe_curves(data)
     sections = [
+        ("Comparison with the previous run", comparisons(data), []),
         ("Merge leaderboard", leaderboard(data),
-         ["task", "candidate", "method", "score", "stderr", "best_input", "margin", "update_sparsity_bf16", "status"]),
-        ("Fragility probes", probe_summaries(data), ["probe", "metric", "setting", "value"]),
+         ["task", "candidate", "method", "score", "stderr", "n", "best_input_name", "best_input", "margin",
+          "beats_best_input", "p_vs_best_input", "beats_base", "p_vs_base", "update_sparsity_bf16", "status"]),
+        ("MergeBench measures", [r.model_dump() for r in board.mergebench(data, data.own_tasks)],
+         ["candidate", "own_tasks", "normalized_performance", "gain_kept", "forgetting", "forgetting_tasks"]),
+        ("Fragility probes", probe_summaries(data), []),
         ("Update geometry per model", model_geometry(data), []),
         ("Pairwise overlap (bf16 masks)", pair_geometry(data), []),
         ("Checkpoints", data.rows["checkpoints"], ["name", "role", "kind", "uri", "fingerprint", "n_tensors", "dtype"]),
@@ -391,17 +357,18 @@ def render_markdown(data: RunData, content: Content | None = None, images: bool 
         parts += ["## Verdict", "```\n" + data.notes + "\n```"]
     if data.regression is not None:
         parts += ["## Regression check", "```\n" + data.regression.summary() + "\n```"]
-    for heading, rows, cols in content.sections[:4]:
+    for heading, rows, cols in content.sections[:-2]:
         parts += [f"## {heading}", markdown_table(rows, cols or None)]
     if images:
         parts.append("## Plots")
         parts += [f"![{fig.title}]({fig.data_uri()})\n\n_{fig.title}: {fig.caption}_" for fig in content.figures]
-    prov = content.sections[5]
+    prov = content.sections[-1]
     parts += [f"## {prov[0]}", markdown_table(prov[1], ["candidate", "candidate_id", "method", "params_hash", "inputs"])]
     return "\n\n".join(parts) + "\n"
 
 
-def write_report(results_uri: str, out: str, run_id: str | None = None, regression: Any = None) -> str:
+def write_report(results_uri: str, out: str, run_id: str | None = None,
+                 regression: RegressionReport | None = None) -> str:
     """Render the HTML report of a committed run to `out` (a path or store URI)."""
     from mergeaudit import store
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from mergeaudit.errors import ConfigError, StoreError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _TS = pa.timestamp("us", tz="UTC")
 SCHEMAS: dict[str, pa.Schema] = {
     "runs": pa.schema([
@@ -138,6 +138,10 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("mergeaudit_version", pa.string()),
         ("status", pa.string()),                 # v2: ok | failed
         ("error", pa.string()),                  # v2
+        ("probe_family", pa.string()),           # v3: interpolation | task_vector | gaussian | drop (probes)
+        ("probe_path", pa.string()),             # v3: "a~b" for interpolations, the model otherwise
+        ("probe_x", pa.float64()),               # v3: alpha, lambda, noise scale or drop rate
+        ("probe_seed", pa.int64()),              # v3
     ]),
     "samples": pa.schema([
         ("candidate_id", pa.string()),
@@ -162,16 +166,21 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("task", pa.string()),
         ("metric", pa.string()),
         ("filter", pa.string()),
-        ("value", pa.float64()),
-        ("stderr", pa.float64()),
-        ("n", pa.int64()),
+        ("value", pa.float64()),                 # sample-averaged: mean over prompts of per-prompt means
+        ("stderr", pa.float64()),                # sd of the per-prompt values / sqrt(n) (mergeaudit.results.stats)
+        ("n", pa.int64()),                       # prompts (the unit of stderr) for verifier scores
+        ("probe_family", pa.string()),           # v3: probe summaries: the family they summarise
+        ("probe_x", pa.float64()),               # v3: ... and the setting (noise scale, drop rate)
+        ("ci_low", pa.float64()),                # v3: 95% bootstrap interval over prompts (barrier heights)
+        ("ci_high", pa.float64()),               # v3
     ]),
 }
 
 PARTITION_FIELDS = [pa.field("date", pa.string()), pa.field("run_id", pa.string())]
 
 # Column renames per table: {table: {old name: new name}}, applied to files older than the
-# current version. Version 2 only added columns.
+# current version. Versions 2 and 3 only added columns (v3: probe settings as columns, bootstrap
+# intervals); v2 probe summaries keep their setting in `filter` ("gaussian@0.1").
 RENAMES: dict[str, dict[str, str]] = {}
 
 
@@ -213,4 +222,26 @@ def upgrade(name: str, table: pa.Table, version: int) -> pa.Table:
             cols.append(table.column(field.name).cast(field.type))
         else:
             cols.append(pa.nulls(table.num_rows, field.type))
-    return pa.Table.from_arrays(cols, schema=schema)
+    out = pa.Table.from_arrays(cols, schema=schema)
+    if name == "scores" and version < 3:
+        out = _probe_settings_from_filter(out)
+    return out
+
+
+def _probe_settings_from_filter(table: pa.Table) -> pa.Table:
+    """v2 wrote a probe summary's setting into `filter` ("gaussian@0.1"): v3 has columns."""
+    filters = table.column("filter").to_pylist()
+    family, x, filt = [], [], []
+    for f in filters:
+        head, sep, tail = (f or "").partition("@")
+        try:
+            value = float(tail) if sep else None
+        except ValueError:
+            value = None
+        family.append(head if value is not None else None)
+        x.append(value)
+        filt.append("probe" if value is not None else f)
+    for col, values in (("probe_family", family), ("probe_x", x), ("filter", filt)):
+        i = table.schema.get_field_index(col)
+        table = table.set_column(i, table.schema.field(i), pa.array(values, table.schema.field(i).type))
+    return table

@@ -47,8 +47,8 @@ def test_geometry_and_merges_read_through_the_cache(s3_bucket, tmp_path):
 
 
 def test_probes_become_candidates_and_summaries(toy_family, tmp_path):
-    from mergeaudit.audit import CandidateResult, plan_candidates, summary_rows
-    from mergeaudit.probes import barrier_height
+    from mergeaudit.audit import CandidateResult, plan_candidates, result_rows
+    from mergeaudit.results.fragility import barrier_height
 
     raw = config_for(toy_family, str(tmp_path / "r"))
     raw["probes"] = {"interpolations": [{"a": "base", "b": "ft_a", "alphas": [0, 0.5, 1]}],
@@ -72,8 +72,14 @@ def test_probes_become_candidates_and_summaries(toy_family, tmp_path):
                                         "metric": "numeric_match", "filter": "verifier",
                                         "value": score_of[c.candidate_id], "stderr": None, "n": 4}])
                for c in cands]
-    rows = {(r["candidate"], r["metric"]): r["score"] for r in summary_rows(cfg, cands, results)}
-    assert rows[("probe:interpolation:base~ft_a", "barrier_height")] == pytest.approx(0.6)
-    assert rows[("probe:gaussian:ft_a", "score_drop gaussian@0.1")] == pytest.approx(0.3)
-    assert rows[("probe:task_vector:ft_b", "best_lambda")] == 0.0
+    tables_ = result_rows(cfg, records, {}, cands, results)
+    names = {c["candidate_id"]: c for c in tables_["candidates"]}
+    noise = next(c for c in tables_["candidates"] if c.get("probe_family") == "gaussian")
+    assert (noise["probe_path"], noise["probe_x"], noise["probe_seed"]) == ("ft_a", 0.1, 0)  # settings are columns
+    rows = {(names[r["candidate_id"]]["name"], r["metric"], r["probe_x"]): r for r in tables_["scores"]
+            if r["filter"] == "probe"}
+    assert rows[("probe:interpolation:base~ft_a", "barrier_height", None)]["value"] == pytest.approx(0.6)
+    drop = rows[("probe:gaussian:ft_a", "score_drop", 0.1)]
+    assert drop["value"] == pytest.approx(0.3) and drop["probe_family"] == "gaussian"
+    assert rows[("probe:task_vector:ft_b", "best_lambda", None)]["value"] == 0.0
     assert barrier_height([(0.0, 0.5), (0.5, 0.9), (1.0, 0.7)]) == pytest.approx(0.0)

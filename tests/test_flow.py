@@ -53,8 +53,26 @@ def test_flow_on_local_store(prefect_harness, toy_family, tmp_path):
     names = {c["candidate_id"]: (c["name"], c["method"], c["params_hash"]) for c in cands}
     assert all((s["candidate"], s["method"], s["params_hash"]) == names[s["candidate_id"]] for s in scores)
     assert {s["metric"] for s in scores} == {"exact_match", "numeric_match", "pass@1", "format_rate",
-                                             "verifier_errors"}
+                                             "verifier_errors", "verifier_timeouts"}
     assert all(s["n"] == 8 for s in scores)
+    # every verifier stderr recomputed from the samples table: per-prompt mean, sd / sqrt(prompts)
+    by_prompt: dict[tuple[str, int], list[float]] = {}
+    for s in samples:
+        by_prompt.setdefault((s["candidate_id"], s["doc_id"]), []).append(s["reward"])
+    checked = 0
+    for row in (s for s in scores if s["metric"] == "numeric_match"):
+        per = [sum(v) / len(v) for (cid, _), v in sorted(by_prompt.items()) if cid == row["candidate_id"]]
+        mean = sum(per) / len(per)
+        se = (sum((x - mean) ** 2 for x in per) / (len(per) - 1) / len(per)) ** 0.5
+        assert (row["value"], row["stderr"]) == (pytest.approx(mean), pytest.approx(se))
+        checked += 1
+    assert checked == 9
+    # one leaderboard: the flow's summary (CLI, table artifact) and the report's, from the tables
+    from mergeaudit import report
+    from mergeaudit.results import leaderboard, load_run
+
+    assert out["summary"] == leaderboard.summary(load_run(results))
+    assert report.leaderboard(report.load_run(results)) == [r.model_dump() for r in leaderboard.rows(load_run(results))]
     geo = tables.read_table(results, "geometry_tensors").to_pylist()
     for name, changed in toy_family.changed.items():
         assert sum(r["changed_bf16"] for r in geo if r["model"] == name and r["scope"] == "tensor") == changed

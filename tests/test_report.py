@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -13,8 +14,11 @@ from html.parser import HTMLParser
 
 import pytest
 
-from mergeaudit import regression, report, tables
+from mergeaudit import report, tables
 from mergeaudit.config import AlarmSpec
+from mergeaudit.results import compare as regression
+from mergeaudit.results import leaderboard, load_run
+from mergeaudit.results.stats import paired_t, prompt_mean_stderr, welch_z
 
 MODELS = {"rl_math": "rlvr", "sft_code": "sft"}
 MODULES = ["self_attn.q_proj", "mlp.down_proj"]
@@ -126,6 +130,8 @@ def test_report_is_one_self_contained_page_with_every_plot(tmp_path):
     board = report.leaderboard(report.load_run(root))
     sar = next(r for r in board if r["candidate"] == "sar(rl_math+sft_code)")
     assert sar["best_input"] == 0.60 and sar["margin"] == pytest.approx(0.05)
+    assert sar["best_input_name"] == "rl_math" and sar["beats_best_input"] is True  # Welch z = 3.5
+    assert sar["p_vs_best_input"] == pytest.approx(0.5 * math.erfc(0.05 / (2**0.5 * 0.01) / 2**0.5))
     assert "rl_math = s3://ck/rl_math @ fp-rl_math" in page
     md = report.render_markdown(report.load_run(root))
     assert "## Merge leaderboard" in md and md.count("data:image/png;base64,") == len(EXPECTED_PLOTS)
@@ -173,15 +179,16 @@ def test_regressions_on_constructed_runs(tmp_path):
     assert {(r.kind, r.candidate) for r in check.regressions} == {
         ("score_drop", "ties(rl_math+sft_code)"), ("newly_failed", "sar(rl_math+sft_code)")}
     drop = next(r for r in check.regressions if r.kind == "score_drop")
-    assert drop.drop == pytest.approx(0.12) and drop.z == pytest.approx(0.12 / (2**0.5 * 0.01))
-    assert "ties(rl_math+sft_code) mergeaudit_add2/numeric_match: 0.6200 -> 0.5000" in check.summary()
+    assert drop.drop == pytest.approx(0.12) and drop.test == "welch_z"  # no samples: no prompts to pair
+    assert drop.p_value == pytest.approx(0.5 * math.erfc(0.12 / (2**0.5 * 0.01) / 2**0.5))
+    assert "ties(rl_math+sft_code) mergeaudit_add2/numeric_match: 0.6200 -> 0.5000 (-0.1200; welch_z" in check.summary()
     # in standard-error units: the same drop with wide error bars is noise
     noisy = constructed_run({**worse, "ties(rl_math+sft_code)": 0.40})  # -0.10 against r2, se 0.10
     noisy["scores"] = [{**s, "stderr": 0.1} for s in noisy["scores"]]
     tables.write_run(root, "r3", "2026-11-27", noisy)
     assert [r.candidate for r in regression.check_run(root, "r3").regressions] == []
-    assert [r.candidate for r in regression.check_run(root, "r3", AlarmSpec(z=0.5)).regressions] == [
-        "ties(rl_math+sft_code)"]
+    assert [r.candidate for r in regression.check_run(root, "r3", AlarmSpec(significance=0.3)).regressions] == [
+        "ties(rl_math+sft_code)"]  # p = P[Z >= 0.1 / 0.141] = 0.24
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -218,3 +225,117 @@ def test_report_and_regressions_refuse_what_is_not_there(tmp_path):
     assert unknown.returncode == 2 and "run 'r9' is not committed" in unknown.stderr
     bad = run_cli("regressions", root, "--max-drop", "-1")
     assert bad.returncode == 2 and "max_drop" in bad.stderr
+
+
+def with_samples(run: dict, rewards: dict[str, list[list[float]]], task: str = "mergeaudit_add2") -> dict:
+    """The run with per-sample rows for the named candidates (one list of samples per prompt),
+    and their scores recomputed from them with the prompt as the unit."""
+    from mergeaudit.results.stats import prompt_mean_stderr
+
+    ids = {c["name"]: c["candidate_id"] for c in run["candidates"]}
+    run["samples"] = [{"candidate_id": ids[name], "task": task, "doc_id": i, "sample": j, "prompt_hash": f"h{i}",
+                       "reward": r, "verdict": r == 1.0} for name, prompts in rewards.items()
+                      for i, rs in enumerate(prompts) for j, r in enumerate(rs)]
+    for s in run["scores"]:
+        name = next(n for n, cid in ids.items() if cid == s["candidate_id"])
+        if name in rewards and s["task"] == task:
+            s["value"], s["stderr"] = prompt_mean_stderr(rewards[name])
+            s["n"] = len(rewards[name])
+    return run
+
+
+def test_seventeen_worse_none_better_is_flagged_by_the_paired_test(tmp_path):
+    """400 prompts, one sample each: 240 right before, 17 of them wrong now, none the other way.
+    Unpaired: z = 1.2, p = 0.11, not flagged; McNemar: p = 2^-17."""
+    root = str(tmp_path / "results")
+    before = [[1.0]] * 240 + [[0.0]] * 160
+    after = [[0.0]] * 17 + [[1.0]] * 223 + [[0.0]] * 160
+    name = "ties(rl_math+sft_code)"
+    tables.write_run(root, "r1", "2026-11-25", with_samples(constructed_run(MERGES), {name: before}))
+    tables.write_run(root, "r2", "2026-11-26", with_samples(constructed_run(MERGES), {name: after}))
+    check = regression.check_run(root, "r2")
+    (flag,) = check.regressions
+    assert (flag.candidate, flag.test, flag.n_shared, flag.n_better, flag.n_worse) == (name, "mcnemar", 400, 0, 17)
+    assert flag.p_value == pytest.approx(0.5**17) and flag.drop == pytest.approx(17 / 400)
+    assert "mcnemar on 400 shared prompts: 0 better, 17 worse, p=7.6e-06" in check.summary()
+    unpaired = welch_z(0.6, prompt_mean_stderr(before)[1], 223 / 400,
+                       prompt_mean_stderr(after)[1])
+    assert unpaired[0] == pytest.approx(1.22, abs=0.01) and unpaired[1] > 0.1
+    # several samples per prompt: the paired t-test on per-prompt means
+    many_before = [[1.0, 1.0, 0.0, 1.0]] * 30
+    many_after = [[1.0, 0.0, 0.0, 1.0]] * 17 + [[1.0, 1.0, 0.0, 1.0]] * 13
+    tables.write_run(root, "r3", "2026-11-27", with_samples(constructed_run(MERGES), {name: many_before}))
+    tables.write_run(root, "r4", "2026-11-28", with_samples(constructed_run(MERGES), {name: many_after}))
+    (flag,) = regression.check_run(root, "r4").regressions
+    assert (flag.test, flag.n_better, flag.n_worse) == ("paired_t", 0, 17)
+    assert flag.p_value == pytest.approx(paired_t([-0.25] * 17 + [0.0] * 13)[1]) and flag.p_value < 1e-5
+    page = tmp_path / "r.html"
+    report.write_report(root, str(page), "r4", regression.check_run(root, "r4"))
+    assert "paired_t on 30 shared prompts: 0 better, 17 worse" in page.read_text()
+
+
+def test_cli_report_and_flow_summary_share_one_leaderboard(tmp_path):
+    root = str(tmp_path / "results")
+    tables.write_run(root, "r1", "2026-11-26", constructed_run(MERGES))
+    run = load_run(root)
+    board = [r.model_dump() for r in leaderboard.rows(run)]
+    assert report.leaderboard(report.load_run(root)) == board
+    summary = [r for r in leaderboard.summary(run) if r["method"] != "probe"]
+    assert [(r["candidate"], r["score"]) for r in summary] == [(r["candidate"], r["score"]) for r in board]
+    assert [r["candidate"] for r in board][:3] == ["sar(rl_math+sft_code)", "ties(rl_math+sft_code)", "rl_math"]
+
+
+def test_mergebench_measures_subtract_the_base():
+    from mergeaudit.results.scores import RunResults
+
+    run = constructed_run({"ties(rl_math+sft_code)": 0.5})
+    run["scores"] += [score("c-base", 0.2, task="t_code"), score("c-rl", 0.2, task="t_code"),
+                      score("c-sft", 0.6, task="t_code"), score("c-merge0", 0.4, task="t_code")]
+    run["scores"] += [score(cid, v, task="t_other") for cid, v in
+                      (("c-base", 0.5), ("c-rl", 0.5), ("c-sft", 0.5), ("c-merge0", 0.3))]
+    data = RunResults("mem://", "r", run)
+    (row,) = leaderboard.mergebench(data, {"rl_math": "mergeaudit_add2", "sft_code": "t_code"})
+    # own tasks: rl 0.60 (base 0.30), sft 0.60 (base 0.20); merge 0.50 and 0.40
+    assert row.normalized_performance == pytest.approx((0.5 / 0.6 + 0.4 / 0.6) / 2)
+    assert row.gain_kept == pytest.approx((0.2 / 0.3 + 0.2 / 0.4) / 2)
+    assert row.forgetting == pytest.approx(0.3 - 0.5) and row.forgetting_tasks == ["t_other"]
+    flat = RunResults("mem://", "r", constructed_run({"ties(rl_math+sft_code)": 0.3}))
+    flat.rows["scores"] = [{**s, "value": 0.3} if s["candidate_id"] == "c-rl" else s for s in flat.rows["scores"]]
+    (row,) = leaderboard.mergebench(flat, {"rl_math": "mergeaudit_add2"})
+    assert row.gain_kept is None and row.normalized_performance == pytest.approx(1.0)  # 0.0 gain: nothing to keep
+
+
+def test_rendering_a_report_imports_neither_torch_nor_merge_methods():
+    code = ("import sys, mergeaudit.report, mergeaudit.results; "
+            "print(sorted(m for m in ('torch', 'numba', 'mergeaudit.merging', 'mergeaudit.probes') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_demo_verdict_reads_the_results_module(tmp_path):
+    """0.0 is a score; RLVR experts equal to the base 'kept the base's score' (not '99% kept');
+    the SFT merge's kept share subtracts the base."""
+    from mergeaudit.demo import OWN_TASKS, PAIRS, TASKS, verdict
+
+    add, sub = TASKS["add"], TASKS["sub"]
+    values = {"base": (0.0, 0.0), "sft_add": (0.8, 0.0), "sft_sub": (0.0, 0.6), "rl_add": (0.0, 0.0),
+              "rl_sub": (0.0, 0.0), "ties(sft_add+sft_sub)": (0.4, 0.3), "ties(rl_add+rl_sub)": (0.0, 0.0)}
+    cands, scores = [], []
+    for k, (name, (a, b)) in enumerate(values.items()):
+        merge = "(" in name
+        inputs = list(PAIRS["sft" if "sft" in name else "rlvr"]) if merge else [name]
+        cands.append(cand(f"c{k}", name, "merge" if merge else "checkpoint", "ties" if merge else None, inputs))
+        scores += [score(f"c{k}", a, 0.05, task=add), score(f"c{k}", b, 0.05, task=sub)]
+    geo = [{"scope": "model", "model": m, "kind": "x", "sparsity_bf16": 0.5} for m in OWN_TASKS]
+    pairs = [{"scope": "global", "model_a": a, "model_b": b, "jaccard_lift": 1.0, "cosine": 0.0}
+             for a, b in PAIRS.values()]
+    ckpts = [{"name": n, "role": "base" if n == "base" else "model"} for n in values if "(" not in n]
+    root = str(tmp_path / "results")
+    tables.write_run(root, "d1", "2026-11-26", {"runs": [{"audit_name": "demo"}], "candidates": cands,
+                                               "scores": scores, "geometry_tensors": geo, "geometry_pairs": pairs,
+                                               "checkpoints": ckpts})
+    text = verdict(root, "d1")
+    assert "sft_add add 0.800 +/- 0.050 (gain 0.800)" in text and "rl_add add 0.000 +/- 0.050 (gain 0.000)" in text
+    assert "gain over the base kept 50%" in text  # (0.4 / 0.8 + 0.3 / 0.6) / 2
+    assert "rlvr experts did not improve on the base: the merge kept the base's score." in text
+    assert "the RLVR experts did not improve on the base" in text and "99%" not in text

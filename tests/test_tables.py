@@ -290,3 +290,13 @@ def test_query_reaches_only_the_registered_tables(tmp_path, sql):
         tables.query(root, sql.format(root=root) + (" -- scores" if "scores" not in sql else ""))
     assert not (tmp_path / "exfil.csv").exists() and not (tmp_path / "x.db").exists()
     assert tables.query(root, "select count(*) as n from scores").column("n").to_pylist() == [3]
+
+
+def test_v2_probe_settings_in_filter_become_columns():
+    rows = [{"candidate_id": "p", "task": "t", "metric": "score_drop", "filter": "gaussian@0.1", "value": 0.3},
+            {"candidate_id": "c", "task": "t", "metric": "exact_match", "filter": "strict-match", "value": 0.5}]
+    v2 = pa.Table.from_pylist(rows)
+    up = tables.upgrade("scores", v2, 2).to_pylist()
+    assert [(r["filter"], r["probe_family"], r["probe_x"]) for r in up] == [
+        ("probe", "gaussian", 0.1), ("strict-match", None, None)]
+    assert tables.upgrade("scores", tables.to_arrow("scores", rows), 3).column("probe_family").null_count == 2
