@@ -44,11 +44,12 @@ Why normalise the Fisher, and by the mean: arbitration compares F_i of different
 same entry, so a factor common to one model's whole Fisher (calibration-set size, a sum rather
 than a mean over tokens, response lengths, how peaked the model is) would decide conflicts on
 its own: with raw Fisher, one expert's Fisher x100 won 92% of the conflicting entries of a
-synthetic pair instead of 50% (tests/test_sar.py), and 97% instead of 47% on the toy family's two
-experts with Fisher estimated on 16 addition problems; normalised, 50% and 49% at x1 and x100. Dividing by the mean or by the sum over the
-tensor gives the same ratios between models (they share numel), so the same merge; the mean
-keeps values near 1, which makes `fisher_floor` a relative floor and keeps fp32 away from
-underflow on 100M-entry tensors. Not the median (diagonal Fisher is heavy-tailed and mostly
+synthetic pair instead of 50% (tests/test_sar.py), and 97% instead of 47% on the toy family's
+two experts with Fisher estimated on 16 addition problems; normalised, the share is the same at
+x1 and x100 (50% and 49%). Dividing by the mean or by the sum over the tensor gives the same
+ratios between models (they share numel), so the same merge; the mean keeps values near 1,
+which makes `fisher_floor` a relative floor and keeps fp32 away from underflow on 100M-entry
+tensors. Not the median (diagonal Fisher is heavy-tailed and mostly
 near 0, so the median can be 0), not the mean over each model's own update support (it would
 reward a model for updating low-Fisher entries), not one factor per model across tensors (it
 would leave per-tensor scale differences between the experts' Fisher estimates). What still
