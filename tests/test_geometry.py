@@ -30,20 +30,33 @@ def test_updates_below_bf16_resolution_count_as_unchanged():
     ft = base.clone()
     ft[0] += 1e-4   # far below bf16's step of 2**-7 at 1.0: unchanged after the cast
     ft[1] += 2**-6  # two bf16 steps: changed
-    ft[3] = -0.0    # the sign of zero flips the bits: changed under the bitwise definition
-    assert changed_bf16(base, ft).tolist() == [False, True, False, True, False]
+    ft[3] = -0.0    # +0 -> -0: equal values, no update (Mukherjee et al., Zhu et al.)
+    assert changed_bf16(base, ft).tolist() == [False, True, False, False, False]
     m = tensor_sums(base, [ft]).models[0].derived()
-    assert m["changed_bf16"] == 2 and m["sparsity_bf16"] == pytest.approx(0.6)
-    # the fp32 definitions see the 1e-4 update: relative 1e-4 < eta, absolute 1e-4 > 1e-5
-    assert m["changed_abs"] == 2 and m["changed_rel"] == 1
+    assert m["changed_bf16"] == 1 and m["sparsity_bf16"] == pytest.approx(0.8)
+    # the rel and abs masks also compare bf16-cast values: the 1e-4 update is invisible to them
+    assert m["changed_abs"] == 1 and m["changed_rel"] == 1
+    # the norms keep the stored values
+    assert m["update_norm"] == pytest.approx((1e-4**2 + 2**-12) ** 0.5, rel=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_sign_of_zero_is_no_update_in_any_dtype(dtype):
+    base = torch.tensor([0.0, -0.0, 0.0, 1.0], dtype=dtype)
+    ft = torch.tensor([-0.0, 0.0, 0.0, 1.0], dtype=dtype)
+    sums = tensor_sums(base, [ft, ft.clone()])
+    assert [m.changed_bf16 for m in sums.models] == [0, 0]
+    assert sums.pairs[(0, 1)].overlap == 0 and sums.models[0].changed_abs == sums.models[0].changed_rel == 0
 
 
 def test_rel_and_abs_masks():
-    base = torch.tensor([1.0, 1.0, 1e-3, 1e-3])
-    ft = base + torch.tensor([2e-3, 5e-4, 2e-6, 2e-5])
+    # on the bf16 grid: 1.0 has a step of 2**-7, 2**-10 one of 2**-17 (7.6e-6)
+    base = torch.tensor([1.0, 1.0, 2**-10, 2**-10])
+    ft = base + torch.tensor([2**-7, 2**-9, 2**-17, 2**-15])
     m = tensor_sums(base, [ft], eta=1e-3, abs_tol=1e-5).models[0]
-    # rel: |d| > 1e-3 * max(|w|, |w'|): 2e-3 yes, 5e-4 no, 2e-6 no (1e-3 * 1e-3 = 1e-6 < 2e-6: yes)
-    assert m.changed_rel == 3 and m.changed_abs == 3
+    # 2**-9 rounds away in bf16; rel: 2**-7 and both steps at 2**-10 exceed 1e-3 relative;
+    # abs: 2**-17 = 7.6e-6 < 1e-5, the others above
+    assert m.changed_bf16 == 3 and m.changed_rel == 3 and m.changed_abs == 2
 
 
 def test_norms_match_a_hand_computation():
@@ -114,7 +127,10 @@ def test_toy_family_tables(toy_family):
         assert changed == toy_family.changed[name]
         (summary,) = [r for r in tensor_rows if r["scope"] == "model" and r["model"] == name]
         assert summary["changed_bf16"] == changed
-        assert summary["sparsity_bf16"] == pytest.approx(1 - toy_family.density(name))
+        assert summary["sparsity_bf16_numel_weighted"] == pytest.approx(1 - toy_family.density(name))
+        mine = [r for r in per_tensor if r["model"] == name]  # Mukherjee et al.: unweighted over tensors
+        assert summary["sparsity_bf16"] == pytest.approx(sum(r["sparsity_bf16"] for r in mine) / len(mine))
+        assert summary["n_tensors"] == len(mine)
         layers = [r for r in tensor_rows if r["scope"] == "layer" and r["model"] == name]
         assert sorted(r["layer"] for r in layers) == [0, 1]
     assert {r["kind"] for r in tensor_rows if r["model"] == "ft_a"} == {"rlvr"}
@@ -162,12 +178,13 @@ def reference(base: torch.Tensor, fa: torch.Tensor, fb: torch.Tensor, eta=1e-3, 
     """The same statistics in plain torch, unchunked, as the kernels' oracle."""
     b, a, c = base.double(), fa.double(), fb.double()
     da, dc = a - b, c - b
+    b16, a16 = base.to(torch.bfloat16).double(), fa.to(torch.bfloat16).double()  # masks: bf16-cast values
     ma, mc = changed_bf16(base, fa), changed_bf16(base, fb)
     inter = ma & mc
     return {
         "changed_bf16": int(ma.sum()),
-        "changed_rel": int((da.abs() > eta * torch.maximum(b.abs(), a.abs())).sum()),
-        "changed_abs": int((da.abs() > tol).sum()),
+        "changed_rel": int(((a16 - b16).abs() > eta * torch.maximum(b16.abs(), a16.abs())).sum()),
+        "changed_abs": int(((a16 - b16).abs() > tol).sum()),
         "update_sq": float((da * da).sum()),
         "overlap": int(inter.sum()),
         "sign_conflicts": int(((da * dc < 0) & inter).sum()),

@@ -4,22 +4,35 @@ For a base and N fine-tuned checkpoints, in one streaming pass over each (the ba
 all checkpoints prefetching in step; memory holds one tensor per checkpoint plus chunk-sized
 intermediates), `compute_geometry` returns two tables' rows:
 
-- `geometry_tensors`, per model at scope `tensor`, `layer` and `model`: the update sparsity
-  under three definitions with counts (see `stats`), the norms of update and base and their
-  ratio, and for 2-D tensors the spectral figures of `spectral`; `kind` (rlvr, sft, ...) comes
-  from the caller's config. Skipped or mismatched tensors are rows with a `reason`.
-- `geometry_pairs`, per pair of models at scope `tensor`, `layer` and `global`: one-sided
-  overlaps of the bf16 update masks and their Jaccard index, each with its value by chance for
-  independent masks of the same per-tensor densities (expected overlap sum_t |A_t||B_t| / n_t)
-  and the lift over chance; the sign-conflict rate on the overlap; cosine similarity of the
-  updates, overall and restricted to the overlap; the ratio of their norms.
+- `geometry_tensors`, per model at scope `tensor`, `layer`, `module` (attention / mlp / norm /
+  embedding / other, from the tensor name; `lm_head` counts as embedding) and `model`: the update
+  sparsity under three definitions with counts (see `stats`; scope rows average the tensors'
+  sparsities unweighted, as Mukherjee et al. do, and keep the numel-weighted figure as
+  `sparsity_bf16_numel_weighted`), the norms of update and base and their ratio, the elected-sign
+  disagreement (of this model's changed entries that another model changed too, the share whose
+  sign differs from TIES's elected sign over all models of the audit), for 2-D tensors the
+  spectral figures of `spectral`, and the overlap of the update mask with the base's principal
+  weights (Zhu et al., arXiv 2511.08567: the top-`principal_alpha` entries of |U_k S_k V_k^T|),
+  with its value by chance (changed * |P| / n per tensor) and the lift over chance. `kind` (rlvr,
+  sft, ...) comes from the caller's config. Skipped or mismatched tensors (missing, another shape,
+  another dtype than the base's: not compared, as a conversion adds spurious updates) are rows with
+  a `reason`.
+- `geometry_pairs`, per pair of models at scope `tensor`, `layer`, `module` and `global`:
+  one-sided overlaps of the bf16 update masks and their Jaccard index, each with its value by
+  chance for independent masks of the same per-tensor densities (expected overlap
+  sum_t |A_t||B_t| / n_t) and the lift over chance; the sign-conflict rate on the overlap; cosine
+  similarity of the updates, overall and restricted to the overlap; the ratio of their norms; and,
+  where the caller gives each model's diagonal Fisher, the share of each model's Fisher mass on the
+  overlap and on its exclusive entries.
+
+The base's decomposition of each 2-D tensor (and its principal mask) is computed once and shared
+by all fine-tunes.
 
     tensor_rows, pair_rows = compute_geometry(Checkpoint.open(base), {"math": Checkpoint.open(m)})
 """
 
 from __future__ import annotations
 
-import itertools
 import re
 from collections import defaultdict
 from collections.abc import Mapping
@@ -28,12 +41,21 @@ from dataclasses import dataclass, field
 import torch
 
 from mergeaudit.checkpoint import Checkpoint, iter_aligned
-from mergeaudit.geometry.spectral import SpectralSettings, decompose, spectral_figures
-from mergeaudit.geometry.stats import ModelSums, PairSums, changed_bf16, tensor_sums
+from mergeaudit.geometry.kernels import kernel_view, masked_changes
+from mergeaudit.geometry.spectral import SpectralSettings, decompose, principal_mask, spectral_figures
+from mergeaudit.geometry.stats import ModelSums, PairSums, changed_bf16, fisher_sums, tensor_sums
 
-__all__ = ["GeometrySettings", "SpectralSettings", "changed_bf16", "compute_geometry", "parse_tensor_name"]
+__all__ = ["GeometrySettings", "SpectralSettings", "changed_bf16", "compute_geometry", "module_type",
+           "parse_tensor_name"]
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.(.+?)(?:\.(?:weight|bias))?$")
+# module type from the module path; the first match wins (norms before attention: `attn_norm`)
+_MODULE_TYPES = (
+    ("norm", re.compile(r"norm|(?:^|[._])ln(?:_|\d|$)")),
+    ("embedding", re.compile(r"embed|wte|wpe|lm_head|tok_embeddings|(?:^|\.)output$")),
+    ("attention", re.compile(r"attn|attention|(?:^|\.)(?:q|k|v|o|qkv)_proj|query|key|value|c_attn")),
+    ("mlp", re.compile(r"mlp|ffn|feed_forward|(?:gate|up|down)_proj|fc\d|c_fc|dense_h_to_4h|dense_4h_to_h|experts")),
+)
 
 
 @dataclass(frozen=True)
@@ -41,6 +63,17 @@ class GeometrySettings:
     eta: float = 1e-3
     abs_tol: float = 1e-5
     spectral: SpectralSettings | None = field(default_factory=SpectralSettings)
+    # Zhu et al.'s principal weights: the top alpha of |U_k S_k V_k^T| (k from `spectral`); the
+    # paper's value was not found in what we could read: 0.05 is our choice. None: not computed.
+    principal_alpha: float | None = 0.05
+
+
+def module_type(module: str) -> str:
+    """attention | mlp | norm | embedding | other, from a module path (`self_attn.q_proj`)."""
+    for name, pattern in _MODULE_TYPES:
+        if pattern.search(module):
+            return name
+    return "other"
 
 
 def parse_tensor_name(name: str) -> tuple[int | None, str]:
@@ -57,24 +90,32 @@ def compute_geometry(
     models: Mapping[str, Checkpoint],
     kinds: Mapping[str, str] | None = None,
     settings: GeometrySettings = GeometrySettings(),
+    fisher: Mapping[str, Checkpoint] | None = None,
 ) -> tuple[list[dict], list[dict]]:
-    """Rows of geometry_tensors and geometry_pairs for every model against the base."""
+    """Rows of geometry_tensors and geometry_pairs for every model against the base; `fisher`
+    (model name -> diagonal Fisher checkpoint, mergeaudit.fisher) adds the Fisher-mass columns
+    to the pairs of models that both have one."""
     names = list(models)
     kinds = {m: (kinds or {}).get(m, "unknown") for m in names}
+    fisher = {m: ck for m, ck in (fisher or {}).items() if m in models}
     ref = base.shapes()
     shapes = {m: ck.shapes() for m, ck in models.items()}
     provenance = {m: {"model_uri": ck.uri, "model_fingerprint": ck.fingerprint} for m, ck in models.items()}
     common = {"base_uri": base.uri, "base_fingerprint": base.fingerprint}
+    alpha = settings.principal_alpha if settings.spectral is not None else None
 
     def problem(model: str, tensor: str) -> str | None:
         if tensor not in shapes[model]:
             return "missing in model"
         if shapes[model][tensor] != ref[tensor]:
             return f"shape {list(shapes[model][tensor])} vs base {list(ref[tensor])}"
+        dtype, base_dtype = models[model].spec(tensor).dtype, base.spec(tensor).dtype
+        if dtype != base_dtype:
+            return f"dtype {dtype} vs base {base_dtype}: not compared"
         return None
 
-    model_acc: dict[tuple[str, int | None], ModelSums] = defaultdict(ModelSums)
-    pair_acc: dict[tuple[str, str, int | None], PairSums] = defaultdict(PairSums)
+    model_acc: dict[tuple[str, str, object], ModelSums] = defaultdict(ModelSums)
+    pair_acc: dict[tuple[str, str, str, object], PairSums] = defaultdict(PairSums)
     tensor_rows: list[dict] = []
     pair_rows: list[dict] = []
 
@@ -91,18 +132,31 @@ def compute_geometry(
 
     def measure(tensor: str, w: torch.Tensor, present: list[str], fts: list[torch.Tensor]) -> None:
         layer, module = parse_tensor_name(tensor)
+        mtype = module_type(module)
         sums = tensor_sums(w, fts, settings.eta, settings.abs_tol)
         spectral = settings.spectral if w.ndim == 2 and min(w.shape) > 1 else None
         if spectral is not None:
             w32 = w.float()
-            subspaces = decompose(w32, spectral.k(tuple(w.shape)), spectral)
+            decomposition = decompose(w32, spectral.k(tuple(w.shape)), spectral)
+            if alpha is not None:
+                _principal_sums(w, fts, sums.models, principal_mask(decomposition, tuple(w.shape), alpha))
         for m, ft, acc in zip(present, fts, sums.models, strict=True):
-            extra = spectral_figures(w32, ft.float(), subspaces, spectral) if spectral is not None else {}
-            tensor_rows.append(model_row(m, "tensor", tensor, layer, module, **acc.derived(), **extra))
-            model_acc[(m, layer)].add(acc)
+            extra = spectral_figures(w32, ft.float(), decomposition, spectral) if spectral is not None else {}
+            tensor_rows.append(model_row(m, "tensor", tensor, layer, module, **acc.derived(alpha), **extra))
+            for key in ((m, "layer", layer), (m, "module", mtype), (m, "model", None)):
+                if key[1] != "layer" or layer is not None:
+                    model_acc[key].add(acc)
+        with_fisher = [i for i, m in enumerate(present) if m in fisher]
+        fisher_tensors = {i: fisher[present[i]].get(tensor) for i in with_fisher} if len(with_fisher) > 1 else {}
+        masks = {i: changed_bf16(w, fts[i]) for i in fisher_tensors}
         for (i, j), p in sums.pairs.items():
-            pair_rows.append(pair_row(present[i], present[j], "tensor", tensor, layer, module, p))
-            pair_acc[(present[i], present[j], layer)].add(p)
+            if i in fisher_tensors and j in fisher_tensors:
+                fisher_sums(p, fisher_tensors[i], fisher_tensors[j], masks[i], masks[j])
+            a, b = present[i], present[j]
+            pair_rows.append(pair_row(a, b, "tensor", tensor, layer, module, p))
+            for key in ((a, b, "layer", layer), (a, b, "module", mtype), (a, b, "global", None)):
+                if key[2] != "layer" or layer is not None:
+                    pair_acc[key].add(p)
 
     shared = [t for t in base.keys() if all(problem(m, t) is None for m in names)]
     for tensor, (w, *fts) in iter_aligned([base, *models.values()], shared):
@@ -123,34 +177,25 @@ def compute_geometry(
             tensor_rows.append(model_row(m, "tensor", tensor, layer, module, numel=models[m].spec(tensor).numel,
                                          reason="not in base"))
 
-    tensor_rows += _aggregate_models(model_acc, names, model_row)
-    pair_rows += _aggregate_pairs(pair_acc, names, pair_row)
+    order = {"layer": 0, "module": 1, "model": 2, "global": 2}
+    for (m, scope, value), acc in sorted(model_acc.items(), key=lambda kv: (names.index(kv[0][0]), order[kv[0][1]],
+                                                                            str(kv[0][2]).zfill(8))):
+        tensor_rows.append(model_row(m, scope, None, value if scope == "layer" else None,
+                                     value if scope == "module" else None, **acc.derived(alpha)))
+    for (a, b, scope, value), acc in sorted(pair_acc.items(), key=lambda kv: (names.index(kv[0][0]), names.index(kv[0][1]),
+                                                                               order[kv[0][2]], str(kv[0][3]).zfill(8))):
+        pair_rows.append(pair_row(a, b, scope, None, value if scope == "layer" else None,
+                                  value if scope == "module" else None, acc))
     return tensor_rows, pair_rows
 
 
-def _aggregate_models(acc: dict[tuple[str, int | None], ModelSums], names: list[str], row) -> list[dict]:
-    rows = []
-    for m in names:
-        total = ModelSums()
-        for (model, layer), sums in sorted(acc.items(), key=lambda kv: (kv[0][1] is None, kv[0][1] or 0)):
-            if model != m:
-                continue
-            total.add(sums)
-            if layer is not None:
-                rows.append(row(m, "layer", None, layer, None, **sums.derived()))
-        rows.append(row(m, "model", None, None, None, **total.derived()))
-    return rows
-
-
-def _aggregate_pairs(acc: dict[tuple[str, str, int | None], PairSums], names: list[str], row) -> list[dict]:
-    rows = []
-    for a, b in itertools.combinations(names, 2):
-        total = PairSums()
-        for (ma, mb, layer), sums in sorted(acc.items(), key=lambda kv: (kv[0][2] is None, kv[0][2] or 0)):
-            if (ma, mb) != (a, b):
-                continue
-            total.add(sums)
-            if layer is not None:
-                rows.append(row(a, b, "layer", None, layer, None, sums))
-        rows.append(row(a, b, "global", None, None, None, total))
-    return rows
+def _principal_sums(w: torch.Tensor, fts: list[torch.Tensor], accs: list[ModelSums], mask: torch.Tensor) -> None:
+    """Each model's changed entries inside the base's principal mask, and that overlap by chance."""
+    size, n = int(mask.sum()), mask.numel()
+    mask_view = mask.reshape(-1).view(torch.uint8).numpy()
+    b = kernel_view(w.reshape(-1))
+    for ft, acc in zip(fts, accs, strict=True):
+        acc.principal_numel += n
+        acc.principal_changed += acc.changed_bf16
+        acc.principal_overlap += int(masked_changes(b, kernel_view(ft.reshape(-1)), mask_view))
+        acc.principal_chance += acc.changed_bf16 * size / n

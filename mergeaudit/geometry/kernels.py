@@ -1,6 +1,6 @@
 """Fused numba kernels for the per-entry update statistics.
 
-Each kernel makes one pass over a chunk of the base tensor and one or two fine-tuned tensors,
+Each kernel makes one pass over a chunk of the base tensor and one, two or all fine-tuned tensors,
 reading them in their stored dtype (bf16 and fp16 arrive as raw 16-bit patterns, fp32 as is),
 converting to fp32 in registers, and reducing everything at once. Reading the stored bytes
 directly keeps memory traffic at 2 bytes per bf16 entry, and no torch or BLAS thread pool runs
@@ -96,9 +96,30 @@ def _bf16_bits_impl(a, i):
     return impl
 
 
+def changed(x, y):  # pragma: no cover - replaced by its numba overload
+    raise NotImplementedError
+
+
+@overload(changed)
+def _changed_impl(x, y):
+    # bf16 patterns differ, and not merely in the sign of a zero (+0 -> -0 is no update: Mukherjee
+    # et al. and Zhu et al. compare values, and -0.0 == 0.0)
+    return lambda x, y: (x != y) & (((x | y) & np.uint16(0x7FFF)) != np.uint16(0))
+
+
+def bf16_value(bits):  # pragma: no cover - replaced by its numba overload
+    raise NotImplementedError
+
+
+@overload(bf16_value)
+def _bf16_value_impl(bits):
+    return lambda bits: _u32_as_f32(np.uint32(bits) << np.uint32(16))
+
+
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
 def model_kernel(b, f, eta, abs_tol):  # pragma: no cover - compiled
-    """(changed_bf16, changed_rel, changed_abs, sum d^2, sum w^2) over one chunk."""
+    """(changed_bf16, changed_rel, changed_abs, sum d^2, sum w^2) over one chunk. The masks use the
+    bf16-cast values (as both papers do); the norms the stored values."""
     c_bf = np.float32(0.0)
     c_rel = np.float32(0.0)
     c_abs = np.float32(0.0)
@@ -108,10 +129,12 @@ def model_kernel(b, f, eta, abs_tol):  # pragma: no cover - compiled
     for i in numba.prange(b.shape[0]):
         w, x = value(b, i), value(f, i)
         d = x - w
-        ad = abs(d)
-        c_bf += np.float32(bf16_bits(b, i) != bf16_bits(f, i))
-        c_rel += np.float32(ad > eta32 * max(abs(w), abs(x)))
-        c_abs += np.float32(ad > tol32)
+        bw, bx = bf16_bits(b, i), bf16_bits(f, i)
+        wb, xb = bf16_value(bw), bf16_value(bx)
+        db = abs(xb - wb)
+        c_bf += np.float32(changed(bw, bx))
+        c_rel += np.float32(db > eta32 * max(abs(wb), abs(xb)))
+        c_abs += np.float32(db > tol32)
         usq += d * d
         bsq += w * w
     return c_bf, c_rel, c_abs, usq, bsq
@@ -131,7 +154,7 @@ def pair_kernel(b, fa, fb):  # pragma: no cover - compiled
         da, db = value(fa, i) - w, value(fb, i) - w
         p = da * db
         bits = bf16_bits(b, i)
-        both = np.float32((bf16_bits(fa, i) != bits) & (bf16_bits(fb, i) != bits))
+        both = np.float32(changed(bits, bf16_bits(fa, i)) & changed(bits, bf16_bits(fb, i)))
         dot += p
         overlap += both
         conflicts += both * np.float32(p < 0)
@@ -139,6 +162,42 @@ def pair_kernel(b, fa, fb):  # pragma: no cover - compiled
         oa += both * da * da
         ob += both * db * db
     return overlap, conflicts, dot, odot, oa, ob
+
+
+@numba.njit(parallel=True, cache=True)
+def elect_kernel(b, fs, nblocks):  # pragma: no cover - compiled
+    """Per model j: (entries j changed that at least one other model changed too, those where the
+    sign of j's update differs from the elected sign, the sign of the sum of all updates (TIES))."""
+    n, m = b.shape[0], len(fs)
+    shared = np.zeros((nblocks, m), np.int64)
+    disagree = np.zeros((nblocks, m), np.int64)
+    step = (n + nblocks - 1) // nblocks
+    for blk in numba.prange(nblocks):
+        for i in range(blk * step, min(n, (blk + 1) * step)):
+            bits = bf16_bits(b, i)
+            w = value(b, i)
+            total = np.float32(0.0)
+            count = 0
+            for j in range(m):
+                if changed(bits, bf16_bits(fs[j], i)):
+                    count += 1
+                    total += value(fs[j], i) - w
+            if count >= 2:
+                for j in range(m):
+                    if changed(bits, bf16_bits(fs[j], i)):
+                        shared[blk, j] += 1
+                        if not ((value(fs[j], i) - w) * total > 0):
+                            disagree[blk, j] += 1
+    return shared.sum(axis=0), disagree.sum(axis=0)
+
+
+@numba.njit(parallel=True, cache=True)
+def masked_changes(b, f, mask):  # pragma: no cover - compiled
+    """Entries changed (bf16 mask) inside a uint8 mask."""
+    c = 0
+    for i in numba.prange(b.shape[0]):
+        c += changed(bf16_bits(b, i), bf16_bits(f, i)) & (mask[i] != 0)
+    return c
 
 
 def kernel_view(t: torch.Tensor) -> np.ndarray:

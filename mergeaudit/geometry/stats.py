@@ -5,12 +5,16 @@ model's are the same accumulators added up, and every ratio is derived from sums
 scope is asked for. All per-entry work for a chunk of a tensor happens in two fused numba
 kernels (one per model, one per pair), a single pass over the chunk each.
 
-Update masks (an entry "changed"):
-- bf16: base and fine-tune differ bitwise after casting both to bf16 (Mukherjee et al.,
-  arXiv 2505.11711); an update below bf16 resolution is no update;
-- rel: |w' - w| > eta * max(|w|, |w'|), eta = 1e-3 by default (Zhu et al.);
+Update masks (an entry "changed"), all on the bf16-cast values, as the papers compute them:
+- bf16: base and fine-tune differ after casting both to bf16 (Mukherjee et al., arXiv
+  2505.11711); an update below bf16 resolution is no update, and neither is +0 -> -0;
+- rel: |w' - w| > eta * max(|w|, |w'|), eta = 1e-3 by default (Zhu et al., arXiv 2511.08567);
 - abs: |w' - w| > abs_tol, 1e-5 by default.
-Pairwise figures use the bf16 masks.
+Pairwise figures, the elected-sign disagreement and the principal-weight overlap use the bf16
+masks; norms, dots and signs use the stored values.
+
+At layer, module and model scope the sparsities are the unweighted mean over tensors, as
+Mukherjee et al. report them; `sparsity_bf16_numel_weighted` keeps 1 - changed / numel.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from mergeaudit.geometry.kernels import kernel_view, model_kernel, pair_kernel
+import numba
+
+from mergeaudit.geometry.kernels import elect_kernel, kernel_view, model_kernel, pair_kernel
 
 # Entries per kernel call. Calls are few and large because launching numba's parallel region
 # costs more than cache misses here (measured 10 ms per 16M-entry bf16 set of 4 at 2**23 vs
@@ -38,7 +44,7 @@ class _Sums:
 
 @dataclass
 class ModelSums(_Sums):
-    """Sums over entries of one model's update (per tensor, layer or model)."""
+    """Sums over entries of one model's update (per tensor, layer, module or model)."""
 
     numel: int = 0
     changed_bf16: int = 0
@@ -46,22 +52,59 @@ class ModelSums(_Sums):
     changed_abs: int = 0
     update_sq: float = 0.0
     base_sq: float = 0.0
+    n_tensors: int = 0            # tensors with entries, and the sums of their sparsities:
+    sparsity_sum_bf16: float = 0.0
+    sparsity_sum_rel: float = 0.0
+    sparsity_sum_abs: float = 0.0
+    principal_numel: int = 0      # entries of tensors with a principal mask
+    principal_changed: int = 0    # ... changed
+    principal_overlap: int = 0    # ... inside it
+    principal_chance: float = 0.0  # expected overlap for an independent mask: changed * |P| / n
+    elect_shared: int = 0
+    elect_disagree: int = 0
 
-    def derived(self) -> dict[str, float | int | None]:
-        n = self.numel
+    def close(self) -> ModelSums:
+        """Record this tensor's own sparsities (call once per tensor, before adding it up)."""
+        if self.numel:
+            self.n_tensors = 1
+            self.sparsity_sum_bf16 = 1 - self.changed_bf16 / self.numel
+            self.sparsity_sum_rel = 1 - self.changed_rel / self.numel
+            self.sparsity_sum_abs = 1 - self.changed_abs / self.numel
+        return self
+
+    def derived(self, principal_alpha: float | None = None) -> dict[str, float | int | None]:
+        n, t = self.numel, self.n_tensors
         upd, base = self.update_sq**0.5, self.base_sq**0.5
-        return {
+
+        def ratio(x: float, y: float) -> float | None:
+            return x / y if y > 0 else None
+
+        out = {
             "numel": n,
+            "n_tensors": t,
             "changed_bf16": self.changed_bf16,
             "changed_rel": self.changed_rel,
             "changed_abs": self.changed_abs,
-            "sparsity_bf16": 1 - self.changed_bf16 / n if n else None,
-            "sparsity_rel": 1 - self.changed_rel / n if n else None,
-            "sparsity_abs": 1 - self.changed_abs / n if n else None,
+            "sparsity_bf16": ratio(self.sparsity_sum_bf16, t),
+            "sparsity_rel": ratio(self.sparsity_sum_rel, t),
+            "sparsity_abs": ratio(self.sparsity_sum_abs, t),
+            "sparsity_bf16_numel_weighted": 1 - self.changed_bf16 / n if n else None,
             "update_norm": upd,
             "base_norm": base,
             "rel_update_norm": upd / base if base > 0 else None,
+            "elected_sign_shared": self.elect_shared,
+            "elected_sign_disagreement": ratio(self.elect_disagree, self.elect_shared),
         }
+        if principal_alpha is not None and self.principal_numel:
+            out.update(
+                principal_alpha=principal_alpha,
+                principal_changed=self.principal_changed,
+                principal_overlap=self.principal_overlap,
+                principal_overlap_share=ratio(self.principal_overlap, self.principal_changed),
+                principal_overlap_chance=ratio(self.principal_chance, self.principal_changed),
+                principal_lift=ratio(self.principal_overlap, self.principal_chance),
+            )
+        return out
 
 
 @dataclass
@@ -80,6 +123,12 @@ class PairSums(_Sums):
     overlap_dot: float = 0.0
     overlap_a_sq: float = 0.0
     overlap_b_sq: float = 0.0
+    fisher_a: float = 0.0            # Fisher mass of A (where Fisher is given), all entries
+    fisher_a_overlap: float = 0.0    # ... on entries both changed
+    fisher_a_exclusive: float = 0.0  # ... on entries only A changed
+    fisher_b: float = 0.0
+    fisher_b_overlap: float = 0.0
+    fisher_b_exclusive: float = 0.0
 
     def derived(self) -> dict[str, float | int | None]:
         a, b, ab, chance = self.changed_a, self.changed_b, self.overlap, self.overlap_chance
@@ -107,6 +156,10 @@ class PairSums(_Sums):
         }
         for name in ("overlap_of_a", "overlap_of_b", "jaccard"):
             out[f"{name}_lift"] = ratio(out[name], out[f"{name}_chance"]) if out[name] is not None else None
+        for side in ("a", "b"):
+            total = getattr(self, f"fisher_{side}")
+            out[f"fisher_{side}_overlap_share"] = ratio(getattr(self, f"fisher_{side}_overlap"), total)
+            out[f"fisher_{side}_exclusive_share"] = ratio(getattr(self, f"fisher_{side}_exclusive"), total)
         return out
 
 
@@ -117,8 +170,20 @@ class TensorSums:
 
 
 def changed_bf16(base: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
-    """Mask of entries that differ after casting both to bf16 (bitwise, so -0 != +0)."""
-    return base.to(torch.bfloat16).view(torch.int16) != ft.to(torch.bfloat16).view(torch.int16)
+    """Mask of entries that differ after casting both to bf16 (+0 -> -0 is no change)."""
+    a, b = base.to(torch.bfloat16).view(torch.int16), ft.to(torch.bfloat16).view(torch.int16)
+    return (a != b) & ((a | b) & 0x7FFF != 0)
+
+
+def fisher_sums(p: PairSums, fa: torch.Tensor, fb: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Add the Fisher mass of models A and B on their overlap and exclusive entries to `p`
+    (`a`, `b`: their bf16 update masks)."""
+    both = a & b
+    for side, f, own, other in (("a", fa.float(), a, b), ("b", fb.float(), b, a)):
+        setattr(p, f"fisher_{side}", getattr(p, f"fisher_{side}") + float(f.sum(dtype=torch.float64)))
+        setattr(p, f"fisher_{side}_overlap", getattr(p, f"fisher_{side}_overlap") + float(f[both].sum(dtype=torch.float64)))
+        setattr(p, f"fisher_{side}_exclusive",
+                getattr(p, f"fisher_{side}_exclusive") + float(f[own & ~other].sum(dtype=torch.float64)))
 
 
 def tensor_sums(base: torch.Tensor, fts: list[torch.Tensor], eta: float = 1e-3, abs_tol: float = 1e-5) -> TensorSums:
@@ -159,6 +224,13 @@ def tensor_sums(base: torch.Tensor, fts: list[torch.Tensor], eta: float = 1e-3, 
             p.overlap_dot += float(odot)
             p.overlap_a_sq += float(oa)
             p.overlap_b_sq += float(ob)
+        if len(fs) >= 2 and len({f.dtype for f in fs}) == 1:
+            shared, disagree = elect_kernel(b, tuple(fs), max(1, numba.get_num_threads()))
+            for acc, sh, dis in zip(out.models, shared, disagree, strict=True):
+                acc.elect_shared += int(sh)
+                acc.elect_disagree += int(dis)
+    for acc in out.models:
+        acc.close()
     for (i, j), p in out.pairs.items():
         a, b = out.models[i], out.models[j]
         p.changed_a, p.changed_b = a.changed_bf16, b.changed_bf16
