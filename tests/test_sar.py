@@ -61,7 +61,7 @@ def test_arbitration_by_hand_with_normalised_fisher():
         f = [[v * scale for v in fisher[0]], fisher[1]]
         # index 2: s_a = 4/3 < s_b = 16/7 -> b's 1; index 3: s_a = 3 > s_b = 16/7 -> a's -1
         wta = sar(base, a, b, fisher=f, arbitration="winner_take_all", **common)
-        assert wta.tolist() == pytest.approx([1.0, 3.0, 1.0, -1.0])
+        assert wta.tolist() == pytest.approx([1.0, 3.0, 1.0, -1.0]) and wta.info["conflicts"] == 0.25
         # index 2: both positive -> (1/3 * 2 + 16/7 * 1) / (1/3 + 16/7) = 62/55;
         # index 3: elected sign of -s_a + s_b = -3 + 16/7 < 0 -> only a agrees
         avg = sar(base, a, b, fisher=f, **common)

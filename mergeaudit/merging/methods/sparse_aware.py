@@ -207,7 +207,7 @@ def sar(slot: TensorSlot, p: SarParams) -> torch.Tensor:
     if p.arbitration == "winner_take_all":
         winner = sens.argmax(dim=0, keepdim=True)
         resolved = deltas.gather(0, winner).squeeze(0)
-        conflicts = None
+        conflicts = (counts > 1) & (masks & (deltas.sign() != resolved.sign())).any(dim=0)
     else:
         sign = torch.where((sens * deltas.sign()).sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
         agree = masks & (deltas.sign() == sign)
@@ -234,7 +234,7 @@ def sar(slot: TensorSlot, p: SarParams) -> torch.Tensor:
     slot.info.update(
         exclusive=steps.kept_fraction(counts == 1),
         overlap=steps.kept_fraction(counts > 1),
-        conflicts=steps.kept_fraction(conflicts) if conflicts is not None else None,
+        conflicts=steps.kept_fraction(conflicts),
         density_achieved=support and n_kept / support,
         rescale=scale,
     )
