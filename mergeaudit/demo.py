@@ -128,18 +128,13 @@ def verdict(results_uri: str, run_id: str) -> str:
     lines.append("best merge of each pair (mean over both skills) against its experts")
     kept: dict[str, float | None] = {}
     for kind, (a, b) in PAIRS.items():
-        means = {}
-        for c in run.candidates("merge"):
-            if set(c["input_names"] or []) == {a, b} and all(score(c["name"], k) for k in TASKS):
-                means[c["name"]] = sum(score(c["name"], k).score for k in TASKS) / len(TASKS)
-        if not means:
+        found = leaderboard.best_merge(run, {a, b}, list(TASKS.values()))
+        if found is None:
             lines.append(f"  {kind}: no scored merges")
             continue
-        best = max(sorted(means), key=means.get)
-        ses = [score(best, k).stderr for k in TASKS]
-        se = sum(x * x for x in ses) ** 0.5 / len(ses) if all(x is not None for x in ses) else None
+        best, mean, se = found
         mb = bench[best]
-        lines.append(f"  {kind}: {best}: add {pm(best, 'add')}, sub {pm(best, 'sub')} (mean {_pm(means[best], se)})")
+        lines.append(f"  {kind}: {best}: add {pm(best, 'add')}, sub {pm(best, 'sub')} (mean {_pm(mean, se)})")
         lines.append(f"        experts on their own skill: {a} add {pm(a, 'add')}, {b} sub {pm(b, 'sub')}; "
                      f"off-skill: {a} sub {pm(a, 'sub')}, {b} add {pm(b, 'add')}")
         sig = [f"{k} {'beats' if score(best, k).beats_base else 'does not significantly beat'} the base"

@@ -1,4 +1,5 @@
-"""The leaderboard of a run, MergeBench's measures, and the run summary the CLI and flow show.
+"""The leaderboard of a run, MergeBench's measures, and the run summary the CLI and flow show
+(leaderboard rows with the merge's MergeBench measures, then the probe summaries).
 
 `rows(run)`: per task, every checkpoint and merge on the task's primary metric, best first,
 with its standard error; for merges the best constituent (score and name), the margin over
@@ -139,12 +140,33 @@ def mergebench(run: RunResults, own_tasks: dict[str, str] | None = None) -> list
     return out
 
 
+def best_merge(run: RunResults, inputs: set[str], tasks: list[str]) -> tuple[str, float, float | None] | None:
+    """The merge of exactly `inputs` with the highest mean primary score over `tasks` (scored
+    on all of them): (name, mean, its standard error sqrt(sum se^2) / len(tasks)), or None."""
+    board = {(r.candidate, r.task): r for r in rows(run) if r.score is not None}
+    best = None
+    for c in sorted(run.candidates("merge"), key=lambda c: c["name"]):
+        got = [board.get((c["name"], t)) for t in tasks]
+        if set(c["input_names"] or []) != inputs or any(r is None for r in got):
+            continue
+        mean = sum(r.score for r in got) / len(got)
+        ses = [r.stderr for r in got]
+        se = sum(x * x for x in ses) ** 0.5 / len(ses) if all(x is not None for x in ses) else None
+        if best is None or mean > best[1]:
+            best = (c["name"], mean, se)
+    return best
+
+
 def summary(run: RunResults) -> list[dict]:
     """One line per scored checkpoint and merge per task (the leaderboard), then one per probe
     summary figure: what the CLI prints and the flow's table artifact shows."""
+    bench = {m.candidate: m for m in mergebench(run)}
     out = [{"candidate": r.candidate, "method": r.method if r.kind == "merge" else r.kind,
             "metric": f"{r.task}/{r.metric}", "score": r.score, "stderr": r.stderr, "margin": r.margin,
-            "beats_best_input": r.beats_best_input, "update_sparsity_bf16": r.update_sparsity_bf16}
+            "beats_best_input": r.beats_best_input, "beats_base": r.beats_base,
+            "normalized_performance": bench[r.candidate].normalized_performance if r.candidate in bench else None,
+            "gain_kept": bench[r.candidate].gain_kept if r.candidate in bench else None,
+            "update_sparsity_bf16": r.update_sparsity_bf16}
            for r in rows(run)]
     names = {c["candidate_id"]: c["name"] for c in run.candidates("probe_summary")}
     for s in run.table("scores"):
@@ -152,5 +174,6 @@ def summary(run: RunResults) -> list[dict]:
             label = s["metric"] if s.get("probe_x") is None else f"{s['metric']} x={s['probe_x']:g}"
             out.append({"candidate": names[s["candidate_id"]], "method": "probe", "metric": f"{s['task']}/{label}",
                         "score": s["value"], "stderr": s["stderr"], "margin": None, "beats_best_input": None,
+                        "beats_base": None, "normalized_performance": None, "gain_kept": None,
                         "update_sparsity_bf16": None})
     return out
