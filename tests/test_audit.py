@@ -67,18 +67,23 @@ def test_probes_become_candidates_and_summaries(toy_family, tmp_path):
             score_of[c.candidate_id] = 0.2
         if c.probe["family"] == "gaussian":
             score_of[c.candidate_id] = 0.5
+    # a second task whose path is flat
     results = [CandidateResult(candidate_id=c.candidate_id, update_sparsity_bf16=None,
-                               scores=[{"candidate_id": c.candidate_id, "task": "mergeaudit_add2",
+                               scores=[{"candidate_id": c.candidate_id, "task": task,
                                         "metric": "numeric_match", "filter": "verifier",
-                                        "value": score_of[c.candidate_id], "stderr": None, "n": 4}])
+                                        "value": value, "stderr": None, "n": 4}
+                                       for task, value in (("mergeaudit_add2", score_of[c.candidate_id]),
+                                                           ("mergeaudit_sub2", 0.5))])
                for c in cands]
     tables_ = result_rows(cfg, records, {}, cands, results)
     names = {c["candidate_id"]: c for c in tables_["candidates"]}
     noise = next(c for c in tables_["candidates"] if c.get("probe_family") == "gaussian")
     assert (noise["probe_path"], noise["probe_x"], noise["probe_seed"]) == ("ft_a", 0.1, 0)  # settings are columns
     rows = {(names[r["candidate_id"]]["name"], r["metric"], r["probe_x"]): r for r in tables_["scores"]
-            if r["filter"] == "probe"}
+            if r["filter"] == "probe" and r["task"] == "mergeaudit_add2"}
     assert rows[("probe:interpolation:base~ft_a", "barrier_height", None)]["value"] == pytest.approx(0.6)
+    barriers = {r["task"]: r["value"] for r in tables_["scores"] if r["metric"] == "barrier_height"}
+    assert barriers == {"mergeaudit_add2": pytest.approx(0.6), "mergeaudit_sub2": pytest.approx(0.0)}  # every task
     drop = rows[("probe:gaussian:ft_a", "score_drop", 0.1)]
     assert drop["value"] == pytest.approx(0.3) and drop["probe_family"] == "gaussian"
     assert rows[("probe:task_vector:ft_b", "best_lambda", None)]["value"] == 0.0
