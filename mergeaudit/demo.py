@@ -121,8 +121,9 @@ def verdict(results_uri: str, run_id: str) -> str:
         for expert, skill in ((a, "add"), (b, "sub")):
             mine, base = score(expert, skill), score("base", skill)
             gain = mine.score - base.score if mine and base else None
-            parts.append(f"{expert} {skill} {pm(expert, skill)} (gain {_fmt(gain)})")
-            improved[expert] = gain is not None and gain > 0
+            improved[expert] = bool(mine and mine.beats_base)  # paired, one-sided p <= 0.05
+            parts.append(f"{expert} {skill} {pm(expert, skill)} (gain {_fmt(gain)}, "
+                         f"{'significant' if improved[expert] else 'not significant'})")
         lines.append(f"  {kind}: " + ", ".join(parts))
     lines.append("")
     lines.append("best merge of each pair (mean over both skills) against its experts")
@@ -143,13 +144,14 @@ def verdict(results_uri: str, run_id: str) -> str:
                      f"{_share(mb.gain_kept)}; " + ", ".join(sig) + " (paired, one-sided p <= 0.05)")
         kept[kind] = mb.gain_kept if any(improved.get(e) for e in (a, b)) else None
         if kept[kind] is None:
-            lines.append(f"        {kind} experts did not improve on the base: the merge kept the base's score.")
+            lines.append(f"        {kind} experts did not improve on the base significantly: the merge kept the "
+                         "base's score.")
     if "sft" in kept and "rlvr" in kept:
         lines.append("")
         if kept["rlvr"] is None or kept["sft"] is None:
             which = "RLVR" if kept["rlvr"] is None else "SFT"
-            lines.append(f"  -> the {which} experts did not improve on the base, so their merge kept the base's "
-                         "score; the toy cannot say whether RLVR experts merge worse than SFT ones.")
+            lines.append(f"  -> the {which} experts did not improve on the base significantly, so their merge kept "
+                         "the base's score; the toy cannot say whether RLVR experts merge worse than SFT ones.")
         else:
             lines.append(f"  -> the best RLVR merge keeps {kept['rlvr']:.0%} of its experts' gains over the base, "
                          f"the best SFT merge {kept['sft']:.0%}. "

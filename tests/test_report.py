@@ -303,6 +303,10 @@ def test_mergebench_measures_subtract_the_base():
     flat.rows["scores"] = [{**s, "value": 0.3} if s["candidate_id"] == "c-rl" else s for s in flat.rows["scores"]]
     (row,) = leaderboard.mergebench(flat, {"rl_math": "mergeaudit_add2"})
     assert row.gain_kept is None and row.normalized_performance == pytest.approx(1.0)  # 0.0 gain: nothing to keep
+    noisy = RunResults("mem://", "r", constructed_run({"ties(rl_math+sft_code)": 0.35}))
+    noisy.rows["scores"] = [{**s, "value": 0.31} if s["candidate_id"] == "c-rl" else s for s in noisy.rows["scores"]]
+    (row,) = leaderboard.mergebench(noisy, {"rl_math": "mergeaudit_add2"})
+    assert row.gain_kept is None  # +0.01 with standard errors of 0.01 is noise: not "500% kept"
 
 
 def test_rendering_a_report_imports_neither_torch_nor_merge_methods():
@@ -335,7 +339,8 @@ def test_demo_verdict_reads_the_results_module(tmp_path):
                                                "scores": scores, "geometry_tensors": geo, "geometry_pairs": pairs,
                                                "checkpoints": ckpts})
     text = verdict(root, "d1")
-    assert "sft_add add 0.800 +/- 0.050 (gain 0.800)" in text and "rl_add add 0.000 +/- 0.050 (gain 0.000)" in text
+    assert "sft_add add 0.800 +/- 0.050 (gain 0.800, significant)" in text
+    assert "rl_add add 0.000 +/- 0.050 (gain 0.000, not significant)" in text
     assert "gain over the base kept 50%" in text  # (0.4 / 0.8 + 0.3 / 0.6) / 2
-    assert "rlvr experts did not improve on the base: the merge kept the base's score." in text
-    assert "the RLVR experts did not improve on the base" in text and "99%" not in text
+    assert "rlvr experts did not improve on the base significantly: the merge kept the base's score." in text
+    assert "the RLVR experts did not improve on the base significantly" in text and "99%" not in text

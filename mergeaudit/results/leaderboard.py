@@ -5,12 +5,15 @@
 with its standard error; for merges the best constituent (score and name), the margin over
 it, and whether the merge beats its best constituent and the base *significantly*: a one-sided
 paired test on the prompts both share (McNemar's exact test for one 0/1 sample per prompt, the
-paired t-test otherwise, Welch's z without per-prompt rows), at `significance` (0.05).
+paired t-test otherwise, Welch's z without per-prompt rows), at `significance` (0.05); for
+fine-tuned checkpoints, whether they beat the base.
 
 `mergebench(run, own_tasks)` (MergeBench, He et al. 2025), per merge of experts e with own task t_e:
 - normalized performance: mean over e of merge(t_e) / e(t_e);
 - gain kept: mean over e of (merge(t_e) - base(t_e)) / (e(t_e) - base(t_e)), over the experts
-  that improved on the base; None when none did (the merge can only "keep the base's score");
+  that beat the base significantly on t_e (a gain inside the noise makes the ratio meaningless:
+  +0.05 over a +0.01 gain reads "500% kept"); None when none did: the merge can only "keep the
+  base's score";
 - forgetting: mean over tasks no expert targets of merge(t) - base(t) (negative: forgotten).
 An expert's own task is given (`own_tasks`), or else the task it improved most over the base.
 
@@ -86,10 +89,10 @@ def rows(run: RunResults, significance: float = SIGNIFICANCE) -> list[LeaderRow]
                     row.best_input, row.best_input_name, row.margin = best, name, s["value"] - best
                     row.p_vs_best_input = test.p_value
                     row.beats_best_input = test.p_value is not None and test.p_value <= significance
-                if base in ckpt and ckpt[base] in scores:
-                    test = better_than(run, task, metric, s, scores[ckpt[base]])
-                    row.p_vs_base = test.p_value
-                    row.beats_base = test.p_value is not None and test.p_value <= significance
+            if s is not None and c["name"] != base and base in ckpt and ckpt[base] in scores:
+                test = better_than(run, task, metric, s, scores[ckpt[base]])
+                row.p_vs_base = test.p_value
+                row.beats_base = test.p_value is not None and test.p_value <= significance
             out.append(row)
     return sorted(out, key=lambda r: (r.task, r.score is None, -(r.score or 0.0), r.candidate))
 
@@ -119,6 +122,7 @@ def mergebench(run: RunResults, own_tasks: dict[str, str] | None = None) -> list
     base = base_name(run)
     board = rows(run)
     score = {(r.candidate, r.task): r.score for r in board if r.score is not None}
+    improved = {(r.candidate, r.task) for r in board if r.kind == "checkpoint" and r.beats_base}
     out = []
     for c in run.candidates("merge"):
         experts = [n for n in c["input_names"] or [] if n != base]
@@ -128,7 +132,7 @@ def mergebench(run: RunResults, own_tasks: dict[str, str] | None = None) -> list
             m, x, b = score.get((c["name"], t)), score.get((e, t)), score.get((base, t))
             if m is not None and x:
                 norm.append(m / x)
-            if m is not None and x is not None and b is not None and x > b:
+            if m is not None and x is not None and b is not None and (e, t) in improved:
                 kept.append((m - b) / (x - b))
         others = [t for t in run.tasks() if t not in own.values()]
         forget = [score[(c["name"], t)] - score[(base, t)] for t in others
