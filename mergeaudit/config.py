@@ -177,6 +177,8 @@ class GeometrySpec(_Frozen):
     spectral: bool = pydantic.Field(True, description="Stable rank, top-k energy shares, principal angles.")
     top_k_fraction: float = pydantic.Field(0.01, gt=0, le=1, description="k as a fraction of min(m, n).")
     exact_max_dim: int = pydantic.Field(1024, ge=1, description="Exact SVD up to this min(m, n); randomized above.")
+    principal_alpha: float | None = pydantic.Field(
+        0.05, gt=0, le=1, description="Zhu et al.'s principal weights: the top alpha of |U_k S_k V_k^T| (null: off).")
 
 
 class InterpolationProbe(_Frozen):

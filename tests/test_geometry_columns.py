@@ -131,3 +131,11 @@ def test_module_types_from_tensor_names():
              "embed_tokens": "embedding", "lm_head": "embedding", "attn.c_attn": "attention",
              "mlp.c_fc": "mlp", "ln_1": "norm", "wte": "embedding", "rotary_emb.inv_freq": "other"}
     assert {m: module_type(m) for m in cases} == cases
+
+
+def test_elected_sign_can_be_switched_off(tmp_path):
+    base = torch.ones(100)
+    models = {m: ckpt(tmp_path, m, {NAME: base + 0.5}) for m in ("a", "b")}
+    rows, _ = compute_geometry(ckpt(tmp_path, "base", {NAME: base}), models,
+                               settings=GeometrySettings(spectral=None, elected_sign=False))
+    assert all(r["elected_sign_shared"] is None and r["elected_sign_disagreement"] is None for r in rows)

@@ -191,3 +191,11 @@ def test_randomized_svd_leaves_the_global_generator_alone():
     first = spectral_figures(w, w + 0.01 * torch.randn(300, 200, generator=g), None, settings)
     assert torch.equal(torch.rand(3), expected), "the global RNG state is untouched"
     assert first["spectral_method"] == "randomized"
+
+
+@pytest.mark.parametrize("keep", [1, 7, 1000, 250_000, 4_999_999])
+def test_kth_largest_of_a_large_tensor_is_exact(keep):
+    from mergeaudit.geometry.spectral import _kth_largest
+
+    x = torch.randn(5_000_000, generator=torch.Generator().manual_seed(keep)).abs()
+    assert float(_kth_largest(x, keep)) == float(x.kthvalue(x.numel() - keep + 1).values)

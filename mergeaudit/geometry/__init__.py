@@ -33,6 +33,7 @@ by all fine-tunes.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from collections.abc import Mapping
@@ -66,6 +67,7 @@ class GeometrySettings:
     # Zhu et al.'s principal weights: the top alpha of |U_k S_k V_k^T| (k from `spectral`); the
     # paper's value was not found in what we could read: 0.05 is our choice. None: not computed.
     principal_alpha: float | None = 0.05
+    elected_sign: bool = True  # the elected-sign disagreement (one more pass over all models)
 
 
 def module_type(module: str) -> str:
@@ -133,7 +135,7 @@ def compute_geometry(
     def measure(tensor: str, w: torch.Tensor, present: list[str], fts: list[torch.Tensor]) -> None:
         layer, module = parse_tensor_name(tensor)
         mtype = module_type(module)
-        sums = tensor_sums(w, fts, settings.eta, settings.abs_tol)
+        sums = tensor_sums(w, fts, settings.eta, settings.abs_tol, elected_sign=settings.elected_sign)
         spectral = settings.spectral if w.ndim == 2 and min(w.shape) > 1 else None
         if spectral is not None:
             w32 = w.float()
@@ -141,7 +143,9 @@ def compute_geometry(
             if alpha is not None:
                 _principal_sums(w, fts, sums.models, principal_mask(decomposition, tuple(w.shape), alpha))
         for m, ft, acc in zip(present, fts, sums.models, strict=True):
-            extra = spectral_figures(w32, ft.float(), decomposition, spectral) if spectral is not None else {}
+            extra = {}
+            if spectral is not None:  # the kernels' sum of squares tells whether the update is finite
+                extra = spectral_figures(w32, ft.float(), decomposition, spectral, finite=math.isfinite(acc.update_sq))
             tensor_rows.append(model_row(m, "tensor", tensor, layer, module, **acc.derived(alpha), **extra))
             for key in ((m, "layer", layer), (m, "module", mtype), (m, "model", None)):
                 if key[1] != "layer" or layer is not None:

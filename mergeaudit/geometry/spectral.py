@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 FP32_EPS = torch.finfo(torch.float32).eps
+SAMPLE_ABOVE, SAMPLE_SIZE = 1 << 22, 1 << 18  # principal masks of larger tensors bound their threshold first
 GRAM_ROWS = 16384  # rows of an update converted to fp64 at a time (bounded memory for embeddings)
 
 
@@ -129,8 +130,13 @@ def principal_angles_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def update_spectrum(d: torch.Tensor) -> torch.Tensor:
     """Singular values of d (descending, fp64), exactly, from the Gram matrix of its support."""
     nz = d.ne(0)
-    sub = d[nz.any(dim=1)][:, nz.any(dim=0)]
+    rows, cols = nz.any(dim=1), nz.any(dim=0)
     del nz
+    sub = d
+    if not bool(rows.all()):  # all-zero rows (untouched embedding rows) cannot add to the rank
+        sub = sub[rows]
+    if not bool(cols.all()):
+        sub = sub[:, cols]
     if sub.numel() == 0:
         return torch.zeros(0, dtype=torch.float64)
     if sub.shape[0] < sub.shape[1]:
@@ -147,17 +153,19 @@ def spectral_figures(
     w_ft: torch.Tensor,
     base: Decomposition | None,
     settings: SpectralSettings,
+    finite: bool | None = None,
 ) -> dict[str, float | int | str | None]:
     """All spectral columns for one (model, 2-D tensor); inputs in fp32.
 
-    `base` (from `decompose(w, k, settings)`) lets the caller decompose W once for all fine-tunes.
+    `base` (from `decompose(w, k, settings)`) lets the caller decompose W once for all fine-tunes;
+    `finite`, when the caller already knows whether the update is finite, saves a pass.
     """
     shape = tuple(w.shape)
     k = settings.k(shape)
     base = base if base is not None else decompose(w, k, settings)
     d = w_ft - w
     out: dict[str, float | int | str | None] = {"topk": k, "spectral_method": base.method}
-    if not bool(torch.isfinite(d).all()):
+    if not (finite if finite is not None else bool(torch.isfinite(d).all())):
         return out  # a NaN or Inf update: the norms already show it; no spectrum to speak of
     spectrum = update_spectrum(d)
     energy = float(spectrum.square().sum())
@@ -194,9 +202,24 @@ def spectral_figures(
 
 def principal_mask(base: Decomposition, shape: tuple[int, int], alpha: float) -> torch.Tensor:
     """Zhu et al.'s principal weights: the top-`alpha` fraction of entries of |U_k S_k V_k^T|,
-    the magnitude of the base's rank-k reconstruction (a boolean m x n mask)."""
-    recon = ((base.u * base.s) @ base.v.T).float().abs().reshape(-1)
+    the magnitude of the base's rank-k reconstruction (a boolean m x n mask; ties at the
+    threshold are all kept)."""
+    recon = ((base.u * base.s).float() @ base.v.float().T).abs_().reshape(-1)
     n = recon.numel()
     keep = max(1, min(n, int(math.ceil(alpha * n))))
-    threshold = recon.kthvalue(n - keep + 1).values
-    return (recon >= threshold).reshape(shape)
+    return (recon >= _kth_largest(recon, keep)).reshape(shape)
+
+
+def _kth_largest(x: torch.Tensor, keep: int) -> torch.Tensor:
+    """The keep-th largest value of a 1-D tensor, exactly. Large tensors first bound it from a
+    strided sample and select among the few entries above the bound (a full kthvalue of a
+    136M-entry embedding costs seconds)."""
+    n = x.numel()
+    if n > SAMPLE_ABOVE:
+        sample = x[:: n // SAMPLE_SIZE]
+        frac = min(1.0, keep / n + 5 * (keep / n) ** 0.5 / SAMPLE_SIZE**0.5 + 1e-4)  # ~5 sd of slack
+        lower = sample.kthvalue(max(1, sample.numel() - int(frac * sample.numel()))).values
+        above = x[x >= lower]
+        if above.numel() >= keep:  # the bound held: the keep-th largest is among these
+            return above.kthvalue(above.numel() - keep + 1).values
+    return x.kthvalue(n - keep + 1).values

@@ -60,6 +60,7 @@ class ModelSums(_Sums):
     principal_changed: int = 0    # ... changed
     principal_overlap: int = 0    # ... inside it
     principal_chance: float = 0.0  # expected overlap for an independent mask: changed * |P| / n
+    elect_tensors: int = 0        # tensors where the elected sign was computed (>= 2 models)
     elect_shared: int = 0
     elect_disagree: int = 0
 
@@ -92,7 +93,7 @@ class ModelSums(_Sums):
             "update_norm": upd,
             "base_norm": base,
             "rel_update_norm": upd / base if base > 0 else None,
-            "elected_sign_shared": self.elect_shared,
+            "elected_sign_shared": self.elect_shared if self.elect_tensors else None,
             "elected_sign_disagreement": ratio(self.elect_disagree, self.elect_shared),
         }
         if principal_alpha is not None and self.principal_numel:
@@ -186,7 +187,8 @@ def fisher_sums(p: PairSums, fa: torch.Tensor, fb: torch.Tensor, a: torch.Tensor
                 getattr(p, f"fisher_{side}_exclusive") + float(f[own & ~other].sum(dtype=torch.float64)))
 
 
-def tensor_sums(base: torch.Tensor, fts: list[torch.Tensor], eta: float = 1e-3, abs_tol: float = 1e-5) -> TensorSums:
+def tensor_sums(base: torch.Tensor, fts: list[torch.Tensor], eta: float = 1e-3, abs_tol: float = 1e-5,
+                elected_sign: bool = True) -> TensorSums:
     """Model and pair sums for one tensor of the base and of each fine-tuned model.
 
     The fused kernels read chunks of CHUNK entries in their stored dtype; partial sums are fp32
@@ -224,9 +226,10 @@ def tensor_sums(base: torch.Tensor, fts: list[torch.Tensor], eta: float = 1e-3, 
             p.overlap_dot += float(odot)
             p.overlap_a_sq += float(oa)
             p.overlap_b_sq += float(ob)
-        if len(fs) >= 2 and len({f.dtype for f in fs}) == 1:
+        if elected_sign and len(fs) >= 2 and len({f.dtype for f in fs}) == 1:
             shared, disagree = elect_kernel(b, tuple(fs), max(1, numba.get_num_threads()))
             for acc, sh, dis in zip(out.models, shared, disagree, strict=True):
+                acc.elect_tensors = 1
                 acc.elect_shared += int(sh)
                 acc.elect_disagree += int(dis)
     for acc in out.models:
