@@ -95,7 +95,7 @@ def test_flow_on_s3(prefect_harness, s3_bucket):
     raw["strategies"] = [{"method": "task_arithmetic"}]
     out = merge_audit(parse_config(raw))
     scores = tables.read_table(s3_bucket + "/results", "scores")
-    assert scores.num_rows == 5 * 3  # base, rl, one merge x five metrics
+    assert scores.num_rows == 6 * 3  # base, rl, one merge x six metrics (verifier_timeouts counted apart)
     assert out["tables"]["scores"].startswith("s3://")
 
 
@@ -138,7 +138,7 @@ def test_credentials_from_a_prefect_block_never_leak(prefect_harness, s3_bucket,
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
-    assert tables.read_table(s3_bucket + "/results", "scores").num_rows == 3 * 5
+    assert tables.read_table(s3_bucket + "/results", "scores").num_rows == 3 * 6
     for uri in out["tables"].values():
         assert secret.encode() not in store.read_bytes(uri)
     assert secret not in repr(out)
