@@ -18,7 +18,7 @@ With --s3 the default set is also put on a local S3 endpoint (moto's server in i
 and measured there. `--accuracy` compares the randomized spectral path with the exact one on
 Qwen2-0.5B-shaped matrices (896 x 896, 4864 x 896) with a decaying spectrum and a sparse update.
 
-    .venv/bin/python benchmarks/bench_geometry.py [--gib 1] [--repeat 2] [--s3]
+    .venv/bin/python benchmarks/bench_geometry.py [--gib 1] [--repeat 2] [--s3] [--no-spectral]
     nice .venv/bin/python benchmarks/bench_geometry.py --family qwen2-0.5b --repeat 1
     .venv/bin/python benchmarks/bench_geometry.py --accuracy
 """
@@ -223,6 +223,7 @@ def main() -> None:
     ap.add_argument("--s3", action="store_true")
     ap.add_argument("--family", choices=["default", "qwen2-0.5b"], default="default")
     ap.add_argument("--accuracy", action="store_true")
+    ap.add_argument("--no-spectral", action="store_true", help="skip the spectral modes (minutes each)")
     ap.add_argument("--worker", nargs=3, metavar=("MODE", "ROOT", "MODELS"))
     args = ap.parse_args()
     if args.worker:
@@ -241,7 +242,11 @@ def main() -> None:
         print(f"synthetic set ({args.family}): base + {len(models)} fine-tunes, {total / 2**30:.2f} GiB, "
               f"largest tensor {largest / 2**20:.0f} MiB, {os.cpu_count()} cores; built in "
               f"{time.perf_counter() - t0:.0f} s; best of {args.repeat}")
-        measure("local", workdir, models, args.repeat, env)
+        # the Qwen2-0.5B-shaped family: the stage's totals (each spectral mode takes minutes)
+        modes = ("read", "geometry", "spectral") if args.family == "qwen2-0.5b" else MODES
+        if args.no_spectral:
+            modes = tuple(m for m in modes if not m.startswith("spectral"))
+        measure("local", workdir, models, args.repeat, env, modes)
         if args.s3:
             import boto3
 

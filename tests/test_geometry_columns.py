@@ -139,3 +139,22 @@ def test_elected_sign_can_be_switched_off(tmp_path):
     rows, _ = compute_geometry(ckpt(tmp_path, "base", {NAME: base}), models,
                                settings=GeometrySettings(spectral=None, elected_sign=False))
     assert all(r["elected_sign_shared"] is None and r["elected_sign_disagreement"] is None for r in rows)
+
+
+@pytest.mark.parametrize("n_models", [2, 3, 4, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_elected_sign_kernels_agree_with_a_torch_reference(n_models, dtype):
+    from mergeaudit.geometry.stats import changed_bf16, tensor_sums
+
+    g = torch.Generator().manual_seed(n_models)
+    base = torch.randn(50_001, generator=g).to(dtype)
+    fts = [(base.float() + (torch.rand(50_001, generator=g) < 0.4) * torch.randn(50_001, generator=g) * 0.1).to(dtype)
+           for _ in range(n_models)]
+    masks = torch.stack([changed_bf16(base, f) for f in fts])
+    deltas = torch.stack([f.float() - base.float() for f in fts])
+    total = (deltas * masks).sum(0)
+    shared = masks & (masks.sum(0) >= 2)
+    disagree = shared & ~(deltas * total > 0)
+    got = tensor_sums(base, fts).models
+    assert [m.elect_shared for m in got] == shared.sum(1).tolist()
+    assert [m.elect_disagree for m in got] == disagree.sum(1).tolist()

@@ -191,6 +191,33 @@ def elect_kernel(b, fs, nblocks):  # pragma: no cover - compiled
     return shared.sum(axis=0), disagree.sum(axis=0)
 
 
+@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
+def elect4_kernel(b, f0, f1, f2, f3):  # pragma: no cover - compiled
+    """elect_kernel for up to 4 models, branch-free with scalar reductions (vectorizes): pass
+    the base itself for missing models (never changed, zero update). Returns 8 counts: shared
+    for models 0-3, then disagreements for models 0-3."""
+    s0 = s1 = s2 = s3 = np.float32(0.0)
+    x0 = x1 = x2 = x3 = np.float32(0.0)
+    for i in numba.prange(b.shape[0]):
+        bits, w = bf16_bits(b, i), value(b, i)
+        c0 = np.float32(changed(bits, bf16_bits(f0, i)))
+        c1 = np.float32(changed(bits, bf16_bits(f1, i)))
+        c2 = np.float32(changed(bits, bf16_bits(f2, i)))
+        c3 = np.float32(changed(bits, bf16_bits(f3, i)))
+        d0, d1, d2, d3 = value(f0, i) - w, value(f1, i) - w, value(f2, i) - w, value(f3, i) - w
+        total = c0 * d0 + c1 * d1 + c2 * d2 + c3 * d3
+        multi = np.float32(c0 + c1 + c2 + c3 >= np.float32(2.0))
+        s0 += multi * c0
+        s1 += multi * c1
+        s2 += multi * c2
+        s3 += multi * c3
+        x0 += multi * c0 * np.float32(not (d0 * total > 0))
+        x1 += multi * c1 * np.float32(not (d1 * total > 0))
+        x2 += multi * c2 * np.float32(not (d2 * total > 0))
+        x3 += multi * c3 * np.float32(not (d3 * total > 0))
+    return s0, s1, s2, s3, x0, x1, x2, x3
+
+
 @numba.njit(parallel=True, cache=True)
 def masked_changes(b, f, mask):  # pragma: no cover - compiled
     """Entries changed (bf16 mask) inside a uint8 mask."""

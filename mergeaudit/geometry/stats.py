@@ -22,11 +22,10 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field, fields
 
+import numba
 import torch
 
-import numba
-
-from mergeaudit.geometry.kernels import elect_kernel, kernel_view, model_kernel, pair_kernel
+from mergeaudit.geometry.kernels import elect4_kernel, elect_kernel, kernel_view, model_kernel, pair_kernel
 
 # Entries per kernel call. Calls are few and large because launching numba's parallel region
 # costs more than cache misses here (measured 10 ms per 16M-entry bf16 set of 4 at 2**23 vs
@@ -227,7 +226,11 @@ def tensor_sums(base: torch.Tensor, fts: list[torch.Tensor], eta: float = 1e-3, 
             p.overlap_a_sq += float(oa)
             p.overlap_b_sq += float(ob)
         if elected_sign and len(fs) >= 2 and len({f.dtype for f in fs}) == 1:
-            shared, disagree = elect_kernel(b, tuple(fs), max(1, numba.get_num_threads()))
+            if len(fs) <= 4:  # fp32 partial counts are exact below 2**24 entries per chunk
+                counts = elect4_kernel(b, *fs, *[b] * (4 - len(fs)))
+                shared, disagree = counts[:len(fs)], counts[4:4 + len(fs)]
+            else:
+                shared, disagree = elect_kernel(b, tuple(fs), max(1, numba.get_num_threads()))
             for acc, sh, dis in zip(out.models, shared, disagree, strict=True):
                 acc.elect_tensors = 1
                 acc.elect_shared += int(sh)
