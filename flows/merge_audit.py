@@ -140,6 +140,6 @@ def publish_report(config: AuditConfig, outcome: audit.RunOutcome) -> str:
     store.write_bytes(uri, report.render_html(data, content).encode())
     create_markdown_artifact(report.render_markdown(data, content), key=artifact_key(config.name, "report"),
                              description=f"merge audit {config.name}, run {outcome.run_id}; HTML: {uri}")
-    create_table_artifact(outcome.summary, key=artifact_key(config.name, "leaderboard"),
+    create_table_artifact([r.model_dump() for r in outcome.summary], key=artifact_key(config.name, "leaderboard"),
                           description=f"candidates of run {outcome.run_id}, best first")
     return uri

@@ -418,7 +418,7 @@ class RunOutcome(pydantic.BaseModel):
     run_id: str
     results_uri: str
     tables: dict[str, str]
-    summary: list[dict[str, Any]]  # mergeaudit.results.leaderboard.summary of the run
+    summary: list[leaderboard.SummaryRow]
     failed: list[str] = []
     regressions: RegressionReport | None = None
 

@@ -71,7 +71,7 @@ def test_flow_on_local_store(prefect_harness, toy_family, tmp_path):
     from mergeaudit import report
     from mergeaudit.results import leaderboard, load_run
 
-    assert out["summary"] == leaderboard.summary(load_run(results))
+    assert out["summary"] == [r.model_dump() for r in leaderboard.summary(load_run(results))]
     assert report.leaderboard(report.load_run(results)) == [r.model_dump() for r in leaderboard.rows(load_run(results))]
     geo = tables.read_table(results, "geometry_tensors").to_pylist()
     for name, changed in toy_family.changed.items():

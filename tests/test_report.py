@@ -280,8 +280,8 @@ def test_cli_report_and_flow_summary_share_one_leaderboard(tmp_path):
     run = load_run(root)
     board = [r.model_dump() for r in leaderboard.rows(run)]
     assert report.leaderboard(report.load_run(root)) == board
-    summary = [r for r in leaderboard.summary(run) if r["method"] != "probe"]
-    assert [(r["candidate"], r["score"]) for r in summary] == [(r["candidate"], r["score"]) for r in board]
+    summary = [r for r in leaderboard.summary(run) if r.method != "probe"]
+    assert [(r.candidate, r.score) for r in summary] == [(r["candidate"], r["score"]) for r in board]
     assert [r["candidate"] for r in board][:3] == ["sar(rl_math+sft_code)", "ties(rl_math+sft_code)", "rl_math"]
 
 

@@ -161,23 +161,37 @@ def best_merge(run: RunResults, inputs: set[str], tasks: list[str]) -> tuple[str
     return best
 
 
-def summary(run: RunResults) -> list[dict]:
+class SummaryRow(pydantic.BaseModel):
+    """One line of the run summary (CLI table, the flow's leaderboard artifact)."""
+
+    candidate: str
+    method: str
+    metric: str
+    score: float | None
+    stderr: float | None = None
+    margin: float | None = None
+    beats_best_input: bool | None = None
+    beats_base: bool | None = None
+    normalized_performance: float | None = None
+    gain_kept: float | None = None
+    update_sparsity_bf16: float | None = None
+
+
+def summary(run: RunResults) -> list[SummaryRow]:
     """One line per scored checkpoint and merge per task (the leaderboard), then one per probe
     summary figure: what the CLI prints and the flow's table artifact shows."""
     bench = {m.candidate: m for m in mergebench(run)}
-    out = [{"candidate": r.candidate, "method": r.method if r.kind == "merge" else r.kind,
-            "metric": f"{r.task}/{r.metric}", "score": r.score, "stderr": r.stderr, "margin": r.margin,
-            "beats_best_input": r.beats_best_input, "beats_base": r.beats_base,
-            "normalized_performance": bench[r.candidate].normalized_performance if r.candidate in bench else None,
-            "gain_kept": bench[r.candidate].gain_kept if r.candidate in bench else None,
-            "update_sparsity_bf16": r.update_sparsity_bf16}
+    out = [SummaryRow(candidate=r.candidate, method=r.method if r.kind == "merge" else r.kind,
+                      metric=f"{r.task}/{r.metric}", score=r.score, stderr=r.stderr, margin=r.margin,
+                      beats_best_input=r.beats_best_input, beats_base=r.beats_base,
+                      normalized_performance=bench[r.candidate].normalized_performance if r.candidate in bench else None,
+                      gain_kept=bench[r.candidate].gain_kept if r.candidate in bench else None,
+                      update_sparsity_bf16=r.update_sparsity_bf16)
            for r in rows(run)]
     names = {c["candidate_id"]: c["name"] for c in run.candidates("probe_summary")}
     for s in run.table("scores"):
         if s["candidate_id"] in names:
             label = s["metric"] if s.get("probe_x") is None else f"{s['metric']} x={s['probe_x']:g}"
-            out.append({"candidate": names[s["candidate_id"]], "method": "probe", "metric": f"{s['task']}/{label}",
-                        "score": s["value"], "stderr": s["stderr"], "margin": None, "beats_best_input": None,
-                        "beats_base": None, "normalized_performance": None, "gain_kept": None,
-                        "update_sparsity_bf16": None})
+            out.append(SummaryRow(candidate=names[s["candidate_id"]], method="probe", metric=f"{s['task']}/{label}",
+                                  score=s["value"], stderr=s["stderr"]))
     return out
