@@ -157,6 +157,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("format_ok", pa.bool_()),
         ("verifier", pa.string()),
         ("error", pa.string()),
+        ("status", pa.string()),                 # v3: correct, wrong, no_answer, timeout, violation, error
     ]),
     "scores": pa.schema([
         ("candidate_id", pa.string()),

@@ -12,6 +12,8 @@ from fractions import Fraction
 
 import pytest
 
+from mergeaudit import tables
+
 from mergeaudit.evaluation.runner import TaskSource, verify_samples
 from mergeaudit.evaluation.verifiers import (
     MAX_DIGITS,
@@ -110,3 +112,6 @@ def test_timeouts_are_counted_apart_in_the_scores_and_samples():
     assert metrics["verifier_timeouts"] == 1 and metrics["verifier_errors"] == 1
     assert samples[0]["error"].startswith("timeout:") and samples[0]["verdict"] is False
     assert samples[1]["error"] is None and samples[2]["error"] is None
+    assert [r["status"] for r in samples] == ["timeout", "correct", "wrong"]
+    table = tables.to_arrow("samples", [{"candidate_id": "c", **r} for r in samples])
+    assert table.column("status").to_pylist() == ["timeout", "correct", "wrong"]

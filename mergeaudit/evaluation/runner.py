@@ -368,7 +368,8 @@ def verify_samples(task: TaskSource, logged: list[dict], verifier: Verifier,
             samples.append({"task": task.name, "doc_id": int(entry["doc_id"]), "sample": i,
                             "prompt_hash": entry.get("prompt_hash"), "completion": completion,
                             "extracted": v.extracted, "verdict": v.correct, "reward": v.reward,
-                            "format_ok": v.format_ok, "error": v.error, "verifier": task.verifier})
+                            "format_ok": v.format_ok, "error": v.error, "verifier": task.verifier,
+                            "status": v.status})
         per_doc.append((len(completions), correct))
     if not samples:
         return [], []
