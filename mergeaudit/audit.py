@@ -35,8 +35,8 @@ from mergeaudit.config import (
     StrategySpec,
 )
 from mergeaudit.errors import CheckpointError, EvaluationError
-from mergeaudit.evaluation import EvalSettings, evaluate_model
-from mergeaudit.evaluation.sandbox import SandboxLimits
+from mergeaudit.evaluation import EvalSettings, check_tasks, evaluate_model
+from mergeaudit.evaluation.sandbox import SandboxLimits, require_isolation
 from mergeaudit.merging import REGISTRY
 from mergeaudit.merging.executor import MergePlan, ModelRef, prepare
 from mergeaudit.merging.params import check_all
@@ -290,6 +290,8 @@ def evaluate_candidate(candidate: Candidate, spec: EvalSpec, storage: StorageSpe
     With `backend: hf` the model is built in memory on the configured device; with `vllm` the
     candidate is written to a local folder and scored by vLLM in a subprocess."""
     settings = eval_settings(spec)
+    if any(t.verifier == "code" for t in check_tasks(spec.tasks, settings.data_files)):
+        require_isolation(spec.code_isolation)  # here, where the code runs, before building the model
     if spec.backend == "vllm":
         from mergeaudit.evaluation.vllm_backend import evaluate_with_vllm
 

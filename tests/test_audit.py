@@ -88,3 +88,19 @@ def test_probes_become_candidates_and_summaries(toy_family, tmp_path):
     assert drop["value"] == pytest.approx(0.3) and drop["probe_family"] == "gaussian"
     assert rows[("probe:task_vector:ft_b", "best_lambda", None)]["value"] == 0.0
     assert barrier_height([(0.0, 0.5), (0.5, 0.9), (1.0, 0.7)]) == pytest.approx(0.0)
+
+
+def test_code_tasks_refuse_before_the_candidate_is_built_when_the_sandbox_is_missing(toy_family, tmp_path,
+                                                                                   monkeypatch):
+    from mergeaudit.errors import IsolationError
+
+    cfg = parse_config({**config_for(toy_family, str(tmp_path / "r")),
+                        "evaluation": {"tasks": ["mergeaudit_code_mini"], "limit": 2}})
+    records = audit.resolve_checkpoints(cfg)
+    candidate = audit.plan_candidates(cfg, records)[0]
+    monkeypatch.setenv("MERGEAUDIT_BWRAP", "/nonexistent/bwrap")  # as on a worker without bubblewrap
+    built = []
+    monkeypatch.setattr(audit, "materialize", lambda *a, **k: built.append(a))
+    with pytest.raises(IsolationError, match="bubblewrap"):
+        audit.evaluate_candidate(candidate, cfg.evaluation, cfg.storage)
+    assert built == []
