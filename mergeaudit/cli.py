@@ -124,13 +124,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_regressions(args: argparse.Namespace) -> int:
-    from scipy.stats import norm
-
     from mergeaudit.config import AlarmSpec
     from mergeaudit.results import compare
 
-    # `--z` is read as a one-sided significance level (z = 2: p <= 0.023); the alarm is a test now
-    spec = AlarmSpec(max_drop=args.max_drop, significance=float(norm.sf(args.z)), metrics=args.metrics)
+    level = {"z": args.z} if args.z is not None else {"significance": args.significance}
+    spec = AlarmSpec(max_drop=args.max_drop, metrics=args.metrics, **level)
     check = compare.check_run(args.results, args.run, spec)
     print(check.summary())
     return EXIT_ALARM if check.regressions else 0
@@ -368,7 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", help="results URI (path or s3://)")
     p.add_argument("--run", default=None, help="run id (default: the latest committed run)")
     p.add_argument("--max-drop", type=float, default=0.02, help="flag drops larger than this (score units)")
-    p.add_argument("--z", type=float, default=2.0, help="...and larger than this many standard errors")
+    p.add_argument("--significance", type=float, default=0.05,
+                   help="...and whose one-sided p-value (paired test on shared prompts) is at most this")
+    p.add_argument("--z", type=float, default=None,
+                   help="deprecated: the one-sided level of this many standard errors (z = 2: p <= 0.023)")
     p.add_argument("--metrics", choices=["primary", "all"], default="primary")
     p.set_defaults(func=cmd_regressions)
     return parser

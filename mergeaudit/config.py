@@ -242,6 +242,21 @@ class AlarmSpec(_Frozen):
     metrics: Literal["primary", "all"] = pydantic.Field(
         "primary", description="primary: each task's ranking metric; all: every metric where higher is better.")
 
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _z_as_significance(cls, data: Any) -> Any:
+        """`z` (the first round's alarm: drops beyond z standard errors) still reads, as the
+        one-sided level it meant: significance = P(Z > z)."""
+        if isinstance(data, dict) and "z" in data:
+            data = dict(data)
+            z = data.pop("z")
+            if "significance" in data:
+                raise ValueError("give alarm.significance or the deprecated alarm.z, not both")
+            if not isinstance(z, (int, float)) or isinstance(z, bool) or not math.isfinite(z) or not 0 < z < 40:
+                raise ValueError(f"alarm.z must be a number in (0, 40), not {z!r}")
+            data["significance"] = 0.5 * math.erfc(z / math.sqrt(2))
+        return data
+
 
 class AuditConfig(_Frozen):
     """One merge audit: a base, fine-tuned checkpoints, merge strategies, evaluation, results."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pydantic
 import pytest
 
 from mergeaudit.config import load_config, parse_config
@@ -69,3 +70,13 @@ def test_yaml_is_data(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "absent.yaml")
+
+
+def test_the_first_rounds_alarm_z_still_reads_as_its_one_sided_level():
+    from mergeaudit.config import AlarmSpec
+
+    assert AlarmSpec(z=2.0).significance == pytest.approx(0.02275, abs=1e-5)
+    assert AlarmSpec().significance == 0.05
+    for bad in ({"z": 2.0, "significance": 0.1}, {"z": float("nan")}, {"z": -1}, {"z": "2"}):
+        with pytest.raises(pydantic.ValidationError):
+            AlarmSpec(**bad)

@@ -165,6 +165,8 @@ def test_report_opens_in_headless_chromium(tmp_path):
 
 
 def test_regressions_on_constructed_runs(tmp_path):
+    from mergeaudit.cli import main as cli_main
+
     root = str(tmp_path / "results")
     tables.write_run(root, "r1", "2026-11-25", constructed_run(MERGES))
     tables.write_run(root, "x1", "2026-11-25", constructed_run({"ties(rl_math+sft_code)": 0.0}, audit="other"))
@@ -189,6 +191,9 @@ def test_regressions_on_constructed_runs(tmp_path):
     assert [r.candidate for r in regression.check_run(root, "r3").regressions] == []
     assert [r.candidate for r in regression.check_run(root, "r3", AlarmSpec(significance=0.3)).regressions] == [
         "ties(rl_math+sft_code)"]  # p = P[Z >= 0.1 / 0.141] = 0.24
+    assert cli_main(["regressions", root, "--run", "r3"]) == 0
+    assert cli_main(["regressions", root, "--run", "r3", "--significance", "0.3"]) == 1
+    assert cli_main(["regressions", root, "--run", "r3", "--z", "0.5"]) == 1  # P[Z >= 0.5] = 0.31
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
