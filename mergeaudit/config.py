@@ -206,11 +206,17 @@ class TaskVectorProbe(_Frozen):
 
 class PerturbationProbe(_Frozen):
     """Weight perturbations of each model, `seeds` draws per setting: Gaussian noise with a
-    standard deviation of `scale` x each tensor's RMS, and a DARE-style random drop of a
-    fraction of the task vector (rescaled by 1 / (1 - rate))."""
+    standard deviation of `scale` x each tensor's RMS (`weight_rms`) or x the RMS of the task
+    vector on its support, added only there (`task_vector`, as the fragility literature
+    perturbs updates), and a DARE-style random drop of a fraction of the task vector (rescaled
+    by 1 / (1 - rate))."""
 
     models: list[str] | None = pydantic.Field(None, description="Default: every fine-tuned model.")
     gaussian_scales: list[float] = pydantic.Field(default_factory=lambda: [0.01, 0.03, 0.1])
+    gaussian_scale_to: list[Literal["weight_rms", "task_vector"]] = pydantic.Field(
+        default_factory=lambda: ["weight_rms"], min_length=1,
+        description="What the noise is scaled to; each entry is its own probe family "
+                    "(gaussian, gaussian_task_vector).")
     drop_rates: list[float] = pydantic.Field(default_factory=lambda: [0.3, 0.6, 0.9])
     seeds: int = pydantic.Field(2, ge=1, le=64)
 

@@ -3,7 +3,9 @@
 Each probe point is an ordinary candidate (a MergePlan materialised where it is evaluated):
 - interpolation between checkpoints a and b at alpha: `linear` with weights (1 - alpha, alpha);
 - a task vector scaled by lambda: `task_arithmetic` with one model and `lambda`;
-- Gaussian noise of `scale` x each tensor's RMS: `perturb_gaussian`, one draw per seed;
+- Gaussian noise of `scale` x each tensor's RMS (family `gaussian`) or x the task vector's RMS
+  on its support, added only there (family `gaussian_task_vector`): `perturb_gaussian`, one
+  draw per seed;
 - a DARE-style random drop of a fraction of the task vector: `dare_linear` with density
   1 - rate and `semantics: paper` (kept entries rescaled by 1 / (1 - rate)), per seed.
 
@@ -45,10 +47,13 @@ def probe_plans(config: AuditConfig, refs: dict[str, ModelRef]) -> list[tuple[st
     if pert is not None:
         for m in pert.models or [s.name for s in config.models]:
             for seed in range(pert.seeds):
-                for s in pert.gaussian_scales:
-                    out.append((f"noise({m}; scale={s:g}, seed={seed})",
-                                {"family": "gaussian", "path": m, "x": s, "seed": seed},
-                                plan("perturb_gaussian", [refs[m]], parameters={"scale": s}, seed=seed)))
+                for to in pert.gaussian_scale_to:
+                    family, label = ("gaussian", "") if to == "weight_rms" else ("gaussian_task_vector", "tv ")
+                    for s in pert.gaussian_scales:
+                        out.append((f"noise({m}; {label}scale={s:g}, seed={seed})",
+                                    {"family": family, "path": m, "x": s, "seed": seed},
+                                    plan("perturb_gaussian", [refs[m]], parameters={"scale": s, "scale_to": to},
+                                         seed=seed)))
                 for r in pert.drop_rates:
                     out.append((f"drop({m}; rate={r:g}, seed={seed})",
                                 {"family": "drop", "path": m, "x": r, "seed": seed},

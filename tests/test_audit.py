@@ -104,3 +104,21 @@ def test_code_tasks_refuse_before_the_candidate_is_built_when_the_sandbox_is_mis
     with pytest.raises(IsolationError, match="bubblewrap"):
         audit.evaluate_candidate(candidate, cfg.evaluation, cfg.storage)
     assert built == []
+
+
+def test_noise_probes_scaled_to_the_task_vector_are_their_own_family(toy_family, tmp_path):
+    from mergeaudit.checkpoint import Checkpoint
+    from mergeaudit.merging.executor import prepare
+
+    raw = config_for(toy_family, str(tmp_path / "r"))
+    raw["probes"] = {"perturbation": {"models": ["ft_a"], "gaussian_scales": [0.5], "drop_rates": [],
+                                      "seeds": 1, "gaussian_scale_to": ["weight_rms", "task_vector"]}}
+    cfg = parse_config(raw)
+    probes_ = {c.probe["family"]: c for c in audit.plan_candidates(cfg, audit.resolve_checkpoints(cfg))
+               if c.kind == "probe"}
+    assert set(probes_) == {"gaussian", "gaussian_task_vector"}
+    base, ft = Checkpoint.open(toy_family.base), Checkpoint.open(toy_family.variants["ft_a"])
+    for family, on_support_only in (("gaussian", False), ("gaussian_task_vector", True)):
+        noisy = dict(prepare(probes_[family].plan).stream())
+        moved_off_support = sum(int(((noisy[n] != ft.get(n)) & (ft.get(n) == base.get(n))).sum()) for n in noisy)
+        assert (moved_off_support == 0) == on_support_only, family
