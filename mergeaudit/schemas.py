@@ -40,7 +40,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("dtype", pa.string()),
     ]),
     "geometry_tensors": pa.schema([
-        ("scope", pa.string()),          # tensor | layer | model
+        ("scope", pa.string()),          # tensor | layer | module | model
         ("model", pa.string()),
         ("kind", pa.string()),
         ("model_uri", pa.string()),
@@ -87,7 +87,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("elected_sign_disagreement", pa.float64()),
     ]),
     "geometry_pairs": pa.schema([
-        ("scope", pa.string()),          # tensor | layer | global
+        ("scope", pa.string()),          # tensor | layer | module | global
         ("model_a", pa.string()),
         ("model_b", pa.string()),
         ("kind_a", pa.string()),

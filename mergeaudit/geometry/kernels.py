@@ -211,10 +211,10 @@ def elect4_kernel(b, f0, f1, f2, f3):  # pragma: no cover - compiled
         s1 += multi * c1
         s2 += multi * c2
         s3 += multi * c3
-        x0 += multi * c0 * np.float32(not (d0 * total > 0))
-        x1 += multi * c1 * np.float32(not (d1 * total > 0))
-        x2 += multi * c2 * np.float32(not (d2 * total > 0))
-        x3 += multi * c3 * np.float32(not (d3 * total > 0))
+        x0 += multi * c0 * np.float32(d0 * total <= 0)
+        x1 += multi * c1 * np.float32(d1 * total <= 0)
+        x2 += multi * c2 * np.float32(d2 * total <= 0)
+        x3 += multi * c3 * np.float32(d3 * total <= 0)
     return s0, s1, s2, s3, x0, x1, x2, x3
 
 
