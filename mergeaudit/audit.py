@@ -158,7 +158,8 @@ def _main_dtype(ck: Checkpoint) -> str | None:
 
 def geometry_settings(spec: GeometrySpec) -> geometry.GeometrySettings:
     spectral = geometry.SpectralSettings(top_k_fraction=spec.top_k_fraction, exact_max_dim=spec.exact_max_dim)
-    return geometry.GeometrySettings(eta=spec.eta, abs_tol=spec.abs_tol, spectral=spectral if spec.spectral else None)
+    return geometry.GeometrySettings(eta=spec.eta, abs_tol=spec.abs_tol, spectral=spectral if spec.spectral else None,
+                                     principal_alpha=spec.principal_alpha)
 
 
 def compute_geometry(config: AuditConfig, records: dict[str, CheckpointRecord]) -> dict[str, list[dict]]:

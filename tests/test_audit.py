@@ -122,3 +122,11 @@ def test_noise_probes_scaled_to_the_task_vector_are_their_own_family(toy_family,
         noisy = dict(prepare(probes_[family].plan).stream())
         moved_off_support = sum(int(((noisy[n] != ft.get(n)) & (ft.get(n) == base.get(n))).sum()) for n in noisy)
         assert (moved_off_support == 0) == on_support_only, family
+
+
+def test_geometry_settings_carry_every_field_of_the_spec():
+    from mergeaudit.config import GeometrySpec
+
+    settings = audit.geometry_settings(GeometrySpec(principal_alpha=0.2, eta=1e-4))
+    assert (settings.principal_alpha, settings.eta) == (0.2, 1e-4)
+    assert audit.geometry_settings(GeometrySpec(principal_alpha=None)).principal_alpha is None
