@@ -25,7 +25,8 @@ from __future__ import annotations
 import pydantic
 
 from mergeaudit.results.scores import RunResults
-from mergeaudit.results.stats import PairedTest, paired_test, welch_z
+from mergeaudit.results.compare import compare_score
+from mergeaudit.results.stats import PairedTest
 
 SIGNIFICANCE = 0.05
 
@@ -50,16 +51,10 @@ class LeaderRow(pydantic.BaseModel):
     status: str = "ok"
 
 
-def better_than(run: RunResults, task: str, metric: str, row: dict, ref: dict) -> PairedTest:
-    """One-sided test that `row` scores higher than `ref` (as "ref is worse than row")."""
-    mine = run.per_prompt(row["candidate_id"], task, metric)
-    theirs = run.per_prompt(ref["candidate_id"], task, metric)
-    if mine and theirs:
-        test = paired_test(mine, theirs)
-        if test.test != "none":
-            return test
-    stat, p = welch_z(row["value"], row["stderr"], ref["value"], ref["stderr"])
-    return PairedTest(test="welch_z" if p is not None else "none", statistic=stat, p_value=p)
+def better_than(run: RunResults, row: dict, ref: dict) -> PairedTest:
+    """One-sided test that `row` scores higher than `ref` on the same task and metric (as "ref
+    is worse than row"): the alarm's test, paired on the prompts both were scored on."""
+    return compare_score(run, row, run, ref)
 
 
 def base_name(run: RunResults) -> str:
@@ -85,12 +80,12 @@ def rows(run: RunResults, significance: float = SIGNIFICANCE) -> list[LeaderRow]
                         if n in ckpt and ckpt[n] in scores]
                 if refs:
                     best, name = max(refs)
-                    test = better_than(run, task, metric, s, scores[ckpt[name]])
+                    test = better_than(run, s, scores[ckpt[name]])
                     row.best_input, row.best_input_name, row.margin = best, name, s["value"] - best
                     row.p_vs_best_input = test.p_value
                     row.beats_best_input = test.p_value is not None and test.p_value <= significance
             if s is not None and c["name"] != base and base in ckpt and ckpt[base] in scores:
-                test = better_than(run, task, metric, s, scores[ckpt[base]])
+                test = better_than(run, s, scores[ckpt[base]])
                 row.p_vs_base = test.p_value
                 row.beats_base = test.p_value is not None and test.p_value <= significance
             out.append(row)
