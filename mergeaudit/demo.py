@@ -88,7 +88,8 @@ def verdict(results_uri: str, run_id: str) -> str:
     geo, pairs = run.table("geometry_tensors"), run.table("geometry_pairs")
     sparsity = {r["model"]: r["sparsity_bf16"] for r in geo if r["scope"] == "model"}
     lift = {frozenset((r["model_a"], r["model_b"])): r for r in pairs if r["scope"] == "global"}
-    board = {(r.candidate, r.task): r for r in leaderboard.rows(run)}
+    level = leaderboard.run_significance(run)
+    board = {(r.candidate, r.task): r for r in leaderboard.rows(run, level)}
     bench = {r.candidate: r for r in leaderboard.mergebench(run, OWN_TASKS)}
 
     def score(name: str, skill: str) -> leaderboard.LeaderRow | None:
@@ -121,7 +122,7 @@ def verdict(results_uri: str, run_id: str) -> str:
         for expert, skill in ((a, "add"), (b, "sub")):
             mine, base = score(expert, skill), score("base", skill)
             gain = mine.score - base.score if mine and base else None
-            improved[expert] = bool(mine and mine.beats_base)  # paired, one-sided p <= 0.05
+            improved[expert] = bool(mine and mine.beats_base)  # paired, one-sided p <= level
             parts.append(f"{expert} {skill} {pm(expert, skill)} (gain {_fmt(gain)}, "
                          f"{'significant' if improved[expert] else 'not significant'})")
         lines.append(f"  {kind}: " + ", ".join(parts))
@@ -141,7 +142,7 @@ def verdict(results_uri: str, run_id: str) -> str:
         sig = [f"{k} {'beats' if score(best, k).beats_base else 'does not significantly beat'} the base"
                for k in TASKS]
         lines.append(f"        normalized performance {_share(mb.normalized_performance)}; gain over the base kept "
-                     f"{_share(mb.gain_kept)}; " + ", ".join(sig) + " (paired, one-sided p <= 0.05)")
+                     f"{_share(mb.gain_kept)}; " + ", ".join(sig) + f" (paired, one-sided p <= {level:g})")
         kept[kind] = mb.gain_kept if any(improved.get(e) for e in (a, b)) else None
         if kept[kind] is None:
             lines.append(f"        {kind} experts did not improve on the base significantly: the merge kept the "

@@ -349,3 +349,23 @@ def test_demo_verdict_reads_the_results_module(tmp_path):
     assert "gain over the base kept 50%" in text  # (0.4 / 0.8 + 0.3 / 0.6) / 2
     assert "rlvr experts did not improve on the base significantly: the merge kept the base's score." in text
     assert "the RLVR experts did not improve on the base significantly" in text and "99%" not in text
+
+
+def test_the_leaderboard_marks_significance_at_the_runs_own_alarm_level():
+    from mergeaudit.results.scores import RunResults
+
+    def ties_row(run_tables: dict) -> leaderboard.LeaderRow:
+        run = RunResults("mem://r", "r1", run_tables)
+        return next(r for r in leaderboard.rows(run) if r.candidate == "ties(rl_math+sft_code)")
+
+    plain = constructed_run(MERGES)          # 0.62 vs its best input 0.60, se 0.01 each: Welch p = 0.079
+    row = ties_row(plain)
+    assert row.p_vs_best_input == pytest.approx(0.5 * math.erfc(0.02 / (2**0.5 * 0.01) / 2**0.5))
+    assert row.beats_best_input is False     # no config: 0.05
+    loose = constructed_run(MERGES)
+    loose["runs"][0]["config_json"] = json.dumps({"alarm": {"significance": 0.1}})
+    assert ties_row(loose).beats_best_input is True
+    assert leaderboard.run_significance(RunResults("mem://r", "r1", loose)) == 0.1
+    legacy = constructed_run(MERGES)
+    legacy["runs"][0]["config_json"] = json.dumps({"alarm": {"z": 1.0}})  # P[Z >= 1] = 0.16
+    assert ties_row(legacy).beats_best_input is True

@@ -5,7 +5,8 @@
 with its standard error; for merges the best constituent (score and name), the margin over
 it, and whether the merge beats its best constituent and the base *significantly*: a one-sided
 paired test on the prompts both share (McNemar's exact test for one 0/1 sample per prompt, the
-paired t-test otherwise, Welch's z without per-prompt rows), at `significance` (0.05); for
+paired t-test otherwise, Welch's z without per-prompt rows), at the run's own
+`alarm.significance` (from its config in the runs table; 0.05 when it has none); for
 fine-tuned checkpoints, whether they beat the base.
 
 `mergebench(run, own_tasks)` (MergeBench, He et al. 2025), per merge of experts e with own task t_e:
@@ -22,8 +23,11 @@ An expert's own task is given (`own_tasks`), or else the task it improved most o
 
 from __future__ import annotations
 
+import json
+
 import pydantic
 
+from mergeaudit.config import AlarmSpec
 from mergeaudit.results.scores import RunResults
 from mergeaudit.results.compare import compare_score
 from mergeaudit.results.stats import PairedTest
@@ -61,7 +65,18 @@ def base_name(run: RunResults) -> str:
     return next((c["name"] for c in run.table("checkpoints") if c.get("role") == "base"), "base")
 
 
-def rows(run: RunResults, significance: float = SIGNIFICANCE) -> list[LeaderRow]:
+def run_significance(run: RunResults) -> float:
+    """The level the run's own alarm used (`alarm.significance` in its config), else 0.05."""
+    try:
+        alarm = json.loads(run.run.get("config_json") or "{}").get("alarm") or {}
+        return AlarmSpec.model_validate(alarm).significance
+    except (AttributeError, TypeError, ValueError):  # pydantic's ValidationError is a ValueError
+        return SIGNIFICANCE
+
+
+def rows(run: RunResults, significance: float | None = None) -> list[LeaderRow]:
+    if significance is None:
+        significance = run_significance(run)
     cands = run.candidates("checkpoint", "merge")
     ckpt = {c["name"]: c["candidate_id"] for c in cands if c["kind"] == "checkpoint"}
     base = base_name(run)
