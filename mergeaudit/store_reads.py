@@ -105,9 +105,12 @@ def _version_of(expect: Expect) -> str | None:
 def check_local_version(uri: str, st: os.stat_result, version: str) -> None:
     """ObjectChangedError unless an open local file (its fstat) still has the listed version tag."""
     # the same tag list_files builds from fsspec's stat (size, float mtime: ~0.2 us resolution)
-    now = _file_info(uri, {"size": st.st_size, "mtime": st.st_mtime, "created": st.st_ctime}).version
-    if now != version:
-        raise ObjectChangedError(f"{uri} changed since it was listed (was {version}, now {now})")
+    _check_same(uri, version, _file_info(uri, {"size": st.st_size, "mtime": st.st_mtime, "created": st.st_ctime}))
+
+
+def _check_same(uri: str, version: str, now: FileInfo) -> None:
+    if now.version != version:
+        raise ObjectChangedError(f"{uri} changed since it was listed (was {version}, now {now.version})")
 
 
 def _get(loc: Location, start: int | None, end: int | None, version: str | None) -> bytes:
@@ -136,9 +139,7 @@ def _get(loc: Location, start: int | None, end: int | None, version: str | None)
             raise
     data = loc.fs.cat_file(loc.path, start=start, end=end)
     if version is not None and loc.scheme != "s3" and not loc.is_local:
-        now = _file_info(loc.uri, loc.fs.info(loc.path)).version  # memory://: compare after the read
-        if now != version:
-            raise ObjectChangedError(f"{loc.uri} changed since it was listed (was {version}, now {now})")
+        _check_same(loc.uri, version, _file_info(loc.uri, loc.fs.info(loc.path)))  # memory://: after the read
     return data
 
 
