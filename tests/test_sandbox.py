@@ -20,7 +20,6 @@ import uuid
 import pytest
 
 from mergeaudit.config import EvalSpec
-from mergeaudit.evaluation import isolation
 from mergeaudit.evaluation.isolation import NOBODY
 from mergeaudit.evaluation.sandbox import IsolationError, SandboxLimits, require_isolation, run_code
 

@@ -13,7 +13,6 @@ from fractions import Fraction
 import pytest
 
 from mergeaudit import tables
-
 from mergeaudit.evaluation.runner import TaskSource, verify_samples
 from mergeaudit.evaluation.verifiers import (
     MAX_DIGITS,

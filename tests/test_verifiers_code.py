@@ -8,7 +8,6 @@ SandboxLimits; none spawns.
 
 from __future__ import annotations
 
-
 import pytest
 
 from mergeaudit.evaluation.code_tests import UnsupportedTests, compile_tests

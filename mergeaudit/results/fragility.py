@@ -97,7 +97,8 @@ def summarize(run: RunResults) -> tuple[list[dict], list[dict]]:
                 continue
 
             def row(name: str, v: float | None, se: float | None = None, n: int | None = None,
-                    x: float | None = None, ci: tuple[float, float] | None = None, task: str = task) -> None:
+                    x: float | None = None, ci: tuple[float, float] | None = None, task: str = task,
+                    cid: str = cid, scored: list = scored, family: str = family) -> None:
                 if v is not None:
                     score_rows.append({"candidate_id": cid, "task": task, "metric": name, "filter": "probe",
                                        "value": float(v), "stderr": se, "n": n if n is not None else len(scored),

@@ -28,8 +28,8 @@ import json
 import pydantic
 
 from mergeaudit.config import AlarmSpec
-from mergeaudit.results.scores import RunResults
 from mergeaudit.results.compare import compare_score
+from mergeaudit.results.scores import RunResults
 from mergeaudit.results.stats import PairedTest
 
 SIGNIFICANCE = 0.05
