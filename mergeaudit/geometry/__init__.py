@@ -11,7 +11,8 @@ intermediates), `compute_geometry` returns two tables' rows:
   `sparsity_bf16_numel_weighted`), the norms of update and base and their ratio, the elected-sign
   disagreement (of this model's changed entries that another model changed too, the share whose
   sign differs from TIES's elected sign over all models of the audit), for 2-D tensors the
-  spectral figures of `spectral`, and the overlap of the update mask with the base's principal
+  spectral figures of `spectral` (at wider scopes the unweighted means of `update_rank_ratio`
+  and `spectral_drift` over the 2-D tensors), and the overlap of the update mask with the base's principal
   weights (Zhu et al., arXiv 2511.08567: the top-`principal_alpha` entries of |U_k S_k V_k^T|),
   with its value by chance (changed * |P| / n per tensor) and the lift over chance. `kind` (rlvr,
   sft, ...) comes from the caller's config. Skipped or mismatched tensors (missing, another shape,
@@ -33,10 +34,11 @@ by all fine-tunes.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -93,11 +95,13 @@ def compute_geometry(
     kinds: Mapping[str, str] | None = None,
     settings: GeometrySettings = GeometrySettings(),
     fisher: Mapping[str, Checkpoint] | None = None,
+    pairs: Collection[tuple[str, str]] | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Rows of geometry_tensors and geometry_pairs for every model against the base; `fisher`
     (model name -> diagonal Fisher checkpoint, mergeaudit.fisher) adds the Fisher-mass columns
-    to the pairs of models that both have one."""
+    to the pairs of models that both have one; `pairs` limits the pairs measured (default: all)."""
     names = list(models)
+    wanted = None if pairs is None else {frozenset(p) for p in pairs}
     kinds = {m: (kinds or {}).get(m, "unknown") for m in names}
     fisher = {m: ck for m, ck in (fisher or {}).items() if m in models}
     ref = base.shapes()
@@ -135,7 +139,10 @@ def compute_geometry(
     def measure(tensor: str, w: torch.Tensor, present: list[str], fts: list[torch.Tensor]) -> None:
         layer, module = parse_tensor_name(tensor)
         mtype = module_type(module)
-        sums = tensor_sums(w, fts, settings.eta, settings.abs_tol, elected_sign=settings.elected_sign)
+        chosen = None if wanted is None else [
+            (i, j) for i, j in itertools.combinations(range(len(present)), 2)
+            if frozenset((present[i], present[j])) in wanted]
+        sums = tensor_sums(w, fts, settings.eta, settings.abs_tol, elected_sign=settings.elected_sign, pairs=chosen)
         spectral = settings.spectral if w.ndim == 2 and min(w.shape) > 1 else None
         if spectral is not None:
             w32 = w.float()
@@ -146,7 +153,8 @@ def compute_geometry(
             extra = {}
             if spectral is not None:  # the kernels' sum of squares tells whether the update is finite
                 extra = spectral_figures(w32, ft.float(), decomposition, spectral, finite=math.isfinite(acc.update_sq))
-            tensor_rows.append(model_row(m, "tensor", tensor, layer, module, **acc.derived(alpha), **extra))
+                acc.add_spectral(extra)
+            tensor_rows.append(model_row(m, "tensor", tensor, layer, module, **{**acc.derived(alpha), **extra}))
             for key in ((m, "layer", layer), (m, "module", mtype), (m, "model", None)):
                 if key[1] != "layer" or layer is not None:
                     model_acc[key].add(acc)

@@ -15,11 +15,14 @@ masks; norms, dots and signs use the stored values.
 
 At layer, module and model scope the sparsities are the unweighted mean over tensors, as
 Mukherjee et al. report them; `sparsity_bf16_numel_weighted` keeps 1 - changed / numel.
+`update_rank_ratio` and `spectral_drift` there are the unweighted means over the 2-D tensors
+that have them (see `spectral`).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 import numba
@@ -62,6 +65,17 @@ class ModelSums(_Sums):
     elect_tensors: int = 0        # tensors where the elected sign was computed (>= 2 models)
     elect_shared: int = 0
     elect_disagree: int = 0
+    rank_tensors: int = 0         # 2-D tensors with an update rank, and the sum of their ratios
+    rank_ratio_sum: float = 0.0
+    drift_tensors: int = 0        # 2-D tensors with a spectral drift, and its sum
+    drift_sum: float = 0.0
+
+    def add_spectral(self, figures: Mapping[str, object]) -> None:
+        """Record one tensor's spectral figures (for the unweighted means at wider scopes)."""
+        if figures.get("update_rank_ratio") is not None:
+            self.rank_tensors, self.rank_ratio_sum = 1, float(figures["update_rank_ratio"])
+        if figures.get("spectral_drift") is not None:
+            self.drift_tensors, self.drift_sum = 1, float(figures["spectral_drift"])
 
     def close(self) -> ModelSums:
         """Record this tensor's own sparsities (call once per tensor, before adding it up)."""
@@ -94,6 +108,8 @@ class ModelSums(_Sums):
             "rel_update_norm": upd / base if base > 0 else None,
             "elected_sign_shared": self.elect_shared if self.elect_tensors else None,
             "elected_sign_disagreement": ratio(self.elect_disagree, self.elect_shared),
+            "update_rank_ratio": ratio(self.rank_ratio_sum, self.rank_tensors),
+            "spectral_drift": ratio(self.drift_sum, self.drift_tensors),
         }
         if principal_alpha is not None and self.principal_numel:
             out.update(
@@ -187,8 +203,9 @@ def fisher_sums(p: PairSums, fa: torch.Tensor, fb: torch.Tensor, a: torch.Tensor
 
 
 def tensor_sums(base: torch.Tensor, fts: list[torch.Tensor], eta: float = 1e-3, abs_tol: float = 1e-5,
-                elected_sign: bool = True) -> TensorSums:
-    """Model and pair sums for one tensor of the base and of each fine-tuned model.
+                elected_sign: bool = True, pairs: Sequence[tuple[int, int]] | None = None) -> TensorSums:
+    """Model and pair sums for one tensor of the base and of each fine-tuned model; `pairs`
+    (indices i < j into `fts`) limits the pairs computed (default: all of them).
 
     The fused kernels read chunks of CHUNK entries in their stored dtype; partial sums are fp32
     within a chunk (per thread and vector lane: counts exact, as CHUNK < 2**24; sums of squares
@@ -199,7 +216,7 @@ def tensor_sums(base: torch.Tensor, fts: list[torch.Tensor], eta: float = 1e-3, 
     ft_flat = [f.reshape(-1) for f in fts]
     n = b_flat.numel()
     out = TensorSums([ModelSums() for _ in fts])
-    pairs = list(itertools.combinations(range(len(fts)), 2))
+    pairs = list(itertools.combinations(range(len(fts)), 2)) if pairs is None else list(pairs)
     for i, j in pairs:
         out.pairs[(i, j)] = PairSums()
     b_all = kernel_view(b_flat)
