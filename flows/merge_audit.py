@@ -1,5 +1,5 @@
 """The merge audit flow, as a list of stages:
-resolve checkpoints -> geometry -> Fisher -> plan candidates -> evaluate -> tables (committed,
+resolve checkpoints (and series steps) -> Fisher -> geometry -> plan candidates -> evaluate -> tables (committed,
 with the regression check against the previous run of this audit) -> report -> artifacts.
 
 A candidate whose evaluation fails for good does not stop the others: the run commits its
@@ -54,8 +54,8 @@ def merge_audit(
     started_at = dt.datetime.now(dt.timezone.utc)
     use_storage_credentials(config.storage)
     records = resolve_checkpoints(config)
-    geometry = compute_geometry(config, records)
     fisher_uris = {name: estimate_fisher(config, records, name) for name in audit.fisher_models(config)}
+    geometry = compute_geometry(config, records, fisher_uris)
     candidates = plan_candidates(config, records, fisher_uris)
     if config.routing == "pools":
         evaluations = evaluate_on_pool(config, candidates)
@@ -64,6 +64,8 @@ def merge_audit(
     outcome = finish_run(config, run_id, started_at, records, geometry, candidates, evaluations)
     publish_report(config, outcome)
     get_run_logger().info("run %s committed %s", run_id, ", ".join(outcome.tables))
+    for note in outcome.notes:
+        get_run_logger().warning(note)
     result = outcome.model_dump(mode="json")
     problems = outcome.problems()
     if outcome.regressions and outcome.regressions.regressions:

@@ -2,7 +2,8 @@
 
     config = load_config("audit.yaml")
     records = resolve_checkpoints(config)            # open + validate, no tensor read
-    geo = compute_geometry(config, records)           # streamed, per tensor and model
+    fisher_uris = {n: estimate_fisher(config, records, n) for n in fisher_models(config)}
+    geo = compute_geometry(config, records, fisher_uris)  # streamed, per tensor and model
     cands = plan_candidates(config, records)          # small, serialisable recipes
     results = [evaluate_candidate(c, config.evaluation) for c in cands]
     write_results(config, run_id, ...)                # Parquet tables
@@ -17,6 +18,7 @@ import datetime as dt
 import hashlib
 import importlib.metadata
 import json
+import logging
 import tempfile
 import uuid
 from typing import Any, Literal
@@ -31,19 +33,23 @@ from mergeaudit.config import (
     AuditConfig,
     EvalSpec,
     GeometrySpec,
+    SeriesSpec,
     StorageSpec,
     StrategySpec,
 )
 from mergeaudit.errors import CheckpointError, EvaluationError
 from mergeaudit.evaluation import EvalSettings, check_tasks, evaluate_model
 from mergeaudit.evaluation.sandbox import SandboxLimits, require_isolation
+from mergeaudit.geometry import series
 from mergeaudit.merging import REGISTRY
 from mergeaudit.merging.executor import MergePlan, ModelRef, prepare
 from mergeaudit.merging.params import check_all
 from mergeaudit.modeling import build_model, load_tokenizer
-from mergeaudit.results import compare, fragility, leaderboard
+from mergeaudit.results import compare, fragility, geometry_views, leaderboard
 from mergeaudit.results.compare import RegressionReport
 from mergeaudit.results.scores import RunResults
+
+log = logging.getLogger(__name__)
 
 PACKAGES = ("torch", "transformers", "lm_eval", "prefect", "safetensors", "pyarrow", "s3fs", "fsspec")
 
@@ -60,6 +66,8 @@ class CheckpointRecord(pydantic.BaseModel):
     nbytes: int
     model_type: str | None = None
     dtype: str | None = None
+    series: str | None = None  # a step of this series (config.series), not a model of the audit
+    step: int | None = None
 
 
 class Candidate(pydantic.BaseModel):
@@ -131,20 +139,41 @@ def open_checkpoint(uri: str, storage: StorageSpec) -> Checkpoint:
 
 
 def resolve_checkpoints(config: AuditConfig) -> dict[str, CheckpointRecord]:
-    """Open every checkpoint (headers only) and check names and shapes agree with the base."""
+    """Open every checkpoint (headers only) and check names and shapes agree with the base;
+    each series' steps (listed, or found under its prefix now) are records too, `run@step`."""
     opened = {spec.name: Checkpoint.open(spec.uri) for spec in [config.base, *config.models]}
+    kinds = {config.base.name: "base", **{m.name: m.kind for m in config.models}}
+    steps: dict[str, tuple[str, int]] = {}
+    for spec in config.series:
+        for step, uri in series_steps(spec, config.storage.completion_marker):
+            label = series.step_label(spec.name, step)
+            opened[label], kinds[label], steps[label] = Checkpoint.open(uri), spec.kind, (spec.name, step)
     marker = config.storage.completion_marker
     unmarked = [ck.uri for ck in opened.values() if marker and marker not in ck.files]
     if unmarked:
         raise CheckpointError(f"incomplete checkpoints (no {marker}): {', '.join(unmarked)}")
-    check_compatible(opened[config.base.name], [opened[m.name] for m in config.models])
-    kinds = {config.base.name: "base", **{m.name: m.kind for m in config.models}}
+    check_compatible(opened[config.base.name], [ck for name, ck in opened.items() if name != config.base.name])
     return {
         name: CheckpointRecord(name=name, uri=ck.uri, kind=kinds[name], fingerprint=ck.fingerprint,
                                n_tensors=len(ck.keys()), nbytes=ck.nbytes, model_type=ck.config.get("model_type"),
-                               dtype=_main_dtype(ck))
+                               dtype=_main_dtype(ck), series=steps.get(name, (None,))[0],
+                               step=steps.get(name, (None, None))[1])
         for name, ck in opened.items()
     }
+
+
+def series_steps(spec: SeriesSpec, marker: str | None) -> list[tuple[int, str]]:
+    """A series' (step, uri) pairs: as listed, or the complete checkpoints under its prefix;
+    at most `max_steps`, evenly spaced."""
+    if spec.steps is not None:
+        found = sorted((s.step, s.uri) for s in spec.steps)
+    else:
+        found, skipped = series.discover_steps(spec.prefix, marker)
+        for line in skipped:
+            log.warning("series %s: left out %s", spec.name, line)
+        if not found:
+            raise CheckpointError(f"series {spec.name}: no complete checkpoint with a step number under {spec.prefix}")
+    return series.spaced(found, spec.max_steps)
 
 
 def _main_dtype(ck: Checkpoint) -> str | None:
@@ -162,13 +191,23 @@ def geometry_settings(spec: GeometrySpec) -> geometry.GeometrySettings:
                                      principal_alpha=spec.principal_alpha)
 
 
-def compute_geometry(config: AuditConfig, records: dict[str, CheckpointRecord]) -> dict[str, list[dict]]:
-    """geometry_tensors and geometry_pairs rows for every fine-tuned model against the base."""
+def compute_geometry(config: AuditConfig, records: dict[str, CheckpointRecord],
+                     fisher_uris: dict[str, str] | None = None) -> dict[str, list[dict]]:
+    """geometry_tensors and geometry_pairs rows for every fine-tuned model against the base
+    (with the Fisher-mass columns for models whose Fisher was estimated), and geometry_series
+    rows for every series."""
     base = open_checkpoint(records[config.base.name].uri, config.storage)
     models = {m.name: open_checkpoint(records[m.name].uri, config.storage) for m in config.models}
     kinds = {m.name: m.kind for m in config.models}
-    tensor_rows, pair_rows = geometry.compute_geometry(base, models, kinds, geometry_settings(config.geometry))
-    return {"geometry_tensors": tensor_rows, "geometry_pairs": pair_rows}
+    fishers = {name: Checkpoint.open(uri) for name, uri in (fisher_uris or {}).items() if name in models}
+    settings = geometry_settings(config.geometry)
+    tensor_rows, pair_rows = geometry.compute_geometry(base, models, kinds, settings, fisher=fishers)
+    series_rows: list[dict] = []
+    for spec in config.series:
+        steps = [(r.step, open_checkpoint(r.uri, config.storage)) for r in records.values() if r.series == spec.name]
+        others = {n: models[n] for n in (spec.compare_with if spec.compare_with is not None else models)}
+        series_rows += series.compute_series(base, spec.name, steps, others, spec.kind, settings)
+    return {"geometry_tensors": tensor_rows, "geometry_pairs": pair_rows, "geometry_series": series_rows}
 
 
 def fisher_models(config: AuditConfig) -> list[str]:
@@ -358,7 +397,10 @@ def _probe_columns(probe: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def checkpoint_rows(config: AuditConfig, records: dict[str, CheckpointRecord]) -> list[dict]:
-    return [{"name": r.name, "role": "base" if name == config.base.name else "model", "kind": r.kind, "uri": r.uri,
+    def role(name: str, r: CheckpointRecord) -> str:
+        return "base" if name == config.base.name else "series_step" if r.series else "model"
+
+    return [{"name": r.name, "role": role(name, r), "kind": r.kind, "uri": r.uri,
              "fingerprint": r.fingerprint, "n_tensors": r.n_tensors, "nbytes": r.nbytes, "model_type": r.model_type,
              "dtype": r.dtype} for name, r in records.items()]
 
@@ -424,6 +466,7 @@ class RunOutcome(pydantic.BaseModel):
     summary: list[leaderboard.SummaryRow]
     failed: list[str] = []
     regressions: RegressionReport | None = None
+    notes: list[str] = []  # what the summary must state besides scores (tensors geometry did not compare)
 
     def problems(self) -> str | None:
         """One paragraph on what went wrong (failed candidates, regressions), or None."""
@@ -461,7 +504,8 @@ def finish_run(
                              package_versions=package_versions())
     names = {c.candidate_id: c.name for c in candidates}
     return RunOutcome(run_id=run_id, results_uri=config.results_uri, tables=files,
-                      summary=leaderboard.summary(run), failed=[names[cid] for cid in failures], regressions=check)
+                      summary=leaderboard.summary(run), failed=[names[cid] for cid in failures], regressions=check,
+                      notes=geometry_views.not_compared(geometry_tables.get("geometry_tensors", [])))
 
 
 def result_rows(

@@ -86,6 +86,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     result, problems = run_audit(load_config(args.config))
     print(format_table(result["summary"]))
+    for note in result.get("notes", []):
+        print(note)
     print(f"\nrun {result['run_id']}: tables under {result['results_uri']}")
     if problems:
         print(f"mergeaudit: audit ended Failed:\n{problems}", file=sys.stderr)
@@ -204,6 +206,7 @@ def cmd_geometry(args: argparse.Namespace) -> int:
     from mergeaudit.config import CheckpointSpec, GeometrySpec
     from mergeaudit.errors import ConfigError
     from mergeaudit.geometry import compute_geometry
+    from mergeaudit.results.geometry_views import not_compared
 
     started = dt.datetime.now(dt.timezone.utc)
     models = parse_models(args.models)
@@ -232,6 +235,8 @@ def cmd_geometry(args: argparse.Namespace) -> int:
               "jaccard_lift": r["jaccard_lift"], "sign_conflicts": r["sign_conflict_rate"], "cosine": r["cosine"]}
              for r in pair_rows if r["scope"] == "global"]
     print(format_table(summary))
+    for note in not_compared(tensor_rows):
+        print(note)
     if pairs:
         print()
         print(format_table(pairs))

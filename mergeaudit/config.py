@@ -45,6 +45,19 @@ class _Frozen(pydantic.BaseModel):
         return v
 
 
+def _valid_name(v: str) -> str:
+    if not _NAME_RE.match(v):
+        raise ValueError(f"name {v!r} must be 1-64 characters of letters, digits, '_', '-', '.'")
+    return v
+
+
+def _valid_uri(v: str | None) -> str | None:
+    try:
+        return None if v is None else store.check_uri(v)
+    except MergeAuditError as exc:
+        raise ValueError(str(exc)) from None
+
+
 class CheckpointSpec(_Frozen):
     """One checkpoint by a short name, where it lives, and how it was trained."""
 
@@ -54,20 +67,8 @@ class CheckpointSpec(_Frozen):
         "unknown", description="How the checkpoint was trained, for the report's contrasts."
     )
 
-    @pydantic.field_validator("name")
-    @classmethod
-    def _name_ok(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
-            raise ValueError(f"name {v!r} must be 1-64 characters of letters, digits, '_', '-', '.'")
-        return v
-
-    @pydantic.field_validator("uri")
-    @classmethod
-    def _uri_ok(cls, v: str) -> str:
-        try:
-            return store.check_uri(v)
-        except MergeAuditError as exc:
-            raise ValueError(str(exc)) from None
+    _name_ok = pydantic.field_validator("name")(lambda v: _valid_name(v))
+    _uri_ok = pydantic.field_validator("uri")(lambda v: _valid_uri(v))
 
 
 class StrategySpec(_Frozen):
@@ -181,6 +182,46 @@ class GeometrySpec(_Frozen):
         0.05, gt=0, le=1, description="Zhu et al.'s principal weights: the top alpha of |U_k S_k V_k^T| (null: off).")
 
 
+class SeriesStep(_Frozen):
+    step: int = pydantic.Field(ge=0, description="Training step the checkpoint was saved at.")
+    uri: str = pydantic.Field(description="Folder of the checkpoint.")
+
+    _uri_ok = pydantic.field_validator("uri")(lambda v: _valid_uri(v))
+
+
+class SeriesSpec(_Frozen):
+    """Checkpoints one training run saved, by step: geometry as a function of the step
+    (`geometry_series`, mergeaudit.geometry.series). Give the steps, or a prefix under which
+    every complete checkpoint folder with a number in its path (`step-100`, `checkpoint-200`)
+    is a step, found as the watcher finds new checkpoints."""
+
+    name: str = pydantic.Field(description="Name of the run; its steps are `name@step` in tables.")
+    kind: Literal["rlvr", "sft", "unknown"] = pydantic.Field("unknown", description="How the run trains.")
+    steps: list[SeriesStep] | None = pydantic.Field(None, description="The checkpoints by step.")
+    prefix: str | None = pydantic.Field(None, description="...or where the run saves them (path or s3://).")
+    compare_with: list[str] | None = pydantic.Field(
+        None, description="Models of the audit whose updates each step is compared with (default: all).")
+    max_steps: int = pydantic.Field(
+        16, ge=2, le=256, description="Most steps measured: evenly spaced, first and last kept.")
+
+    _name_ok = pydantic.field_validator("name")(lambda v: _valid_name(v))
+    _prefix_ok = pydantic.field_validator("prefix")(lambda v: _valid_uri(v))
+
+    @pydantic.model_validator(mode="after")
+    def _one_source(self) -> SeriesSpec:
+        if (self.steps is None) == (self.prefix is None):
+            raise ValueError(f"series {self.name}: give `steps` or `prefix`, not both or neither")
+        numbers = [s.step for s in self.steps or []]
+        if len(set(numbers)) != len(numbers):
+            raise ValueError(f"series {self.name}: a step number appears twice")
+        if self.steps is not None and not self.steps:
+            raise ValueError(f"series {self.name}: `steps` is empty")
+        return self
+
+    def uris(self) -> list[str]:
+        return [self.prefix] if self.prefix else [s.uri for s in self.steps or []]
+
+
 class InterpolationProbe(_Frozen):
     """theta(alpha) = (1 - alpha) theta_a + alpha theta_b; the barrier is the worst dip below
     the straight line between the endpoints' scores."""
@@ -277,6 +318,8 @@ class AuditConfig(_Frozen):
     geometry: GeometrySpec = pydantic.Field(default_factory=GeometrySpec)
     fisher: FisherSpec | None = pydantic.Field(None, description="Needed by the fisher and sar methods.")
     probes: ProbeSpec = pydantic.Field(default_factory=ProbeSpec, description="Fragility probes.")
+    series: list[SeriesSpec] = pydantic.Field(
+        default_factory=list, description="Training runs measured step by step (geometry only).")
     alarm: AlarmSpec = pydantic.Field(default_factory=AlarmSpec, description="Regression alarm.")
     routing: Literal["inline", "pools"] = pydantic.Field(
         "inline", description="inline: everything in this process; pools: evaluations as runs of evaluate_deployment."
@@ -287,20 +330,8 @@ class AuditConfig(_Frozen):
         4096, ge=1, le=1_000_000,
         description="Most candidates all strategies' grids may make together (each is a merge and an evaluation).")
 
-    @pydantic.field_validator("name")
-    @classmethod
-    def _name_ok(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
-            raise ValueError(f"name {v!r} must be 1-64 characters of letters, digits, '_', '-', '.'")
-        return v
-
-    @pydantic.field_validator("results_uri")
-    @classmethod
-    def _results_ok(cls, v: str) -> str:
-        try:
-            return store.check_uri(v)
-        except MergeAuditError as exc:
-            raise ValueError(str(exc)) from None
+    _name_ok = pydantic.field_validator("name")(lambda v: _valid_name(v))
+    _results_ok = pydantic.field_validator("results_uri")(lambda v: _valid_uri(v))
 
     @pydantic.model_validator(mode="after")
     def _cross_checks(self) -> AuditConfig:
@@ -345,6 +376,13 @@ class AuditConfig(_Frozen):
                 except MergeAuditError as exc:
                     problems.append(f"strategies[{i}]: {exc}")
                     break
+        series = [sp.name for sp in self.series]
+        clash = sorted({n for n in series if series.count(n) > 1 or n in names})
+        if clash:
+            problems.append(f"series names must be unique and differ from the checkpoints': {', '.join(clash)}")
+        for sp in self.series:
+            problems += [f"series {sp.name}: compare_with names unknown model {n!r}" for n in sp.compare_with or []
+                         if n not in known]
         everyone = set(names)
         for p in self.probes.interpolations:
             problems += [f"probes.interpolations: unknown checkpoint {n!r}" for n in (p.a, p.b) if n not in everyone]
@@ -375,11 +413,13 @@ class AuditConfig(_Frozen):
         if self.fisher is not None and self.fisher.cache_uri:
             outputs["fisher.cache_uri"] = self.fisher.cache_uri
         for what, out in outputs.items():
-            for ck in [self.base, *self.models]:
-                if _nested(out, ck.uri):
-                    problems.append(f"{what} {out} lies inside checkpoint {ck.name} ({ck.uri})")
-                elif _nested(ck.uri, out):
-                    problems.append(f"{what} {out} contains checkpoint {ck.name} ({ck.uri})")
+            inputs = [(ck.name, ck.uri) for ck in [self.base, *self.models]]
+            inputs += [(f"series {sp.name}", uri) for sp in self.series for uri in sp.uris()]
+            for name, uri in inputs:
+                if _nested(out, uri):
+                    problems.append(f"{what} {out} lies inside checkpoint {name} ({uri})")
+                elif _nested(uri, out):
+                    problems.append(f"{what} {out} contains checkpoint {name} ({uri})")
         return problems
 
     def strategy_models(self, strat: StrategySpec) -> list[str]:
@@ -442,5 +482,10 @@ def with_models(config: AuditConfig, extra: list[CheckpointSpec]) -> AuditConfig
         return config
     data = config.model_dump(mode="json")
     names = {m["name"] for m in data["models"]}
+    # a checkpoint of a series' prefix is a new step of that series (measured when it resolves)
+    prefixes = [sp.prefix for sp in config.series if sp.prefix]
+    extra = [m for m in extra if not any(_nested(m.uri, p) for p in prefixes)]
+    if not extra:
+        return config
     data["models"] += [m.model_dump(mode="json") for m in extra if m.name not in names]
     return parse_config(data, source="config with added models")

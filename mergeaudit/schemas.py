@@ -30,7 +30,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     ]),
     "checkpoints": pa.schema([                   # v2
         ("name", pa.string()),
-        ("role", pa.string()),                   # base | model
+        ("role", pa.string()),                   # base | model | series_step (issue 15)
         ("kind", pa.string()),                   # base | rlvr | sft | unknown
         ("uri", pa.string()),
         ("fingerprint", pa.string()),
@@ -123,6 +123,39 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("fisher_a_exclusive_share", pa.float64()),
         ("fisher_b_overlap_share", pa.float64()),
         ("fisher_b_exclusive_share", pa.float64()),
+    ]),
+    "geometry_series": pa.schema([               # added with issue 15: see mergeaudit.geometry.series
+        ("series", pa.string()),
+        ("kind", pa.string()),
+        ("step", pa.int64()),
+        ("model_uri", pa.string()),
+        ("model_fingerprint", pa.string()),
+        ("base_uri", pa.string()),
+        ("base_fingerprint", pa.string()),
+        ("scope", pa.string()),                  # model | module
+        ("module", pa.string()),
+        ("against", pa.string()),                # base | previous | final | model
+        ("against_model", pa.string()),
+        ("against_fingerprint", pa.string()),
+        ("numel", pa.int64()),
+        ("n_tensors", pa.int64()),
+        ("skipped_tensors", pa.int64()),
+        ("changed_bf16", pa.int64()),
+        ("sparsity_bf16", pa.float64()),
+        ("sparsity_rel", pa.float64()),
+        ("sparsity_abs", pa.float64()),
+        ("rel_update_norm", pa.float64()),
+        ("update_rank_ratio", pa.float64()),
+        ("spectral_drift", pa.float64()),
+        ("principal_lift", pa.float64()),
+        ("overlap", pa.int64()),
+        ("overlap_of_step", pa.float64()),
+        ("overlap_of_step_lift", pa.float64()),
+        ("overlap_of_other", pa.float64()),
+        ("jaccard", pa.float64()),
+        ("jaccard_lift", pa.float64()),
+        ("sign_conflict_rate", pa.float64()),
+        ("cosine", pa.float64()),
     ]),
     "candidates": pa.schema([
         ("candidate_id", pa.string()),

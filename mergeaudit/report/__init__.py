@@ -31,6 +31,7 @@ from mergeaudit.report import plots
 from mergeaudit.report.model import Content, Figure, RunData, load_run
 from mergeaudit.results import geometry_views
 from mergeaudit.results import leaderboard as board
+from mergeaudit.results.compare import RegressionReport
 
 __all__ = ["Content", "Figure", "RunData", "build_content", "load_run", "markdown_table", "render_html",
            "render_markdown", "write_report"]

@@ -32,7 +32,8 @@ from mergeaudit.results.stats import pass_at_k
 
 VERIFIER_METRICS = ("numeric_match", "math_verify", "code_pass")
 LOWER_IS_BETTER = ("verifier_errors", "verifier_timeouts", "code_violations")
-RUN_TABLES = ("runs", "checkpoints", "geometry_tensors", "geometry_pairs", "candidates", "scores", "samples")
+RUN_TABLES = ("runs", "checkpoints", "geometry_tensors", "geometry_pairs", "geometry_series", "candidates", "scores",
+              "samples")
 
 
 class ScoreRow(pydantic.BaseModel):
