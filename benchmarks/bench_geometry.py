@@ -18,18 +18,19 @@ With --s3 the default set is also put on a local S3 endpoint (moto's server in i
 and measured there. `--accuracy` compares the randomized spectral path with the exact one on
 Qwen2-0.5B-shaped matrices (896 x 896, 4864 x 896) with a decaying spectrum and a sparse update.
 
-Measured 2026-11-28 on the 2-core machine while other engineers' test suites ran (load 1.6-3.5,
-so times vary by up to 2.5x between runs):
-- default set: read 0.31-0.34 s; geometry 1.16-1.22 s (ratio 0.25-0.29); without the
-  elected-sign pass 0.34-0.87 s (ratio 0.36-0.99): the elected sign over 3 models costs
-  +0.35-0.8 s (10 ms per 8M-entry chunk in isolation, vs 2.7 ms for one model's masks and norms);
-  with spectral figures 104.7 s (not profiled; on the Qwen family the update rank dominates);
-  the principal-weight overlap costs ~1 s (within the noise);
-- qwen2-0.5b family: read 0.77 s, geometry 2.14 s (ratio 0.36); whole stage with spectral figures
-  104 s at lighter load (profiled run of the same call; of which update rank 58 s, base decompositions 13 s, fine-tune
-  decompositions 11 s, principal masks 14 s before the sampled threshold) and 252-288 s under load;
-  on its embedding + 2 layers the previous code (exact SVD up to min dim 1024, each fine-tune
-  decomposed from scratch) took 152.5 s vs 30.5 s now, at the same load.
+Measured 2026-11-28 on the 2-core machine. Quiet (load < 1), best of 3:
+- default set: read 0.29 s; geometry 0.49 s (ratio 0.59, goal >= 0.5); without the elected-sign
+  pass 0.35 s (ratio 0.82): the elected sign over 3 models costs 0.14 s; peak RSS 412 MB;
+- qwen2-0.5b family (best of 1, part of the time beside a test run): read 0.67 s, geometry 1.83 s
+  (ratio 0.37); whole stage with spectral figures and principal masks 153.6 s (goal: under 3
+  minutes), peak RSS 3.1 GB.
+Earlier the same day, while other engineers' test suites ran (load 1.6-3.5, times vary by up to
+2.5x): default set ratio 0.25-0.29 (elected sign +0.35-0.8 s; 10 ms per 8M-entry chunk in
+isolation vs 2.7 ms for one model's masks and norms); default set with spectral figures 104.7 s;
+qwen2-0.5b whole stage 104 s at lighter load (profiled: update rank 58 s, base decompositions
+13 s, fine-tune decompositions 11 s, principal masks 14 s before the sampled threshold) and
+252-288 s under load; on its embedding + 2 layers the code before issue 15 (exact SVD up to min
+dim 1024, each fine-tune decomposed from scratch) took 152.5 s vs 30.5 s, at the same load.
 
     .venv/bin/python benchmarks/bench_geometry.py [--gib 1] [--repeat 2] [--s3] [--no-spectral]
     nice .venv/bin/python benchmarks/bench_geometry.py --family qwen2-0.5b --repeat 1

@@ -36,11 +36,20 @@ def test_flow_on_local_store(prefect_harness, toy_family, tmp_path):
                           {"method": "dare_ties", "grid": {"density": [0.3, 0.6]}, "seed": 3}]
     raw["fisher"] = {"calibration": str(calibration_from_problems(make_problems("add", 2, 4, 1), tmp_path / "c.jsonl")),
                      "max_examples": 2}
+    # the two fine-tunes stand in for two saved steps of one run (a wiring check; known answers
+    # for series are in test_geometry_series)
+    raw["series"] = [{"name": "run", "kind": "rlvr", "compare_with": ["ft_b"],
+                      "steps": [{"step": 10, "uri": toy_family.variants["ft_a"]},
+                                {"step": 20, "uri": toy_family.variants["ft_b"]}]}]
     out = merge_audit(parse_config(raw))
     assert set(out["tables"]) == set(tables.SCHEMAS)
     ckpts = {r["name"]: r for r in tables.read_table(results, "checkpoints").to_pylist()}
     assert {n: (r["role"], r["dtype"], r["model_type"]) for n, r in ckpts.items()} == {
-        "base": ("base", "BF16", "llama"), "ft_a": ("model", "BF16", "llama"), "ft_b": ("model", "BF16", "llama")}
+        "base": ("base", "BF16", "llama"), "ft_a": ("model", "BF16", "llama"), "ft_b": ("model", "BF16", "llama"),
+        "run@10": ("series_step", "BF16", "llama"), "run@20": ("series_step", "BF16", "llama")}
+    series = [r for r in tables.read_table(results, "geometry_series").to_pylist() if r["scope"] == "model"]
+    vs_ft_b = {r["step"]: r["overlap_of_step"] for r in series if r["against"] == "model"}
+    assert vs_ft_b[20] == 1.0 and 0 < vs_ft_b[10] < 1  # step 20 is ft_b itself
     assert (tmp_path / "results" / "reports" / f"{out['run_id']}.html").exists()
     samples = tables.read_table(results, "samples").to_pylist()
     assert len(samples) == 9 * 8 and {s["verifier"] for s in samples} == {"numeric"}
@@ -78,6 +87,10 @@ def test_flow_on_local_store(prefect_harness, toy_family, tmp_path):
         assert sum(r["changed_bf16"] for r in geo if r["model"] == name and r["scope"] == "tensor") == changed
     (pair,) = [r for r in tables.read_table(results, "geometry_pairs").to_pylist() if r["scope"] == "global"]
     assert (pair["model_a"], pair["model_b"], pair["kind_a"]) == ("ft_a", "ft_b", "rlvr")
+    # Fisher was estimated for SAR, so geometry reports each model's Fisher mass on the overlap
+    for side in ("a", "b"):
+        shares = pair[f"fisher_{side}_overlap_share"], pair[f"fisher_{side}_exclusive_share"]
+        assert all(0 < x < 1 for x in shares) and sum(shares) <= 1 + 1e-9
     by_name = {c["name"]: c for c in cands}
     # the merged update is the union of two random masks: 1 - (1-0.1)(1-0.2) = 0.28 changed
     assert by_name["linear(ft_a+ft_b)"]["update_sparsity_bf16"] == pytest.approx(0.72, abs=0.02)

@@ -221,3 +221,21 @@ def test_the_report_plots_the_series_and_the_module_types(tmp_path):
     assert {r["module"] for r in sections["Update geometry per module type"]} == {"attention", "norm"}
     html = report.render_html(data, content)
     assert "Training-step series" in html and "plot-series-math" in html
+
+
+def test_the_run_summary_states_tensors_not_compared(tmp_path):
+    from mergeaudit import audit
+
+    config, steps = audit_config(tmp_path, str(tmp_path / "runs"))
+    half = dict(family()[2])
+    half["model.layers.0.self_attn.q_proj.weight"] = half["model.layers.0.self_attn.q_proj.weight"].to(torch.float16)
+    write_checkpoint(str(tmp_path / "code"), half.items(), config={"model_type": "llama"}, overwrite=True)
+    write(str(tmp_path / "runs" / "step-1"), steps[100])
+    records = audit.resolve_checkpoints(config)
+    geo = audit.compute_geometry(config, records)
+    (reason,) = [r["reason"] for r in geo["geometry_tensors"] if r["reason"]]
+    assert reason == "dtype F16 vs base BF16: not compared"
+    outcome = audit.finish_run(config, audit.new_run_id(), audit.dt.datetime.now(audit.dt.timezone.utc), records,
+                               geo, [], [])
+    assert outcome.notes == ["geometry: 1 tensor(s) of code not compared (dtype F16 vs base BF16: not compared): "
+                             "model.layers.0.self_attn.q_proj.weight"]
