@@ -103,17 +103,28 @@ def verdict(results_uri: str, run_id: str) -> str:
     lines = ["Verdict (toy SFT vs RLVR experts; numeric_match on the held-out 2-digit + and - test sets, "
              "+/- one standard error over prompts)", ""]
     mean_sp = {k: sum(sparsity[m] for m in pair) / 2 for k, pair in PAIRS.items()}
+    model_rows = {r["model"]: r for r in geo if r["scope"] == "model"}
+
+    def pair_mean(kind: str, key: str) -> float | None:
+        values = [model_rows.get(m, {}).get(key) for m in PAIRS[kind]]
+        return None if None in values else sum(values) / len(values)
     pair_rows = {k: lift.get(frozenset(pair), {}) for k, pair in PAIRS.items()}
     lines.append("update geometry             SFT pair     RLVR pair")
     lines.append(f"  {'bf16 sparsity (mean)':26s}{_fmt(mean_sp['sft']):13s}{_fmt(mean_sp['rlvr'])}")
     for key, label in (("jaccard_lift", "overlap lift (Jaccard)"), ("overlap_of_a_lift", "overlap lift (|A&B|/|A|)"),
                        ("cosine", "cosine of updates"), ("sign_conflict_rate", "sign conflicts")):
         lines.append(f"  {label:26s}{_fmt(pair_rows['sft'].get(key)):13s}{_fmt(pair_rows['rlvr'].get(key))}")
+    for key, label in (("principal_lift", "principal-weight lift"), ("update_rank_ratio", "update rank / full")):
+        lines.append(f"  {label:26s}{_fmt(pair_mean('sft', key)):13s}{_fmt(pair_mean('rlvr', key))}")
     sparser = mean_sp["rlvr"] > mean_sp["sft"]
     lift_sft, lift_rl = pair_rows["sft"].get("jaccard_lift"), pair_rows["rlvr"].get("jaccard_lift")
     closer = lift_sft is not None and lift_rl is not None and abs(lift_rl - 1) < abs(lift_sft - 1)
     lines.append(f"  -> RLVR updates are {'sparser' if sparser else 'NOT sparser'} than SFT updates, and their overlap "
                  f"is {'closer to' if closer else 'NOT closer to'} chance (paper: sparser, near chance).")
+    pl_sft, pl_rl = pair_mean("sft", "principal_lift"), pair_mean("rlvr", "principal_lift")
+    if pl_sft is not None and pl_rl is not None:
+        lines.append(f"  -> RLVR updates touch the base's principal weights {'less' if pl_rl < pl_sft else 'NOT less'} "
+                     "than SFT updates, relative to chance (Zhu et al.: RLVR learns off the principal weights).")
     lines.append("")
     lines.append(f"experts against the base (add {pm('base', 'add')}, sub {pm('base', 'sub')}), on their own skill:")
     improved: dict[str, bool] = {}

@@ -335,7 +335,8 @@ def test_demo_verdict_reads_the_results_module(tmp_path):
         inputs = list(PAIRS["sft" if "sft" in name else "rlvr"]) if merge else [name]
         cands.append(cand(f"c{k}", name, "merge" if merge else "checkpoint", "ties" if merge else None, inputs))
         scores += [score(f"c{k}", a, 0.05, task=add), score(f"c{k}", b, 0.05, task=sub)]
-    geo = [{"scope": "model", "model": m, "kind": "x", "sparsity_bf16": 0.5} for m in OWN_TASKS]
+    geo = [{"scope": "model", "model": m, "kind": "x", "sparsity_bf16": 0.5,
+            "principal_lift": 1.3 if m.startswith("sft") else 0.95, "update_rank_ratio": 1.0} for m in OWN_TASKS]
     pairs = [{"scope": "global", "model_a": a, "model_b": b, "jaccard_lift": 1.0, "cosine": 0.0}
              for a, b in PAIRS.values()]
     ckpts = [{"name": n, "role": "base" if n == "base" else "model"} for n in values if "(" not in n]
@@ -349,6 +350,8 @@ def test_demo_verdict_reads_the_results_module(tmp_path):
     assert "gain over the base kept 50%" in text  # (0.4 / 0.8 + 0.3 / 0.6) / 2
     assert "rlvr experts did not improve on the base significantly: the merge kept the base's score." in text
     assert "the RLVR experts did not improve on the base significantly" in text and "99%" not in text
+    assert "  principal-weight lift     1.300        0.950" in text
+    assert "RLVR updates touch the base's principal weights less than SFT updates" in text
 
 
 def test_the_leaderboard_marks_significance_at_the_runs_own_alarm_level():

@@ -10,7 +10,7 @@ summaries, the comparison with the previous run); this module only lays them out
 it loads neither torch nor any merge method.
 
 Plots (`report.plots`; PNG, base64 in the page, each in a <figure id="plot-...">): per-layer
-update-sparsity heatmap per model; sparsity, update rank and principal-weight lift per module
+update-sparsity heatmap per model; sparsity, update rank, drift and principal-weight lift per module
 type; pairwise overlap-lift and cosine matrices; geometry against the training step per series;
 per task, merge scores with the constituent checkpoints as reference lines; interpolation,
 task-vector and perturbation curves (first task). Tables: the regression check (test, prompts

@@ -1,7 +1,7 @@
 """The report's plots, each a PNG Figure built from a run's committed rows (matplotlib, Agg).
 
-Per model: the per-layer update-sparsity heatmap; per module type: sparsity, update rank and
-principal-weight lift; pairwise overlap-lift and cosine matrices; per series: geometry against
+Per model: the per-layer update-sparsity heatmap; per module type: sparsity, update rank,
+spectral drift and principal-weight lift; pairwise overlap-lift and cosine matrices; per series: geometry against
 the training step; per task: merge scores with the constituents as reference lines; the probe
 curves (interpolation, task-vector scaling, perturbation) on the first task.
 """
@@ -60,11 +60,12 @@ def sparsity_heatmaps(data: RunData) -> list[Figure]:
 
 
 MODULE_PANELS = (("sparsity_bf16", "update sparsity (bf16)"), ("update_rank_ratio", "update rank / full rank"),
-                 ("principal_lift", "principal-weight lift"))
+                 ("spectral_drift", "spectral drift (top-k)"), ("principal_lift", "principal-weight lift"))
 
 
 def module_bars(data: RunData) -> list[Figure]:
-    """Per module type, one bar per model: sparsity, update rank ratio, principal-weight lift."""
+    """Per module type, one bar per model: sparsity, update rank ratio, spectral drift,
+    principal-weight lift."""
     rows = [r for r in data.rows["geometry_tensors"] if r["scope"] == "module"]
     if not rows:
         return []
