@@ -115,6 +115,17 @@ def cmd_vacuum(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    from mergeaudit.merging import REGISTRY
+
+    rows = [{"method": m.name, "base": m.base, "models": f"{m.min_models}-{m.max_models or 'n'}",
+             "random": "yes" if m.stochastic else "",
+             "parameters": ", ".join(f.alias or n for n, f in m.params.model_fields.items()),
+             "reference": m.reference} for m in REGISTRY.methods()]
+    print(format_table(rows))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from mergeaudit import report
     from mergeaudit.results import compare
@@ -362,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--older-than", type=float, default=6 * 3600, metavar="SECONDS",
                    help="only files at least this old, so writes in progress survive (default 6 h)")
     p.set_defaults(func=cmd_vacuum)
+    p = sub.add_parser("methods", help="list the merge methods with their parameters and references")
+    p.set_defaults(func=cmd_methods)
     p = sub.add_parser("report", help="write a run's self-contained HTML report with plots")
     p.add_argument("results", help="results URI (path or s3://)")
     p.add_argument("--run", default=None, help="run id (default: the latest committed run)")

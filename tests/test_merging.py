@@ -11,8 +11,6 @@ from mergeaudit.merging import REGISTRY, TensorSlot
 from mergeaudit.merging.params import check_all, evaluate, layer_position, resolve
 from mergeaudit.merging.registry import MethodParams, Registry
 
-REQUIRED = {"slerp": {"t": 0.3}, "perturb_gaussian": {"scale": 0.0}}
-N_MODELS = {"slerp": 1, "nuslerp": 2, "perturb_gaussian": 1}
 
 
 def t(v) -> torch.Tensor:
@@ -21,7 +19,7 @@ def t(v) -> torch.Tensor:
 
 def params(method: str, n: int, shared: dict | None = None, per_model: list[dict] | None = None) -> MethodParams:
     m = REGISTRY.get(method)
-    return resolve(m, "model.layers.0.mlp.up_proj.weight", 0.0, {**REQUIRED.get(method, {}), **(shared or {})},
+    return resolve(m, "model.layers.0.mlp.up_proj.weight", 0.0, {**m.example, **(shared or {})},
                    per_model or [{}] * n)
 
 
@@ -35,18 +33,28 @@ def run(method: str, base, *models, fisher=None, shared=None, per_model=None, se
 
 def test_registry_refuses_duplicates_and_names_known_methods():
     reg = Registry()
-    reg.register("m", params=MethodParams, reference="x")(lambda s, p: s.models[0])
+    reg.register("m", params=MethodParams, reference="https://example.org")(lambda s, p: s.models[0])
     with pytest.raises(ValueError, match="already registered"):
-        reg.register("m", params=MethodParams, reference="x")(lambda s, p: s.models[0])
+        reg.register("m", params=MethodParams, reference="https://example.org")(lambda s, p: s.models[0])
     with pytest.raises(UnknownMethodError, match="known methods: .*dare_ties.*sar.*ties"):
         REGISTRY.get("tiez")
 
 
-def test_every_issue_method_is_registered():
-    assert set(REGISTRY.names()) == {
-        "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
-        "della_linear", "slerp", "nuslerp", "model_stock", "ram", "ramplus_tl", "disjoint_mean", "fisher", "sar",
-        "perturb_gaussian"}
+def test_every_method_has_a_reference_and_runs_its_own_example():
+    for m in REGISTRY.methods():
+        assert m.reference.startswith("https://"), m.name
+        assert not m.check_inputs(m.example_models, has_base=True), m.name
+        params(m.name, m.example_models)  # the example resolves
+    with pytest.raises(ValueError, match="https:// link"):
+        Registry().register("m", params=MethodParams, reference="the SAR paper")
+
+
+def test_every_module_of_the_methods_package_registers_a_method():
+    from mergeaudit.merging import methods
+
+    defined = {m.fn.__module__ for m in REGISTRY.methods()}
+    assert {f"{methods.__name__}.{name}" for name in methods.MODULES} <= defined
+    assert len(methods.MODULES) >= 3
 
 
 def test_gradients_and_filters_resolve_like_mergekit():
@@ -87,7 +95,7 @@ def test_bad_parameters_are_reported_together_before_any_tensor():
 )
 def test_input_contracts(method, n, has_base, message):
     with pytest.raises(ConfigError, match=message):
-        check_all(REGISTRY.get(method), [("w", None)], None, REQUIRED.get(method, {}), [{}] * n, has_base)
+        check_all(REGISTRY.get(method), [("w", None)], None, REGISTRY.get(method).example, [{}] * n, has_base)
 
 
 def test_della_epsilon_must_keep_probabilities_valid():
@@ -249,11 +257,11 @@ def test_gaussian_task_vector_scaling_needs_a_base():
 def test_conformance(method):
     g = torch.Generator().manual_seed(0)
     m = REGISTRY.get(method)
-    n = N_MODELS.get(method, 3)
+    n = m.example_models
     base = torch.randn(5, 7, generator=g)
     fisher = tuple(torch.rand(5, 7, generator=g) + 0.1 for _ in range(n))
     ids = tuple(f"m{i}" for i in range(n))
-    p = params(method, n, {"density": 0.5} if "density" in m.params.model_fields and method != "sar" else None)
+    p = params(method, n)
     # zero updates give the base back
     zero = m.fn(TensorSlot("w", base, tuple(base.clone() for _ in range(n)), ids, fisher, 0), p)
     assert torch.allclose(zero, base, atol=1e-6)

@@ -7,6 +7,10 @@ The registry refuses duplicate names and names unknown methods together with the
     @register("linear", params=LinearParams, reference="https://arxiv.org/abs/2203.05482")
     def linear(slot: TensorSlot, p: LinearParams) -> torch.Tensor: ...
 
+Adding a method is one file under `merging/methods/` (every module there is imported, and its
+`@register` calls are the registration) plus its tests; the conformance tests read each method's
+arity and `example` parameters from here, and `mergeaudit methods` lists names and references.
+
 Params models are frozen pydantic models (`extra="forbid"`). Fields listed in `PER_MODEL`
 hold one value per merged model (a tuple aligned with `slot.models`); the others are shared.
 """
@@ -129,6 +133,14 @@ class MergeMethod:
     symmetric: bool = True
     stochastic: bool = False
     needs_fisher: bool = False
+    example: dict[str, Any] = field(default_factory=dict)  # global params a run needs (conformance tests)
+
+    @property
+    def example_models(self) -> int:
+        """How many models an example merge takes: the fixed arity, else 3 within the bounds."""
+        if self.max_models is not None and self.max_models == self.min_models:
+            return self.min_models
+        return max(self.min_models, min(3, self.max_models or 3))
 
     def check_inputs(self, n_models: int, has_base: bool) -> list[str]:
         problems = []
@@ -151,18 +163,27 @@ class Registry:
     def register(self, name: str, *, params: type[MethodParams], reference: str,
                  base: Literal["required", "optional", "none"] = "required", min_models: int = 1,
                  max_models: int | None = None, symmetric: bool = True, stochastic: bool = False,
-                 needs_fisher: bool = False) -> Callable[[MergeFn], MergeFn]:
+                 needs_fisher: bool = False, example: dict[str, Any] | None = None) -> Callable[[MergeFn], MergeFn]:
+        """Register `fn` under `name`. `reference` is the method's paper (or, for mergekit's own
+        methods without one, mergekit's documentation); `example` holds the global parameters
+        an example merge needs (for the conformance tests; its models come from the arity)."""
+        if not reference.startswith("https://"):
+            raise ValueError(f"merge method {name!r}: reference must be a https:// link, not {reference!r}")
+
         def deco(fn: MergeFn) -> MergeFn:
             if name in self._methods:
                 raise ValueError(f"merge method {name!r} is already registered")
             self._methods[name] = MergeMethod(name, fn, params, reference, base, min_models, max_models,
-                                              symmetric, stochastic, needs_fisher)
+                                              symmetric, stochastic, needs_fisher, dict(example or {}))
             return fn
 
         return deco
 
     def names(self) -> list[str]:
         return sorted(self._methods)
+
+    def methods(self) -> list[MergeMethod]:
+        return [self._methods[n] for n in self.names()]
 
     def get(self, name: str) -> MergeMethod:
         try:

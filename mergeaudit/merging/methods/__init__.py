@@ -1,9 +1,17 @@
-"""Merge methods; importing this package registers them all.
+"""Merge methods; importing this package imports every module in it, and each module's
+`@register` calls register its methods (so a new method is one new file here plus its tests).
 
 gta            task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties,
                della, della_linear (mergekit's generalized task arithmetic presets)
 interpolation  linear, slerp, nuslerp, model_stock; perturb_gaussian (a fragility probe)
 sparse_aware   ram, ramplus_tl, disjoint_mean, fisher, sar
+
+`mergeaudit methods` lists every registered method with its reference.
 """
 
-from mergeaudit.merging.methods import gta, interpolation, sparse_aware  # noqa: F401
+import importlib
+import pkgutil
+
+MODULES = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+for _name in MODULES:
+    importlib.import_module(f"{__name__}.{_name}")

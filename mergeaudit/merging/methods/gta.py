@@ -159,7 +159,8 @@ def _register(name: str, params: type[GTAParams], preset: Preset, reference: str
 
     fn.__name__ = name
     fn.__doc__ = f"{name}: generalized task arithmetic preset {preset}."
-    register(name, params=params, reference=reference, stochastic=stochastic)(fn)
+    example = {"density": 0.5} if "density" in params.model_fields and name != "task_arithmetic" else {}
+    register(name, params=params, reference=reference, stochastic=stochastic, example=example)(fn)
 
 
 _register("task_arithmetic", GTAParams, Preset(None, False, False, False), "https://arxiv.org/abs/2212.04089")

@@ -57,8 +57,8 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
     return out.reshape(v0.shape)
 
 
-@register("slerp", params=SlerpParams, min_models=1, max_models=1, symmetric=False,
-          reference="https://en.wikipedia.org/wiki/Slerp")
+@register("slerp", params=SlerpParams, min_models=1, max_models=1, symmetric=False, example={"t": 0.3},
+          reference="https://dl.acm.org/doi/10.1145/325165.325242")  # Shoemake, SIGGRAPH 1985
 def slerp_method(slot: TensorSlot, p: SlerpParams) -> torch.Tensor:
     """From the base (t = 0) to the other model (t = 1) along the great circle."""
     return slerp(p.t, slot.base, slot.inputs()[0]).to(slot.compute_dtype)
@@ -148,7 +148,8 @@ class GaussianParams(MethodParams):
 
 
 @register("perturb_gaussian", params=GaussianParams, base="optional", min_models=1, max_models=1, stochastic=True,
-          reference="https://arxiv.org/abs/2606.18521")
+          example={"scale": 0.0},
+          reference="https://arxiv.org/abs/1609.04836")  # Keskar et al.: sharpness under weight perturbation
 def perturb_gaussian(slot: TensorSlot, p: GaussianParams) -> torch.Tensor:
     """Fragility probe, not a merge: the model plus Gaussian noise e ~ N(0, 1) times a per-tensor
     standard deviation, drawn from the slot's keyed generator (the same draw for both scalings).
