@@ -3,7 +3,10 @@
 TIES, DARE, breadcrumbs and DELLA are presets over these (mergekit's generalized task
 arithmetic), not copies of each other. Magnitude selection is O(n): a k-th value threshold
 (`kthvalue` on CPU, `topk` on CUDA where kthvalue is 70x slower), ties broken by index so the
-kept count is exact and deterministic, never a full argsort. Random masks come from the
+kept count is exact and deterministic. With mergekit's semantics, when equal magnitudes
+straddle the threshold (common with bf16/fp16 inputs), the kept entries are those of
+mergekit's own sort (torch.argsort, whose order among equal values is its own), so only
+those tensors pay for a full sort. Random masks come from the
 slot's keyed generator on the CPU, so they are the same on any device and in any order.
 """
 
@@ -21,8 +24,11 @@ def kth_largest(a: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(a, a.numel() - k + 1).values
 
 
-def top_k_mask(a: torch.Tensor, k: int, zeros_free: bool = False) -> torch.Tensor:
-    """Mask of the k largest entries of a 1-D tensor; among equal values lower indices win.
+def top_k_mask(a: torch.Tensor, k: int, zeros_free: bool = False, sort_ties: bool = False) -> torch.Tensor:
+    """Mask of the k largest entries of a 1-D tensor; among equal values lower indices win,
+    or, with `sort_ties`, the entries torch.argsort(a, descending=True)[:k] picks (mergekit's
+    selection, whose order among equal values is the sort's own), computed only when equal
+    values straddle the threshold.
 
     `zeros_free` is for magnitudes of an update, where a zero entry contributes nothing
     whether kept or not: the threshold is then searched among the nonzero entries only (an
@@ -47,24 +53,49 @@ def top_k_mask(a: torch.Tensor, k: int, zeros_free: bool = False) -> torch.Tenso
     tied = a == thr
     if int(torch.count_nonzero(tied)) == need:  # the common case: no tie straddles the threshold
         return above | tied
+    if sort_ties:
+        return sorted_mask(a, 0, k, descending=True)
     return above | (tied & (torch.cumsum(tied, 0, dtype=torch.int32) <= need))
 
 
-def rank_window_mask(a: torch.Tensor, lo: int, hi: int, zeros_free: bool = False) -> torch.Tensor:
-    """Mask of entries whose ascending rank lies in [lo, hi) (the top-k masks are nested)."""
+def sorted_mask(a: torch.Tensor, lo: int, hi: int, descending: bool) -> torch.Tensor:
+    """Mask of the entries at positions [lo, hi) of torch.sort(a)'s order (mergekit's way)."""
+    mask = torch.zeros_like(a, dtype=torch.bool)
+    order = torch.argsort(a, descending=True) if descending else torch.sort(a, descending=False).indices
+    mask[order[lo:hi]] = True
+    return mask
+
+
+def rank_window_mask(a: torch.Tensor, lo: int, hi: int, zeros_free: bool = False,
+                     sort_ties: bool = False) -> torch.Tensor:
+    """Mask of entries whose ascending rank lies in [lo, hi) (the top-k masks are nested);
+    `sort_ties`: ranked by torch.sort(a) when equal values straddle a boundary (mergekit)."""
     n = a.numel()
-    return top_k_mask(a, n - lo, zeros_free) & ~top_k_mask(a, n - hi, zeros_free)
+    mask = top_k_mask(a, n - lo, zeros_free) & ~top_k_mask(a, n - hi, zeros_free)
+    if sort_ties and int(torch.count_nonzero(mask)) == hi - lo and _clean_cut(a, lo) and _clean_cut(a, hi):
+        return mask
+    return sorted_mask(a, lo, hi, descending=False) if sort_ties else mask
 
 
-def sparsify_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the max(1, int(density * n)) largest-magnitude entries (mergekit's count)."""
+def _clean_cut(a: torch.Tensor, rank: int) -> bool:
+    """True when no value is shared by entries on both sides of ascending rank `rank`."""
+    if rank <= 0 or rank >= a.numel():
+        return True
+    below = torch.kthvalue(a, rank).values       # the largest value below the cut
+    above = torch.kthvalue(a, rank + 1).values   # the smallest above it
+    return bool(below < above)
+
+
+def sparsify_magnitude(delta: torch.Tensor, density: float, sort_ties: bool = False) -> torch.Tensor:
+    """Keep the max(1, int(density * n)) largest-magnitude entries (mergekit's count);
+    `sort_ties`: among equal magnitudes at the threshold, those mergekit keeps."""
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
     k = max(1, int(density * delta.numel()))
-    return top_k_mask(delta.abs().reshape(-1).float(), k, zeros_free=True).reshape(delta.shape)
+    return top_k_mask(delta.abs().reshape(-1).float(), k, zeros_free=True, sort_ties=sort_ties).reshape(delta.shape)
 
 
-def sparsify_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+def sparsify_outliers(delta: torch.Tensor, density: float, gamma: float, sort_ties: bool = False) -> torch.Tensor:
     """Model breadcrumbs: drop the `gamma` largest magnitudes, then the smallest, keeping
     int(density * n) entries (mergekit: fewer outliers are dropped when needed)."""
     if density >= 1:
@@ -72,7 +103,8 @@ def sparsify_outliers(delta: torch.Tensor, density: float, gamma: float) -> torc
     n = delta.numel()
     target, n_top = int(density * n), int(gamma * n)
     n_bot = max(0, n - target - n_top)
-    return rank_window_mask(delta.abs().reshape(-1).float(), n_bot, n_bot + target, zeros_free=True).reshape(delta.shape)
+    return rank_window_mask(delta.abs().reshape(-1).float(), n_bot, n_bot + target, zeros_free=True,
+                            sort_ties=sort_ties).reshape(delta.shape)
 
 
 def sparsify_random(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:

@@ -91,10 +91,11 @@ def sparsify(slot: TensorSlot, i: int, delta: torch.Tensor, p: GTAParams, preset
     density = p.density[i]
     if preset.sparsify is None or density >= 1:
         return delta, 1.0, 1.0
+    exact = p.semantics == "mergekit"
     if preset.sparsify == "magnitude":
-        kept = steps.sparsify_magnitude(delta, density)
+        kept = steps.sparsify_magnitude(delta, density, sort_ties=exact)
     elif preset.sparsify == "outliers":
-        kept = steps.sparsify_outliers(delta, density, p.gamma[i])
+        kept = steps.sparsify_outliers(delta, density, p.gamma[i], sort_ties=exact)
     elif preset.sparsify == "random":
         kept = steps.sparsify_random(delta, density, slot.generator(i))
     else:
@@ -113,38 +114,43 @@ def sparsify(slot: TensorSlot, i: int, delta: torch.Tensor, p: GTAParams, preset
 def generalized_task_arithmetic(slot: TensorSlot, p: GTAParams, preset: Preset) -> torch.Tensor:
     """Sparsify each delta, weight it, elect signs, sum the agreeing ones, normalise, scale.
 
-    Works model by model with in-place updates, so memory holds the K deltas plus two
-    tensor-sized buffers, never K-sized temporaries."""
+    The operations are mergekit's, in the same order and dtype, so a bf16 or fp16 compute
+    rounds where mergekit rounds: the deltas live in one (K, *shape) buffer of the compute
+    dtype, the weights are a tensor of the compute dtype (0.3 is 0.30078125 in bf16, as in
+    mergekit), and every sum over models is a reduction over that buffer's first dimension
+    (accumulated in fp32 and rounded once for bf16/fp16). Memory: the K deltas, one K-sized
+    boolean mask and a few tensor-sized buffers; the deltas' buffer is reused for the divisor."""
     base = slot.base
     rescale = preset.rescale if p.rescale is None else p.rescale
     normalize = preset.normalize if p.normalize is None else p.normalize
-    deltas, kept, scales = [], [], []
-    for i, delta in enumerate(slot.deltas()):
-        delta, frac, scale = sparsify(slot, i, delta, p, preset, rescale)
-        if p.weight[i] != 1:
-            delta.mul_(p.weight[i])
-        deltas.append(delta)
+    dtype = base.dtype
+    deltas = base.new_empty((len(slot.models), *base.shape))
+    kept, scales = [], []
+    for i, model in enumerate(slot.models):
+        delta = torch.sub(model.to(dtype), base, out=deltas[i])
+        _, frac, scale = sparsify(slot, i, delta, p, preset, rescale)
         kept.append(frac)
         scales.append(scale)
     if preset.sparsify is not None:
         slot.info.update(density_achieved=kept, rescale=scales)
+    weights = torch.tensor(p.weight, dtype=dtype, device=base.device).reshape(-1, *([1] * base.dim()))
+    deltas.mul_(weights)
     if preset.consensus:
-        sign = steps.elect_sign(deltas)
-        mixed = torch.zeros_like(base)
-        divisor = torch.zeros_like(base) if normalize else None
-        for w, delta in zip(p.weight, deltas, strict=True):
-            agree = steps.agreeing(delta, sign)
-            mixed.add_(delta.mul_(agree))
-            if divisor is not None:
-                divisor.add_(agree, alpha=1.0 if p.semantics == "paper" else w)
-        if divisor is not None:
+        majority = deltas.sum(dim=0) >= 0  # the elected sign: that of the weighted sum (ties to +)
+        mask = torch.where(majority, deltas > 0, deltas < 0)  # agreeing entries; zeros never agree
+        del majority
+        mixed = deltas.mul_(mask).sum(dim=0)
+        if normalize:
+            if p.semantics == "paper":  # the TIES paper: the mean over the agreeing models
+                divisor = mask.sum(dim=0).to(dtype)
+            else:  # mergekit: over the agreeing models' weights
+                divisor = deltas.copy_(mask).mul_(weights).sum(dim=0)
             divisor[divisor == 0] = 1
+        del mask
     else:
-        mixed = deltas[0]
-        for delta in deltas[1:]:
-            mixed.add_(delta)
-        total = sum(p.weight)
-        divisor = total if abs(total) >= 1e-8 else 1.0
+        mixed = deltas.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
     del deltas
     if normalize:
         mixed.div_(divisor)
