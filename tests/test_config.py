@@ -58,7 +58,7 @@ def test_cross_field_problems_are_reported_together(tmp_path):
         parse_config(raw)
     msg = str(info.value)
     for expected in ("not unique: a", "unknown merge method 'tiez'", "unknown models zz",
-                     "linear does not take weights (it takes: normalize, weight)", "density must be in (0, 1]",
+                     "linear does not take weights (it takes: normalize, weight)", "density must be in [0, 1]",
                      "sar) needs a `fisher:` section", "unknown task 'nope'"):
         assert expected in msg
 

@@ -112,7 +112,7 @@ def test_mergekit_yaml_runs_unchanged_through_the_cli(fp32_family, tmp_path):
     [
         (lambda c: c.update(merge_method="tiez"), "unknown merge method 'tiez'"),
         (lambda c: c["models"].__setitem__(0, {**c["models"][0], "parameters": {"weight": 1, "density": 1.5}}),
-         "density must be in (0, 1]"),
+         "density must be in [0, 1]"),
         (lambda c: c.update(slices=[]), "layer slices are not supported"),
         (lambda c: c["models"].append({"model": "meta-llama/Llama-3-8B"}), "hub ids are not downloaded"),
         (lambda c: c.update(tokenizer_source="union"), "union"),

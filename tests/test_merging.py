@@ -80,8 +80,8 @@ def test_bad_parameters_are_reported_together_before_any_tensor():
         check_all(REGISTRY.get("ties"), tensors, 4, {"density": [0.5, 1.5], "normalize": True},
                   [{"weight": -1.0}, {}], has_base=True)
     msg = str(info.value)
-    assert "density must be in (0, 1]" in msg and "and 1 more tensors" in msg
-    assert "negative weights" in msg
+    assert "density must be in [0, 1]" in msg and "and 1 more tensors" in msg
+    assert "negative weights" not in msg  # mergekit normalises them (a zero divisor divides by 1)
 
 
 @pytest.mark.parametrize(

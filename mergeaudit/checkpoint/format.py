@@ -34,6 +34,7 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F32": (torch.float32, 4),
     "F16": (torch.float16, 2),
     "BF16": (torch.bfloat16, 2),
+    "F64": (torch.float64, 8),  # what mergekit writes for `dtype: float64`
 }
 DTYPE_NAMES = {v[0]: k for k, v in DTYPES.items()}
 HUGE_PAGE_BYTES = 2 * 1024 * 1024

@@ -21,7 +21,7 @@ import datetime as dt
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 import torch
@@ -45,6 +45,7 @@ DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
 }
 
 
@@ -72,8 +73,13 @@ class MergePlan(pydantic.BaseModel):
     models: list[ModelRef]
     parameters: dict[str, Any] = {}
     model_parameters: list[dict[str, Any]] = []
-    compute_dtype: str | None = "float32"  # None: each tensor's stored dtype (mergekit without `dtype`)
-    out_dtype: str | None = None           # None: each tensor's stored dtype in the reference checkpoint
+    # None: per tensor, the promotion of its inputs' stored dtypes (mergekit without `dtype`:
+    # bf16 and fp16 inputs compute in fp32, as torch.promote_types says)
+    compute_dtype: str | None = "float32"
+    out_dtype: str | None = None
+    # without out_dtype: "stored", the reference checkpoint's dtype (audits: a merge saved like
+    # its base), or "computed", the dtype the method returned (mergekit configs, as mergekit)
+    output: Literal["stored", "computed"] = "stored"
     seed: int = 0
     device: str = "cpu"
     tokenizer_source: str | None = None    # a model id; default the base, else the first model
@@ -111,13 +117,13 @@ class PreparedMerge:
         k = len(self.models)
         for name, tensors in iter_aligned(sources, self.reference.keys()):
             stored = self.reference.spec(name).torch_dtype
-            work = compute or stored
+            work = compute or _promoted(tensors[:len(tensors) - (len(self.fisher) if self.fisher else 0)])
             tensors = [t.to(device=device) for t in tensors]  # models stay in their stored dtype
             base = tensors.pop(0).to(work) if self.base is not None else None
             models, fisher = tuple(tensors[:k]), (tuple(tensors[k:]) if self.fisher else None)
             slot = TensorSlot(name, base, models, ids, fisher, plan.seed, dtype=work, random_keys=keys)
             merged = self.method.fn(slot, self.params[name])
-            target = out_dtype or stored
+            target = out_dtype or (merged.dtype if plan.output == "computed" else stored)
             out = merged.to(target)
             if not bool(torch.isfinite(out).all()):
                 raise NonFiniteError(_non_finite_reason(name, plan.method, merged, target, slot))
@@ -131,6 +137,13 @@ class PreparedMerge:
                 info["update_entries"] = n
             self.stats[name] = info
             yield name, out.cpu()
+
+
+def _promoted(tensors: list[torch.Tensor]) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def _non_finite_reason(name: str, method: str, merged: torch.Tensor, target: torch.dtype, slot: TensorSlot) -> str:
@@ -203,6 +216,10 @@ def run_merge(plan: MergePlan, out_uri: str, max_shard_bytes: int | None = None,
     started = dt.datetime.now(dt.timezone.utc)
     kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
     config = dict(prepared.reference.config)
+    if out_dtype is None and plan.output == "computed" and plan.compute_dtype:
+        # mergekit: the config names `dtype` (without one, the reference config's stays)
+        config.pop("torch_dtype", None)
+        config["dtype"] = str(parse_dtype(plan.compute_dtype, "dtype")).removeprefix("torch.")
     with CheckpointWriter(out_uri, source=by_id[tok_id], config=config, dtype=out_dtype, overwrite=overwrite,
                           protect=protected, **kwargs) as writer:
         for name, tensor in prepared.stream():

@@ -103,6 +103,11 @@ def plan_from_mergekit(data: Any, config_dir: Path, seed: int = 0, device: str =
             model_params.append(params)
         except MergeAuditError as exc:
             problems.append(str(exc))
+    if base is not None and method is not None and method.base == "none" and base.id not in {m.id for m in models}:
+        # mergekit merges a base_model the models do not list as one more input, with the
+        # global parameters (its linear gives it `parameters.weight`)
+        models.append(base)
+        model_params.append({})
     parameters = data.get("parameters") or {}
     if not isinstance(parameters, dict):
         problems.append("parameters must be a mapping")
@@ -133,7 +138,8 @@ def plan_from_mergekit(data: Any, config_dir: Path, seed: int = 0, device: str =
         parameters=parameters,
         model_parameters=model_params,
         compute_dtype=data.get("dtype"),
-        out_dtype=data.get("out_dtype") or data.get("dtype"),
+        out_dtype=data.get("out_dtype"),
+        output="computed",
         seed=seed,
         device=device,
         tokenizer_source=tokenizer_source,

@@ -91,6 +91,8 @@ def sparsify_magnitude(delta: torch.Tensor, density: float, sort_ties: bool = Fa
     `sort_ties`: among equal magnitudes at the threshold, those mergekit keeps."""
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
     k = max(1, int(density * delta.numel()))
     return top_k_mask(delta.abs().reshape(-1).float(), k, zeros_free=True, sort_ties=sort_ties).reshape(delta.shape)
 

@@ -44,12 +44,11 @@ class GTAParams(MethodParams):
     semantics: Semantics = "mergekit"
 
     def check(self, n_models: int) -> list[str]:
-        problems = []
-        if any(not 0 < d <= 1 for d in self.density):
-            problems.append(f"density must be in (0, 1] (got {list(self.density)})")
-        if self.normalize and any(w < 0 for w in self.weight):
-            problems.append(f"negative weights cannot be normalised; set normalize: false (got {list(self.weight)})")
-        return problems
+        # density 0 keeps nothing of that model, and negative weights normalise as mergekit does
+        # (a sum of agreeing weights that is 0 divides by 1), so both merge rather than fail
+        if any(not 0 <= d <= 1 for d in self.density):
+            return [f"density must be in [0, 1] (got {list(self.density)})"]
+        return []
 
 
 class BreadcrumbsParams(GTAParams):

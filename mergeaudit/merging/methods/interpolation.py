@@ -25,14 +25,17 @@ class LinearParams(MethodParams):
 
 @register("linear", params=LinearParams, base="none", reference="https://arxiv.org/abs/2203.05482")
 def linear(slot: TensorSlot, p: LinearParams) -> torch.Tensor:
-    """Model soup: sum_i w_i x_i (divided by sum_i w_i when normalising), in fp32 or wider."""
+    """Model soup: sum_i w_i x_i (divided by sum_i w_i when normalising), in fp32 or wider, on
+    the inputs rounded to the compute dtype first and with the weights and their sum as fp32
+    (fp64) tensors, as mergekit does."""
     first = slot.models[0]
     dtype = torch.float64 if slot.compute_dtype == torch.float64 else torch.float32
+    weights = torch.tensor(p.weight, dtype=dtype, device=first.device)
     out = torch.zeros_like(first, dtype=dtype)
-    for x, w in zip(slot.models, p.weight, strict=True):
-        out.add_(x.to(dtype), alpha=w)
+    for x, w in zip(slot.inputs(), weights, strict=True):
+        out.addcmul_(x, w)
     if p.normalize:
-        out.div_(sum(p.weight))
+        out.div_(weights.sum())
     return out.to(slot.compute_dtype)
 
 
