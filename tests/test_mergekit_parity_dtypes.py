@@ -121,3 +121,37 @@ def test_configs_mergekit_merges_are_merged(bf16_family, tmp_path, case):
         params = {}
     assert_same_as_mergekit({"models": models, "base_model": u["base"], "merge_method": "ties",
                              "parameters": params, "dtype": "bfloat16"}, tmp_path)
+
+
+def qwen2_family(root: str, tied: bool = True) -> dict[str, str]:
+    """A tiny Qwen2 (tied embeddings) whose fine-tune `a` was saved with its own lm_head.weight
+    (as RL frameworks save it) while `b` and the base tie it."""
+    import transformers
+
+    from mergeaudit.toy.tokenizer import build_tokenizer
+
+    cfg = transformers.Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(root + "/base")
+    build_tokenizer().save_pretrained(root + "/base")
+    base = Checkpoint.open(root + "/base")
+    uris = {"base": root + "/base"}
+    for i, name in enumerate(("a", "b")):
+        tensors = {n: sparse_update(n, t, 0.3, i, name) for n, t in base.iter_tensors()}
+        if name == "a":
+            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        uris[name] = write_checkpoint(store.join(root, name), tensors.items(), source=base)
+    return uris
+
+
+@pytest.mark.parametrize("method", ["ties", "linear"])
+def test_a_tied_base_merges_with_a_fine_tune_that_saved_its_head(tmp_path, method):
+    u = qwen2_family(str(tmp_path / "family"))
+    assert "lm_head.weight" not in Checkpoint.open(u["base"]).keys()
+    cfg = {"ties": {"models": [m(u["a"], weight=0.7, density=0.5), m(u["b"], weight=0.4, density=0.5)],
+                    "base_model": u["base"], "merge_method": "ties", "dtype": "bfloat16"},
+           "linear": {"models": [m(u["a"], weight=0.3), m(u["b"], weight=0.7)], "merge_method": "linear",
+                      "dtype": "float32", "out_dtype": "bfloat16"}}[method]
+    assert_same_as_mergekit(cfg, tmp_path)
+    assert "lm_head.weight" in Checkpoint.open(str(tmp_path / "ours")).keys()

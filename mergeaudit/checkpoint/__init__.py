@@ -26,6 +26,7 @@ from mergeaudit.checkpoint.reader import (
     Checkpoint,
     check_compatible,
     iter_aligned,
+    untie_heads,
 )
 from mergeaudit.checkpoint.writer import CheckpointWriter, write_checkpoint
 
@@ -33,5 +34,5 @@ __all__ = [
     "CONFIG_FILE", "DTYPES", "INDEX_FILE", "SINGLE_FILE", "TOKENIZER_FILES",
     "Checkpoint", "CheckpointCache", "CheckpointStatus", "CheckpointWriter", "TensorSpec",
     "check_compatible", "check_complete", "iter_aligned", "discover", "parse_header", "read_tensor",
-    "serialize_safetensors", "write_checkpoint",
+    "serialize_safetensors", "untie_heads", "write_checkpoint",
 ]

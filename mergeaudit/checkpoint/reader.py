@@ -20,6 +20,8 @@ Untrusted input is never unpickled: a folder with only `.bin`/`.pt` weights is r
 
 from __future__ import annotations
 
+import dataclasses
+
 import collections
 import json
 from collections.abc import Iterable, Iterator
@@ -60,6 +62,7 @@ MAX_WINDOW_BYTES = 1024 * 1024 * 1024
 REMOTE_MAX_REQUESTS = 8
 LOCAL_MAX_REQUESTS = 2
 TIED_HEAD = "lm_head.weight"
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight")
 
 
 def read_json(uri: str, expect: store.Expect = None) -> dict:
@@ -164,6 +167,17 @@ class Checkpoint:
     def tied_embeddings(self) -> bool:
         """True when the head shares the embedding matrix and is not stored."""
         return bool(self.config.get("tie_word_embeddings", False)) and TIED_HEAD not in self._specs
+
+    def with_head_from_embeddings(self) -> Checkpoint:
+        """This checkpoint with `lm_head.weight` read from its tied input embeddings (the same
+        bytes), for merging it with checkpoints that store a head of their own (RL frameworks
+        save one even when the base ties it, and mergekit merges the head that way). Itself
+        when it stores a head or does not tie one."""
+        embed = next((n for n in self._specs if n.endswith(EMBEDDING_SUFFIXES)), None)
+        if not self.tied_embeddings or embed is None:
+            return self
+        specs = {**self._specs, TIED_HEAD: dataclasses.replace(self._specs[embed], name=TIED_HEAD)}
+        return Checkpoint(self.uri, self.config, self.files, specs)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: s.shape for n, s in self._specs.items()}
@@ -277,6 +291,14 @@ def read_specs(uri: str, files: dict[str, store.FileInfo], weight_map: dict[str,
         if absent:
             raise CheckpointError(f"checkpoint {uri}: index names tensors no shard holds: {', '.join(absent[:10])}")
     return specs
+
+
+def untie_heads(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
+    """When some of the checkpoints store `lm_head.weight` and others tie it to their input
+    embeddings, the tied ones read their head from their embeddings; otherwise unchanged."""
+    if not any(TIED_HEAD in ck.keys() for ck in checkpoints):
+        return checkpoints
+    return [ck.with_head_from_embeddings() for ck in checkpoints]
 
 
 def check_compatible(base: Checkpoint, others: Iterable[Checkpoint]) -> None:

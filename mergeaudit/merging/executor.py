@@ -33,6 +33,7 @@ from mergeaudit.checkpoint import (
     CheckpointWriter,
     check_compatible,
     iter_aligned,
+    untie_heads,
 )
 from mergeaudit.checkpoint.writer import check_output
 from mergeaudit.errors import ConfigError, NonFiniteError
@@ -173,6 +174,10 @@ def prepare(plan: MergePlan, opener: Callable[[str], Checkpoint] = Checkpoint.op
         raise ConfigError(f"{plan.method} needs a base_model")
     base = opener(plan.base.uri) if plan.base is not None else None
     models = [opener(m.uri) for m in plan.models]
+    # a tied base (or model) merged with checkpoints that store their own lm_head: the tied
+    # ones contribute their embeddings as their head, as mergekit does
+    opened = untie_heads(([base] if base is not None else []) + models)
+    base, models = (opened[0], opened[1:]) if base is not None else (None, opened)
     ref = base if base is not None else models[0]
     check_compatible(ref, [m for m in models if m is not ref])
     num_layers = ref.config.get("num_hidden_layers")
