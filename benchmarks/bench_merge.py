@@ -8,7 +8,8 @@ belongs to one merge, and prints the wall-time ratio (goal <= 0.5), the peak-RSS
 <= 1.0) and GB/s against the bytes read and written. Both outputs are compared tensor by
 tensor. With --device cuda the mergeaudit run uses the GPU.
 
-    .venv/bin/python benchmarks/bench_merge.py [--layers 8] [--device cpu|cuda] [--skip-mergekit]
+    .venv/bin/python benchmarks/bench_merge.py [--size small,default,large|all] [--layers N]
+        [--device cpu|cuda] [--skip-mergekit]
 """
 
 from __future__ import annotations
@@ -46,14 +47,22 @@ def worker(tool: str, config: str, out: str, device: str) -> dict:
     return {"tool": tool, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
 
 
-def build(root: str, layers: int) -> tuple[list[str], int]:
+SIZES = {  # name: (hidden, intermediate, layers); vocab 32000, untied head
+    "small": (1024, 2816, 8),     # 0.16 GB per checkpoint (80M parameters)
+    "default": (2048, 5632, 8),   # 0.98 GB
+    "large": (2048, 5632, 24),    # 2.6 GB
+}
+
+
+def build(root: str, size: str, layers: int | None = None) -> tuple[list[str], int]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mergeaudit.checkpoint import CheckpointWriter
 
-    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers, num_attention_heads=16,
-                      num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
+    hidden, inter, n_layers = SIZES[size]
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers or n_layers,
+                      num_attention_heads=16, num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
     with torch.device("meta"):
         shapes = {n: tuple(t.shape) for n, t in LlamaForCausalLM(cfg).state_dict().items()}
     config = {**cfg.to_dict(), "dtype": "bfloat16", "architectures": ["LlamaForCausalLM"]}
@@ -95,7 +104,8 @@ def compare(a: str, b: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--size", default="default", help=f"comma-separated: {', '.join(SIZES)} (or all)")
+    ap.add_argument("--layers", type=int, default=None, help="override the size's layer count")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--worker", nargs=4, metavar=("TOOL", "CONFIG", "OUT", "DEVICE"))
@@ -103,16 +113,21 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(*args.worker)))
         return
+    for size in (list(SIZES) if args.size == "all" else args.size.split(",")):
+        bench(size, args)
+
+
+def bench(size: str, args: argparse.Namespace) -> None:
     root = tempfile.mkdtemp(prefix="bench-merge-")
     try:
-        (base, *fts), nbytes = build(root, args.layers)
+        (base, *fts), nbytes = build(root, size, args.layers)
         config = os.path.join(root, "ties.yaml")
         with open(config, "w") as fh:
             yaml.safe_dump({"merge_method": "ties", "base_model": base, "dtype": "float32", "out_dtype": "bfloat16",
                             "parameters": {"density": 0.3, "weight": 1.0},
                             "models": [{"model": m} for m in fts]}, fh)
         moved = 5 * nbytes  # four inputs read, one output written
-        print(f"synthetic bf16 Llama: {nbytes / 1e9:.2f} GB per checkpoint, base + 3 fine-tunes; "
+        print(f"[{size}] synthetic bf16 Llama: {nbytes / 1e9:.2f} GB per checkpoint, base + 3 fine-tunes; "
               f"TIES density 0.3, fp32 compute, bf16 out; {os.cpu_count()} cores, device {args.device}")
         ours = run_worker("mergeaudit", config, os.path.join(root, "out_ours"), args.device)
         print(f"mergeaudit {ours['seconds']:6.1f} s  peak RSS {ours['peak_rss_mb']:6.0f} MB  "

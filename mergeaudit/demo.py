@@ -34,7 +34,7 @@ def prepare_demo(workdir: Path, recipe: ExpertRecipe | None = None, progress=pri
 
 
 def demo_strategies(models: list[str]) -> list[dict]:
-    """At least 8 strategies with small grids, for one pair."""
+    """Ten strategies with small grids (13 merges), for one pair."""
     return [
         {"method": "linear", "models": models},
         {"method": "task_arithmetic", "models": models, "grid": {"lambda": [0.5, 1.0]}},
@@ -43,6 +43,10 @@ def demo_strategies(models: list[str]) -> list[dict]:
         {"method": "ram", "models": models},
         {"method": "disjoint_mean", "models": models},
         {"method": "sar", "models": models},
+        # the methods that localise each expert's sparse support, the regime RLVR updates live
+        # in: compared with SAR on the same leaderboard
+        {"method": "localize_stitch", "models": models},
+        {"method": "consensus_ties", "models": models},
     ]
 
 

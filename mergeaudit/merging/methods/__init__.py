@@ -5,6 +5,9 @@ gta            task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, bread
                della, della_linear (mergekit's generalized task arithmetic presets)
 interpolation  linear, slerp, nuslerp, model_stock; perturb_gaussian (a fragility probe)
 sparse_aware   ram, ramplus_tl, disjoint_mean, fisher, sar
+mergekit_more  multislerp, sce, karcher, arcee_fusion, nearswap, passthrough (mergekit 0.1.5)
+subspace       tsv, iso_c, iso_cts (task-singular-vector and isotropic merging)
+localize       consensus_ta, consensus_ties (TALL masks), localize_stitch (dataless)
 
 `mergeaudit methods` lists every registered method with its reference.
 """
