@@ -155,3 +155,43 @@ def test_a_tied_base_merges_with_a_fine_tune_that_saved_its_head(tmp_path, metho
                       "dtype": "float32", "out_dtype": "bfloat16"}}[method]
     assert_same_as_mergekit(cfg, tmp_path)
     assert "lm_head.weight" in Checkpoint.open(str(tmp_path / "ours")).keys()
+
+
+ARCHS = {  # tiny configs of the layouts users bring; head_dim for Gemma3's explicit one
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "mistral": ("MistralConfig", {"tie_word_embeddings": False}),
+    "phi3": ("Phi3Config", {"tie_word_embeddings": False, "pad_token_id": 0}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 8, "tie_word_embeddings": True}),
+}
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def arch_family(request, tmp_path_factory):
+    import transformers
+
+    cls, extra = ARCHS[request.param]
+    cfg = getattr(transformers, cls)(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                     **extra)
+    root = tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(root / "base")
+    base = Checkpoint.open(str(root / "base"))
+    uris = {"base": str(root / "base")}
+    for i, name in enumerate(("a", "b")):
+        uris[name] = write_checkpoint(str(root / name), ((n, sparse_update(n, t, 0.3, i, name))
+                                                         for n, t in base.iter_tensors()), source=base)
+    return uris
+
+
+@pytest.mark.parametrize("method", ["ties", "linear", "slerp"])
+def test_other_architectures(arch_family, tmp_path, method):
+    u = arch_family
+    cfg = {"ties": {"models": [m(u["a"], weight=0.7, density=0.5), m(u["b"], weight=0.4, density=[0.3, 0.8])],
+                    "base_model": u["base"], "merge_method": "ties", "dtype": "bfloat16"},
+           "linear": {"models": [m(u["a"], weight=0.3), m(u["b"], weight=0.7)], "merge_method": "linear",
+                      "dtype": "float32", "out_dtype": "bfloat16"},
+           "slerp": {"models": [m(u["base"]), m(u["a"])], "base_model": u["base"], "merge_method": "slerp",
+                     "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"value": 0.3}]},
+                     "dtype": "bfloat16"}}[method]
+    assert_same_as_mergekit(cfg, tmp_path)
