@@ -195,3 +195,18 @@ def test_other_architectures(arch_family, tmp_path, method):
                      "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"value": 0.3}]},
                      "dtype": "bfloat16"}}[method]
     assert_same_as_mergekit(cfg, tmp_path)
+
+
+def test_sharded_checkpoints(tmp_path):
+    """Inputs in several shards each (an index file), fp16; the output sharded too."""
+    base = Checkpoint.open(build_base(str(tmp_path), layers=2))
+    uris = {"base": write_checkpoint(str(tmp_path / "sbase"), ((n, t.half()) for n, t in base.iter_tensors()),
+                                     source=base, max_shard_bytes=40_000)}
+    for i, name in enumerate(("a", "b")):
+        uris[name] = write_checkpoint(str(tmp_path / name), ((n, sparse_update(n, t.half(), 0.3, i, name))
+                                                           for n, t in base.iter_tensors()),
+                                      source=base, max_shard_bytes=40_000)
+    assert len([f for f in Checkpoint.open(uris["a"]).files if f.endswith(".safetensors")]) > 3
+    assert_same_as_mergekit({"models": [m(uris["a"], weight=1.0, density=0.4), m(uris["b"], weight=0.5, density=0.6)],
+                             "base_model": uris["base"], "merge_method": "ties",
+                             "dtype": "float16"}, tmp_path)
