@@ -83,6 +83,43 @@ def build(root: str, size: str, layers: int | None = None) -> tuple[list[str], i
     return [os.path.join(root, n) for n in names], nbytes
 
 
+def tie_cost(fts: list[str], base: str, density: float) -> None:
+    """The cost of picking mergekit's entries among equal magnitudes at the top-k threshold:
+    magnitude selection of every fine-tune delta (fp32 compute of bf16 inputs, as the bench's
+    config) with and without it, and how many deltas had ties straddling the threshold."""
+    import torch
+
+    from mergeaudit.checkpoint import Checkpoint
+    from mergeaudit.merging import steps
+
+    b = Checkpoint.open(base)
+    times = {False: 0.0, True: 0.0}
+    straddled = total = 0
+    for ft in fts:
+        ck = Checkpoint.open(ft)
+        for name in b.keys():
+            delta = ck.get(name).float() - b.get(name).float()
+            for exact in (False, True):
+                t0 = time.perf_counter()
+                kept = steps.sparsify_magnitude(delta, density, sort_ties=exact)
+                times[exact] += time.perf_counter() - t0
+            fast = steps.sparsify_magnitude(delta, density)
+            straddled += int(not torch.equal(kept, fast) or _ties_at_threshold(delta, density))
+            total += 1
+    print(f"tie-exact selection: {times[True]:.2f} s vs {times[False]:.2f} s by index ({total} deltas, "
+          f"{straddled} with equal magnitudes straddling the threshold)")
+
+
+def _ties_at_threshold(delta, density: float) -> bool:
+    a = delta.abs().reshape(-1)
+    nz = a[a != 0]
+    k = max(1, int(density * a.numel()))
+    if k >= nz.numel():
+        return False
+    thr = nz.kthvalue(nz.numel() - k + 1).values
+    return int((nz > thr).sum()) + int((nz == thr).sum()) != k
+
+
 def run_worker(tool: str, config: str, out: str, device: str) -> dict:
     res = subprocess.run([sys.executable, __file__, "--worker", tool, config, out, device],
                          capture_output=True, text=True)
@@ -108,6 +145,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="override the size's layer count")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--tie-cost", action="store_true", help="also time tie-exact magnitude selection")
     ap.add_argument("--worker", nargs=4, metavar=("TOOL", "CONFIG", "OUT", "DEVICE"))
     args = ap.parse_args()
     if args.worker:
@@ -132,6 +170,8 @@ def bench(size: str, args: argparse.Namespace) -> None:
         ours = run_worker("mergeaudit", config, os.path.join(root, "out_ours"), args.device)
         print(f"mergeaudit {ours['seconds']:6.1f} s  peak RSS {ours['peak_rss_mb']:6.0f} MB  "
               f"{moved / ours['seconds'] / 1e9:.2f} GB/s of bytes read + written")
+        if args.tie_cost:
+            tie_cost(fts, base, density=0.05)  # below the 10% of changed entries: a real threshold
         if not args.skip_mergekit:
             theirs = run_worker("mergekit", config, os.path.join(root, "out_mergekit"), args.device)
             print(f"mergekit   {theirs['seconds']:6.1f} s  peak RSS {theirs['peak_rss_mb']:6.0f} MB  "
