@@ -115,7 +115,8 @@ def test_mergekit_yaml_runs_unchanged_through_the_cli(fp32_family, tmp_path):
          "density must be in [0, 1]"),
         (lambda c: c.update(slices=[]), "layer slices are not supported"),
         (lambda c: c["models"].append({"model": "meta-llama/Llama-3-8B"}), "hub ids are not downloaded"),
-        (lambda c: c.update(tokenizer_source="union"), "union"),
+        (lambda c: c.update(tokenizer={"source": "union", "tokens": {"<s>": {"source": c["base_model"]}}}),
+         "tokenizer.tokens"),
         (lambda c: c.pop("base_model"), "ties needs a base"),
     ],
 )

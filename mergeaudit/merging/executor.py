@@ -9,6 +9,11 @@ memory bounded by one tensor per input plus the method's working set; `run_merge
 as a sharded checkpoint with a `mergeaudit_merge.json` report of what was computed, after checking
 that the output overlaps no input and replaces nothing mergeaudit did not write.
 
+With a `vocabulary` plan (mergekit's `tokenizer_source: base | union | <model>`), every input's
+vocabulary-indexed tensors are re-indexed onto the output tokenizer before the method sees them,
+the output config's vocab_size is set to the output's rows and the output tokenizer is written
+(see `mergeaudit.merging.vocab`); when no input's vocabulary changes, no tensor is touched.
+
 Per tensor the report records the method's own figures (achieved density and rescale factor
 for sparsifying methods, ...) and `erased`: the fraction of the merged update's nonzero entries
 that the cast to the output dtype rounds back onto the base (sparse RLVR updates are often
@@ -17,6 +22,7 @@ below bf16 resolution).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from collections.abc import Callable, Iterable, Iterator
@@ -40,6 +46,14 @@ from mergeaudit.errors import ConfigError, NonFiniteError
 from mergeaudit.geometry import parse_tensor_name
 from mergeaudit.merging.params import check_all
 from mergeaudit.merging.registry import REGISTRY, MergeMethod, MethodParams, TensorSlot
+from mergeaudit.merging.vocab import (
+    Vocabulary,
+    VocabularyPlan,
+    build_vocabulary,
+    is_vocabulary_tensor,
+    tokenizer_files,
+    with_vocab_size,
+)
 
 REPORT_FILE = "mergeaudit_merge.json"
 DTYPES = {
@@ -84,6 +98,8 @@ class MergePlan(pydantic.BaseModel):
     seed: int = 0
     device: str = "cpu"
     tokenizer_source: str | None = None    # a model id; default the base, else the first model
+    # mergekit's tokenizer_source/tokenizer: rebuild the vocabulary (None: keep every input's)
+    vocabulary: VocabularyPlan | None = None
     fisher: dict[str, str] = {}            # model id -> Fisher checkpoint URI
 
     def settings_for_models(self) -> list[dict[str, Any]]:
@@ -100,6 +116,8 @@ class PreparedMerge:
     models: list[Checkpoint]
     fisher: list[Checkpoint] | None
     params: dict[str, MethodParams]
+    vocab: Vocabulary | None = None
+    vocab_changes: bool = False       # some input's vocabulary-indexed rows are re-indexed
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -118,6 +136,9 @@ class PreparedMerge:
         k = len(self.models)
         for name, tensors in iter_aligned(sources, self.reference.keys()):
             stored = self.reference.spec(name).torch_dtype
+            if self.vocab_changes and is_vocabulary_tensor(name):
+                n_in = k + (self.base is not None)
+                tensors = self._on_output_vocabulary(tensors[:n_in], compute) + tensors[n_in:]
             work = compute or _promoted(tensors[:len(tensors) - (len(self.fisher) if self.fisher else 0)])
             tensors = [t.to(device=device) for t in tensors]  # models stay in their stored dtype
             base = tensors.pop(0).to(work) if self.base is not None else None
@@ -138,6 +159,16 @@ class PreparedMerge:
                 info["update_entries"] = n
             self.stats[name] = info
             yield name, out.cpu()
+
+    def _on_output_vocabulary(self, tensors: list[torch.Tensor], compute: torch.dtype | None) -> list[torch.Tensor]:
+        """Base and models' rows on the output vocabulary: cast to the compute dtype first,
+        then gathered in their promoted dtype (mergekit's GatherTensors, PermutedVocabulary)."""
+        plan = self.plan
+        ids = ([plan.base.id] if plan.base is not None else []) + [m.id for m in plan.models]
+        if compute is not None:
+            tensors = [t.to(compute) for t in tensors]
+        gathered = self.vocab.gather(dict(zip(ids, tensors)))  # a base also listed as a model is one input
+        return [gathered[i] for i in ids]
 
 
 def _promoted(tensors: list[torch.Tensor]) -> torch.dtype:
@@ -179,7 +210,11 @@ def prepare(plan: MergePlan, opener: Callable[[str], Checkpoint] = Checkpoint.op
     opened = untie_heads(([base] if base is not None else []) + models)
     base, models = (opened[0], opened[1:]) if base is not None else (None, opened)
     ref = base if base is not None else models[0]
-    check_compatible(ref, [m for m in models if m is not ref])
+    vocab, changes = None, False
+    if plan.vocabulary is not None:
+        vocab, changes = _plan_vocabulary(plan, base, models)
+    else:
+        check_compatible(ref, [m for m in models if m is not ref])
     num_layers = ref.config.get("num_hidden_layers")
     tensors = [(n, parse_tensor_name(n)[0]) for n in ref.keys()]
     params = check_all(method, tensors, num_layers, plan.parameters, plan.settings_for_models(), base is not None)
@@ -189,9 +224,43 @@ def prepare(plan: MergePlan, opener: Callable[[str], Checkpoint] = Checkpoint.op
         if missing:
             raise ConfigError(f"{plan.method} needs a diagonal Fisher for every model; none for {', '.join(missing)} "
                               "(estimate one with `mergeaudit fisher`)")
+        if changes:
+            raise ConfigError(f"{plan.method} weighs by Fisher information, which has no rows for a rebuilt "
+                              "vocabulary; merge without tokenizer_source or with one that changes nothing")
         fisher = [opener(plan.fisher[m.id]) for m in plan.models]
         check_compatible(ref, fisher)
-    return PreparedMerge(plan, method, base, models, fisher, params)
+    return PreparedMerge(plan, method, base, models, fisher, params, vocab, changes)
+
+
+def _plan_vocabulary(plan: MergePlan, base: Checkpoint | None, models: list[Checkpoint]) -> tuple[Vocabulary, bool]:
+    """The output vocabulary, and whether any input's vocabulary-indexed tensors change; checks
+    that every input's tensors match but for their vocabulary rows, and hold the rows it uses."""
+    if plan.tokenizer_source is not None:
+        raise ConfigError("tokenizer_source (copy a model's tokenizer) and vocabulary (rebuild it) exclude each other")
+    by_id = {m.id: ck for m, ck in zip(plan.models, models, strict=True)}
+    if base is not None:
+        by_id[plan.base.id] = base
+    order = list(dict.fromkeys([m.id for m in plan.models] + ([plan.base.id] if base is not None else [])))
+    vocab = build_vocabulary(plan.vocabulary, plan.base.id if base is not None else None, order, by_id)
+    ref = base if base is not None else models[0]
+    names = [n for n in ref.keys() if is_vocabulary_tensor(n)]
+    problems, changes = [], not vocab.identity
+    for key, ck in by_id.items():
+        for name in names:
+            if name in ck.keys():
+                shape = ck.spec(name).shape
+                problems.append(vocab.check_rows(key, name, shape))
+                changes = changes or shape[0] != vocab.size
+    if any(problems):
+        raise ConfigError("the vocabulary cannot be gathered: " + "; ".join(p for p in problems if p))
+
+    def rowless(ck: Checkpoint) -> Checkpoint:  # vocabulary rows may differ; everything else must not
+        specs = {n: ck.spec(n) for n in ck.keys()}
+        specs.update({n: dataclasses.replace(specs[n], shape=(0, *specs[n].shape[1:])) for n in names if n in specs})
+        return Checkpoint(ck.uri, ck.config, ck.files, specs)
+
+    check_compatible(rowless(ref), [rowless(ck) for ck in by_id.values() if ck is not ref])
+    return vocab, changes
 
 
 def plan_uris(plan: MergePlan) -> list[str]:
@@ -211,7 +280,8 @@ def run_merge(plan: MergePlan, out_uri: str, max_shard_bytes: int | None = None,
     protected = [*plan_uris(plan), *protect]
     check_output(out_uri, protected, overwrite)
     prepared = prepare(plan)
-    tok_id = plan.tokenizer_source or (plan.base.id if plan.base else plan.models[0].id)
+    vocab = prepared.vocab
+    tok_id = vocab.file_source if vocab else plan.tokenizer_source or (plan.base.id if plan.base else plan.models[0].id)
     by_id = {m.id: ck for m, ck in zip(plan.models, prepared.models, strict=True)}
     if plan.base is not None:
         by_id[plan.base.id] = prepared.base
@@ -225,8 +295,16 @@ def run_merge(plan: MergePlan, out_uri: str, max_shard_bytes: int | None = None,
         # mergekit: the config names `dtype` (without one, the reference config's stays)
         config.pop("torch_dtype", None)
         config["dtype"] = str(parse_dtype(plan.compute_dtype, "dtype")).removeprefix("torch.")
-    with CheckpointWriter(out_uri, source=by_id[tok_id], config=config, dtype=out_dtype, overwrite=overwrite,
+    files = {}
+    if vocab is not None:
+        config = with_vocab_size(config, vocab.size)  # mergekit sets it whenever it builds a tokenizer
+        if vocab.rebuilt:
+            files = tokenizer_files(vocab, by_id[tok_id])
+    source = None if files else by_id[tok_id]
+    with CheckpointWriter(out_uri, source=source, config=config, dtype=out_dtype, overwrite=overwrite,
                           protect=protected, **kwargs) as writer:
+        for name, data in files.items():
+            writer.add_file(name, data)
         for name, tensor in prepared.stream():
             writer.add(name, tensor)
         report = merge_report(prepared, started)
@@ -253,6 +331,7 @@ def merge_report(prepared: PreparedMerge, started: dt.datetime) -> dict[str, Any
         },
         "erased_fraction": sum(e * w for e, w in zip(erased, weights, strict=True)) / total if total else 0.0,
         "resolved_params": distinct_params(prepared.params),
+        "vocabulary": prepared.vocab.report(prepared.vocab_changes) if prepared.vocab is not None else None,
         "tensors": prepared.stats,
     }
 

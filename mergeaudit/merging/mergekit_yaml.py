@@ -3,9 +3,12 @@
 Supported: `models` (each `model:` a path or store URI, with optional `parameters:`),
 `base_model`, `merge_method`, `parameters` (scalars, per-layer gradient lists, `filter`
 conditions), `dtype` (the compute dtype, as in mergekit), `out_dtype`, `tokenizer_source`
-(`base` or one of the models). Refused with a clear reason: `slices`/`modules` (layer
-surgery), LoRA references (`model+lora`), `tokenizer_source: union` and the `tokenizer:`
-block (vocabulary merging), Hugging Face hub ids (nothing is downloaded), unknown keys, and
+(`base`, `union` or one of the models) and the `tokenizer:` block with `source` (default
+`union`, as in mergekit) and `pad_to_multiple_of`: the vocabulary is rebuilt as mergekit does
+(see mergeaudit.merging.vocab). Refused with a clear reason: `slices`/`modules` (layer
+surgery), LoRA references (`model+lora`), `tokenizer: tokens:` (per-token embedding
+overrides), both `tokenizer_source` and `tokenizer:`, a tokenizer source that is not a merged
+model, Hugging Face hub ids (nothing is downloaded), unknown keys, and
 numbers that are not finite or lie beyond +-1e6 (a NaN weight would merge into NaNs). The file
 is read with a bounded loader (mergeaudit.safe_yaml): no alias bombs, no deep nesting.
 
@@ -23,14 +26,16 @@ from mergeaudit.errors import ConfigError, MergeAuditError
 from mergeaudit.merging.executor import MergePlan, ModelRef, parse_dtype
 from mergeaudit.merging.params import number_problems
 from mergeaudit.merging.registry import REGISTRY
+from mergeaudit.merging.vocab import VocabularyPlan
 from mergeaudit.safe_yaml import load_yaml
 
-SUPPORTED_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source"}
+SUPPORTED_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source",
+                  "tokenizer"}
 REFUSED = {
     "slices": "layer slices are not supported (merge whole models)",
     "modules": "modules are not supported (merge whole models)",
-    "tokenizer": "vocabulary merging (`tokenizer:`) is not supported; use tokenizer_source: base",
 }
+TOKENIZER_KEYS = {"source", "pad_to_multiple_of"}
 IGNORED = {"chat_template", "name"}
 
 
@@ -121,14 +126,8 @@ def plan_from_mergekit(data: Any, config_dir: Path, seed: int = 0, device: str =
             parse_dtype(data.get(key), key)
         except MergeAuditError as exc:
             problems.append(str(exc))
-    tok = data.get("tokenizer_source")
-    tokenizer_source = None
-    if tok == "union":
-        problems.append("tokenizer_source: union (vocabulary merging) is not supported; use base or a model")
-    elif tok not in (None, "base"):
-        tokenizer_source = str(tok)
-        if tokenizer_source not in {m.id for m in models} | ({base.id} if base else set()):
-            problems.append(f"tokenizer_source {tok!r} is not one of the models")
+    vocabulary, tok_problems = vocabulary_plan(data, {m.id for m in models} | ({base.id} if base else set()))
+    problems += tok_problems
     if problems:
         raise ConfigError("invalid mergekit config: " + "; ".join(problems))
     return MergePlan(
@@ -142,8 +141,39 @@ def plan_from_mergekit(data: Any, config_dir: Path, seed: int = 0, device: str =
         output="computed",
         seed=seed,
         device=device,
-        tokenizer_source=tokenizer_source,
+        vocabulary=vocabulary,
     )
+
+
+def vocabulary_plan(data: dict, model_ids: set[str]) -> tuple[VocabularyPlan | None, list[str]]:
+    """mergekit's `tokenizer_source` or `tokenizer:` block as a VocabularyPlan, and the problems."""
+    tok, block = data.get("tokenizer_source"), data.get("tokenizer")
+    if tok is None and block is None:
+        return None, []
+    if tok is not None and block is not None:
+        return None, ["tokenizer_source and tokenizer: cannot both be given (mergekit refuses them too)"]
+    pad = None
+    if block is not None:
+        if not isinstance(block, dict):
+            return None, ["tokenizer: must be a mapping"]
+        problems = []
+        if "tokens" in block:
+            problems.append("tokenizer.tokens (per-token embedding overrides) is not supported; "
+                            "use tokenizer.source alone")
+        unknown = sorted(set(block) - TOKENIZER_KEYS - {"tokens"})
+        if unknown:
+            problems.append(f"tokenizer: unknown keys {', '.join(map(str, unknown))} "
+                            f"(supported: {', '.join(sorted(TOKENIZER_KEYS))})")
+        tok, pad = block.get("source", "union"), block.get("pad_to_multiple_of")
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or not 1 <= pad <= 1 << 20):
+            problems.append(f"tokenizer.pad_to_multiple_of must be a positive integer, got {pad!r}")
+        if problems:
+            return None, problems
+    if not isinstance(tok, str) or not tok:
+        return None, [f"tokenizer source must be base, union or a model, got {tok!r}"]
+    if tok not in ("base", "union") and tok not in model_ids:
+        return None, [f"tokenizer source {tok!r} is not one of the models (base, union or a merged model)"]
+    return VocabularyPlan(source=tok, pad_to_multiple_of=pad), []
 
 
 def load_mergekit_config(path: str | Path, seed: int = 0, device: str = "cpu") -> MergePlan:
