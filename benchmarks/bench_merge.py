@@ -6,7 +6,8 @@ mergekit YAML (ties, density 0.3, dtype float32, out_dtype bfloat16) through `me
 run_merge and through `mergeaudit merge`, each in a fresh subprocess so peak RSS (VmHWM)
 belongs to one merge, and prints the wall-time ratio (goal <= 0.5), the peak-RSS ratio (goal
 <= 1.0) and GB/s against the bytes read and written. Both outputs are compared tensor by
-tensor. With --device cuda the mergeaudit run uses the GPU.
+tensor. With --device cuda the mergeaudit run uses the GPU. Measured numbers are in README.md
+(Benchmarks).
 
     .venv/bin/python benchmarks/bench_merge.py [--size small,default,large|all] [--layers N]
         [--device cpu|cuda] [--skip-mergekit]
