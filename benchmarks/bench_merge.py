@@ -1,7 +1,7 @@
 """TIES over three fine-tunes: mergeaudit's streaming executor vs mergekit, same config, same run.
 
-Builds a synthetic Llama-shaped bf16 base (default ~1.1 GB: hidden 2048, 8 layers, vocab
-32000) and three fine-tunes that each change a random 10% of the entries, then runs the same
+Builds a synthetic Llama-shaped bf16 base (sizes: small 0.31 GB, hidden 1024, 8 layers;
+default 0.98 GB, hidden 2048, 8 layers; large 2.43 GB, 24 layers; vocab 32000) and three fine-tunes that each change a random 10% of the entries, then runs the same
 mergekit YAML (ties, density 0.3, dtype float32, out_dtype bfloat16) through `mergekit`'s
 run_merge and through `mergeaudit merge`, each in a fresh subprocess so peak RSS (VmHWM)
 belongs to one merge, and prints the wall-time ratio (goal <= 0.5), the peak-RSS ratio (goal
@@ -10,7 +10,7 @@ tensor. With --device cuda the mergeaudit run uses the GPU. Measured numbers are
 (Benchmarks).
 
     .venv/bin/python benchmarks/bench_merge.py [--size small,default,large|all] [--layers N]
-        [--device cpu|cuda] [--skip-mergekit]
+        [--device cpu|cuda] [--skip-mergekit] [--tie-cost]
 """
 
 from __future__ import annotations
