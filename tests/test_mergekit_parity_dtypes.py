@@ -210,3 +210,15 @@ def test_sharded_checkpoints(tmp_path):
     assert_same_as_mergekit({"models": [m(uris["a"], weight=1.0, density=0.4), m(uris["b"], weight=0.5, density=0.6)],
                              "base_model": uris["base"], "merge_method": "ties",
                              "dtype": "float16"}, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def fp32_checkpoints(tmp_path_factory):
+    return family(str(tmp_path_factory.mktemp("fp32")), dict.fromkeys(("base", "a", "b", "c"), torch.float32))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", None])
+@pytest.mark.parametrize("method", ["linear", "ties", "breadcrumbs_ties", "slerp", "model_stock"])
+def test_fp32_checkpoints_in_a_narrower_or_no_compute_dtype(fp32_checkpoints, tmp_path, method, dtype):
+    cfg = {**configs(fp32_checkpoints)[method], **({"dtype": dtype} if dtype else {})}
+    assert_same_as_mergekit(cfg, tmp_path, rel=1e-5 if (method, dtype) == ("slerp", None) else 0.0)
