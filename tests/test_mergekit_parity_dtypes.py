@@ -72,7 +72,7 @@ def assert_same_as_mergekit(cfg: dict, tmp_path, rel: float = 0.0) -> None:
 METHODS = list(configs({k: "x" for k in ("base", "a", "b", "c")}))
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", None])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64", None])
 @pytest.mark.parametrize("method", METHODS)
 def test_bf16_checkpoints_in_every_compute_dtype(bf16_family, tmp_path, method, dtype):
     cfg = {**configs(bf16_family)[method], **({"dtype": dtype} if dtype else {})}
