@@ -221,3 +221,29 @@ def test_s3_faults_are_retried_without_duplicating_rows(prefect_harness, s3_buck
     assert tables.read_table(s3_bucket + "/results", "candidates").num_rows == 3
     scores = tables.read_table(s3_bucket + "/results", "scores")
     assert scores.num_rows == 3 * 6  # reward, pass@1, format rate, verifier errors, timeouts, ...
+
+
+@pytest.mark.parametrize("device,takes_slot", [("cpu", False), ("cuda", True), ("cuda:1", True)])
+def test_only_gpu_evaluations_take_a_gpu_slot(monkeypatch, device, takes_slot):
+    """A CPU evaluation holds no GPU, so it asks for no `gpu` slot (the request alone cost ~2 s
+    per candidate); a CUDA one takes its slot before anything is evaluated."""
+    from mergeaudit import audit
+    from mergeaudit.config import EvalSpec
+    from tasks import audit as audit_tasks
+
+    calls = []
+
+    class Slot:
+        def __init__(self, *args, **kwargs):
+            calls.append(args)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(audit_tasks, "concurrency", Slot)
+    monkeypatch.setattr(audit, "evaluate_to_store", lambda *a: calls.append("evaluated") or "record")
+    assert audit_tasks.evaluate_candidate.fn(None, EvalSpec(device=device), None, "mem://r") == "record"
+    assert calls == ([("gpu",), "evaluated"] if takes_slot else ["evaluated"])
