@@ -12,7 +12,6 @@ from mergeaudit.merging.params import check_all, evaluate, layer_position, resol
 from mergeaudit.merging.registry import MethodParams, Registry
 
 
-
 def t(v) -> torch.Tensor:
     return torch.tensor(v, dtype=torch.float32)
 

@@ -20,9 +20,8 @@ Untrusted input is never unpickled: a folder with only `.bin`/`.pt` weights is r
 
 from __future__ import annotations
 
-import dataclasses
-
 import collections
+import dataclasses
 import json
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
