@@ -201,12 +201,14 @@ def compute_geometry(config: AuditConfig, records: dict[str, CheckpointRecord],
     kinds = {m.name: m.kind for m in config.models}
     fishers = {name: Checkpoint.open(uri) for name, uri in (fisher_uris or {}).items() if name in models}
     settings = geometry_settings(config.geometry)
-    tensor_rows, pair_rows = geometry.compute_geometry(base, models, kinds, settings, fisher=fishers)
+    shared: dict = {}  # the base's decompositions, made once for the models and every series
+    tensor_rows, pair_rows = geometry.compute_geometry(base, models, kinds, settings, fisher=fishers,
+                                                       decompositions=shared)
     series_rows: list[dict] = []
     for spec in config.series:
         steps = [(r.step, open_checkpoint(r.uri, config.storage)) for r in records.values() if r.series == spec.name]
         others = {n: models[n] for n in (spec.compare_with if spec.compare_with is not None else models)}
-        series_rows += series.compute_series(base, spec.name, steps, others, spec.kind, settings)
+        series_rows += series.compute_series(base, spec.name, steps, others, spec.kind, settings, shared)
     return {"geometry_tensors": tensor_rows, "geometry_pairs": pair_rows, "geometry_series": series_rows}
 
 

@@ -239,3 +239,23 @@ def test_the_run_summary_states_tensors_not_compared(tmp_path):
                                geo, [], [])
     assert outcome.notes == ["geometry: 1 tensor(s) of code not compared (dtype F16 vs base BF16: not compared): "
                              "model.layers.0.self_attn.q_proj.weight"]
+
+
+def test_series_reuse_the_base_decompositions_of_the_main_pass(tmp_path, monkeypatch):
+    import mergeaudit.geometry as geometry_module
+    from mergeaudit.geometry import compute_geometry
+
+    base, steps, other = family()
+    base_ck = Checkpoint.open(write(str(tmp_path / "base"), base))
+    code = Checkpoint.open(write(str(tmp_path / "code"), other))
+    cks = [(s, Checkpoint.open(write(str(tmp_path / f"s{s}"), steps[s]))) for s in STEPS[:2]]
+    settings = GeometrySettings(spectral=SpectralSettings(top_k_fraction=0.1))
+    alone = compute_series(base_ck, "math", cks, {"code": code}, "rlvr", settings)
+    shared: dict = {}
+    compute_geometry(base_ck, {"code": code}, settings=settings, decompositions=shared)
+    assert len(shared) == 2  # the two 2-D tensors
+    made = []
+    real = geometry_module.decompose
+    monkeypatch.setattr(geometry_module, "decompose", lambda *a, **k: made.append(a) or real(*a, **k))
+    again = compute_series(base_ck, "math", cks, {"code": code}, "rlvr", settings, shared)
+    assert not made and again == alone

@@ -45,7 +45,13 @@ import torch
 
 from mergeaudit.checkpoint import Checkpoint, iter_aligned
 from mergeaudit.geometry.kernels import kernel_view, masked_changes
-from mergeaudit.geometry.spectral import SpectralSettings, decompose, principal_mask, spectral_figures
+from mergeaudit.geometry.spectral import (
+    Decomposition,
+    SpectralSettings,
+    decompose,
+    principal_mask,
+    spectral_figures,
+)
 from mergeaudit.geometry.stats import ModelSums, PairSums, changed_bf16, fisher_sums, tensor_sums
 
 __all__ = ["GeometrySettings", "SpectralSettings", "changed_bf16", "compute_geometry", "module_type",
@@ -96,10 +102,13 @@ def compute_geometry(
     settings: GeometrySettings = GeometrySettings(),
     fisher: Mapping[str, Checkpoint] | None = None,
     pairs: Collection[tuple[str, str]] | None = None,
+    decompositions: dict[tuple[str, str, int], Decomposition] | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Rows of geometry_tensors and geometry_pairs for every model against the base; `fisher`
     (model name -> diagonal Fisher checkpoint, mergeaudit.fisher) adds the Fisher-mass columns
-    to the pairs of models that both have one; `pairs` limits the pairs measured (default: all)."""
+    to the pairs of models that both have one; `pairs` limits the pairs measured (default: all);
+    `decompositions`, a dict the caller keeps, shares the base's decompositions between calls on
+    the same base (keyed by base fingerprint, tensor and k), so a second call makes none again."""
     names = list(models)
     wanted = None if pairs is None else {frozenset(p) for p in pairs}
     kinds = {m: (kinds or {}).get(m, "unknown") for m in names}
@@ -146,7 +155,10 @@ def compute_geometry(
         spectral = settings.spectral if w.ndim == 2 and min(w.shape) > 1 else None
         if spectral is not None:
             w32 = w.float()
-            decomposition = decompose(w32, spectral.k(tuple(w.shape)), spectral)
+            key = (base.fingerprint, tensor, spectral.k(tuple(w.shape)))
+            decomposition = (decompositions or {}).get(key) or decompose(w32, key[2], spectral)
+            if decompositions is not None:
+                decompositions[key] = decomposition
             if alpha is not None:
                 _principal_sums(w, fts, sums.models, principal_mask(decomposition, tuple(w.shape), alpha))
         for m, ft, acc in zip(present, fts, sums.models, strict=True):

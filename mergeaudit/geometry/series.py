@@ -97,8 +97,10 @@ def compute_series(
     others: Mapping[str, Checkpoint] | None = None,
     kind: str = "unknown",
     settings: GeometrySettings = GeometrySettings(),
+    decompositions: dict | None = None,
 ) -> list[dict]:
-    """Rows of geometry_series for one run's steps (see the module docstring)."""
+    """Rows of geometry_series for one run's steps (see the module docstring); `decompositions`
+    shares the base's decompositions with other calls (see compute_geometry)."""
     steps = sorted(steps, key=lambda s: s[0])
     if len({s for s, _ in steps}) != len(steps):
         raise ValueError(f"series {run}: a step number appears twice")
@@ -109,7 +111,8 @@ def compute_series(
     models = {**{label: ck for label, (_, ck) in labels.items()}, **others}
     pairs = [(label, final) for label in order[:-1]] + [(label, o) for label in order for o in others]
     single = dataclasses.replace(settings, elected_sign=False)
-    tensor_rows, pair_rows = compute_geometry(base, models, settings=single, pairs=pairs)
+    tensor_rows, pair_rows = compute_geometry(base, models, settings=single, pairs=pairs,
+                                              decompositions=decompositions)
 
     def row(label: str, scope: str, module: str | None, against: str, **values) -> dict:
         step, ck = labels[label]

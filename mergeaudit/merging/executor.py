@@ -51,6 +51,7 @@ from mergeaudit.merging.vocab import (
     VocabularyPlan,
     build_vocabulary,
     is_vocabulary_tensor,
+    promoted_dtype,
     tokenizer_files,
     with_vocab_size,
 )
@@ -134,12 +135,12 @@ class PreparedMerge:
         ids = tuple(m.id for m in plan.models)
         keys = tuple(ck.fingerprint for ck in self.models)  # masks follow the checkpoint, not its spelling
         k = len(self.models)
+        n_in = k + (self.base is not None)  # base and models; Fisher tensors follow them
         for name, tensors in iter_aligned(sources, self.reference.keys()):
             stored = self.reference.spec(name).torch_dtype
             if self.vocab_changes and is_vocabulary_tensor(name):
-                n_in = k + (self.base is not None)
                 tensors = self._on_output_vocabulary(tensors[:n_in], compute) + tensors[n_in:]
-            work = compute or _promoted(tensors[:len(tensors) - (len(self.fisher) if self.fisher else 0)])
+            work = compute or promoted_dtype(tensors[:n_in])
             tensors = [t.to(device=device) for t in tensors]  # models stay in their stored dtype
             base = tensors.pop(0).to(work) if self.base is not None else None
             models, fisher = tuple(tensors[:k]), (tuple(tensors[k:]) if self.fisher else None)
@@ -169,13 +170,6 @@ class PreparedMerge:
             tensors = [t.to(compute) for t in tensors]
         gathered = self.vocab.gather(dict(zip(ids, tensors)))  # a base also listed as a model is one input
         return [gathered[i] for i in ids]
-
-
-def _promoted(tensors: list[torch.Tensor]) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 def _non_finite_reason(name: str, method: str, merged: torch.Tensor, target: torch.dtype, slot: TensorSlot) -> str:

@@ -48,6 +48,7 @@ architecture files give a vocabulary_axis), not from an architecture definition.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -80,6 +81,11 @@ class VocabularyPlan(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
     source: str
     pad_to_multiple_of: int | None = pydantic.Field(default=None, ge=1)
+
+
+def promoted_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    """The dtype torch promotes the tensors' dtypes to (mergekit computes a group in it)."""
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
 
 
 def is_vocabulary_tensor(name: str) -> bool:
@@ -228,9 +234,7 @@ class Vocabulary:
         """Every input's tensor re-indexed onto the output vocabulary (axis 0), in the inputs'
         promoted dtype, with mergekit's default rows for tokens an input lacks."""
         keys = [k for k in self.order if k in tensors]
-        dtype = tensors[keys[0]].dtype
-        for k in keys[1:]:
-            dtype = torch.promote_types(dtype, tensors[k].dtype)
+        dtype = promoted_dtype([tensors[k] for k in keys])
         first = tensors[keys[0]]
         shape, device = tuple(first.shape[1:]), first.device
         missing = sorted(set(self.donor) | set(self.average) | set(self.zero))
