@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from mergeaudit.errors import ConfigError, StoreError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _TS = pa.timestamp("us", tz="UTC")
 SCHEMAS: dict[str, pa.Schema] = {
     "runs": pa.schema([
@@ -190,7 +190,10 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("format_ok", pa.bool_()),
         ("verifier", pa.string()),
         ("error", pa.string()),
-        ("status", pa.string()),                 # v3: correct, wrong, no_answer, timeout, violation, error
+        ("status", pa.string()),                 # v3: correct, wrong, no_answer, truncated (v4), timeout, violation, error
+        ("truncated", pa.bool_()),               # v4: the generation used its whole max_gen_toks (scored wrong)
+        ("completion_tokens", pa.int64()),       # v4: generated tokens (the model's tokenizer)
+        ("trace_tokens", pa.int64()),            # v4: tokens of the reasoning trace (inside the think tags)
     ]),
     "scores": pa.schema([
         ("candidate_id", pa.string()),

@@ -13,7 +13,8 @@ from fractions import Fraction
 import pytest
 
 from mergeaudit import tables
-from mergeaudit.evaluation.runner import TaskSource, verify_samples
+from mergeaudit.evaluation.runner import TaskSource
+from mergeaudit.evaluation.verdicts import verify_samples
 from mergeaudit.evaluation.verifiers import (
     MAX_DIGITS,
     MAX_EXPONENT,

@@ -1,18 +1,22 @@
-"""Evaluation: lm-eval over in-memory models, our verifiers (numeric, math, sandboxed code),
-pass@k, and the offline task packs we ship.
+"""Evaluation: lm-eval over in-memory or served models, our verifiers (numeric, math, sandboxed
+code), avg@n and pass@k, prompting as reasoning models expect, and the offline task packs we ship.
 
     from mergeaudit.evaluation import EvalSettings, evaluate_model
     result = evaluate_model(model, tokenizer, ["mergeaudit_add2"], EvalSettings(limit=20))
     result.scores, result.samples
+
+The names below are loaded on first use, so `mergeaudit.config` can import the settings model
+(`mergeaudit.evaluation.spec`) without loading the runner.
 """
 
-from mergeaudit.evaluation.runner import (
-    EvalResult,
-    EvalSettings,
-    check_tasks,
-    evaluate_lm,
-    evaluate_model,
-    shipped_tasks,
-)
+import importlib
 
-__all__ = ["EvalResult", "EvalSettings", "check_tasks", "evaluate_lm", "evaluate_model", "shipped_tasks"]
+_EXPORTS = {name: "mergeaudit.evaluation.runner" for name in
+            ("EvalResult", "EvalSettings", "check_tasks", "evaluate_lm", "evaluate_model", "shipped_tasks")}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

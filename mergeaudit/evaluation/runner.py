@@ -8,15 +8,13 @@ one self-contained YAML per task into a run folder, with absolute data paths, th
 samples per prompt, and an absolute `include:` of lm-eval's own YAML where a task extends
 one; `TaskManager(include_path=<that folder>, include_defaults=False)` indexes only those.
 
-Scores come in two kinds: lm-eval's own metrics, and, for tasks that declare a verifier
-(`metadata.mergeaudit_verifier`: numeric, math or code), our verdicts on every sampled
-completion (from lm-eval's logged samples): mean reward, pass@k by the unbiased estimator, the
-format rate and the counts of verifier errors, of timeouts (a timeout scores 0 but is counted
-apart, never as a plain wrong answer; its error starts "timeout:") and, for code, of violations
-(forged verdicts). Reward, pass@k and format rate take the prompt as the unit: mean per prompt,
-then mean and standard error across prompts, n = prompts (mergeaudit.results.stats states the
-formulas). Per-sample rows carry the prompt hash, completion, extracted answer, verdict, reward
-and any error. Tasks with code are refused before generation when the sandbox's minimum
+Each task is prompted as its pack says or the settings override (`prompting`: chat template,
+system prompt, instruction); tasks sharing a chat template and system prompt are evaluated
+together. Scores come in two kinds: lm-eval's own metrics, and, for tasks that declare a
+verifier (`metadata.mergeaudit_verifier`: numeric, math or code), our verdicts on every sampled
+completion (`verdicts`: the text after the reasoning trace is verified, generations that ran
+out of tokens are truncated and wrong; avg@n, pass@k, outcome counts, token lengths, the prompt
+as the unit). Tasks with code are refused before generation when the sandbox's minimum
 isolation is not available (`sandbox.require_isolation`).
 
     result = evaluate_model(model, tokenizer, ["mergeaudit_add2"], EvalSettings(limit=20))
@@ -28,6 +26,7 @@ import difflib
 import functools
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,12 @@ import yaml
 
 from mergeaudit import store
 from mergeaudit.errors import EvaluationError
+from mergeaudit.evaluation.generation import traced_hflm_class
+from mergeaudit.evaluation.prompting import Prompting, apply_prompting, require_chat_template, resolve_prompting
 from mergeaudit.evaluation.sandbox import SandboxLimits, require_isolation
+from mergeaudit.evaluation.verdicts import verify_samples
 from mergeaudit.evaluation.verifiers import Verifier
-from mergeaudit.results.stats import pass_at_k, prompt_mean_stderr
+from mergeaudit.results.stats import pass_at_k  # noqa: F401 - re-exported for callers of the runner
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 LM_EVAL_PREFIX = "lm_eval://"
@@ -72,6 +74,12 @@ class EvalSettings:
     data_files: dict[str, str] = field(default_factory=dict)
     math_timeout: float = 10.0
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
+    # Prompting (None: the task pack's default, see `Prompting`)
+    chat_template: bool | None = None
+    system_prompt: str | None = None
+    instruction: str | None = None
+    fewshot_as_multiturn: bool = True
+    think_tags: tuple[str, str] | None = ("<think>", "</think>")
 
 
 @dataclass(frozen=True)
@@ -222,11 +230,15 @@ def check_tasks(names: list[str], data_files: dict[str, str] | None = None) -> l
     return resolved
 
 
-def materialize_tasks(tasks: list[TaskSource], workdir: Path, num_samples: int = 1) -> Path:
-    """Write one self-contained YAML per task (absolute data paths, samples per prompt)."""
+def materialize_tasks(tasks: list[TaskSource], workdir: Path, num_samples: int = 1,
+                      promptings: dict[str, Prompting] | None = None) -> Path:
+    """Write one self-contained YAML per task (absolute data paths, samples per prompt, the
+    prompt template and stop sequences of its prompting)."""
     workdir.mkdir(parents=True, exist_ok=True)
     for task in tasks:
         cfg = dict(task.config)
+        if promptings and task.name in promptings:
+            cfg = apply_prompting(cfg, promptings[task.name], task.name)
         kwargs = cfg.get("dataset_kwargs") or {}
         files = dict(kwargs.get("data_files") or {})
         for split, ref in files.items():
@@ -244,18 +256,40 @@ def materialize_tasks(tasks: list[TaskSource], workdir: Path, num_samples: int =
 
 
 def evaluate_model(model, tokenizer, task_names: list[str], settings: EvalSettings = EvalSettings()) -> EvalResult:
-    """Score an in-memory HF model through lm-eval's HFLM (the caller placed it on its device)."""
+    """Score an in-memory HF model through lm-eval's HFLM (the caller placed it on its device),
+    recording which generations ran out of tokens (`generation.traced_hflm_class`)."""
     tasks = check_tasks(task_names, settings.data_files)
-    from lm_eval.models.huggingface import HFLM  # heavy import, kept off the library's import path
-
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
-              max_length=settings.max_length, device=settings.device)
+    check_prompting(tasks, settings, tokenizer, "the candidate")
+    lm = traced_hflm_class()(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
+                             max_length=settings.max_length, device=settings.device)
     return run_tasks(lm, tasks, settings)
 
 
 def evaluate_lm(lm, task_names: list[str], settings: EvalSettings = EvalSettings()) -> EvalResult:
-    """Score any lm-eval LM (an oracle in tests, vLLM, ...) on the named tasks."""
+    """Score any lm-eval LM (an oracle in tests, a served model, ...) on the named tasks."""
     return run_tasks(lm, check_tasks(task_names, settings.data_files), settings)
+
+
+def promptings_of(tasks: list[TaskSource], settings: EvalSettings) -> dict[str, Prompting]:
+    return {t.name: resolve_prompting(t.name, t.config, settings.chat_template, settings.system_prompt,
+                                      settings.instruction) for t in tasks}
+
+
+def check_prompting(tasks: list[TaskSource], settings: EvalSettings, tokenizer, where: str) -> None:
+    """Before any generation: chat prompting needs a chat template, instructions need templates."""
+    promptings = promptings_of(tasks, settings)
+    if tokenizer is not None and any(p.chat_template for p in promptings.values()):
+        require_chat_template(tokenizer, where)
+    for task in tasks:
+        apply_prompting(task.config, promptings[task.name], task.name)
+
+
+def token_counter(lm) -> Callable[[str], int] | None:
+    """Tokens of a text by the model's own tokenizer (HF tokenizers), None without one."""
+    tokenizer = getattr(lm, "tokenizer", None)
+    if tokenizer is None or not hasattr(tokenizer, "encode"):
+        return None
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
 
 
 def generation_overrides(settings: EvalSettings) -> dict[str, Any]:
@@ -270,9 +304,11 @@ def generation_overrides(settings: EvalSettings) -> dict[str, Any]:
 def run_tasks(lm, tasks: list[TaskSource], settings: EvalSettings) -> EvalResult:
     """lm-eval's `evaluate` on the materialised tasks, then our verifiers on its samples.
 
-    We call `evaluate` rather than `simple_evaluate`: the latter also shells out to collect
-    pip, git and system information for its results header (0.3 s per call measured here,
-    per candidate), which our runs table records once instead."""
+    Chat template and system prompt are arguments of lm-eval's `evaluate`, not of a task, so
+    tasks are evaluated in groups that share them. We call `evaluate` rather than
+    `simple_evaluate`: the latter also shells out to collect pip, git and system information
+    for its results header (0.3 s per call measured here, per candidate), which our runs table
+    records once instead."""
     import random
 
     import numpy as np
@@ -282,28 +318,40 @@ def run_tasks(lm, tasks: list[TaskSource], settings: EvalSettings) -> EvalResult
 
     if any(t.verifier == "code" for t in tasks):  # refuse before generating, not after
         require_isolation(settings.sandbox.minimum_isolation)
+    check_prompting(tasks, settings, getattr(lm, "tokenizer", None) if hasattr(lm, "apply_chat_template") else None,
+                    "the model")
     memoize_lm_eval_templates()
     random.seed(settings.seed)
     np.random.seed(settings.seed)
     torch.manual_seed(settings.seed)
     gen = generation_overrides(settings)
+    promptings = promptings_of(tasks, settings)
+    groups: dict[tuple[bool, str | None], list[TaskSource]] = {}
+    for task in tasks:
+        groups.setdefault(promptings[task.name].group, []).append(task)
+    merged: dict[str, dict] = {"results": {}, "samples": {}, "n-samples": {}}
     with tempfile.TemporaryDirectory(prefix="mergeaudit-tasks-") as tmp:
-        include = materialize_tasks(tasks, Path(tmp), settings.num_samples)
-        loaded = TaskManager(include_path=str(include), include_defaults=False).load([t.name for t in tasks])
-        for task_obj in loaded["tasks"].values():
-            if gen and task_obj.get_config("output_type") == "generate_until":
-                task_obj.set_config(key="generation_kwargs", value=gen, update=True)
-            if task_obj.get_config("num_fewshot") is None:
-                task_obj.set_config(key="num_fewshot", value=0)
-            task_obj.set_fewshot_seed(seed=settings.seed)
-        results = evaluate(lm=lm, task_dict=loaded, limit=settings.limit, bootstrap_iters=settings.bootstrap_iters,
-                           log_samples=True, verbosity="WARNING")
-    out = EvalResult(scores=score_rows(results))
+        for i, ((chat, system), group) in enumerate(groups.items()):
+            include = materialize_tasks(group, Path(tmp) / f"group{i}", settings.num_samples, promptings)
+            loaded = TaskManager(include_path=str(include), include_defaults=False).load([t.name for t in group])
+            for task_obj in loaded["tasks"].values():
+                if gen and task_obj.get_config("output_type") == "generate_until":
+                    task_obj.set_config(key="generation_kwargs", value=gen, update=True)
+                if task_obj.get_config("num_fewshot") is None:
+                    task_obj.set_config(key="num_fewshot", value=0)
+                task_obj.set_fewshot_seed(seed=settings.seed)
+            results = evaluate(lm=lm, task_dict=loaded, limit=settings.limit,
+                               bootstrap_iters=settings.bootstrap_iters, log_samples=True, verbosity="WARNING",
+                               apply_chat_template=chat, system_instruction=system,
+                               fewshot_as_multiturn=chat and settings.fewshot_as_multiturn)
+            for key in merged:
+                merged[key].update(results.get(key) or {})
+    out = EvalResult(scores=score_rows(merged))
+    info, count = getattr(lm, "generation_info", None), token_counter(lm)
     with Verifier(settings.math_timeout, settings.sandbox) as verifier:
         for task in tasks:
-            if task.verifier is None:
-                continue
-            samples, scores = verify_samples(task, results["samples"].get(task.name, []), verifier, settings.pass_k)
+            samples, scores = verify_samples(task, merged["samples"].get(task.name, []), verifier, settings.pass_k,
+                                             info, count, settings.think_tags, settings.num_samples)
             out.samples += samples
             out.scores += scores
     return out
@@ -341,59 +389,3 @@ def score_rows(results: dict) -> list[dict]:
                          "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
                          "n": int(n) if n is not None else None})
     return rows
-
-
-def verify_samples(task: TaskSource, logged: list[dict], verifier: Verifier,
-                   pass_k: tuple[int, ...]) -> tuple[list[dict], list[dict]]:
-    """Verdicts on every completion of a task, and the aggregate score rows."""
-    samples, rewards, per_doc, formats, errors = [], [], [], [], 0  # rewards, formats: one list per prompt
-    counts = {"timeout": 0, "violation": 0}
-    metric = {"numeric": "numeric_match", "math": "math_verify", "code": "code_pass"}[task.verifier]
-    for entry in logged:
-        completions = [str(c) for c in (entry.get("resps") or [[]])[0]]
-        reference = str(entry.get("target"))
-        prefix = str(entry["doc"].get(task.program_prefix, "")) if task.program_prefix else ""
-        correct = 0
-        rewards.append([])
-        formats.append([])
-        for i, completion in enumerate(completions):
-            v = verifier.verify(task.verifier, completion, reference, task.answer_format, prefix)
-            correct += v.correct
-            rewards[-1].append(v.reward)
-            errors += v.error is not None
-            if v.status in counts:
-                counts[v.status] += 1
-            if v.format_ok is not None:
-                formats[-1].append(1.0 if v.format_ok else 0.0)
-            samples.append({"task": task.name, "doc_id": int(entry["doc_id"]), "sample": i,
-                            "prompt_hash": entry.get("prompt_hash"), "completion": completion,
-                            "extracted": v.extracted, "verdict": v.correct, "reward": v.reward,
-                            "format_ok": v.format_ok, "error": v.error, "verifier": task.verifier,
-                            "status": v.status})
-        per_doc.append((len(completions), correct))
-    if not samples:
-        return [], []
-    scores = []
-
-    def row(name: str, per_prompt: list[list[float]]) -> None:
-        # the prompt is the unit: mean per prompt, then mean and standard error across prompts
-        per_prompt = [xs for xs in per_prompt if xs]
-        mean, stderr = prompt_mean_stderr(per_prompt)
-        scores.append({"task": task.name, "metric": name, "filter": "verifier", "value": mean,
-                       "stderr": stderr, "n": len(per_prompt)})
-
-    row(metric, rewards)
-    for k in pass_k:
-        if all(n >= k for n, _ in per_doc):  # pass@k of a prompt with fewer than k samples is undefined
-            row(f"pass@{k}", [[pass_at_k(n, c, k)] for n, c in per_doc])
-    if any(formats):
-        row("format_rate", formats)
-    scores.append({"task": task.name, "metric": "verifier_errors", "filter": "verifier", "value": float(errors),
-                   "stderr": None, "n": len(samples)})
-    # Counted apart (they are also errors): a timeout is not a wrong answer, a violation is a forgery.
-    scores.append({"task": task.name, "metric": "verifier_timeouts", "filter": "verifier",
-                   "value": float(counts["timeout"]), "stderr": None, "n": len(samples)})
-    if task.verifier == "code":
-        scores.append({"task": task.name, "metric": "code_violations", "filter": "verifier",
-                       "value": float(counts["violation"]), "stderr": None, "n": len(samples)})
-    return samples, scores

@@ -18,7 +18,8 @@
 - format: whether the completion has the shape the task asks for (a boxed answer, a `####`
   line, a bare number).
 
-`Verdict.status` is one of correct, wrong, no_answer, timeout, violation, error; errors are
+`Verdict.status` is one of correct, wrong, no_answer, truncated (set by the runner: the
+generation ran out of tokens), timeout, violation, error; errors are
 scrubbed of secret-looking environment values. `Verifier` bundles the verifiers for a run
 (`with Verifier() as v: v.verify("math", completion, ref)`).
 `numeric_match` keeps lm-eval's callable-metric signature for task YAMLs.
@@ -39,7 +40,7 @@ Kind = Literal["numeric", "math", "code"]
 MAX_DIGITS = 1000
 MAX_EXPONENT = 1000
 _DECIMAL_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
-STATUSES = ("correct", "wrong", "no_answer", "timeout", "violation", "error")
+STATUSES = ("correct", "wrong", "no_answer", "truncated", "timeout", "violation", "error")
 _NUMBER_RE = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?|[-+]?\.\d+")
 _BOXED_RE = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
 _HASH_RE = re.compile(r"####\s*([^\n]+)")

@@ -27,7 +27,7 @@ import pydantic
 from mergeaudit import tables
 from mergeaudit.config import AlarmSpec
 from mergeaudit.errors import ConfigError
-from mergeaudit.results.scores import LOWER_IS_BETTER, RunResults, committed, load_run
+from mergeaudit.results.scores import RunResults, committed, is_diagnostic, load_run
 from mergeaudit.results.stats import PairedTest, TestName, paired_test, welch_z
 
 __all__ = ["AlarmSpec", "Regression", "RegressionReport", "check_run", "compare", "previous_run_id"]
@@ -93,7 +93,7 @@ class RegressionReport(pydantic.BaseModel):
 
 def _keyed_scores(run: RunResults, metrics: str) -> dict[tuple[str, str, str], dict]:
     names = {c["candidate_id"]: c["name"] for c in run.table("candidates")}
-    rows = [r for r in run.candidate_scores() if r["metric"] not in LOWER_IS_BETTER]
+    rows = [r for r in run.candidate_scores() if not is_diagnostic(r["metric"])]
     if metrics == "primary":
         keep = {(t, run.primary_metric(t)) for t in {r["task"] for r in rows}}
         rows = [r for r in rows if (r["task"], r["metric"]) in keep]

@@ -6,7 +6,7 @@ verifier's reward, else exact match); `per_prompt` rebuilds, from the `samples` 
 per-prompt values a sample-averaged score is the mean of (the unit of its standard error and
 of the paired comparisons):
 
-    reward metric (numeric_match, math_verify, code_pass): the rewards of the prompt's samples
+    reward metric (numeric_match, math_verify, code_pass) and avg@n: the rewards of the prompt's samples
     pass@k: [pass_at_k(n, c, k)] of the prompt (n samples, c correct)
     format_rate: the prompt's 0/1 format verdicts
 
@@ -31,7 +31,14 @@ from mergeaudit.errors import ConfigError
 from mergeaudit.results.stats import pass_at_k
 
 VERIFIER_METRICS = ("numeric_match", "math_verify", "code_pass")
-LOWER_IS_BETTER = ("verifier_errors", "verifier_timeouts", "code_violations")
+# Counts and lengths that describe a run but do not rank it (higher is not better): never a
+# task's primary metric, never compared by the alarm.
+DIAGNOSTIC_METRICS = ("verifier_errors", "verifier_timeouts", "code_violations", "truncation_rate",
+                      "completion_tokens", "trace_tokens")
+
+
+def is_diagnostic(metric: str) -> bool:
+    return metric in DIAGNOSTIC_METRICS or metric.startswith("outcome_")
 RUN_TABLES = ("runs", "checkpoints", "geometry_tensors", "geometry_pairs", "geometry_series", "candidates", "scores",
               "samples")
 
@@ -108,7 +115,7 @@ class RunResults:
 
     def primary_metric(self, task: str) -> str | None:
         return primary_metric({s["metric"] for s in self.table("scores") if s["task"] == task
-                               and not is_probe_summary(s) and s["metric"] not in LOWER_IS_BETTER})
+                               and not is_probe_summary(s) and not is_diagnostic(s["metric"])})
 
     def primary_scores(self, task: str, kinds: tuple[str, ...] | None = None) -> dict[str, dict]:
         """candidate_id -> score row of the task's primary metric (every non-summary candidate,
@@ -130,7 +137,7 @@ class RunResults:
         by_prompt = self._samples.get((candidate_id, task))
         if not by_prompt:
             return None
-        if metric in VERIFIER_METRICS:
+        if metric in VERIFIER_METRICS or metric.startswith("avg@"):  # avg@n is the mean reward
             return {k: [float(s["reward"] or 0.0) for s in rows] for k, rows in by_prompt.items()}
         if metric.startswith("pass@"):
             k = int(metric[5:])

@@ -1,0 +1,120 @@
+"""The evaluation settings of an audit (`evaluation:` in the YAML, a field of AuditConfig).
+
+What to score candidates on, how to prompt (chat template, system prompt, instruction), how lm-eval
+samples (n samples per prompt, temperature, token budget), how completions are verified
+(reasoning-trace tags, math and code deadlines, sandbox isolation), and which backend generates:
+`hf` builds the candidate in this process (small models), `served` writes it to local disk and
+scores it through an OpenAI-compatible server started on the worker (`vllm serve` on GPUs,
+`transformers serve` on a CPU).
+
+    spec = EvalSpec(tasks=["mergeaudit_math500_local"], chat_template=True, num_samples=16,
+                    temperature=0.6, top_p=0.95, max_gen_toks=32768, backend="served")
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pydantic
+
+from mergeaudit.frozen import Frozen
+
+
+class ServerSpec(Frozen):
+    """The OpenAI-compatible server a `served` evaluation starts on the worker, per candidate."""
+
+    engine: Literal["auto", "vllm", "transformers"] = pydantic.Field(
+        "auto", description="auto: vllm when evaluation.device is cuda, else transformers serve.")
+    startup_timeout: float = pydantic.Field(900.0, gt=0, description="Seconds until the server lists the model.")
+    request_timeout: float = pydantic.Field(600.0, gt=0, description="Seconds one generation request may take.")
+    num_concurrent: int = pydantic.Field(8, ge=1, le=1024, description="Requests in flight at once.")
+    gpu_memory_utilization: float = pydantic.Field(0.9, gt=0, le=1, description="vLLM's share of GPU memory.")
+    max_model_len: int | None = pydantic.Field(None, ge=16, description="vLLM's context length (model's default).")
+    extra_args: list[str] = pydantic.Field(default_factory=list, description="More arguments for the server.")
+
+    @pydantic.field_validator("extra_args")
+    @classmethod
+    def _no_remote_code(cls, v: list[str]) -> list[str]:
+        if any(a.split("=", 1)[0] == "--trust-remote-code" for a in v):
+            raise ValueError("--trust-remote-code is never passed: checkpoints are untrusted")
+        return v
+
+
+class EvalSpec(Frozen):
+    """What to score candidates on, how to prompt and sample, and how completions are verified."""
+
+    tasks: list[str] = pydantic.Field(default_factory=lambda: ["mergeaudit_add2"], min_length=1)
+    limit: int | None = pydantic.Field(None, ge=1, description="Documents per task (all when empty).")
+    batch_size: int = pydantic.Field(16, ge=1, le=4096)
+    max_length: int = pydantic.Field(256, ge=16, description="Context length: prompt plus generated tokens.")
+    device: str = pydantic.Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$",
+                                 description="Where the model runs; cuda is the GPU the worker was given.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = pydantic.Field(
+        "auto", description="Weights' dtype while scoring: auto is bfloat16 on cuda, float32 elsewhere.")
+    backend: Literal["hf", "served"] = pydantic.Field(
+        "hf", description="hf: the candidate built in this process; served: an OpenAI-compatible server per "
+        "candidate (see server).")
+    server: ServerSpec = pydantic.Field(default_factory=ServerSpec)
+    chat_template: bool | None = pydantic.Field(
+        None, description="Prompt through the tokenizer's chat template (empty: each task pack's default).")
+    system_prompt: str | None = pydantic.Field(None, description="A system turn before each problem (chat mode).")
+    instruction: str | None = pydantic.Field(
+        None, description="Appended to each problem (empty: the task pack's default in chat mode).")
+    fewshot_as_multiturn: bool = pydantic.Field(True, description="Few-shot examples as chat turns (chat mode).")
+    think_tags: list[str] | None = pydantic.Field(
+        ["<think>", "</think>"], min_length=2, max_length=2,
+        description="Reasoning-trace delimiters: the verifier scores the text after the trace (empty: no trace).")
+    num_samples: int = pydantic.Field(1, ge=1, le=1024, description="Completions per prompt (avg@n, pass@k).")
+    temperature: float = pydantic.Field(0.0, ge=0, description="Sampling temperature (0: greedy).")
+    top_p: float = pydantic.Field(1.0, gt=0, le=1)
+    max_gen_toks: int | None = pydantic.Field(None, ge=1, description="Override the tasks' generation length.")
+    pass_k: list[int] = pydantic.Field(default_factory=lambda: [1], description="k values of pass@k.")
+    data_files: dict[str, str] = pydantic.Field(
+        default_factory=dict, description="Local copies of benchmark data, e.g. {gsm8k: /data/gsm8k_test.jsonl}."
+    )
+    math_timeout: float = pydantic.Field(10.0, gt=0, description="Hard deadline of one math-verify check (s).")
+    code_timeout: float = pydantic.Field(10.0, gt=0, description="Wall-clock limit of one sandboxed program (s).")
+    code_isolation: Literal["bwrap", "best_effort"] = pydantic.Field(
+        "bwrap", description="Minimum isolation for model-generated code: bwrap (default) refuses to score code "
+        "unless bubblewrap runs it as an unprivileged user in its own namespaces; best_effort falls back to a "
+        "weaker launcher (reported in the isolation it measured)."
+    )
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _vllm_backend(cls, data: Any) -> Any:
+        """`backend: vllm` (the first round's name) is the served backend with the vllm engine."""
+        if isinstance(data, dict) and data.get("backend") == "vllm":
+            data = {**data, "backend": "served",
+                    "server": {**(data.get("server") or {}), "engine": "vllm"}}
+        return data
+
+    @pydantic.model_validator(mode="after")
+    def _sampling_ok(self) -> EvalSpec:
+        problems = []
+        if self.num_samples > 1 and self.temperature == 0:
+            problems.append("num_samples > 1 needs temperature > 0 (greedy samples are identical)")
+        bad = [k for k in self.pass_k if not 1 <= k <= self.num_samples]
+        if bad:
+            problems.append(f"pass_k values {bad} must lie in [1, num_samples={self.num_samples}]")
+        if self.think_tags is not None and (not all(self.think_tags) or self.think_tags[0] == self.think_tags[1]):
+            problems.append("think_tags are two different, non-empty strings: [open, close]")
+        if self.max_gen_toks is not None and self.max_gen_toks >= self.max_length:
+            problems.append(f"max_gen_toks={self.max_gen_toks} leaves no room for the prompt in "
+                            f"max_length={self.max_length}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def engine(self) -> str:
+        """The server engine a served evaluation starts."""
+        if self.server.engine != "auto":
+            return self.server.engine
+        return "vllm" if self.device.startswith("cuda") else "transformers"
+
+    @property
+    def torch_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.device.startswith("cuda") else "float32"
