@@ -76,6 +76,9 @@ class GeometrySettings:
     # paper's value was not found in what we could read: 0.05 is our choice. None: not computed.
     principal_alpha: float | None = 0.05
     elected_sign: bool = True  # the elected-sign disagreement (one more pass over all models)
+    # Where the spectral figures (decompositions, principal masks) are computed: "cuda" moves
+    # them to the GPU, their cost on a CPU; the exact counts stay in the fused CPU kernels.
+    device: str = "cpu"
 
 
 def module_type(module: str) -> str:
@@ -154,17 +157,18 @@ def compute_geometry(
         sums = tensor_sums(w, fts, settings.eta, settings.abs_tol, elected_sign=settings.elected_sign, pairs=chosen)
         spectral = settings.spectral if w.ndim == 2 and min(w.shape) > 1 else None
         if spectral is not None:
-            w32 = w.float()
+            w32 = w.to(settings.device).float()
             key = (base.fingerprint, tensor, spectral.k(tuple(w.shape)))
             decomposition = (decompositions or {}).get(key) or decompose(w32, key[2], spectral)
             if decompositions is not None:
                 decompositions[key] = decomposition
             if alpha is not None:
-                _principal_sums(w, fts, sums.models, principal_mask(decomposition, tuple(w.shape), alpha))
+                _principal_sums(w, fts, sums.models, principal_mask(decomposition, tuple(w.shape), alpha).cpu())
         for m, ft, acc in zip(present, fts, sums.models, strict=True):
             extra = {}
             if spectral is not None:  # the kernels' sum of squares tells whether the update is finite
-                extra = spectral_figures(w32, ft.float(), decomposition, spectral, finite=math.isfinite(acc.update_sq))
+                extra = spectral_figures(w32, ft.to(settings.device).float(), decomposition, spectral,
+                                         finite=math.isfinite(acc.update_sq))
                 acc.add_spectral(extra)
             tensor_rows.append(model_row(m, "tensor", tensor, layer, module, **{**acc.derived(alpha), **extra}))
             for key in ((m, "layer", layer), (m, "module", mtype), (m, "model", None)):

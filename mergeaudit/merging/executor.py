@@ -46,6 +46,7 @@ from mergeaudit.errors import ConfigError, NonFiniteError
 from mergeaudit.geometry import parse_tensor_name
 from mergeaudit.merging.params import check_all
 from mergeaudit.merging.registry import REGISTRY, MergeMethod, MethodParams, TensorSlot
+from mergeaudit.merging.transfer import HostToDevice
 from mergeaudit.merging.vocab import (
     Vocabulary,
     VocabularyPlan,
@@ -131,6 +132,7 @@ class PreparedMerge:
         compute = parse_dtype(plan.compute_dtype, "dtype")
         out_dtype = parse_dtype(plan.out_dtype, "out_dtype")
         device = torch.device(plan.device)
+        to_device = HostToDevice(device)  # pinned staging on CUDA, a no-op on the CPU
         sources = ([self.base] if self.base is not None else []) + self.models + (self.fisher or [])
         ids = tuple(m.id for m in plan.models)
         keys = tuple(ck.fingerprint for ck in self.models)  # masks follow the checkpoint, not its spelling
@@ -141,7 +143,7 @@ class PreparedMerge:
             if self.vocab_changes and is_vocabulary_tensor(name):
                 tensors = self._on_output_vocabulary(tensors[:n_in], compute) + tensors[n_in:]
             work = compute or promoted_dtype(tensors[:n_in])
-            tensors = [t.to(device=device) for t in tensors]  # models stay in their stored dtype
+            tensors = [to_device(t) for t in tensors]  # models stay in their stored dtype
             base = tensors.pop(0).to(work) if self.base is not None else None
             models, fisher = tuple(tensors[:k]), (tuple(tensors[k:]) if self.fisher else None)
             slot = TensorSlot(name, base, models, ids, fisher, plan.seed, dtype=work, random_keys=keys)
