@@ -40,6 +40,7 @@ from mergeaudit.evaluation.prompting import Prompting, apply_prompting, require_
 from mergeaudit.evaluation.sandbox import SandboxLimits, require_isolation
 from mergeaudit.evaluation.verdicts import verify_samples
 from mergeaudit.evaluation.verifiers import Verifier
+from mergeaudit.progress import quiet_progress_bars
 from mergeaudit.results.stats import pass_at_k  # noqa: F401 - re-exported for callers of the runner
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -330,7 +331,7 @@ def run_tasks(lm, tasks: list[TaskSource], settings: EvalSettings) -> EvalResult
     for task in tasks:
         groups.setdefault(promptings[task.name].group, []).append(task)
     merged: dict[str, dict] = {"results": {}, "samples": {}, "n-samples": {}}
-    with tempfile.TemporaryDirectory(prefix="mergeaudit-tasks-") as tmp:
+    with quiet_progress_bars(), tempfile.TemporaryDirectory(prefix="mergeaudit-tasks-") as tmp:
         for i, ((chat, system), group) in enumerate(groups.items()):
             include = materialize_tasks(group, Path(tmp) / f"group{i}", settings.num_samples, promptings)
             loaded = TaskManager(include_path=str(include), include_defaults=False).load([t.name for t in group])
