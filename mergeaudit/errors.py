@@ -64,3 +64,7 @@ class EvaluationError(MergeAuditError):
 
 class IsolationError(EvaluationError):
     """The configured minimum isolation for model-generated code is not available here."""
+
+
+class ServerStartError(EvaluationError):
+    """A model server that could not be started, exited, or did not become ready in time."""
