@@ -82,12 +82,15 @@ def format_table(rows: list[dict]) -> str:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    from mergeaudit.checkpoint.reads import summary_lines
     from mergeaudit.config import load_config
 
     result, problems = run_audit(load_config(args.config))
     print(format_table(result["summary"]))
     for note in result.get("notes", []):
         print(note)
+    for line in summary_lines(result.get("bytes_read", {}), result.get("input_sizes", {})):
+        print(line)
     print(f"\nrun {result['run_id']}: tables under {result['results_uri']}")
     if problems:
         print(f"mergeaudit: audit ended Failed:\n{problems}", file=sys.stderr)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,9 +108,11 @@ def compute_fisher(model, tokenizer, rows: list[dict[str, str]], settings: Fishe
 
 
 def estimate_fisher(model_uri: str, calibration_uri: str, cache_uri: str,
-                    settings: FisherSettings = FisherSettings()) -> str:
-    """The Fisher checkpoint of a model (computed, or found in the cache); returns its URI."""
-    ck = Checkpoint.open(model_uri)
+                    settings: FisherSettings = FisherSettings(),
+                    opener: Callable[[str], Checkpoint] = Checkpoint.open) -> str:
+    """The Fisher checkpoint of a model (computed, or found in the cache); returns its URI.
+    `opener` opens the model (through a read-through checkpoint cache, say)."""
+    ck = opener(model_uri)
     rows = read_calibration(calibration_uri, settings.max_examples)
     out = store.join(store.check_uri(cache_uri), fisher_key(ck, rows, settings))
     if check_complete(out).complete:

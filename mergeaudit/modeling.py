@@ -11,6 +11,7 @@ a second copy of the state dict.
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -19,19 +20,32 @@ import torch
 
 from mergeaudit import store
 from mergeaudit.checkpoint import CONFIG_FILE, TOKENIZER_FILES
+from mergeaudit.checkpoint.cache import local_copy
 from mergeaudit.errors import CheckpointError
 
 
 def load_tokenizer(uri: str):
-    """The tokenizer of a checkpoint on any store (its small files copied to a temp folder)."""
+    """The tokenizer of a checkpoint on any store (its small files copied to a temp folder).
+
+    Its files come from the read-through cache's copy of these very files (same fingerprint)
+    when there is one; else from the store, once per process (remembered by URI and version: an
+    audit loads the base's tokenizer for every candidate)."""
     from transformers import AutoTokenizer
 
     files = store.list_files(uri)
+    lease = local_copy(files)  # held while its files are read
+    if lease is not None:
+        files = store.list_files(lease.path)
     with tempfile.TemporaryDirectory(prefix="mergeaudit-tok-") as tmp:
         for name in TOKENIZER_FILES + (CONFIG_FILE,):
             if name in files:
-                (Path(tmp) / name).write_bytes(store.read_bytes(files[name].uri))
+                (Path(tmp) / name).write_bytes(_small_file(files[name].uri, files[name].version))
         return AutoTokenizer.from_pretrained(tmp, trust_remote_code=False)
+
+
+@functools.lru_cache(maxsize=16)
+def _small_file(uri: str, version: str) -> bytes:
+    return store.read_bytes(uri, expect=version)  # that version, or ObjectChangedError
 
 
 def empty_model(config: dict, device: str = "cpu", dtype: torch.dtype = torch.float32):

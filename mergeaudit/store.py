@@ -10,6 +10,7 @@ S3 reads send `If-Match: <ETag>`, local reads compare the open file's size and m
 
     from mergeaudit import store
     store.read_range("s3://bucket/ckpt/model.safetensors", 0, 8)
+    store.bytes_read()    # what this process has read so far, by object URI
 
 Every failure leaves this module as a `StoreError` (or `TransientStoreError` when a retry may
 help, or `ObjectChangedError` when a pinned object was replaced) whose message names the URI
@@ -372,12 +373,14 @@ def fingerprint(infos: list[FileInfo]) -> str:
     return h.hexdigest()[:32]
 
 
-_READS = ("Expect", "check_local_version", "read_bytes", "read_into", "read_range")
+_READS = ("Expect", "bytes_read", "bytes_read_since", "check_local_version", "count_read", "process_tag",
+          "read_bytes", "read_into", "read_range")
 
 
 def __getattr__(name: str):
-    """`read_bytes`, `read_range`, `read_into` (version-pinned) live in mergeaudit.store_reads,
-    which imports this module; they are part of this module's API."""
+    """`read_bytes`, `read_range`, `read_into` (version-pinned) and the tally of bytes read
+    (`bytes_read`, `bytes_read_since`) live in mergeaudit.store_reads, which imports this
+    module; they are part of this module's API."""
     if name in _READS:
         from mergeaudit import store_reads
 

@@ -11,11 +11,22 @@ mtime with the tag after reading (an in-place rewrite of the same size within on
 file-system clock, a few ms, is invisible to stat); other stores compare info() after the read.
 A change is an ObjectChangedError (a StoreError, not transient: retrying the same pinned read
 cannot succeed). Import these from `mergeaudit.store`.
+
+Every read is counted, per object URI, in a process-wide tally of the bytes fetched from the
+object's store (ranged and whole reads, cache fills, pread and mapped local reads alike):
+`bytes_read()` is a snapshot, `bytes_read_since(snapshot)` the bytes read after it.
+
+    before = store.bytes_read()
+    ...
+    store.bytes_read_since(before)   # {"s3://bkt/base/model.safetensors": 180344, ...}
 """
 
 from __future__ import annotations
 
+import collections
 import os
+import threading
+import uuid
 from typing import Union
 
 import fsspec.asyn
@@ -24,6 +35,39 @@ from mergeaudit.errors import ObjectChangedError, StoreError
 from mergeaudit.store import FileInfo, Location, _file_info, locate, translate_errors
 
 Expect = Union[FileInfo, str, None]
+
+_read_lock = threading.Lock()
+_read: collections.Counter[str] = collections.Counter()
+_BOOT = uuid.uuid4().hex[:12]
+
+
+def count_read(uri: str, nbytes: int) -> None:
+    """Add nbytes read from uri to this process's tally (the readers here call it; so does a
+    reader that maps a local file)."""
+    _count(locate(uri).uri, nbytes)
+
+
+def _count(norm_uri: str, nbytes: int) -> None:
+    if nbytes > 0:
+        with _read_lock:
+            _read[norm_uri] += nbytes
+
+
+def bytes_read() -> dict[str, int]:
+    """A snapshot of the bytes this process has read, by object URI."""
+    with _read_lock:
+        return dict(_read)
+
+
+def bytes_read_since(before: dict[str, int]) -> dict[str, int]:
+    """The bytes read, by object URI, since the snapshot `before` (only URIs read since)."""
+    now = bytes_read()
+    return {uri: n - before.get(uri, 0) for uri, n in now.items() if n > before.get(uri, 0)}
+
+
+def process_tag() -> str:
+    """Names this process (a fork gets a new one): whose tally a count of bytes read is in."""
+    return f"{_BOOT}:{os.getpid()}"
 
 
 def read_bytes(uri: str, expect: Expect = None) -> bytes:
@@ -34,6 +78,7 @@ def read_bytes(uri: str, expect: Expect = None) -> bytes:
         if loc.is_local and version is not None:
             with open(loc.path, "rb") as fh:
                 data = fh.read()
+                _count(loc.uri, len(data))
                 check_local_version(uri, os.fstat(fh.fileno()), version)
             return data
         return _get(loc, None, None, version)
@@ -85,12 +130,13 @@ def read_into(uri: str, start: int, buf: bytearray | memoryview, expect: Expect 
                     if n == 0:
                         break
                     got += n
+                _count(loc.uri, got)
                 if version is not None:  # after the read: a change during it shows too
                     check_local_version(uri, os.fstat(fd), version)
             finally:
                 os.close(fd)
         else:
-            data = _get(loc, start, start + want, version)
+            data = _get(loc, start, start + want, version)  # counted there
             got = len(data)
             view[:got] = data
             del data
@@ -130,7 +176,9 @@ def _get(loc: Location, start: int | None, end: int | None, version: str | None)
                 resp["Body"].close()
 
         try:
-            return fsspec.asyn.sync(loc.fs.loop, get)
+            data = fsspec.asyn.sync(loc.fs.loop, get)
+            _count(loc.uri, len(data))
+            return data
         except Exception as exc:  # noqa: BLE001 - only a failed precondition is ours to name
             if _precondition_failed(exc):
                 raise ObjectChangedError(
@@ -138,6 +186,7 @@ def _get(loc: Location, start: int | None, end: int | None, version: str | None)
                     "(the GET's If-Match failed)") from exc
             raise
     data = loc.fs.cat_file(loc.path, start=start, end=end)
+    _count(loc.uri, len(data))
     if version is not None and loc.scheme != "s3" and not loc.is_local:
         _check_same(loc.uri, version, _file_info(loc.uri, loc.fs.info(loc.path)))  # memory://: after the read
     return data

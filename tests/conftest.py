@@ -1,8 +1,8 @@
 """Session fixtures: offline HF, a real S3 endpoint on loopback (moto's server), tiny models.
 
 The environment is set at import, before any boto/s3fs client or HF cache can exist:
-dummy AWS credentials, HF_HOME in a temporary folder, every HF offline switch on, Prefect's
-telemetry off. Storage tests run on a local folder and on S3 through `store_root`.
+dummy AWS credentials, HF_HOME and the checkpoint cache in a temporary folder, every HF offline
+switch on, Prefect's telemetry off. Storage tests run on a local folder and on S3 through `store_root`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 _SESSION_TMP = tempfile.mkdtemp(prefix="mergeaudit-tests-")
 os.environ.update(
     HF_HOME=os.path.join(_SESSION_TMP, "hf"),
+    MERGEAUDIT_CACHE_DIR=os.path.join(_SESSION_TMP, "checkpoint-cache"),  # audits cache S3 inputs by default
     HF_HUB_OFFLINE="1",
     HF_DATASETS_OFFLINE="1",
     TRANSFORMERS_OFFLINE="1",

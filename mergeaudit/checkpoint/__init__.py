@@ -6,10 +6,12 @@
 
 `format` (safetensors layout and validation), `reader` (Checkpoint, compatibility),
 `writer` (sharded, atomic publish), `discovery` (completeness under a prefix), `cache`
-(read-through local cache) and `convert` (opt-in, weights_only pickle conversion).
+(read-through local cache), `reads` (bytes read per checkpoint) and `convert` (opt-in,
+weights_only pickle conversion).
 """
 
-from mergeaudit.checkpoint.cache import CheckpointCache
+from mergeaudit.checkpoint import reads
+from mergeaudit.checkpoint.cache import CheckpointCache, default_cache_dir
 from mergeaudit.checkpoint.discovery import CheckpointStatus, check_complete, discover
 from mergeaudit.checkpoint.format import (
     DTYPES,
@@ -33,6 +35,7 @@ from mergeaudit.checkpoint.writer import CheckpointWriter, write_checkpoint
 __all__ = [
     "CONFIG_FILE", "DTYPES", "INDEX_FILE", "SINGLE_FILE", "TOKENIZER_FILES",
     "Checkpoint", "CheckpointCache", "CheckpointStatus", "CheckpointWriter", "TensorSpec",
-    "check_compatible", "check_complete", "iter_aligned", "discover", "parse_header", "read_tensor",
+    "check_compatible", "check_complete", "default_cache_dir", "iter_aligned", "discover", "parse_header", "reads",
+    "read_tensor",
     "serialize_safetensors", "untie_heads", "write_checkpoint",
 ]

@@ -14,7 +14,15 @@ anything else in CACHE_DIR). A reader holds a lease on its entry for as long as 
 marker. Eviction, least-recently-used first, takes a non-blocking exclusive lock and skips
 entries it cannot get, so an entry in use is never evicted, by this process or another one.
 When the checkpoint does not fit in `max_bytes` beside the entries in use, the cache logs a
-warning naming the sizes and the checkpoint is read in place, from its source.
+warning naming the sizes and the checkpoint is read in place, from its source; so it is when
+the cache folder cannot be created or filled (a read-only home, a full disk). Local checkpoints
+are always read in place, never copied.
+
+Audits use a cache by default (`storage.cache: auto`), in `default_cache_dir()`:
+`$MERGEAUDIT_CACHE_DIR`, else `$XDG_CACHE_HOME/mergeaudit/checkpoints`, else
+`~/.cache/mergeaudit/checkpoints`. `local_copy(files)` leases the entry of exactly these files
+(by fingerprint) when there is one, in a cache folder this process has used or the default one,
+so small files read apart from the tensors (the tokenizer) come from the cache too.
 
     cache = CheckpointCache("/var/cache/mergeaudit", max_bytes=200 << 30)
     ck = Checkpoint.open("s3://bkt/step-400", cache=cache)
@@ -30,6 +38,7 @@ import os
 import shutil
 import time
 import uuid
+import weakref
 from pathlib import Path
 
 from mergeaudit import store
@@ -37,7 +46,35 @@ from mergeaudit.errors import CheckpointChangedError, ObjectChangedError
 
 COPY_CHUNK = 64 * 1024 * 1024
 MARKER = ".mergeaudit-cache-entry"
+CACHE_DIR_ENV = "MERGEAUDIT_CACHE_DIR"
 log = logging.getLogger(__name__)
+# fingerprint -> a lease this process holds on that entry (gone when the lease is collected)
+_held: weakref.WeakValueDictionary[str, CacheLease] = weakref.WeakValueDictionary()
+_roots: set[Path] = set()  # the cache folders this process has used
+
+
+def default_cache_dir() -> Path:
+    """$MERGEAUDIT_CACHE_DIR, else $XDG_CACHE_HOME/mergeaudit/checkpoints, else
+    ~/.cache/mergeaudit/checkpoints."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mergeaudit" / "checkpoints"
+
+
+def local_copy(files: dict[str, store.FileInfo]) -> CacheLease | None:
+    """A lease on the cache entry of exactly these files (their fingerprint): one this process
+    holds, or one found in a cache folder it has used or the default folder; None when there is
+    none. Keep the lease while reading from its `path`."""
+    key = store.fingerprint(list(files.values()))
+    lease = _held.get(key)
+    if lease is not None and lease._fd is not None:
+        return lease
+    for root in [*_roots, default_cache_dir()]:
+        lease = _lease(root / key, key)
+        if lease is not None:
+            return lease
+    return None
 
 
 class CacheLease:
@@ -47,6 +84,7 @@ class CacheLease:
     def __init__(self, path: Path, fd: int):
         self.path = str(path)
         self._fd: int | None = fd
+        _held[Path(path).name] = self  # entries are named by fingerprint
 
     def release(self) -> None:
         if self._fd is not None:
@@ -94,6 +132,20 @@ def _same_file(fd: int, path: Path) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+def _lease(entry: Path, key: str) -> CacheLease | None:
+    """A lease on a complete entry of key, or None."""
+    marker = entry / MARKER
+    if entry.is_symlink() or not entry.is_dir():
+        return None
+    fd = _lock(marker, fcntl.LOCK_SH)
+    if fd is None:
+        return None
+    if not _same_file(fd, marker) or _marker_key(marker) != key:
+        os.close(fd)
+        return None
+    return CacheLease(entry, fd)
+
+
 def _entry_bytes(entry: Path) -> int:
     return sum(f.stat().st_size for f in entry.iterdir() if f.is_file() and f.name != MARKER)
 
@@ -102,7 +154,6 @@ class CheckpointCache:
     def __init__(self, root: str | os.PathLike, max_bytes: int):
         self.root = Path(root)
         self.max_bytes = int(max_bytes)
-        self.root.mkdir(parents=True, exist_ok=True)
 
     def fetch(self, uri: str, files: dict[str, store.FileInfo]) -> CacheLease | None:
         """A lease on the local folder holding the checkpoint's files (downloading on a miss),
@@ -114,9 +165,15 @@ class CheckpointCache:
             log.warning("checkpoint %s (%d bytes) is larger than the cache %s (max_bytes %d): reading it in place",
                         uri, size, self.root, self.max_bytes)
             return None
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)  # only once something is to be cached
+        except OSError as exc:
+            log.warning("cannot create the checkpoint cache %s (%s): reading %s in place", self.root, exc, uri)
+            return None
+        _roots.add(self.root)
         key = store.fingerprint(list(files.values()))
         entry = self.root / key
-        lease = self._lease(entry, key)
+        lease = _lease(entry, key)
         if lease is not None:
             os.utime(entry)  # recently used
             return lease
@@ -127,22 +184,10 @@ class CheckpointCache:
             return None
         return self._download(uri, files, key, entry)
 
-    def _lease(self, entry: Path, key: str) -> CacheLease | None:
-        marker = entry / MARKER
-        if entry.is_symlink() or not entry.is_dir():
-            return None
-        fd = _lock(marker, fcntl.LOCK_SH)
-        if fd is None:
-            return None
-        if not _same_file(fd, marker) or _marker_key(marker) != key:
-            os.close(fd)
-            return None
-        return CacheLease(entry, fd)
-
     def _download(self, uri: str, files: dict[str, store.FileInfo], key: str, entry: Path) -> CacheLease | None:
         staging = self.root / f".partial-{uuid.uuid4().hex[:12]}"
-        staging.mkdir()
         try:
+            staging.mkdir()
             for name, fi in files.items():
                 with open(staging / name, "wb") as out:
                     for start in range(0, fi.size, COPY_CHUNK):
@@ -155,10 +200,14 @@ class CheckpointCache:
             except OSError:  # another process cached it meanwhile
                 os.close(fd)
                 shutil.rmtree(staging, ignore_errors=True)
-                return self._lease(entry, key)
+                return _lease(entry, key)
         except ObjectChangedError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise CheckpointChangedError(f"{exc}; {uri} changed while it was being cached") from exc
+        except OSError as exc:  # the local disk (full, read-only); store failures are StoreErrors
+            shutil.rmtree(staging, ignore_errors=True)
+            log.warning("cannot fill the checkpoint cache %s (%s): reading %s in place", self.root, exc, uri)
+            return None
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -167,6 +216,8 @@ class CheckpointCache:
     def entries(self) -> list[tuple[Path, int, float]]:
         """(folder, bytes, last use) of every entry this cache created, oldest first."""
         out = []
+        if not self.root.is_dir():
+            return out
         for entry in self.root.iterdir():
             if entry.name.startswith(".") or entry.is_symlink() or not entry.is_dir():
                 continue

@@ -279,6 +279,7 @@ def read_tensor(spec: TensorSpec) -> torch.Tensor:
         return torch.empty(spec.shape, dtype=spec.torch_dtype)
     loc = store.locate(spec.file)
     if loc.is_local and spec.nbytes >= MAP_MIN_BYTES:
+        store.count_read(spec.file, spec.nbytes)  # paged in when used: read all the same
         return map_local(spec, loc.path)
     try:
         if loc.is_local:

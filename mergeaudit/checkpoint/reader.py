@@ -3,7 +3,8 @@
 A checkpoint is a folder (any store URI) with `config.json`, weights in `model.safetensors` or
 in shards named by `model.safetensors.index.json` (the two layouts transformers loads), and
 tokenizer files. `Checkpoint.open` lists the folder and validates every header before any
-tensor is read; tensors then stream with one ranged read each. Every read is pinned to the
+tensor is read (once per process and version of the files: the result is remembered by URI and
+fingerprint); tensors then stream with one ranged read each. Every read is pinned to the
 version of its file that the listing (and so the fingerprint) saw: S3 GETs carry
 `If-Match: <ETag>`, local reads compare size and mtime, and a file replaced mid-audit is a
 `CheckpointChangedError` instead of a silent mix of old and new tensors. `iter_tensors` keeps
@@ -21,8 +22,10 @@ Untrusted input is never unpickled: a folder with only `.bin`/`.pt` weights is r
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import json
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cached_property
@@ -61,7 +64,10 @@ MAX_WINDOW_BYTES = 1024 * 1024 * 1024
 REMOTE_MAX_REQUESTS = 8
 LOCAL_MAX_REQUESTS = 2
 TIED_HEAD = "lm_head.weight"
+METADATA_MEMO_SIZE = 64  # checkpoints whose config and headers a process remembers
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight")
+_metadata: collections.OrderedDict[tuple[str, str], tuple[dict, dict[str, TensorSpec]]] = collections.OrderedDict()
+_metadata_lock = threading.Lock()
 
 
 def read_json(uri: str, expect: store.Expect = None) -> dict:
@@ -97,22 +103,20 @@ class Checkpoint:
     def open(cls, uri: str, cache=None) -> Checkpoint:
         """Open and validate a checkpoint folder; raises CheckpointError on anything wrong.
 
-        `cache` (a `CheckpointCache`) serves the tensor bytes from a local copy keyed by the
-        source's fingerprint, downloading it on first use.
+        `cache` (a `CheckpointCache`) serves the checkpoint's bytes (config, index, headers,
+        tensors) from a local copy keyed by the source's fingerprint, downloading it on first
+        use; only the listing then goes to the source.
         """
         norm = store.check_uri(uri)
         files = list_checkpoint_files(norm)
-        config = read_json(files[CONFIG_FILE].uri, expect=files[CONFIG_FILE])
-        layout = weight_layout(norm, files)
-        if cache is not None:
-            lease = cache.fetch(norm, files)
-            if lease is not None:
-                local_files = store.list_files(lease.path)
-                specs = read_specs(norm, local_files, layout)
-                ck = cls(norm, config, files, specs)
-                ck.cache_lease = lease  # the cache never evicts the entry while this checkpoint lives
-                return ck
-        return cls(norm, config, files, read_specs(norm, files, layout))
+        lease = cache.fetch(norm, files) if cache is not None else None
+        if lease is None:
+            config, specs = remembered_metadata(norm, files)
+            return cls(norm, config, files, specs)
+        config, specs = read_metadata(norm, store.list_files(lease.path))
+        ck = cls(norm, config, files, specs)
+        ck.cache_lease = lease  # the cache never evicts the entry while this checkpoint lives
+        return ck
 
     # -- the tiny interface ------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -176,7 +180,10 @@ class Checkpoint:
         if not self.tied_embeddings or embed is None:
             return self
         specs = {**self._specs, TIED_HEAD: dataclasses.replace(self._specs[embed], name=TIED_HEAD)}
-        return Checkpoint(self.uri, self.config, self.files, specs)
+        ck = Checkpoint(self.uri, self.config, self.files, specs)
+        if hasattr(self, "cache_lease"):
+            ck.cache_lease = self.cache_lease  # its specs may point into the cache entry too
+        return ck
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: s.shape for n, s in self._specs.items()}
@@ -225,6 +232,30 @@ def iter_aligned(
     streams = [ck.iter_tensors(names, window_bytes=share) for ck in checkpoints]
     for name in names:
         yield name, [next(s)[1] for s in streams]
+
+
+def read_metadata(uri: str, files: dict[str, store.FileInfo]) -> tuple[dict, dict[str, TensorSpec]]:
+    """The config and the validated tensor specs of a listed checkpoint (ranged reads only)."""
+    config = read_json(files[CONFIG_FILE].uri, expect=files[CONFIG_FILE])
+    return config, read_specs(uri, files, weight_layout(uri, files))
+
+
+def remembered_metadata(uri: str, files: dict[str, store.FileInfo]) -> tuple[dict, dict[str, TensorSpec]]:
+    """read_metadata, remembered per URI and fingerprint (the listing's versions, which every
+    spec is pinned to): an audit opens each input in several stages and for every candidate,
+    and headers read again would cost requests and bytes each time. Failures are not kept."""
+    key = (uri, store.fingerprint(list(files.values())))
+    with _metadata_lock:
+        found = _metadata.get(key)
+        if found is not None:
+            _metadata.move_to_end(key)
+    if found is None:
+        found = read_metadata(uri, files)
+        with _metadata_lock:
+            _metadata[key] = found
+            while len(_metadata) > METADATA_MEMO_SIZE:
+                _metadata.popitem(last=False)
+    return copy.deepcopy(found[0]), dict(found[1])
 
 
 def list_checkpoint_files(uri: str) -> dict[str, store.FileInfo]:

@@ -239,6 +239,7 @@ class CheckpointWriter:
         self._stub = False
         self._config = self._resolve_config(source, config)
         self._tokenizer = self._tokenizer_files(source)
+        self._source_lease = getattr(source, "cache_lease", None)  # its tokenizer files are copied at the end
         if self._loc.is_local:
             parent, name = os.path.split(self._loc.path.rstrip("/"))
             self._target = os.path.join(parent, f".{name}.partial-{self._token}")
@@ -270,6 +271,9 @@ class CheckpointWriter:
         if source is None:
             return {}
         files = source.files if isinstance(source, Checkpoint) else store.list_files(store.check_uri(source))
+        lease = getattr(source, "cache_lease", None)
+        if lease is not None:  # the read-through cache's copy of the same files
+            files = store.list_files(lease.path)
         return {name: files[name].uri for name in TOKENIZER_FILES if name in files}
 
     def _write_config_and_tokenizer(self) -> None:
