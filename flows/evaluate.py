@@ -2,15 +2,19 @@
 
 The parent audit starts one run per candidate with `run_deployment` when `routing: pools`.
 Parameters are small records (the candidate's recipe, the evaluation and storage settings, the
-results URI); the scores and samples go to the store, and the run returns where.
+results URI); the scores and samples go to the store, and the run returns where. What the run
+read from the inputs' stores goes to `RESULTS/evaluations/reads/<flow run id>.json`, for the
+parent's bytes-read summary.
 """
 
 from __future__ import annotations
 
 from prefect import flow
+from prefect.runtime import flow_run
 
 from flows.credentials import use_storage_credentials
 from mergeaudit.audit import Candidate, EvaluationRecord
+from mergeaudit.checkpoint import reads
 from mergeaudit.config import EvalSpec, StorageSpec
 from tasks.audit import evaluate_candidate
 
@@ -19,4 +23,6 @@ from tasks.audit import evaluate_candidate
 def evaluate(candidate: Candidate, evaluation: EvalSpec, storage: StorageSpec, results_uri: str) -> EvaluationRecord:
     """Evaluate one merge, probe or checkpoint candidate and store its scores and samples."""
     use_storage_credentials(storage)
-    return evaluate_candidate(candidate, evaluation, storage, results_uri)
+    record = evaluate_candidate(candidate, evaluation, storage, results_uri)
+    reads.save_report(reads.report_uri(results_uri, str(flow_run.get_id())), record.bytes_read, record.read_by)
+    return record

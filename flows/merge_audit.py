@@ -30,6 +30,7 @@ from prefect.states import Failed
 
 from flows.credentials import use_storage_credentials
 from mergeaudit import audit, report, store
+from mergeaudit.checkpoint import reads
 from mergeaudit.config import AuditConfig, CheckpointSpec, load_config, with_models
 from mergeaudit.errors import ConfigError
 from tasks.audit import (
@@ -50,6 +51,7 @@ def merge_audit(
 ) -> dict:
     """Audit merges of the configured checkpoints; returns the run id, table URIs and a summary."""
     config = with_models(resolve_config(config, config_uri), add_models or [])
+    reads_before = store.bytes_read()
     run_id = audit.new_run_id()
     started_at = dt.datetime.now(dt.timezone.utc)
     use_storage_credentials(config.storage)
@@ -61,11 +63,14 @@ def merge_audit(
         evaluations = evaluate_on_pool(config, candidates)
     else:
         evaluations = [evaluate_inline(config, c) for c in candidates]
-    outcome = finish_run(config, run_id, started_at, records, geometry, candidates, evaluations)
+    outcome = finish_run(config, run_id, started_at, records, geometry, candidates, evaluations,
+                         store.bytes_read_since(reads_before))
     publish_report(config, outcome)
     get_run_logger().info("run %s committed %s", run_id, ", ".join(outcome.tables))
     for note in outcome.notes:
         get_run_logger().warning(note)
+    for line in reads.summary_lines(outcome.bytes_read, outcome.input_sizes):
+        get_run_logger().info(line)
     result = outcome.model_dump(mode="json")
     problems = outcome.problems()
     if outcome.regressions and outcome.regressions.regressions:
@@ -119,7 +124,9 @@ def evaluate_on_pool(config: AuditConfig, candidates: list[audit.Candidate]) -> 
     out = []
     for cand, child in zip(candidates, children):
         if child["state"] == StateType.COMPLETED.value:
-            out.append(audit.stored_evaluation(cand, config.evaluation, config.results_uri))
+            record = audit.stored_evaluation(cand, config.evaluation, config.results_uri)
+            out.append(record.model_copy(update=reads.load_report(reads.report_uri(config.results_uri,
+                                                                                   child["flow_run"]))))
         else:
             out.append(audit.failed_evaluation(
                 cand, f"evaluate run {child['flow_run']} ended {child['state']}: {child['message'] or ''}"))

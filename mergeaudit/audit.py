@@ -15,10 +15,12 @@ materialised next to where it is evaluated.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import hashlib
 import importlib.metadata
 import json
 import logging
+import os
 import tempfile
 import uuid
 from typing import Any, Literal
@@ -29,6 +31,8 @@ import torch
 import mergeaudit
 from mergeaudit import fisher, geometry, probes, store, tables
 from mergeaudit.checkpoint import Checkpoint, CheckpointCache, check_compatible, write_checkpoint
+from mergeaudit.checkpoint.cache import default_cache_dir
+from mergeaudit.checkpoint.reads import by_checkpoint, input_totals
 from mergeaudit.config import (
     AuditConfig,
     EvalSpec,
@@ -39,6 +43,7 @@ from mergeaudit.config import (
 )
 from mergeaudit.errors import CheckpointError, EvaluationError
 from mergeaudit.evaluation import EvalSettings, check_tasks, evaluate_model
+from mergeaudit.evaluation.runner import check_prompting
 from mergeaudit.evaluation.sandbox import SandboxLimits, require_isolation
 from mergeaudit.geometry import series
 from mergeaudit.merging import REGISTRY
@@ -68,6 +73,7 @@ class CheckpointRecord(pydantic.BaseModel):
     dtype: str | None = None
     series: str | None = None  # a step of this series (config.series), not a model of the audit
     step: int | None = None
+    size: int | None = None  # bytes of all its files: what one full read (a cache fill) fetches
 
 
 class Candidate(pydantic.BaseModel):
@@ -131,10 +137,11 @@ def package_versions() -> dict[str, str]:
 
 
 def open_checkpoint(uri: str, storage: StorageSpec) -> Checkpoint:
-    """Open a checkpoint through the configured read-through cache, if any."""
+    """Open a checkpoint through the read-through cache (on unless `storage.cache` is off; it
+    copies checkpoints on object stores, and local ones are read in place)."""
     cache = None
-    if storage.cache_dir:
-        cache = CheckpointCache(storage.cache_dir, max_bytes=int(storage.cache_max_gb * 1024**3))
+    if storage.cache != "off":
+        cache = CheckpointCache(storage.cache_dir or default_cache_dir(), max_bytes=int(storage.cache_max_gb * 1024**3))
     return Checkpoint.open(uri, cache=cache)
 
 
@@ -157,7 +164,7 @@ def resolve_checkpoints(config: AuditConfig) -> dict[str, CheckpointRecord]:
         name: CheckpointRecord(name=name, uri=ck.uri, kind=kinds[name], fingerprint=ck.fingerprint,
                                n_tensors=len(ck.keys()), nbytes=ck.nbytes, model_type=ck.config.get("model_type"),
                                dtype=_main_dtype(ck), series=steps.get(name, (None,))[0],
-                               step=steps.get(name, (None, None))[1])
+                               step=steps.get(name, (None, None))[1], size=sum(f.size for f in ck.files.values()))
         for name, ck in opened.items()
     }
 
@@ -199,7 +206,7 @@ def compute_geometry(config: AuditConfig, records: dict[str, CheckpointRecord],
     base = open_checkpoint(records[config.base.name].uri, config.storage)
     models = {m.name: open_checkpoint(records[m.name].uri, config.storage) for m in config.models}
     kinds = {m.name: m.kind for m in config.models}
-    fishers = {name: Checkpoint.open(uri) for name, uri in (fisher_uris or {}).items() if name in models}
+    fishers = {name: open_checkpoint(uri, config.storage) for name, uri in (fisher_uris or {}).items() if name in models}
     settings = geometry_settings(config.geometry)
     shared: dict = {}  # the base's decompositions, made once for the models and every series
     tensor_rows, pair_rows = geometry.compute_geometry(base, models, kinds, settings, fisher=fishers,
@@ -232,7 +239,8 @@ def estimate_fisher(config: AuditConfig, records: dict[str, CheckpointRecord], n
     cache = spec.cache_uri or store.join(config.results_uri, "fisher")
     settings = fisher.FisherSettings(max_examples=spec.max_examples, max_length=spec.max_length,
                                      device=config.evaluation.device)
-    return fisher.estimate_fisher(records[name].uri, spec.calibration, cache, settings)
+    return fisher.estimate_fisher(records[name].uri, spec.calibration, cache, settings,
+                                  opener=lambda uri: open_checkpoint(uri, config.storage))
 
 
 def merge_plan(config: AuditConfig, records: dict[str, CheckpointRecord], strat: StrategySpec,
@@ -323,33 +331,65 @@ def eval_settings(spec: EvalSpec) -> EvalSettings:
         max_gen_toks=spec.max_gen_toks, pass_k=tuple(spec.pass_k), data_files=dict(spec.data_files),
         math_timeout=spec.math_timeout,
         sandbox=SandboxLimits(wall_seconds=spec.code_timeout, minimum_isolation=spec.code_isolation),
+        chat_template=spec.chat_template, system_prompt=spec.system_prompt, instruction=spec.instruction,
+        fewshot_as_multiturn=spec.fewshot_as_multiturn, think_tags=tuple(spec.think_tags) if spec.think_tags else None,
     )
 
 
 def evaluate_candidate(candidate: Candidate, spec: EvalSpec, storage: StorageSpec) -> CandidateResult:
     """Materialise the candidate and score it with lm-eval and the verifiers.
 
-    With `backend: hf` the model is built in memory on the configured device; with `vllm` the
-    candidate is written to a local folder and scored by vLLM in a subprocess."""
+    Everything that can refuse is checked first (tasks, sandbox, chat template, CUDA). With
+    `backend: hf` the model is built in this process on `evaluation.device` (the worker's GPU:
+    cuda is the first device of its CUDA_VISIBLE_DEVICES) in `evaluation.dtype`, and freed before
+    the next candidate; with `served` the candidate is written to a local folder (under TMPDIR)
+    and scored through a server started for it (`mergeaudit.evaluation.served`), then removed."""
     settings = eval_settings(spec)
-    if any(t.verifier == "code" for t in check_tasks(spec.tasks, settings.data_files)):
+    tasks = check_tasks(spec.tasks, settings.data_files)
+    if any(t.verifier == "code" for t in tasks):
         require_isolation(spec.code_isolation)  # here, where the code runs, before building the model
-    if spec.backend == "vllm":
-        from mergeaudit.evaluation.vllm_backend import evaluate_with_vllm
+    check_prompting(tasks, settings, load_tokenizer(candidate.base.uri), candidate.name)
+    if spec.device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvaluationError(f"evaluation.device is {spec.device} but this worker has no CUDA device "
+                              f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    if spec.backend == "served":
+        from mergeaudit.evaluation.served import evaluate_served
 
-        with tempfile.TemporaryDirectory(prefix="mergeaudit-vllm-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="mergeaudit-served-") as tmp:
             base = open_checkpoint(candidate.base.uri, storage)
             sparsity = save_candidate(candidate, storage, base, tmp)
-            result = evaluate_with_vllm(tmp, spec.tasks, settings)
+            result = evaluate_served(tmp, spec.tasks, settings, server_settings(spec))
     else:
-        model, tokenizer, sparsity = materialize(candidate, storage, device=spec.device)
-        with torch.inference_mode():
-            result = evaluate_model(model, tokenizer, spec.tasks, settings)
-        del model
+        model, tokenizer, sparsity = materialize(candidate, storage, device=spec.device,
+                                                 dtype=getattr(torch, spec.torch_dtype))
+        try:
+            with torch.inference_mode():
+                result = evaluate_model(model, tokenizer, spec.tasks, settings)
+        finally:
+            del model
+            release_device_memory(spec.device)
     for row in result.scores + result.samples:
         row["candidate_id"] = candidate.candidate_id
     return CandidateResult(candidate_id=candidate.candidate_id, scores=result.scores, samples=result.samples,
                            update_sparsity_bf16=sparsity)
+
+
+def server_settings(spec: EvalSpec):
+    from mergeaudit.evaluation.served import ServerSettings
+
+    s = spec.server
+    return ServerSettings(engine=spec.engine, startup_timeout=s.startup_timeout, request_timeout=s.request_timeout,
+                          num_concurrent=s.num_concurrent, dtype=spec.torch_dtype,
+                          device=spec.device if spec.engine == "transformers" else "auto",
+                          gpu_memory_utilization=s.gpu_memory_utilization, max_model_len=s.max_model_len,
+                          extra_args=tuple(s.extra_args))
+
+
+def release_device_memory(device: str) -> None:
+    """Give a freed model's GPU memory back before the next candidate is built."""
+    gc.collect()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def save_candidate(candidate: Candidate, storage: StorageSpec, base: Checkpoint, out_dir: str) -> float:
@@ -418,6 +458,8 @@ class EvaluationRecord(pydantic.BaseModel):
     update_sparsity_bf16: float | None
     status: Literal["ok", "failed"] = "ok"
     error: str | None = None
+    bytes_read: dict[str, int] = {}  # by input URI: what the evaluation read from the stores
+    read_by: str | None = None  # the process that read them (store.process_tag())
 
 
 def failed_evaluation(candidate: Candidate, error: str) -> EvaluationRecord:
@@ -439,10 +481,13 @@ def evaluate_to_store(candidate: Candidate, spec: EvalSpec, storage: StorageSpec
     uri = store.join(results_uri, "evaluations", f"{evaluation_key(candidate, spec)}.json")
     if store.exists(uri):
         return stored_evaluation(candidate, spec, results_uri)
+    before = store.bytes_read()
     result = evaluate_candidate(candidate, spec, storage)
     store.write_bytes(uri, result.model_dump_json().encode())
+    read = by_checkpoint(store.bytes_read_since(before), {r.uri for r in [candidate.base, *candidate.inputs]})
     return EvaluationRecord(candidate_id=candidate.candidate_id, uri=uri, scores=len(result.scores),
-                            samples=len(result.samples), update_sparsity_bf16=result.update_sparsity_bf16)
+                            samples=len(result.samples), update_sparsity_bf16=result.update_sparsity_bf16,
+                            bytes_read=read, read_by=store.process_tag())
 
 
 def stored_evaluation(candidate: Candidate, spec: EvalSpec, results_uri: str) -> EvaluationRecord:
@@ -469,6 +514,8 @@ class RunOutcome(pydantic.BaseModel):
     failed: list[str] = []
     regressions: RegressionReport | None = None
     notes: list[str] = []  # what the summary must state besides scores (tensors geometry did not compare)
+    bytes_read: dict[str, int] = {}  # by input name: read from its store by this run, in every process
+    input_sizes: dict[str, int] = {}  # by input name: bytes of all its files
 
     def problems(self) -> str | None:
         """One paragraph on what went wrong (failed candidates, regressions), or None."""
@@ -486,9 +533,12 @@ def finish_run(
     geometry_tables: dict[str, list[dict]],
     candidates: list[Candidate],
     evaluations: list[EvaluationRecord],
+    bytes_read: dict[str, int] | None = None,
 ) -> RunOutcome:
     """Load the stored evaluations, compare with the previous run of this audit, and commit the
-    run's tables (one manifest, written last)."""
+    run's tables (one manifest, written last). `bytes_read`, this process's reads since the run
+    began (a `store.bytes_read_since`), plus what evaluations read elsewhere, are the run's
+    bytes read per input (none reported without it)."""
     results = [load_evaluation(e) for e in evaluations if e.status == "ok"]
     failures = {e.candidate_id: e.error or "failed" for e in evaluations if e.status == "failed"}
     rows = result_rows(config, checkpoints, geometry_tables, candidates, results, failures)
@@ -507,7 +557,11 @@ def finish_run(
     names = {c.candidate_id: c.name for c in candidates}
     return RunOutcome(run_id=run_id, results_uri=config.results_uri, tables=files,
                       summary=leaderboard.summary(run), failed=[names[cid] for cid in failures], regressions=check,
-                      notes=geometry_views.not_compared(geometry_tables.get("geometry_tensors", [])))
+                      notes=geometry_views.not_compared(geometry_tables.get("geometry_tensors", [])),
+                      bytes_read={} if bytes_read is None else input_totals(
+                          {n: r.uri for n, r in checkpoints.items()}, bytes_read,
+                          [e.bytes_read for e in evaluations if e.read_by != store.process_tag()]),
+                      input_sizes={n: r.size for n, r in checkpoints.items() if r.size is not None})
 
 
 def result_rows(

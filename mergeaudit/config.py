@@ -22,27 +22,12 @@ import pydantic
 
 from mergeaudit import store
 from mergeaudit.errors import ConfigError, MergeAuditError
+from mergeaudit.evaluation.spec import EvalSpec, ServerSpec  # noqa: F401 - composed here, re-exported
+from mergeaudit.frozen import MAX_MAGNITUDE, Frozen  # noqa: F401 - MAX_MAGNITUDE: re-exported
 from mergeaudit.safe_yaml import load_yaml
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-# No float in a config is infinite, NaN or beyond this (probe lambdas, scales, timeouts...);
-# merge parameters have the same bound (merging.registry.MAX_PARAM_MAGNITUDE).
-MAX_MAGNITUDE = 1e6
-
-
-class _Frozen(pydantic.BaseModel):
-    """Frozen, unknown keys refused, every float finite and within +-MAX_MAGNITUDE."""
-
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-    @pydantic.field_validator("*", mode="after")
-    @classmethod
-    def _bounded(cls, v: Any) -> Any:
-        values = v if isinstance(v, list) else [v]
-        bad = [x for x in values if isinstance(x, float) and not abs(x) <= MAX_MAGNITUDE]
-        if bad:
-            raise ValueError(f"{bad[0]!r} lies beyond +-{MAX_MAGNITUDE:g}")
-        return v
+_Frozen = Frozen
 
 
 def _valid_name(v: str) -> str:
@@ -115,44 +100,6 @@ class FisherSpec(_Frozen):
     cache_uri: str | None = pydantic.Field(None, description="Where Fisher checkpoints are cached (default RESULTS/fisher).")
 
 
-class EvalSpec(_Frozen):
-    """What to score candidates on, how lm-eval samples, and how completions are verified."""
-
-    tasks: list[str] = pydantic.Field(default_factory=lambda: ["mergeaudit_add2"], min_length=1)
-    limit: int | None = pydantic.Field(None, ge=1, description="Documents per task (all when empty).")
-    batch_size: int = pydantic.Field(16, ge=1, le=4096)
-    max_length: int = pydantic.Field(256, ge=16)
-    device: str = pydantic.Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
-    backend: Literal["hf", "vllm"] = pydantic.Field("hf", description="lm-eval backend (vllm when installed).")
-    num_samples: int = pydantic.Field(1, ge=1, le=1024, description="Completions per prompt.")
-    temperature: float = pydantic.Field(0.0, ge=0, description="Sampling temperature (0: greedy).")
-    top_p: float = pydantic.Field(1.0, gt=0, le=1)
-    max_gen_toks: int | None = pydantic.Field(None, ge=1, description="Override the tasks' generation length.")
-    pass_k: list[int] = pydantic.Field(default_factory=lambda: [1], description="k values of pass@k.")
-    data_files: dict[str, str] = pydantic.Field(
-        default_factory=dict, description="Local copies of benchmark data, e.g. {gsm8k: /data/gsm8k_test.jsonl}."
-    )
-    math_timeout: float = pydantic.Field(10.0, gt=0, description="Hard deadline of one math-verify check (s).")
-    code_timeout: float = pydantic.Field(10.0, gt=0, description="Wall-clock limit of one sandboxed program (s).")
-    code_isolation: Literal["bwrap", "best_effort"] = pydantic.Field(
-        "bwrap", description="Minimum isolation for model-generated code: bwrap (default) refuses to score code "
-        "unless bubblewrap runs it as an unprivileged user in its own namespaces; best_effort falls back to a "
-        "weaker launcher (reported in the isolation it measured)."
-    )
-
-    @pydantic.model_validator(mode="after")
-    def _sampling_ok(self) -> EvalSpec:
-        problems = []
-        if self.num_samples > 1 and self.temperature == 0:
-            problems.append("num_samples > 1 needs temperature > 0 (greedy samples are identical)")
-        bad = [k for k in self.pass_k if not 1 <= k <= self.num_samples]
-        if bad:
-            problems.append(f"pass_k values {bad} must lie in [1, num_samples={self.num_samples}]")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-
 class StorageSpec(_Frozen):
     """How checkpoints are read: credentials, completeness marker, local read-through cache."""
 
@@ -166,8 +113,16 @@ class StorageSpec(_Frozen):
         None, pattern=r"^[A-Za-z0-9_.-]+$",
         description="File a checkpoint folder must hold to count as complete (e.g. _COMPLETE).",
     )
-    cache_dir: str | None = pydantic.Field(None, description="Local folder for a read-through checkpoint cache.")
-    cache_max_gb: float = pydantic.Field(100.0, gt=0, description="Size limit of the cache.")
+    cache: Literal["auto", "off"] = pydantic.Field(
+        "auto", description="auto: checkpoints on object stores (s3://, memory://) are copied once into a local "
+        "read-through cache keyed by fingerprint and read from there (local paths are read in place); off: every "
+        "read goes to the store.")
+    cache_dir: str | None = pydantic.Field(
+        None, description="Folder of the cache (default: $MERGEAUDIT_CACHE_DIR, else "
+        "$XDG_CACHE_HOME/mergeaudit/checkpoints, else ~/.cache/mergeaudit/checkpoints).")
+    cache_max_gb: float = pydantic.Field(
+        100.0, gt=0, description="Size limit of the cache in GiB; least recently used entries are evicted, and a "
+        "checkpoint that does not fit is read in place, with a warning.")
 
 
 class GeometrySpec(_Frozen):
@@ -392,11 +347,6 @@ class AuditConfig(_Frozen):
         if self.probes.perturbation and self.probes.perturbation.models:
             problems += [f"probes.perturbation: unknown model {n!r}" for n in self.probes.perturbation.models
                          if n not in everyone]
-        if self.evaluation.backend == "vllm":
-            from mergeaudit.evaluation.vllm_backend import vllm_available
-
-            if not vllm_available():
-                problems.append("evaluation.backend vllm needs the vllm package, which is not installed")
         try:
             check_tasks(self.evaluation.tasks, self.evaluation.data_files)
         except MergeAuditError as exc:

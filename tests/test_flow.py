@@ -61,8 +61,10 @@ def test_flow_on_local_store(prefect_harness, toy_family, tmp_path):
     assert {s["candidate_id"] for s in scores} == {c["candidate_id"] for c in cands}
     names = {c["candidate_id"]: (c["name"], c["method"], c["params_hash"]) for c in cands}
     assert all((s["candidate"], s["method"], s["params_hash"]) == names[s["candidate_id"]] for s in scores)
-    assert {s["metric"] for s in scores} == {"exact_match", "numeric_match", "pass@1", "format_rate",
-                                             "verifier_errors", "verifier_timeouts"}
+    assert {s["metric"] for s in scores} == {"exact_match", "numeric_match", "avg@1", "pass@1", "format_rate",
+                                             "truncation_rate", "completion_tokens", "trace_tokens",
+                                             "verifier_errors", "verifier_timeouts"} | {
+        f"outcome_{o}" for o in ("correct", "wrong", "no_answer", "truncated", "timeout", "error")}
     assert all(s["n"] == 8 for s in scores)
     # every verifier stderr recomputed from the samples table: per-prompt mean, sd / sqrt(prompts)
     by_prompt: dict[tuple[str, int], list[float]] = {}
@@ -108,8 +110,11 @@ def test_flow_on_s3(prefect_harness, s3_bucket):
     raw["strategies"] = [{"method": "task_arithmetic"}]
     out = merge_audit(parse_config(raw))
     scores = tables.read_table(s3_bucket + "/results", "scores")
-    assert scores.num_rows == 6 * 3  # base, rl, one merge x six metrics (verifier_timeouts counted apart)
+    # base, rl, one merge x 16 metrics: exact_match; reward, avg@1, pass@1, format and truncation rates,
+    # completion and trace tokens; six outcome counts; verifier errors and timeouts
+    assert scores.num_rows == 16 * 3
     assert out["tables"]["scores"].startswith("s3://")
+    assert set(out["bytes_read"]) == set(out["input_sizes"]) == {"base", "rl"}  # test_read_once: the amounts
 
 
 def test_every_flow_module_imports():
@@ -151,7 +156,7 @@ def test_credentials_from_a_prefect_block_never_leak(prefect_harness, s3_bucket,
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
-    assert tables.read_table(s3_bucket + "/results", "scores").num_rows == 3 * 6
+    assert tables.read_table(s3_bucket + "/results", "scores").num_rows == 3 * 16
     for uri in out["tables"].values():
         assert secret.encode() not in store.read_bytes(uri)
     assert secret not in repr(out)

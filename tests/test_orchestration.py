@@ -220,7 +220,7 @@ def test_s3_faults_are_retried_without_duplicating_rows(prefect_harness, s3_buck
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
     assert tables.read_table(s3_bucket + "/results", "candidates").num_rows == 3
     scores = tables.read_table(s3_bucket + "/results", "scores")
-    assert scores.num_rows == 3 * 6  # reward, pass@1, format rate, verifier errors, timeouts, ...
+    assert scores.num_rows == 3 * 16  # reward, avg@1, pass@1, rates, token lengths, outcome counts, ...
 
 
 @pytest.mark.parametrize("device,takes_slot", [("cpu", False), ("cuda", True), ("cuda:1", True)])

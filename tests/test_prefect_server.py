@@ -112,6 +112,9 @@ def test_audit_through_the_api_runs_evaluations_on_the_gpu_pool(deployed):
         set(tables.read_table(results, "candidates").column("candidate_id").to_pylist())
     summary = run["result"]["summary"]
     assert {row["candidate"] for row in summary} == {"base", "ft_a", "ft_b", "task_arithmetic(ft_a+ft_b)"}
+    # local inputs are read in place: geometry here, and every child's reads reported back and summed
+    read, sizes = run["result"]["bytes_read"], run["result"]["input_sizes"]
+    assert read["base"] >= 3 * sizes["base"] and read["ft_a"] >= 2 * sizes["ft_a"], (read, sizes)
 
 
 def test_watcher_announces_once_and_the_event_triggers_an_audit(deployed):

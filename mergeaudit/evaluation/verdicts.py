@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from mergeaudit.evaluation.generation import GenerationInfo
 from mergeaudit.evaluation.prompting import split_trace
-from mergeaudit.evaluation.verifiers import STATUSES, Verdict, Verifier, extract_answer
+from mergeaudit.evaluation.verifiers import STATUSES, Verdict, Verifier, check_format, extract_answer
 from mergeaudit.results.stats import pass_at_k, prompt_mean_stderr
 
 REWARD_METRIC = {"numeric": "numeric_match", "math": "math_verify", "code": "code_pass"}
@@ -47,11 +47,12 @@ def judge(verifier: Verifier, kind: str, completion: str, reference: str, answer
     """(verdict, trace, truncated) of one completion."""
     trace, answer, _ = split_trace(completion, think_tags)
     truncated = bool(info and info.truncated)
+    fmt = check_format(answer or "", answer_format)  # what the format rate counts, verified or not
     if truncated:
-        return Verdict(False, extract_answer(answer) if answer and kind != "code" else None,
+        return Verdict(False, extract_answer(answer) if answer and kind != "code" else None, format_ok=fmt,
                        status="truncated"), trace, True
     if answer is None:
-        return Verdict(False, None, status="no_answer"), trace, False
+        return Verdict(False, None, format_ok=fmt, status="no_answer"), trace, False
     if kind == "code":
         answer, fenced = code_answer(answer)
         if fenced:  # the block restates the whole function after the prompt's stub
