@@ -21,10 +21,16 @@ import datetime as dt
 import re
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 from prefect.events import emit_event
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.states import Failed
 
@@ -33,6 +39,7 @@ from mergeaudit import audit, report, store
 from mergeaudit.checkpoint import reads
 from mergeaudit.config import AuditConfig, CheckpointSpec, load_config, with_models
 from mergeaudit.errors import ConfigError
+from mergeaudit.progress import AuditProgress
 from tasks.audit import (
     compute_geometry,
     estimate_fisher,
@@ -41,6 +48,8 @@ from tasks.audit import (
     plan_candidates,
     resolve_checkpoints,
 )
+
+STAGES = ["resolve", "fisher", "geometry", "plan", "evaluate", "tables", "report"]
 
 
 @flow(name="merge-audit", log_prints=True, persist_result=True)
@@ -54,18 +63,30 @@ def merge_audit(
     reads_before = store.bytes_read()
     run_id = audit.new_run_id()
     started_at = dt.datetime.now(dt.timezone.utc)
+    progress = audit_progress(config)
     use_storage_credentials(config.storage)
+    progress.stage("resolve")
     records = resolve_checkpoints(config)
+    progress.stage("fisher")
     fisher_uris = {name: estimate_fisher(config, records, name) for name in audit.fisher_models(config)}
+    progress.stage("geometry")
     geometry = compute_geometry(config, records, fisher_uris)
+    progress.stage("plan")
     candidates = plan_candidates(config, records, fisher_uris)
+    progress.stage("evaluate", candidates=len(candidates))
     if config.routing == "pools":
-        evaluations = evaluate_on_pool(config, candidates)
+        evaluations = evaluate_on_pool(config, candidates, progress)
     else:
-        evaluations = [evaluate_inline(config, c) for c in candidates]
+        evaluations = []
+        for c in candidates:
+            evaluations.append(evaluate_inline(config, c))
+            progress.finished(c.name, ok=evaluations[-1].status == "ok")
+    progress.stage("tables")
     outcome = finish_run(config, run_id, started_at, records, geometry, candidates, evaluations,
                          store.bytes_read_since(reads_before))
+    progress.stage("report")
     publish_report(config, outcome)
+    progress.close()
     get_run_logger().info("run %s committed %s", run_id, ", ".join(outcome.tables))
     for note in outcome.notes:
         get_run_logger().warning(note)
@@ -115,12 +136,40 @@ def dispatch_evaluation(config: AuditConfig, candidate: audit.Candidate, parent:
             "message": child.state.message if child.state else None, "work_pool": child.work_pool_name}
 
 
-def evaluate_on_pool(config: AuditConfig, candidates: list[audit.Candidate]) -> list[audit.EvaluationRecord]:
+def audit_progress(config: AuditConfig) -> AuditProgress:
+    """The run's one progress line: on the terminal (or the run's log) and in a progress
+    artifact the UI shows while the run lasts."""
+    logger = get_run_logger()
+    artifact = {}
+
+    def publish(progress: AuditProgress) -> None:
+        percent = round(100 * progress.fraction, 1)
+        try:
+            if "id" not in artifact:
+                artifact["id"] = create_progress_artifact(percent, key=artifact_key(config.name, "progress"),
+                                                          description=progress.line())
+            else:
+                update_progress_artifact(artifact["id"], percent, description=progress.line())
+        except Exception as exc:  # noqa: BLE001 - the display never fails a run
+            logger.debug("progress artifact not updated: %s", exc)
+
+    return AuditProgress(STAGES, on_change=publish, emit=logger.info)
+
+
+def evaluate_on_pool(config: AuditConfig, candidates: list[audit.Candidate],
+                     progress: AuditProgress | None = None) -> list[audit.EvaluationRecord]:
     """One `evaluate` run per candidate on the GPU pool, concurrently. Every child's final
     state is checked: a child that did not complete becomes a failed record naming its flow run
     (the audit then ends Failed with one line per failed child, after writing the rest)."""
     parent = str(flow_run.get_id() or audit.new_run_id())
-    children = [f.result() for f in [dispatch_evaluation.submit(config, c, parent) for c in candidates]]
+    futures = [dispatch_evaluation.submit(config, c, parent) for c in candidates]
+    done = {}
+    for future in as_completed(futures):
+        child = future.result()
+        done[child["candidate_id"]] = child
+        if progress is not None:
+            progress.finished(child["candidate"], ok=child["state"] == StateType.COMPLETED.value)
+    children = [done[c.candidate_id] for c in candidates]
     out = []
     for cand, child in zip(candidates, children):
         if child["state"] == StateType.COMPLETED.value:

@@ -41,18 +41,20 @@ def duration(seconds: float) -> str:
 
 class AuditProgress:
     def __init__(self, stages: list[str], stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic,
-                 on_change: Callable[[AuditProgress], None] | None = None):
+                 on_change: Callable[[AuditProgress], None] | None = None, emit: Callable[[str], None] | None = None):
         self.stages = list(stages)
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.clock = clock
         self.on_change = on_change
+        self.emit = emit or log.info  # where the line goes off a terminal (a flow run's logger, say)
         self.started = clock()
         self.current: str | None = None
         self.total = 0
         self.done = 0
         self.failed = 0
         self.last: str | None = None
+        self.closed = False
         self._eval_started: float | None = None
 
     def stage(self, name: str, candidates: int | None = None) -> None:
@@ -73,6 +75,8 @@ class AuditProgress:
     @property
     def fraction(self) -> float:
         """Stages done plus the evaluated share of the current stage, over all stages."""
+        if self.closed:
+            return 1.0
         if self.current not in self.stages:
             return 0.0
         i = self.stages.index(self.current)
@@ -91,7 +95,8 @@ class AuditProgress:
         if self.total:
             failed = f" ({self.failed} failed)" if self.failed else ""
             parts.append(f"{self.done}/{self.total} candidates{failed}")
-        parts.append(f"{duration(self.clock() - self.started)} elapsed")
+        parts.append(f"done in {duration(self.clock() - self.started)}" if self.closed
+                     else f"{duration(self.clock() - self.started)} elapsed")
         left = self.remaining()
         if left is not None:
             parts.append(f"about {duration(left)} left")
@@ -104,11 +109,15 @@ class AuditProgress:
             self.stream.write("\r\033[K" + text)
             self.stream.flush()
         else:
-            log.info(text)
+            self.emit(text)
         if self.on_change is not None:
             self.on_change(self)
 
     def close(self) -> None:
+        """The run is over: the last line says so and the fraction is 1."""
+        self.closed = True
+        self._eval_started = None
+        self._show()
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()

@@ -43,6 +43,13 @@ def test_flow_on_local_store(prefect_harness, toy_family, tmp_path):
                                 {"step": 20, "uri": toy_family.variants["ft_b"]}]}]
     out = merge_audit(parse_config(raw))
     assert set(out["tables"]) == set(tables.SCHEMAS)
+    from prefect.artifacts import Artifact
+
+    from flows.merge_audit import artifact_key
+
+    shown = Artifact.get(artifact_key(raw["name"] if "name" in raw else parse_config(raw).name, "progress"))
+    assert shown is not None and shown.type == "progress" and float(shown.data) == 100.0
+    assert shown.description.startswith("[7/7 report] 9/9 candidates, done in ")  # the progress line, as last shown
     ckpts = {r["name"]: r for r in tables.read_table(results, "checkpoints").to_pylist()}
     assert {n: (r["role"], r["dtype"], r["model_type"]) for n, r in ckpts.items()} == {
         "base": ("base", "BF16", "llama"), "ft_a": ("model", "BF16", "llama"), "ft_b": ("model", "BF16", "llama"),

@@ -34,6 +34,10 @@ def test_line_counts_and_remaining_time(caplog):
     assert seen == [0.0, 0.5, 0.5625, 0.625]
     progress.stage("tables")
     assert progress.remaining() is None and progress.fraction == 0.75
+    clock.now = 200
+    progress.close()
+    assert progress.fraction == 1.0 and seen[-1] == 1.0
+    assert progress.line() == "[4/4 tables] 2/4 candidates (1 failed), done in 3m20s (last: dare)"
 
 
 def test_terminal_rewrites_one_line():
@@ -46,7 +50,7 @@ def test_terminal_rewrites_one_line():
     progress.stage("evaluate", candidates=2)
     progress.finished("a")
     progress.close()
-    assert out.getvalue().count("\r\033[K") == 2 and out.getvalue().endswith("\n")
+    assert out.getvalue().count("\r\033[K") == 3 and out.getvalue().endswith("done in 0s (last: a)\n")
 
 
 def test_quiet_progress_bars_silences_tqdm_and_restores():
