@@ -12,6 +12,15 @@ on this CPU, started once): samples per second against the in-process path, and 
 wall time outside the requests' generation (the union of the requests' in-flight intervals;
 goal < 10%). The server's start is reported apart (it is paid once per candidate).
 
+Measured 2026-11-28 on the 2-core machine beside a training job (load ~2.4), --limit 50, 12.6M
+parameters: in-process greedy 36.2 samples/s (outside generation 8.0%), 4 samples at T=0.8 11.5
+samples/s (0.9%); served: transformers serve ready in 13.1 s, greedy 0.7 samples/s (0.02x
+in-process), sampled 0.9 samples/s (0.08x; sampled requests go one at a time there), outside the
+requests 0.1% in both. transformers serve answers one request at a time, 0.2-1.2 s each for 8
+tokens of this model (a curl to it alone: 0.09 s on the 1.6M-parameter toy): on a CPU it is a
+test double for the GPU path (vllm serve), not a way to score faster; `--continuous-batching`
+made it 2x faster after a 23 s warm-up.
+
     .venv/bin/python benchmarks/bench_eval.py [--hidden 256] [--layers 4] [--limit 100] [--served]
 """
 
