@@ -101,7 +101,8 @@ def _keyed_scores(run: RunResults, metrics: str) -> dict[tuple[str, str, str], d
 
 
 def _status(run: RunResults) -> dict[str, tuple[str, str | None]]:
-    return {r["name"]: (r["status"] or "ok", r["error"]) for r in run.candidates() if r["kind"] != "probe"}
+    # rows about to be committed carry only the columns they set (probe summaries set no error)
+    return {r["name"]: (r.get("status") or "ok", r.get("error")) for r in run.candidates() if r["kind"] != "probe"}
 
 
 def compare_score(previous: RunResults, before: dict, current: RunResults, now: dict) -> PairedTest:
