@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -168,3 +169,12 @@ def test_shipped_experts_are_copied_verified_and_reused(tmp_path):
     again = obtain_expert_family(str(tmp_path / "ck"), ExpertRecipe(), progress=messages.append)
     assert "reusing" in messages[-1] and again.experts == family.experts
     assert (root / MANIFEST).is_file()
+    # a copy made later elsewhere has the same fingerprints, which key DARE's masks and the probes
+    time.sleep(0.05)
+    other = obtain_expert_family(str(tmp_path / "elsewhere"), ExpertRecipe(), progress=messages.append)
+    def fingerprints(fam) -> dict[str, str]:
+        uris = {"base": fam.base, **{n: e.uri for n, e in fam.experts.items()}}
+        return {n: Checkpoint.open(u).fingerprint for n, u in uris.items()}
+
+    assert len(set(fingerprints(family).values())) == 5  # the experts' files have the same names and sizes
+    assert fingerprints(other) == fingerprints(family)

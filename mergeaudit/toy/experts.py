@@ -36,6 +36,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -60,6 +61,12 @@ __all__ = ["ExpertFamily", "ExpertInfo", "ExpertRecipe", "Problems", "QUICK_RECI
            "shipped_root", "train_grpo", "train_supervised"]
 MANIFEST = "expert_family.json"
 SHIPPED = "shipped"
+# The files of a family written or copied here get an mtime derived from their model's weights:
+# a checkpoint's fingerprint (names, sizes and mtimes of its files) is its id in an audit and
+# keys the randomness of DARE masks and perturbation probes, so copies made at different times
+# would draw different masks (and print different verdicts for the same bytes), while one mtime
+# for all would make the experts, whose files have the same names and sizes, one checkpoint.
+FAMILY_MTIME = 1767225600  # 2026-01-01T00:00:00Z, plus up to a year from the weights' sha256
 
 
 @dataclass(frozen=True)
@@ -240,6 +247,7 @@ def _build(root: str, recipe: ExpertRecipe, progress) -> ExpertFamily:
     doc = {"recipe": family.recipe, "log": log, "files": files,
            "experts": {n: {"kind": e.kind, "skill": e.skill} for n, e in experts.items()}}
     store.write_bytes(store.join(root, MANIFEST), json.dumps(doc, indent=1, default=list).encode())
+    _stamp(root, files)
     return family
 
 
@@ -263,6 +271,21 @@ def _train_expert(base: LlamaForCausalLM, recipe: ExpertRecipe, skill: str, k: i
     entry = {"kind": kind, "skill": skill, "steps": steps, "lr": lr, "seconds": seconds, **final,
              **_accuracies(model, recipe.skills), **tracker.summary(model)}
     return name, entry, model
+
+
+def _stamp(root: str, files: dict[str, dict[str, str]]) -> None:
+    """Give the files of each model of a family on a local disk an mtime that depends only on
+    the model's weights (its model.safetensors sha256); the manifest gets FAMILY_MTIME."""
+    if store.split_scheme(root)[0] != "file":
+        return  # object stores version objects by ETag, which mtimes do not enter
+    folder = Path(store.split_scheme(root)[1])
+    for model, names in files.items():
+        digest = names.get("model.safetensors") or min(names.values())
+        stamp = FAMILY_MTIME + int(digest[:12], 16) % (365 * 86400)
+        for name in names:
+            if (folder / model / name).is_file():
+                os.utime(folder / model / name, (stamp, stamp))
+    os.utime(folder / MANIFEST, (FAMILY_MTIME, FAMILY_MTIME))
 
 
 def _read_manifest(root: str) -> dict | None:
@@ -308,6 +331,7 @@ def obtain_expert_family(folder: str, recipe: ExpertRecipe | None = None, progre
     root = store.join(store.check_uri(folder), recipe.digest())
     found = load_expert_family(root, recipe)
     if found is not None:
+        _stamp(root, found.files)  # a copy made before families were stamped
         progress(f"toy experts: reusing {root} (recipe {recipe.digest()})")
         return found
     shipped = shipped_root(recipe)
@@ -316,6 +340,7 @@ def obtain_expert_family(folder: str, recipe: ExpertRecipe | None = None, progre
             store.write_bytes(store.join(root, *path.relative_to(shipped).parts), path.read_bytes())
         family = load_expert_family(root, recipe, verify=True)
         if family is not None:
+            _stamp(root, family.files)
             progress(f"toy experts: the shipped ones (recipe {recipe.digest()}), copied to {root}; "
                      "`mergeaudit demo --retrain` trains them from scratch")
             return family
