@@ -157,16 +157,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from mergeaudit.config import parse_config
     from mergeaudit.demo import OWN_TASKS, demo_config, prepare_demo, verdict
     from mergeaudit.results.compare import RegressionReport
-    from mergeaudit.toy.experts import QUICK_RECIPE, ExpertRecipe, total_training_seconds
+    from mergeaudit.toy.experts import QUICK_RECIPE, ExpertRecipe
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo builds everything locally
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     workdir = Path(args.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    print(f"toy experts in {workdir / 'checkpoints'} (trained once per recipe, then reused)")
-    family = prepare_demo(workdir, QUICK_RECIPE if args.quick else ExpertRecipe())
-    print(f"training took {total_training_seconds(family):.0f} s when it ran")
+    family = prepare_demo(workdir, QUICK_RECIPE if args.quick else ExpertRecipe(), retrain=args.retrain)
     raw = demo_config(family, workdir)
     if args.limit:
         raw["evaluation"]["limit"] = args.limit
@@ -315,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=DEMO_WORKDIR, help=f"where the demo store lives (default {DEMO_WORKDIR})")
     p.add_argument("--quick", action="store_true", help="a few training steps only (tests; the verdict means little)")
     p.add_argument("--limit", type=int, default=None, help="evaluate this many problems per task (default: all)")
+    p.add_argument("--retrain", action="store_true",
+                   help="train the toy experts from scratch (~3 min) and say whether they match the shipped ones")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("geometry", help="update geometry of fine-tuned checkpoints against a base")
     p.add_argument("base", help="base checkpoint URI")
