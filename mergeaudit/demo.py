@@ -100,18 +100,6 @@ def _share(v: float | None) -> str:
     return "-" if v is None else f"{v:.0%}"
 
 
-def _fmt(v: float | None, digits: int = 3) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
-def _pm(v: float | None, se: float | None) -> str:
-    return "-" if v is None else f"{v:.3f}" + (f" +/- {se:.3f}" if se is not None else "")
-
-
-def _share(v: float | None) -> str:
-    return "-" if v is None else f"{v:.0%}"
-
-
 def _ci(interval: tuple[float, float] | None, fmt: str = "{:.3f}") -> str:
     return "-" if interval is None else "[" + fmt.format(interval[0]) + ", " + fmt.format(interval[1]) + "]"
 
