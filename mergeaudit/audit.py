@@ -307,7 +307,7 @@ def candidate_tensors(candidate: Candidate, storage: StorageSpec):
 
 
 def materialize(candidate: Candidate, storage: StorageSpec, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """Build the candidate as an in-memory HF model on `device`; returns (model, tokenizer, sparsity).
+    """Build the candidate as an in-memory HF model on `device`; returns (model, sparsity).
 
     Sparsity is the bf16 sparsity of the candidate's update against the base, measured while
     the tensors stream in.
@@ -321,7 +321,7 @@ def materialize(candidate: Candidate, storage: StorageSpec, device: str = "cpu",
 
     model = build_model(base.config, candidate_tensors(candidate, storage), device, dtype, on_tensor=measure)
     changed, numel = counts
-    return model, load_tokenizer(base.uri), (1.0 - changed / numel if numel else 1.0)
+    return model, (1.0 - changed / numel if numel else 1.0)
 
 
 def eval_settings(spec: EvalSpec) -> EvalSettings:
@@ -348,7 +348,8 @@ def evaluate_candidate(candidate: Candidate, spec: EvalSpec, storage: StorageSpe
     tasks = check_tasks(spec.tasks, settings.data_files)
     if any(t.verifier == "code" for t in tasks):
         require_isolation(spec.code_isolation)  # here, where the code runs, before building the model
-    check_prompting(tasks, settings, load_tokenizer(candidate.base.uri), candidate.name)
+    tokenizer = load_tokenizer(candidate.base.uri)  # the candidate is scored with its base's tokenizer
+    check_prompting(tasks, settings, tokenizer, candidate.name)
     if spec.device.startswith("cuda") and not torch.cuda.is_available():
         raise EvaluationError(f"evaluation.device is {spec.device} but this worker has no CUDA device "
                               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
@@ -360,8 +361,7 @@ def evaluate_candidate(candidate: Candidate, spec: EvalSpec, storage: StorageSpe
             sparsity = save_candidate(candidate, storage, base, tmp)
             result = evaluate_served(tmp, spec.tasks, settings, server_settings(spec))
     else:
-        model, tokenizer, sparsity = materialize(candidate, storage, device=spec.device,
-                                                 dtype=getattr(torch, spec.torch_dtype))
+        model, sparsity = materialize(candidate, storage, device=spec.device, dtype=getattr(torch, spec.torch_dtype))
         try:
             with torch.inference_mode():
                 result = evaluate_model(model, tokenizer, spec.tasks, settings)

@@ -258,9 +258,9 @@ def materialize_tasks(tasks: list[TaskSource], workdir: Path, num_samples: int =
 
 def evaluate_model(model, tokenizer, task_names: list[str], settings: EvalSettings = EvalSettings()) -> EvalResult:
     """Score an in-memory HF model through lm-eval's HFLM (the caller placed it on its device),
-    recording which generations ran out of tokens (`generation.traced_hflm_class`)."""
+    recording which generations ran out of tokens (`generation.traced_hflm_class`); `run_tasks`
+    checks the prompting against its tokenizer before generating."""
     tasks = check_tasks(task_names, settings.data_files)
-    check_prompting(tasks, settings, tokenizer, "the candidate")
     lm = traced_hflm_class()(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
                              max_length=settings.max_length, device=settings.device)
     return run_tasks(lm, tasks, settings)
