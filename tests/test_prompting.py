@@ -92,6 +92,13 @@ def test_split_trace():
     assert split_trace("<think>x</think>7", None) == ("", "<think>x</think>7", False)
 
 
+def test_pack_prompting_metadata_refuses_unknown_keys():
+    with pytest.raises(EvaluationError, match="mergeaudit_prompting takes only"):
+        resolve_prompting("t", {"metadata": {"mergeaudit_prompting": {"chat_templat": True}}}, None, None, None)
+    with pytest.raises(EvaluationError, match="mergeaudit_prompting takes only"):
+        resolve_prompting("t", {"metadata": {"mergeaudit_prompting": ["chat_template"]}}, None, None, None)
+
+
 def test_pack_defaults_and_overrides():
     tasks = shipped_tasks()
     math = tasks["mergeaudit_math500_local"]
