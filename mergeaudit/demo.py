@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mergeaudit.evaluation.arithmetic import make_problems
 from mergeaudit.fisher import calibration_from_problems
 from mergeaudit.results import leaderboard, load_run
 from mergeaudit.results.intervals import (
@@ -30,7 +31,6 @@ from mergeaudit.results.intervals import (
     paired_difference,
     principal_lift_interval,
 )
-from mergeaudit.toy.arithmetic import make_problems
 from mergeaudit.toy.experts import ExpertFamily, ExpertRecipe, obtain_expert_family, retrain_expert_family
 
 TASKS = {"add": "mergeaudit_add2", "sub": "mergeaudit_sub2"}

@@ -9,6 +9,7 @@ import yaml
 
 from mergeaudit.errors import EvaluationError
 from mergeaudit.evaluation import EvalSettings, check_tasks, shipped_tasks
+from mergeaudit.evaluation.arithmetic import make_problems
 from mergeaudit.evaluation.packs import code_problems, expected_packs, word_problems
 from mergeaudit.evaluation.runner import TASKS_DIR, evaluate_lm, materialize_tasks, pass_at_k
 from mergeaudit.evaluation.verifiers import (
@@ -19,7 +20,6 @@ from mergeaudit.evaluation.verifiers import (
     numeric_match,
     verify_numeric,
 )
-from mergeaudit.toy.arithmetic import make_problems
 from tests.oracle import TableLM
 
 

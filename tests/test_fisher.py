@@ -11,6 +11,7 @@ import torch
 from mergeaudit import store
 from mergeaudit.checkpoint import Checkpoint
 from mergeaudit.errors import ConfigError
+from mergeaudit.evaluation.arithmetic import make_problems
 from mergeaudit.fisher import (
     FisherSettings,
     calibration_from_problems,
@@ -19,7 +20,6 @@ from mergeaudit.fisher import (
     read_calibration,
 )
 from mergeaudit.modeling import build_model, load_tokenizer
-from mergeaudit.toy.arithmetic import make_problems
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,8 @@ def audit_config(family, results_uri: str) -> dict:
 @pytest.mark.slow
 def test_flow_on_local_store(prefect_harness, toy_family, tmp_path):
     from flows.merge_audit import merge_audit
+    from mergeaudit.evaluation.arithmetic import make_problems
     from mergeaudit.fisher import calibration_from_problems
-    from mergeaudit.toy.arithmetic import make_problems
 
     results = str(tmp_path / "results")
     raw = audit_config(toy_family, results)

@@ -11,9 +11,9 @@ import pytest
 
 from mergeaudit.errors import MergeAuditError
 from mergeaudit.evaluation import EvalSettings
+from mergeaudit.evaluation.arithmetic import make_problems
 from mergeaudit.evaluation.runner import evaluate_lm
 from mergeaudit.results import stats
-from mergeaudit.toy.arithmetic import make_problems
 from tests.oracle import TableLM
 
 

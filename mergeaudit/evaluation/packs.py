@@ -1,6 +1,6 @@
 """The offline task packs we ship, generated from seeds so they can be checked and extended.
 
-- arithmetic: a+b, a-b, a*b at several sizes (`mergeaudit.toy.arithmetic.make_problems`);
+- arithmetic: a+b, a-b, a*b at several sizes (`mergeaudit.evaluation.arithmetic.make_problems`);
 - word problems: short grade-school problems from templates written for this project, every
   answer computed, not typed;
 - code: small Python functions with a prompt (signature and docstring), a reference solution
@@ -16,7 +16,7 @@ import json
 import random
 from pathlib import Path
 
-from mergeaudit.toy.arithmetic import make_problems
+from mergeaudit.evaluation.arithmetic import make_problems
 
 ARITHMETIC = {  # task file -> (op, digits, n, seed)
     "add2": ("add", 2, 100, 2026),

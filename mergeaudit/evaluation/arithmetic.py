@@ -1,7 +1,8 @@
 """Verifiable arithmetic problems, generated deterministically from a seed.
 
-Used to write the shipped offline task packs and, later, as training data for the toy models.
-Prompts are short and character-level friendly: `"23+45="` with answer `"68"`.
+They make the shipped offline arithmetic packs (`packs`), which the toy models train and are
+tested on, and the demo's calibration data. Prompts are short and character-level friendly:
+`"23+45="` with answer `"68"`.
 
     make_problems("add", digits=2, n=100, seed=1)
 """
