@@ -2,7 +2,9 @@
 
 Every error a user can cause derives from `MergeAuditError`, so the CLI can turn it into a
 one-line message and exit status 2 while real bugs still show a traceback. Storage errors keep
-their cause (`raise ... from exc`) but never carry credentials in their message.
+their cause (`raise ... from exc`) but never carry credentials in their message. A contract our
+own code broke (`SchemaError`: rows that do not fit a declared table schema) is deliberately
+outside that hierarchy: it is a bug in mergeaudit, not the user's fault, and shows its traceback.
 """
 
 from __future__ import annotations
@@ -68,3 +70,9 @@ class IsolationError(EvaluationError):
 
 class ServerStartError(EvaluationError):
     """A model server that could not be started, exited, or did not become ready in time."""
+
+
+class SchemaError(Exception):
+    """Rows built by mergeaudit that do not fit the declared table schema (an unknown table or
+    column, a value of the wrong type): a bug in mergeaudit, never the user's input, so not a
+    MergeAuditError (the CLI prints a traceback, and nothing is written)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from mergeaudit.errors import ConfigError, StoreError
+from mergeaudit.errors import ConfigError, SchemaError, StoreError
 
 SCHEMA_VERSION = 4
 _TS = pa.timestamp("us", tz="UTC")
@@ -222,6 +222,7 @@ RENAMES: dict[str, dict[str, str]] = {}
 
 
 def check_table(name: str) -> pa.Schema:
+    """The schema of a table a caller names (to read it); an unknown name is a ConfigError."""
     schema = SCHEMAS.get(name)
     if schema is None:
         raise ConfigError(f"unknown table {name!r}; tables: {', '.join(SCHEMAS)}")
@@ -229,16 +230,21 @@ def check_table(name: str) -> pa.Schema:
 
 
 def to_arrow(name: str, rows: list[dict]) -> pa.Table:
-    """Rows to a table of the declared schema; missing keys become nulls, extra keys fail."""
-    schema = check_table(name)
+    """Rows to a table of the declared schema; missing keys become nulls, extra keys fail.
+
+    Our own code builds the rows, so a row that does not fit is a SchemaError (a bug), not a
+    ConfigError."""
+    schema = SCHEMAS.get(name)
+    if schema is None:
+        raise SchemaError(f"rows for unknown table {name!r}; tables: {', '.join(SCHEMAS)}")
     extra = sorted({k for r in rows for k in r} - set(schema.names))
     if extra:
-        raise ConfigError(f"table {name}: columns not in the schema: {', '.join(extra)}")
+        raise SchemaError(f"table {name}: columns not in the schema: {', '.join(extra)}")
     columns = {f.name: [r.get(f.name) for r in rows] for f in schema}
     try:
         table = pa.Table.from_pydict(columns, schema=schema)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise ConfigError(f"table {name}: {exc}") from exc
+    except pa.ArrowException as exc:
+        raise SchemaError(f"table {name}: {exc}") from exc
     return table.replace_schema_metadata({b"mergeaudit.schema_version": str(SCHEMA_VERSION).encode(),
                                           b"mergeaudit.table": name.encode()})
 

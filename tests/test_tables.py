@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mergeaudit import store, tables
-from mergeaudit.errors import ConfigError
+from mergeaudit.errors import ConfigError, MergeAuditError, SchemaError
 
 SCORES = [
     {"candidate_id": "c1", "task": "t", "metric": "exact_match", "filter": "none", "value": 0.5, "stderr": 0.1, "n": 20},
@@ -146,15 +146,31 @@ def test_query_joins_committed_tables(store_root):
 
 def test_bad_rows_and_ids_fail_before_anything_is_written(tmp_path):
     root = str(tmp_path / "r")
-    with pytest.raises(ConfigError, match="not in the schema: bogus"):
+    with pytest.raises(SchemaError, match="not in the schema: bogus"):
         tables.write_run(root, "r1", "2026-11-27", {"scores": SCORES, "runs": [{"bogus": 1}]})
-    with pytest.raises(ConfigError, match="unknown table"):
+    with pytest.raises(SchemaError, match="unknown table"):
         tables.to_arrow("nope", [])
+    with pytest.raises(SchemaError, match="table scores: .*int64"):
+        tables.write_run(root, "r1", "2026-11-27", {"scores": [{**SCORES[0], "n": "eight"}]})
     with pytest.raises(ConfigError, match="run id"):
         tables.write_run(root, "../x", "2026-11-27", {"scores": SCORES})
     with pytest.raises(ConfigError, match="YYYY-MM-DD"):
         tables.write_run(root, "r1", "27.11.2026", {"scores": SCORES})
     assert not store.exists(root)
+
+
+def test_a_schema_violation_is_our_bug_not_the_users(tmp_path, monkeypatch, capsys):
+    """Rows that do not fit the schema come from our code: not a MergeAuditError, so the CLI
+    does not blame the user with a one-line error and exit status 2, and shows the traceback."""
+    from mergeaudit import cli
+
+    assert not issubclass(SchemaError, MergeAuditError)
+    with pytest.raises(ConfigError, match="unknown table"):  # a table the user names is theirs
+        tables.read_table(str(tmp_path), "nope")
+    monkeypatch.setattr(tables, "query", lambda *a, **k: tables.to_arrow("scores", [{"n": "eight"}]))
+    with pytest.raises(SchemaError):
+        cli.main(["query", str(tmp_path), "select 1"])
+    assert "mergeaudit: error" not in capsys.readouterr().err
 
 
 def test_reading_a_missing_table_gives_an_empty_one(tmp_path):
