@@ -199,6 +199,8 @@ def test_disjoint_mean_uses_the_bf16_update_mask():
     # b's update at index 1 is below bf16 resolution: not an update, a's zero stays zero
     assert run("disjoint_mean", base, a, b) == pytest.approx([2.0, 1.0, 4.0])
     assert run("disjoint_mean", base, a, b, shared={"mask": "abs"}) == pytest.approx([2.0, 1.0001, 4.0], abs=1e-6)
+    # +0 -> -0 is no update either (geometry's mask, mergeaudit.updates): b's 2.0 is not halved
+    assert run("disjoint_mean", [0.0], [-0.0], [2.0]) == pytest.approx([2.0])
 
 
 def test_fisher_weighted_average():

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mergeaudit.checkpoint import Checkpoint, iter_aligned
+from mergeaudit.checkpoint.names import parse_tensor_name
 from mergeaudit.geometry.kernels import kernel_view, masked_changes
 from mergeaudit.geometry.spectral import (
     Decomposition,
@@ -52,12 +53,12 @@ from mergeaudit.geometry.spectral import (
     principal_mask,
     spectral_figures,
 )
-from mergeaudit.geometry.stats import ModelSums, PairSums, changed_bf16, fisher_sums, tensor_sums
+from mergeaudit.geometry.stats import ModelSums, PairSums, fisher_sums, tensor_sums
+from mergeaudit.updates import changed_bf16
 
 __all__ = ["GeometrySettings", "SpectralSettings", "changed_bf16", "compute_geometry", "module_type",
            "parse_tensor_name"]
 
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.(.+?)(?:\.(?:weight|bias))?$")
 # module type from the module path; the first match wins (norms before attention: `attn_norm`)
 _MODULE_TYPES = (
     ("norm", re.compile(r"norm|(?:^|[._])ln(?:_|\d|$)")),
@@ -87,15 +88,6 @@ def module_type(module: str) -> str:
         if pattern.search(module):
             return name
     return "other"
-
-
-def parse_tensor_name(name: str) -> tuple[int | None, str]:
-    """Layer index and module of an HF tensor name (`model.layers.3.mlp.up_proj.weight`)."""
-    m = _LAYER_RE.search(name)
-    if m:
-        return int(m.group(1)), m.group(2)
-    module = name.removeprefix("model.").removesuffix(".weight").removesuffix(".bias")
-    return None, module
 
 
 def compute_geometry(

@@ -41,9 +41,9 @@ from mergeaudit.checkpoint import (
     iter_aligned,
     untie_heads,
 )
+from mergeaudit.checkpoint.names import parse_tensor_name
 from mergeaudit.checkpoint.writer import check_output
 from mergeaudit.errors import ConfigError, NonFiniteError
-from mergeaudit.geometry import parse_tensor_name
 from mergeaudit.merging.params import check_all
 from mergeaudit.merging.registry import REGISTRY, MergeMethod, MethodParams, TensorSlot
 from mergeaudit.merging.transfer import HostToDevice

@@ -5,9 +5,10 @@ ram, ramplus_tl   Reinforced Agent Merging (arXiv 2601.13572), mergekit 0.1.x se
                   an entry is updated when |delta| > epsilon; unique entries are kept whole,
                   shared ones averaged over their contributors (ramplus_tl scales each model's
                   unique entries by 1 + r * min(alpha, shared/unique)).
-disjoint_mean     ours: the same idea with the bf16 update mask of mergeaudit.geometry (an
-                  update below bf16 resolution is no update) or |delta| > epsilon, and
-                  per-model weights that scale each task vector first.
+disjoint_mean     ours: the same idea with the bf16 update mask that geometry counts
+                  (`mergeaudit.updates`: an update below bf16 resolution is no update, nor is
+                  +0 -> -0) or |delta| > epsilon, and per-model weights that scale each task
+                  vector first.
 fisher            diagonal-Fisher-weighted averaging (Matena & Raffel, arXiv 2111.09832) of
                   the task vectors: base + sum_i w_i F_i d_i / sum_i w_i F_i.
 sar               Sensitivity-aware Resolving Merging (arXiv 2606.18521); see below.
@@ -65,6 +66,7 @@ import torch
 
 from mergeaudit.merging import steps
 from mergeaudit.merging.registry import MethodParams, TensorSlot, register
+from mergeaudit.updates import changed_bf16
 
 
 class RamParams(MethodParams):
@@ -113,8 +115,7 @@ def update_masks(slot: TensorSlot, deltas: torch.Tensor, p: MaskedParams) -> tor
     """Stacked masks of the entries each model updated."""
     if p.mask == "abs":
         return deltas.abs() > p.epsilon
-    base_bits = slot.base.to(torch.bfloat16).view(torch.int16)
-    return torch.stack([m.to(torch.bfloat16).view(torch.int16) != base_bits for m in slot.models])
+    return torch.stack([changed_bf16(slot.base, m) for m in slot.models])
 
 
 def weighted_deltas(slot: TensorSlot, weights: tuple[float, ...]) -> torch.Tensor:
