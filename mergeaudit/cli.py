@@ -52,9 +52,9 @@ def run_audit(config) -> tuple[dict, str | None]:
 
     Returns the flow's result and, when the run ended Failed after committing its tables
     (failed candidates, regressions), its summary."""
-    from mergeaudit.audit import resolve_checkpoints
+    from mergeaudit.audit import preflight
 
-    resolve_checkpoints(config)  # missing or incompatible checkpoints fail here, in one line
+    preflight(config)  # missing checkpoints, bad strategies: one line, before Prefect starts
     state = load_entrypoint(AUDIT_FLOW)(config, return_state=True)
     data = state.result(raise_on_failure=False)
     if isinstance(data, BaseException):
@@ -140,12 +140,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_regressions(args: argparse.Namespace) -> int:
-    from mergeaudit.config import AlarmSpec
     from mergeaudit.results import compare
+    from mergeaudit.results.alarm import AlarmSettings
 
-    level = {"z": args.z} if args.z is not None else {"significance": args.significance}
-    spec = AlarmSpec(max_drop=args.max_drop, metrics=args.metrics, **level)
-    check = compare.check_run(args.results, args.run, spec)
+    extra = {"z": args.z} if args.z is not None else {}
+    check = compare.check_run(args.results, args.run, settings_from_args(AlarmSettings, args, ALARM_OPTIONS, **extra))
     print(check.summary())
     return EXIT_ALARM if check.regressions else 0
 
@@ -215,9 +214,9 @@ def cmd_geometry(args: argparse.Namespace) -> int:
 
     from mergeaudit import audit, store, tables
     from mergeaudit.checkpoint import Checkpoint
-    from mergeaudit.config import CheckpointSpec, GeometrySpec
+    from mergeaudit.config import CheckpointSpec
     from mergeaudit.errors import ConfigError
-    from mergeaudit.geometry import compute_geometry
+    from mergeaudit.geometry import GeometrySettings, compute_geometry
     from mergeaudit.results.geometry_views import not_compared
 
     started = dt.datetime.now(dt.timezone.utc)
@@ -228,13 +227,13 @@ def cmd_geometry(args: argparse.Namespace) -> int:
         if name not in models:
             raise ConfigError(f"--kind {item}: no model named {name!r}; models: {', '.join(models)}")
         kinds[name] = CheckpointSpec(name=name, uri=models[name], kind=kind).kind
-    spec = GeometrySpec(spectral=not args.no_spectral, top_k_fraction=args.top_k_fraction, eta=args.eta)
+    settings = settings_from_args(GeometrySettings, args, GEOMETRY_OPTIONS)
     out = store.check_uri(args.out)
     base = Checkpoint.open(args.base)
     opened = {n: Checkpoint.open(u) for n, u in models.items()}
-    tensor_rows, pair_rows = compute_geometry(base, opened, kinds, audit.geometry_settings(spec))
+    tensor_rows, pair_rows = compute_geometry(base, opened, kinds, settings)
     run_id = audit.new_run_id(started)
-    params = {"base": base.uri, "models": models, "kinds": kinds, "geometry": spec.model_dump()}
+    params = {"base": base.uri, "models": models, "kinds": kinds, "geometry": settings.model_dump()}
     files = tables.write_run(out, run_id, f"{started:%Y-%m-%d}", {
         "geometry_tensors": tensor_rows,
         "geometry_pairs": pair_rows,
@@ -274,8 +273,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_fisher(args: argparse.Namespace) -> int:
     from mergeaudit.fisher import FisherSettings, estimate_fisher
 
-    settings = FisherSettings(max_examples=args.max_examples, max_length=args.max_length, device=args.device)
-    print(estimate_fisher(args.model, args.calibration, args.out, settings))
+    settings = settings_from_args(FisherSettings, args, FISHER_OPTIONS, calibration=args.calibration,
+                                  cache_uri=args.out)
+    print(estimate_fisher(args.model, settings))
     return 0
 
 
@@ -303,7 +303,72 @@ def cmd_notify_receiver(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Options made from the settings models' own fields (type, default, help), so a knob is declared
+# once, in its subsystem: the YAML, the Prefect UI's form and these flags all follow it.
+GEOMETRY_OPTIONS = ("spectral", "top_k_fraction", "eta", "abs_tol", "exact_max_dim", "principal_alpha", "device")
+FISHER_OPTIONS = ("max_examples", "max_length", "device")
+ALARM_OPTIONS = ("max_drop", "significance", "metrics")
+
+
+# The models are imported only when their command's parser is built: `mergeaudit query` must
+# not wait for torch.
+def _geometry_settings():
+    from mergeaudit.geometry.settings import GeometrySettings
+
+    return GeometrySettings
+
+
+def _fisher_settings():
+    from mergeaudit.fisher import FisherSettings
+
+    return FisherSettings
+
+
+def _alarm_settings():
+    from mergeaudit.results.alarm import AlarmSettings
+
+    return AlarmSettings
+
+
+def add_settings_options(parser: argparse.ArgumentParser, model, fields: tuple[str, ...]) -> None:
+    """A flag per field of a settings model: `--top-k-fraction` for `top_k_fraction`, typed and
+    described by the field; a boolean that defaults to true becomes `--no-NAME`. Unset flags
+    stay None, so the model's own default applies."""
+    import typing
+
+    for name in fields:
+        info = model.model_fields[name]
+        flag = "--" + name.replace("_", "-")
+        default = info.default
+        text = (info.description or "").rstrip(".")
+        if info.annotation is bool:
+            negate = default is True
+            parser.add_argument(f"--no-{name.replace('_', '-')}" if negate else flag, dest=name, default=None,
+                                action="store_false" if negate else "store_true",
+                                help=f"{'not: ' if negate else ''}{text}")
+            continue
+        kind = info.annotation
+        if typing.get_origin(kind) is not typing.Literal:  # X | None: X
+            kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+        choices = list(typing.get_args(kind)) if typing.get_origin(kind) is typing.Literal else None
+        parser.add_argument(flag, dest=name, default=None, choices=choices,
+                            type=None if choices else kind if kind in (int, float) else str,
+                            help=text + ("" if default is None else f" (default {default})"))
+
+
+def settings_from_args(model, args: argparse.Namespace, fields: tuple[str, ...], **fixed):
+    """The settings model from the flags that were given (the model's defaults for the rest)."""
+    given = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
+    return model(**given, **fixed)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; given `command`, only that command gets the options made
+    from a settings model (importing a model can take seconds)."""
+
+    def wanted(name: str) -> bool:
+        return command is None or command == name
+
     parser = argparse.ArgumentParser(prog="mergeaudit", description="Audit merges of RLVR-trained checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("audit", help="run the merge audit flow on a YAML AuditConfig")
@@ -322,9 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results URI for geometry_tensors and geometry_pairs")
     p.add_argument("--kind", action="append", default=[], metavar="NAME=KIND",
                    help="training kind of a model: rlvr, sft, base or unknown (repeatable)")
-    p.add_argument("--no-spectral", action="store_true", help="skip stable rank, energy shares, principal angles")
-    p.add_argument("--top-k-fraction", type=float, default=0.01, help="k of the top-k subspaces (fraction of min dim)")
-    p.add_argument("--eta", type=float, default=1e-3, help="relative tolerance of the `rel` update mask")
+    if wanted("geometry"):
+        add_settings_options(p, _geometry_settings(), GEOMETRY_OPTIONS)
     p.set_defaults(func=cmd_geometry)
     p = sub.add_parser("merge", help="run a mergekit YAML config (unchanged) and write the merged checkpoint")
     p.add_argument("config", help="mergekit YAML: models, base_model, merge_method, parameters, dtype, ...")
@@ -341,9 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="checkpoint URI")
     p.add_argument("calibration", help="JSONL of {prompt, response} rows")
     p.add_argument("--out", required=True, help="cache folder for Fisher checkpoints")
-    p.add_argument("--max-examples", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--device", default="cpu")
+    if wanted("fisher"):
+        add_settings_options(p, _fisher_settings(), FISHER_OPTIONS)
     p.set_defaults(func=cmd_fisher)
     p = sub.add_parser("discover", help="list the checkpoints under a prefix and whether each is complete")
     p.add_argument("prefix", help="folder or bucket prefix (path, file://, s3://)")
@@ -386,18 +449,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("regressions", help="compare a run with the previous run of its audit; exit 1 on regressions")
     p.add_argument("results", help="results URI (path or s3://)")
     p.add_argument("--run", default=None, help="run id (default: the latest committed run)")
-    p.add_argument("--max-drop", type=float, default=0.02, help="flag drops larger than this (score units)")
-    p.add_argument("--significance", type=float, default=0.05,
-                   help="...and whose one-sided p-value (paired test on shared prompts) is at most this")
+    if wanted("regressions"):
+        add_settings_options(p, _alarm_settings(), ALARM_OPTIONS)
     p.add_argument("--z", type=float, default=None,
                    help="deprecated: the one-sided level of this many standard errors (z = 2: p <= 0.023)")
-    p.add_argument("--metrics", choices=["primary", "all"], default="primary")
     p.set_defaults(func=cmd_regressions)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     import pydantic

@@ -1,10 +1,19 @@
 """Typed configuration: AuditConfig is both the Prefect flow parameter and the YAML file.
 
+It composes the subsystems' own settings models (each defined beside the code that uses it,
+which takes it as is: no adapters): `evaluation` (mergeaudit.evaluation.settings), `geometry`
+(mergeaudit.geometry.settings), `fisher` (mergeaudit.fisher), `storage`
+(mergeaudit.checkpoint.settings), `series` (mergeaudit.geometry.series), `probes`
+(mergeaudit.probes) and `alarm` (mergeaudit.results.alarm). This file holds what is the audit's
+own: the checkpoints, the strategies, and the checks across sections.
+
 YAML is data: it loads with a bounded SafeLoader (`mergeaudit.safe_yaml`: no tags, no alias
 bombs) into frozen pydantic models that refuse unknown keys. Validation happens before any
 tensor is read and reports every problem at once: unknown store schemes, duplicate checkpoint
 names, strategies naming unknown models or methods, bad or non-finite method parameters, grids
-beyond `max_grid_points`, results written inside a checkpoint folder, unknown tasks.
+beyond `max_grid_points`, results written inside a checkpoint folder, unknown tasks. What needs
+the checkpoints' headers (each tensor's parameters, shapes) is checked by
+`mergeaudit.audit.preflight`, before any tensor is read.
 
     config = load_config("audit.yaml")
 """
@@ -14,49 +23,36 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import re
 from pathlib import Path  # noqa: F401 - in signatures
 from typing import Any, Literal
 
 import pydantic
 
 from mergeaudit import store
+from mergeaudit.checkpoint.settings import StorageSettings
 from mergeaudit.errors import ConfigError, MergeAuditError
-from mergeaudit.evaluation.spec import EvalSpec, ServerSpec  # noqa: F401 - composed here, re-exported
-from mergeaudit.frozen import MAX_MAGNITUDE, Frozen  # noqa: F401 - MAX_MAGNITUDE: re-exported
+from mergeaudit.evaluation.settings import EvalSettings
+from mergeaudit.fields import Name, StoreURI
+from mergeaudit.fisher import FisherSettings
+from mergeaudit.frozen import Frozen
+from mergeaudit.geometry.series import SeriesSpec
+from mergeaudit.geometry.settings import GeometrySettings
+from mergeaudit.probes import ProbeSettings
+from mergeaudit.results.alarm import AlarmSettings
 from mergeaudit.safe_yaml import load_yaml
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_Frozen = Frozen
 
-
-def _valid_name(v: str) -> str:
-    if not _NAME_RE.match(v):
-        raise ValueError(f"name {v!r} must be 1-64 characters of letters, digits, '_', '-', '.'")
-    return v
-
-
-def _valid_uri(v: str | None) -> str | None:
-    try:
-        return None if v is None else store.check_uri(v)
-    except MergeAuditError as exc:
-        raise ValueError(str(exc)) from None
-
-
-class CheckpointSpec(_Frozen):
+class CheckpointSpec(Frozen):
     """One checkpoint by a short name, where it lives, and how it was trained."""
 
-    name: str = pydantic.Field(description="Short unique name used in tables and reports.")
-    uri: str = pydantic.Field(description="Folder of the HF checkpoint: path, file://, s3:// or memory://.")
+    name: Name = pydantic.Field(description="Short unique name used in tables and reports.")
+    uri: StoreURI = pydantic.Field(description="Folder of the HF checkpoint: path, file://, s3:// or memory://.")
     kind: Literal["rlvr", "sft", "base", "unknown"] = pydantic.Field(
         "unknown", description="How the checkpoint was trained, for the report's contrasts."
     )
 
-    _name_ok = pydantic.field_validator("name")(lambda v: _valid_name(v))
-    _uri_ok = pydantic.field_validator("uri")(lambda v: _valid_uri(v))
 
-
-class StrategySpec(_Frozen):
+class StrategySpec(Frozen):
     """A merge method over some of the models, with mergekit-style parameters and a grid.
 
     `params` are global settings exactly as in a mergekit config (scalars, per-layer gradient
@@ -90,192 +86,35 @@ class StrategySpec(_Frozen):
         keys = sorted(self.grid)
         return [{**self.params, **dict(zip(keys, combo))} for combo in itertools.product(*(self.grid[k] for k in keys))]
 
+    def uses_fisher(self, models: list[str]) -> bool:
+        """Whether some grid point needs the models' Fisher; checks every point's settings
+        (without headers: `merging.params.check_settings`) and raises ConfigError on the first
+        bad one."""
+        from mergeaudit.merging import REGISTRY
+        from mergeaudit.merging.params import check_settings
 
-class FisherSpec(_Frozen):
-    """How the diagonal Fisher of each fine-tuned model is estimated (for fisher and sar)."""
-
-    calibration: str = pydantic.Field(description="JSONL of {prompt, response} rows (path or store URI).")
-    max_examples: int = pydantic.Field(64, ge=1)
-    max_length: int = pydantic.Field(256, ge=8)
-    cache_uri: str | None = pydantic.Field(None, description="Where Fisher checkpoints are cached (default RESULTS/fisher).")
-
-
-class StorageSpec(_Frozen):
-    """How checkpoints are read: credentials, completeness marker, local read-through cache."""
-
-    credentials_block: str | None = pydantic.Field(
-        None,
-        pattern=r"^(aws-credentials|minio-credentials)/[A-Za-z0-9_-]+$",
-        description="Prefect block holding S3 credentials ('aws-credentials/NAME' or "
-        "'minio-credentials/NAME'); default: the standard AWS environment.",
-    )
-    completion_marker: str | None = pydantic.Field(
-        None, pattern=r"^[A-Za-z0-9_.-]+$",
-        description="File a checkpoint folder must hold to count as complete (e.g. _COMPLETE).",
-    )
-    cache: Literal["auto", "off"] = pydantic.Field(
-        "auto", description="auto: checkpoints on object stores (s3://, memory://) are copied once into a local "
-        "read-through cache keyed by fingerprint and read from there (local paths are read in place); off: every "
-        "read goes to the store.")
-    cache_dir: str | None = pydantic.Field(
-        None, description="Folder of the cache (default: $MERGEAUDIT_CACHE_DIR, else "
-        "$XDG_CACHE_HOME/mergeaudit/checkpoints, else ~/.cache/mergeaudit/checkpoints).")
-    cache_max_gb: float = pydantic.Field(
-        100.0, gt=0, description="Size limit of the cache in GiB; least recently used entries are evicted, and a "
-        "checkpoint that does not fit is read in place, with a warning.")
+        method = REGISTRY.get(self.method)
+        per_model = [self.model_params.get(n, {}) for n in models]
+        return any(p.uses_fisher() for point in self.points()
+                   for p in check_settings(method, point, per_model, has_base=True))
 
 
-class GeometrySpec(_Frozen):
-    """Which update-geometry figures to compute (see mergeaudit.geometry)."""
-
-    eta: float = pydantic.Field(1e-3, gt=0, description="Relative tolerance of the `rel` update mask.")
-    abs_tol: float = pydantic.Field(1e-5, ge=0, description="Absolute tolerance of the `abs` update mask.")
-    spectral: bool = pydantic.Field(True, description="Stable rank, top-k energy shares, principal angles.")
-    top_k_fraction: float = pydantic.Field(0.01, gt=0, le=1, description="k as a fraction of min(m, n).")
-    exact_max_dim: int = pydantic.Field(1024, ge=1, description="Exact SVD up to this min(m, n); randomized above.")
-    principal_alpha: float | None = pydantic.Field(
-        0.05, gt=0, le=1, description="Zhu et al.'s principal weights: the top alpha of |U_k S_k V_k^T| (null: off).")
-
-
-class SeriesStep(_Frozen):
-    step: int = pydantic.Field(ge=0, description="Training step the checkpoint was saved at.")
-    uri: str = pydantic.Field(description="Folder of the checkpoint.")
-
-    _uri_ok = pydantic.field_validator("uri")(lambda v: _valid_uri(v))
-
-
-class SeriesSpec(_Frozen):
-    """Checkpoints one training run saved, by step: geometry as a function of the step
-    (`geometry_series`, mergeaudit.geometry.series). Give the steps, or a prefix under which
-    every complete checkpoint folder with a number in its path (`step-100`, `checkpoint-200`)
-    is a step, found as the watcher finds new checkpoints."""
-
-    name: str = pydantic.Field(description="Name of the run; its steps are `name@step` in tables.")
-    kind: Literal["rlvr", "sft", "unknown"] = pydantic.Field("unknown", description="How the run trains.")
-    steps: list[SeriesStep] | None = pydantic.Field(None, description="The checkpoints by step.")
-    prefix: str | None = pydantic.Field(None, description="...or where the run saves them (path or s3://).")
-    compare_with: list[str] | None = pydantic.Field(
-        None, description="Models of the audit whose updates each step is compared with (default: all).")
-    max_steps: int = pydantic.Field(
-        16, ge=2, le=256, description="Most steps measured: evenly spaced, first and last kept.")
-
-    _name_ok = pydantic.field_validator("name")(lambda v: _valid_name(v))
-    _prefix_ok = pydantic.field_validator("prefix")(lambda v: _valid_uri(v))
-
-    @pydantic.model_validator(mode="after")
-    def _one_source(self) -> SeriesSpec:
-        if (self.steps is None) == (self.prefix is None):
-            raise ValueError(f"series {self.name}: give `steps` or `prefix`, not both or neither")
-        numbers = [s.step for s in self.steps or []]
-        if len(set(numbers)) != len(numbers):
-            raise ValueError(f"series {self.name}: a step number appears twice")
-        if self.steps is not None and not self.steps:
-            raise ValueError(f"series {self.name}: `steps` is empty")
-        return self
-
-    def uris(self) -> list[str]:
-        return [self.prefix] if self.prefix else [s.uri for s in self.steps or []]
-
-
-class InterpolationProbe(_Frozen):
-    """theta(alpha) = (1 - alpha) theta_a + alpha theta_b; the barrier is the worst dip below
-    the straight line between the endpoints' scores."""
-
-    a: str
-    b: str
-    alphas: list[float] = pydantic.Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=3)
-
-    @pydantic.field_validator("alphas")
-    @classmethod
-    def _endpoints(cls, v: list[float]) -> list[float]:
-        if 0.0 not in v or 1.0 not in v:
-            raise ValueError("alphas must include both endpoints 0 and 1")
-        return sorted(set(v))
-
-
-class TaskVectorProbe(_Frozen):
-    """theta(lambda) = base + lambda (theta_model - base)."""
-
-    model: str
-    lambdas: list[float] = pydantic.Field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0], min_length=2)
-
-
-class PerturbationProbe(_Frozen):
-    """Weight perturbations of each model, `seeds` draws per setting: Gaussian noise with a
-    standard deviation of `scale` x each tensor's RMS (`weight_rms`) or x the RMS of the task
-    vector on its support, added only there (`task_vector`, as the fragility literature
-    perturbs updates), and a DARE-style random drop of a fraction of the task vector (rescaled
-    by 1 / (1 - rate))."""
-
-    models: list[str] | None = pydantic.Field(None, description="Default: every fine-tuned model.")
-    gaussian_scales: list[float] = pydantic.Field(default_factory=lambda: [0.01, 0.03, 0.1])
-    gaussian_scale_to: list[Literal["weight_rms", "task_vector"]] = pydantic.Field(
-        default_factory=lambda: ["weight_rms"], min_length=1,
-        description="What the noise is scaled to; each entry is its own probe family "
-                    "(gaussian, gaussian_task_vector).")
-    drop_rates: list[float] = pydantic.Field(default_factory=lambda: [0.3, 0.6, 0.9])
-    seeds: int = pydantic.Field(2, ge=1, le=64)
-
-    @pydantic.model_validator(mode="after")
-    def _ranges(self) -> PerturbationProbe:
-        if any(s < 0 for s in self.gaussian_scales):
-            raise ValueError("gaussian_scales must be >= 0")
-        if any(not 0 <= r < 1 for r in self.drop_rates):
-            raise ValueError("drop_rates must lie in [0, 1)")
-        return self
-
-
-class ProbeSpec(_Frozen):
-    """Fragility probes, scored as candidates like any merge."""
-
-    interpolations: list[InterpolationProbe] = pydantic.Field(default_factory=list)
-    task_vectors: list[TaskVectorProbe] = pydantic.Field(default_factory=list)
-    perturbation: PerturbationProbe | None = None
-
-
-class AlarmSpec(_Frozen):
-    """The regression alarm: when a score drop against the previous run of this audit counts."""
-
-    enabled: bool = pydantic.Field(True, description="Compare each run with the previous committed run.")
-    max_drop: float = pydantic.Field(0.02, ge=0.0, description="Flag drops larger than this (score units)...")
-    significance: float = pydantic.Field(
-        0.05, gt=0.0, lt=1.0, description="...whose one-sided p-value is at most this: McNemar's exact test or a "
-        "paired t-test on the prompts both runs share, Welch's z only when the prompts differ (mergeaudit.results).")
-    metrics: Literal["primary", "all"] = pydantic.Field(
-        "primary", description="primary: each task's ranking metric; all: every metric where higher is better.")
-
-    @pydantic.model_validator(mode="before")
-    @classmethod
-    def _z_as_significance(cls, data: Any) -> Any:
-        """`z` (the first round's alarm: drops beyond z standard errors) still reads, as the
-        one-sided level it meant: significance = P(Z > z)."""
-        if isinstance(data, dict) and "z" in data:
-            data = dict(data)
-            z = data.pop("z")
-            if "significance" in data:
-                raise ValueError("give alarm.significance or the deprecated alarm.z, not both")
-            if not isinstance(z, (int, float)) or isinstance(z, bool) or not math.isfinite(z) or not 0 < z < 40:
-                raise ValueError(f"alarm.z must be a number in (0, 40), not {z!r}")
-            data["significance"] = 0.5 * math.erfc(z / math.sqrt(2))
-        return data
-
-
-class AuditConfig(_Frozen):
+class AuditConfig(Frozen):
     """One merge audit: a base, fine-tuned checkpoints, merge strategies, evaluation, results."""
 
-    name: str = pydantic.Field("merge-audit", description="Audit name; runs of one name are compared.")
+    name: Name = pydantic.Field("merge-audit", description="Audit name; runs of one name are compared.")
     base: CheckpointSpec
     models: list[CheckpointSpec] = pydantic.Field(min_length=1, description="Fine-tuned checkpoints.")
     strategies: list[StrategySpec] = pydantic.Field(default_factory=list)
-    evaluation: EvalSpec = pydantic.Field(default_factory=EvalSpec)
-    results_uri: str = pydantic.Field(description="Where the Parquet tables go (path, file://, s3://).")
-    storage: StorageSpec = pydantic.Field(default_factory=StorageSpec)
-    geometry: GeometrySpec = pydantic.Field(default_factory=GeometrySpec)
-    fisher: FisherSpec | None = pydantic.Field(None, description="Needed by the fisher and sar methods.")
-    probes: ProbeSpec = pydantic.Field(default_factory=ProbeSpec, description="Fragility probes.")
+    evaluation: EvalSettings = pydantic.Field(default_factory=EvalSettings)
+    results_uri: StoreURI = pydantic.Field(description="Where the Parquet tables go (path, file://, s3://).")
+    storage: StorageSettings = pydantic.Field(default_factory=StorageSettings)
+    geometry: GeometrySettings = pydantic.Field(default_factory=GeometrySettings)
+    fisher: FisherSettings | None = pydantic.Field(None, description="Needed by the fisher and sar methods.")
+    probes: ProbeSettings = pydantic.Field(default_factory=ProbeSettings, description="Fragility probes.")
     series: list[SeriesSpec] = pydantic.Field(
         default_factory=list, description="Training runs measured step by step (geometry only).")
-    alarm: AlarmSpec = pydantic.Field(default_factory=AlarmSpec, description="Regression alarm.")
+    alarm: AlarmSettings = pydantic.Field(default_factory=AlarmSettings, description="Regression alarm.")
     routing: Literal["inline", "pools"] = pydantic.Field(
         "inline", description="inline: everything in this process; pools: evaluations as runs of evaluate_deployment."
     )
@@ -285,14 +124,9 @@ class AuditConfig(_Frozen):
         4096, ge=1, le=1_000_000,
         description="Most candidates all strategies' grids may make together (each is a merge and an evaluation).")
 
-    _name_ok = pydantic.field_validator("name")(lambda v: _valid_name(v))
-    _results_ok = pydantic.field_validator("results_uri")(lambda v: _valid_uri(v))
-
     @pydantic.model_validator(mode="after")
     def _cross_checks(self) -> AuditConfig:
         from mergeaudit.evaluation.runner import check_tasks
-        from mergeaudit.merging import REGISTRY
-        from mergeaudit.merging.params import check_all
 
         problems: list[str] = []
         names = [self.base.name] + [m.name for m in self.models]
@@ -310,27 +144,20 @@ class AuditConfig(_Frozen):
         for i, strat in enumerate(self.strategies):
             if sizes[i] > self.max_grid_points:
                 continue  # too large to expand, even to check its points
-            chosen = strat.models if strat.models is not None else [m.name for m in self.models]
+            chosen = self.strategy_models(strat)
             unknown = [n for n in chosen + list(strat.model_params) if n not in known]
             if unknown:
                 problems.append(f"strategies[{i}] ({strat.method}): unknown models {', '.join(unknown)}")
-                continue
-            if not chosen:
+            elif not chosen:
                 problems.append(f"strategies[{i}] ({strat.method}): no models to merge")
-                continue
-            per_model = [strat.model_params.get(n, {}) for n in chosen]
-            for point in strat.points():
+            else:
                 try:
-                    method = REGISTRY.get(strat.method)
-                    # the real check runs per tensor once headers are read; these two tensors
-                    # (first and last layer) catch bad names, types and ranges now
-                    resolved = check_all(method, [("model.layers.0.w", 0), ("model.layers.1.w", 1)], 2,
-                                         point, per_model, has_base=True)
-                    if self.fisher is None and any(p.uses_fisher() for p in resolved.values()):
-                        problems.append(f"strategies[{i}] ({strat.method}) needs a `fisher:` section (calibration data)")
+                    needs_fisher = strat.uses_fisher(chosen)
                 except MergeAuditError as exc:
                     problems.append(f"strategies[{i}]: {exc}")
-                    break
+                    continue
+                if needs_fisher and self.fisher is None:
+                    problems.append(f"strategies[{i}] ({strat.method}) needs a `fisher:` section (calibration data)")
         series = [sp.name for sp in self.series]
         clash = sorted({n for n in series if series.count(n) > 1 or n in names})
         if clash:

@@ -11,7 +11,8 @@ with the model's tensor names, fisher.json with its provenance) under
 computed once per checkpoint version and calibration set, and read by the merge executor with
 the same streaming reader as any checkpoint.
 
-    uri = estimate_fisher("s3://ckpts/rl-math", "calib.jsonl", "s3://audits/fisher")
+    settings = FisherSettings(calibration="calib.jsonl", cache_uri="s3://audits/fisher")
+    uri = estimate_fisher("s3://ckpts/rl-math", settings)
 """
 
 from __future__ import annotations
@@ -20,26 +21,35 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
+import pydantic
 import torch
 
 import mergeaudit
 from mergeaudit import store
 from mergeaudit.checkpoint import Checkpoint, CheckpointWriter, check_complete
 from mergeaudit.errors import ConfigError, MergeAuditError
+from mergeaudit.fields import StoreURI
+from mergeaudit.frozen import Frozen
 from mergeaudit.modeling import build_model, load_tokenizer
 
 META_FILE = "fisher.json"
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class FisherSettings:
-    max_examples: int = 64
-    max_length: int = 256
-    device: str = "cpu"
+class FisherSettings(Frozen):
+    """How the diagonal Fisher of a model is estimated (`fisher:` in an audit's YAML; the fisher
+    and sar merge methods need it)."""
+
+    calibration: StoreURI = pydantic.Field(description="JSONL of {prompt, response} rows (path or store URI).")
+    max_examples: int = pydantic.Field(64, ge=1, description="Calibration rows used (the first ones).")
+    max_length: int = pydantic.Field(256, ge=8, description="Tokens of prompt plus response kept (the last ones).")
+    cache_uri: StoreURI | None = pydantic.Field(
+        None, description="Where Fisher checkpoints are cached (in an audit, default RESULTS/fisher).")
+    device: str | None = pydantic.Field(
+        None, pattern=r"^(cpu|cuda(:\d+)?|mps)$",
+        description="Where gradients are computed (default: evaluation.device in an audit, else cpu).")
 
 
 def read_calibration(uri: str, limit: int) -> list[dict[str, str]]:
@@ -91,7 +101,7 @@ def compute_fisher(model, tokenizer, rows: list[dict[str, str]], settings: Fishe
         n_resp = min(len(response), len(ids) - 1)
         if n_resp <= 0:
             continue
-        input_ids = torch.tensor([ids], device=settings.device)
+        input_ids = torch.tensor([ids], device=settings.device or "cpu")
         labels = input_ids.clone()
         labels[:, : len(ids) - n_resp] = -100
         model.zero_grad(set_to_none=True)
@@ -107,25 +117,26 @@ def compute_fisher(model, tokenizer, rows: list[dict[str, str]], settings: Fishe
     return {n: (a / used).cpu() for n, a in acc.items()}
 
 
-def estimate_fisher(model_uri: str, calibration_uri: str, cache_uri: str,
-                    settings: FisherSettings = FisherSettings(),
+def estimate_fisher(model_uri: str, settings: FisherSettings,
                     opener: Callable[[str], Checkpoint] = Checkpoint.open) -> str:
-    """The Fisher checkpoint of a model (computed, or found in the cache); returns its URI.
-    `opener` opens the model (through a read-through checkpoint cache, say)."""
+    """The Fisher checkpoint of a model (computed, or found in `settings.cache_uri`); returns
+    its URI. `opener` opens the model (through a read-through checkpoint cache, say)."""
+    if settings.cache_uri is None:
+        raise ConfigError("FisherSettings.cache_uri is needed: where the Fisher checkpoints are cached")
     ck = opener(model_uri)
-    rows = read_calibration(calibration_uri, settings.max_examples)
-    out = store.join(store.check_uri(cache_uri), fisher_key(ck, rows, settings))
+    rows = read_calibration(settings.calibration, settings.max_examples)
+    out = store.join(settings.cache_uri, fisher_key(ck, rows, settings))
     if check_complete(out).complete:
         log.info("Fisher of %s found in the cache at %s", ck.uri, out)
         return out
     with torch.enable_grad():
-        model = build_model(ck.config, ck.iter_tensors(), device=settings.device, dtype=torch.float32)
+        model = build_model(ck.config, ck.iter_tensors(), device=settings.device or "cpu", dtype=torch.float32)
         fisher = compute_fisher(model, load_tokenizer(ck.uri), rows, settings)
     del model
     meta = {
         "model_uri": ck.uri,
         "model_fingerprint": ck.fingerprint,
-        "calibration_uri": calibration_uri,
+        "calibration_uri": settings.calibration,
         "examples": len(rows),
         "max_length": settings.max_length,
         "estimator": "empirical diagonal Fisher, per-example gradients of the response log-likelihood",

@@ -1,6 +1,6 @@
 """The base of every settings model: frozen, unknown keys refused, every float finite and bounded.
 
-Each subsystem declares its settings on this base (`mergeaudit.evaluation.spec.EvalSpec`, ...)
+Each subsystem declares its settings on this base (`mergeaudit.evaluation.settings.EvalSettings`, ...)
 and `mergeaudit.config.AuditConfig` composes them.
 
     class MySpec(Frozen):

@@ -13,39 +13,99 @@ Each point's setting (family, path, x, seed) becomes columns of its candidate ro
 summaries computed from their scores (barrier heights with bootstrap intervals, perturbation
 drops with standard errors) live in mergeaudit.results.fragility.
 
-    for name, probe, plan in probe_plans(config, refs): ...
+    for name, probe, plan in probe_plans(config.probes, base, models, refs, device): ...
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from mergeaudit.config import AuditConfig
+import pydantic
+
+from mergeaudit.frozen import Frozen
 from mergeaudit.merging.executor import MergePlan, ModelRef
 
 
-def probe_plans(config: AuditConfig, refs: dict[str, ModelRef]) -> list[tuple[str, dict[str, Any], MergePlan]]:
-    """(name, probe description, plan) for every probe point the config asks for."""
-    base = refs[config.base.name]
-    device = config.evaluation.device
+class InterpolationProbe(Frozen):
+    """theta(alpha) = (1 - alpha) theta_a + alpha theta_b; the barrier is the worst dip below
+    the straight line between the endpoints' scores."""
+
+    a: str
+    b: str
+    alphas: list[float] = pydantic.Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=3)
+
+    @pydantic.field_validator("alphas")
+    @classmethod
+    def _endpoints(cls, v: list[float]) -> list[float]:
+        if 0.0 not in v or 1.0 not in v:
+            raise ValueError("alphas must include both endpoints 0 and 1")
+        return sorted(set(v))
+
+
+class TaskVectorProbe(Frozen):
+    """theta(lambda) = base + lambda (theta_model - base)."""
+
+    model: str
+    lambdas: list[float] = pydantic.Field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0], min_length=2)
+
+
+class PerturbationProbe(Frozen):
+    """Weight perturbations of each model, `seeds` draws per setting: Gaussian noise with a
+    standard deviation of `scale` x each tensor's RMS (`weight_rms`) or x the RMS of the task
+    vector on its support, added only there (`task_vector`, as the fragility literature
+    perturbs updates), and a DARE-style random drop of a fraction of the task vector (rescaled
+    by 1 / (1 - rate))."""
+
+    models: list[str] | None = pydantic.Field(None, description="Default: every fine-tuned model.")
+    gaussian_scales: list[float] = pydantic.Field(default_factory=lambda: [0.01, 0.03, 0.1])
+    gaussian_scale_to: list[Literal["weight_rms", "task_vector"]] = pydantic.Field(
+        default_factory=lambda: ["weight_rms"], min_length=1,
+        description="What the noise is scaled to; each entry is its own probe family "
+                    "(gaussian, gaussian_task_vector).")
+    drop_rates: list[float] = pydantic.Field(default_factory=lambda: [0.3, 0.6, 0.9])
+    seeds: int = pydantic.Field(2, ge=1, le=64)
+
+    @pydantic.model_validator(mode="after")
+    def _ranges(self) -> PerturbationProbe:
+        if any(s < 0 for s in self.gaussian_scales):
+            raise ValueError("gaussian_scales must be >= 0")
+        if any(not 0 <= r < 1 for r in self.drop_rates):
+            raise ValueError("drop_rates must lie in [0, 1)")
+        return self
+
+
+class ProbeSettings(Frozen):
+    """Fragility probes, scored as candidates like any merge."""
+
+    interpolations: list[InterpolationProbe] = pydantic.Field(default_factory=list)
+    task_vectors: list[TaskVectorProbe] = pydantic.Field(default_factory=list)
+    perturbation: PerturbationProbe | None = None
+
+
+
+def probe_plans(probes: ProbeSettings, base_name: str, model_names: list[str], refs: dict[str, ModelRef],
+                device: str = "cpu") -> list[tuple[str, dict[str, Any], MergePlan]]:
+    """(name, probe description, plan) for every probe point asked for; `model_names` are the
+    fine-tuned models (the perturbed ones by default), `refs` every checkpoint by name."""
+    base = refs[base_name]
     out = []
 
     def plan(method: str, models: list[ModelRef], **kw) -> MergePlan:
         return MergePlan(method=method, base=base, models=models, compute_dtype="float32", device=device, **kw)
 
-    for p in config.probes.interpolations:
+    for p in probes.interpolations:
         for a in p.alphas:
             out.append((f"interp({p.a}~{p.b}; alpha={a:g})",
                         {"family": "interpolation", "path": f"{p.a}~{p.b}", "x": a, "seed": None},
                         plan("linear", [refs[p.a], refs[p.b]], model_parameters=[{"weight": 1 - a}, {"weight": a}])))
-    for p in config.probes.task_vectors:
+    for p in probes.task_vectors:
         for lam in p.lambdas:
             out.append((f"task_vector({p.model}; lambda={lam:g})",
                         {"family": "task_vector", "path": p.model, "x": lam, "seed": None},
                         plan("task_arithmetic", [refs[p.model]], parameters={"lambda": lam})))
-    pert = config.probes.perturbation
+    pert = probes.perturbation
     if pert is not None:
-        for m in pert.models or [s.name for s in config.models]:
+        for m in pert.models or model_names:
             for seed in range(pert.seeds):
                 for to in pert.gaussian_scale_to:
                     family, label = ("gaussian", "") if to == "weight_rms" else ("gaussian_task_vector", "tv ")

@@ -100,7 +100,7 @@ def test_code_tasks_refuse_before_the_candidate_is_built_when_the_sandbox_is_mis
     candidate = audit.plan_candidates(cfg, records)[0]
     monkeypatch.setenv("MERGEAUDIT_BWRAP", "/nonexistent/bwrap")  # as on a worker without bubblewrap
     built = []
-    monkeypatch.setattr(audit, "materialize", lambda *a, **k: built.append(a))
+    monkeypatch.setattr(audit.evaluations, "materialize", lambda *a, **k: built.append(a))
     with pytest.raises(IsolationError, match="bubblewrap"):
         audit.evaluate_candidate(candidate, cfg.evaluation, cfg.storage)
     assert built == []
@@ -124,9 +124,12 @@ def test_noise_probes_scaled_to_the_task_vector_are_their_own_family(toy_family,
         assert (moved_off_support == 0) == on_support_only, family
 
 
-def test_geometry_settings_carry_every_field_of_the_spec():
-    from mergeaudit.config import GeometrySpec
+def test_the_yaml_geometry_section_is_the_settings_the_kernels_take(toy_family, tmp_path):
+    """One model from the YAML to the kernels: no adapter can drop a field."""
+    from mergeaudit.geometry import GeometrySettings
 
-    settings = audit.geometry_settings(GeometrySpec(principal_alpha=0.2, eta=1e-4))
+    raw = config_for(toy_family, str(tmp_path / "r"))
+    settings = parse_config({**raw, "geometry": {"principal_alpha": 0.2, "eta": 1e-4}}).geometry
+    assert type(settings) is GeometrySettings
     assert (settings.principal_alpha, settings.eta) == (0.2, 1e-4)
-    assert audit.geometry_settings(GeometrySpec(principal_alpha=None)).principal_alpha is None
+    assert parse_config({**raw, "geometry": {"principal_alpha": None}}).geometry.principal_alpha is None

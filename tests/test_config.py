@@ -73,10 +73,10 @@ def test_yaml_is_data(tmp_path):
 
 
 def test_the_first_rounds_alarm_z_still_reads_as_its_one_sided_level():
-    from mergeaudit.config import AlarmSpec
+    from mergeaudit.results.alarm import AlarmSettings
 
-    assert AlarmSpec(z=2.0).significance == pytest.approx(0.02275, abs=1e-5)
-    assert AlarmSpec().significance == 0.05
+    assert AlarmSettings(z=2.0).significance == pytest.approx(0.02275, abs=1e-5)
+    assert AlarmSettings().significance == 0.05
     for bad in ({"z": 2.0, "significance": 0.1}, {"z": float("nan")}, {"z": -1}, {"z": "2"}):
         with pytest.raises(pydantic.ValidationError):
-            AlarmSpec(**bad)
+            AlarmSettings(**bad)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mergeaudit.config import AlarmSpec
+from mergeaudit.results.alarm import AlarmSettings
 from mergeaudit.results.compare import compare
 from mergeaudit.results.scores import RunResults
 
@@ -17,5 +17,5 @@ def test_the_alarm_compares_rows_that_set_no_error_column():
         {"candidate_id": "p0", "name": "interpolation(a~b)", "kind": "probe_summary", "status": "ok", "error": None},
         {"candidate_id": "m0", "name": "ties(a+b)", "kind": "merge", "status": "ok", "error": None}],
         "scores": [{"candidate_id": "m0", "task": "t", "metric": "numeric_match", "value": 0.5, "stderr": 0.05}]})
-    flagged, _ = compare(now, before, AlarmSpec())
+    flagged, _ = compare(now, before, AlarmSettings())
     assert [(r.kind, r.candidate, r.error) for r in flagged] == [("newly_failed", "ties(a+b)", "boom")]

@@ -33,7 +33,7 @@ def test_fisher_equals_mean_squared_per_example_gradients(toy_family, calibratio
     model = build_model(ck.config, ck.iter_tensors())
     tok = load_tokenizer(ck.uri)
     with torch.enable_grad():
-        fisher = compute_fisher(model, tok, rows, FisherSettings())
+        fisher = compute_fisher(model, tok, rows, FisherSettings(calibration=calibration))
         # by hand for one parameter: mean over examples of (d/dw sum log p(response tokens))^2
         name = "model.norm.weight"
         grads = []
@@ -50,13 +50,13 @@ def test_fisher_equals_mean_squared_per_example_gradients(toy_family, calibratio
 
 def test_estimate_writes_a_cached_checkpoint(toy_family, calibration, tmp_path):
     cache = str(tmp_path / "fisher")
-    uri = estimate_fisher(toy_family.variants["ft_a"], calibration, cache, FisherSettings(max_examples=3))
+    uri = estimate_fisher(toy_family.variants["ft_a"], FisherSettings(calibration=str(calibration), cache_uri=str(cache), max_examples=3))
     ck = Checkpoint.open(uri)
     assert set(ck.keys()) == set(Checkpoint.open(toy_family.base).keys())
     meta = json.loads(store.read_bytes(store.join(uri, "fisher.json")))
     assert meta["examples"] == 3 and meta["model_fingerprint"] == Checkpoint.open(toy_family.variants["ft_a"]).fingerprint
     mtime = store.info(store.join(uri, "model.safetensors")).version
-    assert estimate_fisher(toy_family.variants["ft_a"], calibration, cache, FisherSettings(max_examples=3)) == uri
+    assert estimate_fisher(toy_family.variants["ft_a"], FisherSettings(calibration=str(calibration), cache_uri=str(cache), max_examples=3)) == uri
     assert store.info(store.join(uri, "model.safetensors")).version == mtime, "a cached Fisher is not recomputed"
 
 
@@ -75,7 +75,7 @@ def test_fisher_based_merges_run_end_to_end(toy_family, calibration, tmp_path, m
 
     cache = str(tmp_path / "fisher")
     models = [ModelRef(id=n, uri=u) for n, u in toy_family.variants.items()]
-    fisher = {m.id: estimate_fisher(m.uri, calibration, cache, FisherSettings(max_examples=2)) for m in models}
+    fisher = {m.id: estimate_fisher(m.uri, FisherSettings(calibration=str(calibration), cache_uri=str(cache), max_examples=2)) for m in models}
     plan = MergePlan(method=method, base=ModelRef(id="base", uri=toy_family.base), models=models,
                      parameters=params, fisher=fisher)
     report = run_merge(plan, str(tmp_path / "out"))

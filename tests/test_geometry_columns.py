@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mergeaudit.checkpoint import Checkpoint, write_checkpoint
-from mergeaudit.geometry import GeometrySettings, SpectralSettings, compute_geometry, module_type
+from mergeaudit.geometry import GeometrySettings, compute_geometry, module_type
 from mergeaudit.schemas import to_arrow
 
 NAME = "model.layers.0.mlp.up_proj.weight"
@@ -54,7 +54,7 @@ def principal_family(tmp_path, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_principal_weight_overlap_and_lift(tmp_path, dtype):
     cks = principal_family(tmp_path, dtype)
-    settings = GeometrySettings(spectral=SpectralSettings(top_k_fraction=0.05), principal_alpha=0.1)
+    settings = GeometrySettings(top_k_fraction=0.05, principal_alpha=0.1)
     rows, _ = compute_geometry(cks.pop("base"), cks, settings=settings)
     got = {r["model"]: r for r in rows_of(rows, scope="tensor")}
     # chance: 100 changed entries x |P| / n = 100 x 100 / 1000 = 10
@@ -105,7 +105,7 @@ def test_an_identical_model_shows_no_update_at_all(tmp_path, dtype):
     g = torch.Generator().manual_seed(1)
     tensors = {NAME: torch.randn(96, 64, generator=g).to(dtype), "model.norm.weight": torch.ones(64, dtype=dtype)}
     rows, _ = compute_geometry(ckpt(tmp_path, "b", tensors), {"same": ckpt(tmp_path, "s", tensors)},
-                               settings=GeometrySettings(spectral=SpectralSettings(top_k_fraction=0.05)))
+                               settings=GeometrySettings(top_k_fraction=0.05))
     (mat,) = rows_of(rows, scope="tensor", tensor=NAME)
     assert mat["changed_bf16"] == mat["changed_rel"] == mat["changed_abs"] == 0 and mat["sparsity_bf16"] == 1.0
     assert mat["angle_left_max_deg"] == mat["angle_right_max_deg"] == mat["spectral_drift"] == 0.0
@@ -115,7 +115,7 @@ def test_an_identical_model_shows_no_update_at_all(tmp_path, dtype):
 def test_module_scope_rows(toy_family):
     base = Checkpoint.open(toy_family.base)
     models = {n: Checkpoint.open(u) for n, u in toy_family.variants.items()}
-    rows, pairs = compute_geometry(base, models, settings=GeometrySettings(spectral=None))
+    rows, pairs = compute_geometry(base, models, settings=GeometrySettings(spectral=False))
     for name in models:
         mods = rows_of(rows, scope="module", model=name)
         assert {r["module"] for r in mods} == {"attention", "mlp", "norm", "embedding"}
@@ -137,7 +137,7 @@ def test_elected_sign_can_be_switched_off(tmp_path):
     base = torch.ones(100)
     models = {m: ckpt(tmp_path, m, {NAME: base + 0.5}) for m in ("a", "b")}
     rows, _ = compute_geometry(ckpt(tmp_path, "base", {NAME: base}), models,
-                               settings=GeometrySettings(spectral=None, elected_sign=False))
+                               settings=GeometrySettings(spectral=False, elected_sign=False))
     assert all(r["elected_sign_shared"] is None and r["elected_sign_disagreement"] is None for r in rows)
 
 

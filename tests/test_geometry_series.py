@@ -4,6 +4,8 @@ the watcher's landed checkpoint counted as a new step rather than a new model.""
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from mergeaudit import store
 from mergeaudit.checkpoint import Checkpoint, write_checkpoint
 from mergeaudit.config import CheckpointSpec, parse_config, with_models
 from mergeaudit.errors import ConfigError
-from mergeaudit.geometry import GeometrySettings, SpectralSettings
+from mergeaudit.geometry import GeometrySettings
 from mergeaudit.geometry.series import compute_series, discover_steps, spaced, step_number
 
 SHAPES = {"model.layers.0.mlp.up_proj.weight": (40, 50), "model.layers.0.self_attn.q_proj.weight": (50, 50),
@@ -71,7 +73,7 @@ def test_five_steps_with_known_densities(tmp_path):
     base_ck = Checkpoint.open(write(str(tmp_path / "base"), base))
     cks = [(s, Checkpoint.open(write(str(tmp_path / f"step-{s}"), steps[s]))) for s in STEPS]
     other_ck = Checkpoint.open(write(str(tmp_path / "other"), other))
-    settings = GeometrySettings(spectral=SpectralSettings(top_k_fraction=0.1))
+    settings = GeometrySettings(top_k_fraction=0.1)
     rows = compute_series(base_ck, "math", cks[::-1], {"code": other_ck}, kind="rlvr", settings=settings)
 
     def one(step, against, scope="model", module=None):
@@ -117,7 +119,7 @@ def test_a_dtype_mismatch_counts_as_skipped_tensors(tmp_path):
     base_ck = Checkpoint.open(write(str(tmp_path / "base"), base))
     cks = [(100, Checkpoint.open(write(str(tmp_path / "s100"), steps[100]))),
            (200, Checkpoint.open(write(str(tmp_path / "s200"), bad)))]
-    rows = compute_series(base_ck, "r", cks, settings=GeometrySettings(spectral=None))
+    rows = compute_series(base_ck, "r", cks, settings=GeometrySettings(spectral=False))
     (r,) = [r for r in rows if r["step"] == 200 and r["against"] == "base" and r["scope"] == "model"]
     assert r["skipped_tensors"] == 1 and r["n_tensors"] == 2
 
@@ -201,13 +203,13 @@ def test_the_report_plots_the_series_and_the_module_types(tmp_path):
     base_ck = Checkpoint.open(write(str(tmp_path / "base"), base))
     code = Checkpoint.open(write(str(tmp_path / "code"), other))
     cks = [(s, Checkpoint.open(write(str(tmp_path / f"s{s}"), steps[s]))) for s in STEPS[:3]]
-    settings = GeometrySettings(spectral=SpectralSettings(top_k_fraction=0.1))
+    settings = GeometrySettings(top_k_fraction=0.1)
     tensor_rows, pair_rows = compute_geometry(base_ck, {"code": code}, {"code": "rlvr"}, settings)
     results = str(tmp_path / "results")
     tables.write_run(results, audit.new_run_id(), "2026-11-28", {
         "geometry_tensors": tensor_rows, "geometry_pairs": pair_rows,
         "geometry_series": compute_series(base_ck, "math", cks, {"code": code}, "rlvr", settings),
-        "runs": [audit.run_row("series", audit.dt.datetime.now(audit.dt.timezone.utc), "{}")]})
+        "runs": [audit.run_row("series", dt.datetime.now(dt.timezone.utc), "{}")]})
     data = report.load_run(results)
     content = report.build_content(data)
     ids = [f.id for f in content.figures]
@@ -235,7 +237,7 @@ def test_the_run_summary_states_tensors_not_compared(tmp_path):
     geo = audit.compute_geometry(config, records)
     (reason,) = [r["reason"] for r in geo["geometry_tensors"] if r["reason"]]
     assert reason == "dtype F16 vs base BF16: not compared"
-    outcome = audit.finish_run(config, audit.new_run_id(), audit.dt.datetime.now(audit.dt.timezone.utc), records,
+    outcome = audit.finish_run(config, audit.new_run_id(), dt.datetime.now(dt.timezone.utc), records,
                                geo, [], [])
     assert outcome.notes == ["geometry: 1 tensor(s) of code not compared (dtype F16 vs base BF16: not compared): "
                              "model.layers.0.self_attn.q_proj.weight"]
@@ -249,7 +251,7 @@ def test_series_reuse_the_base_decompositions_of_the_main_pass(tmp_path, monkeyp
     base_ck = Checkpoint.open(write(str(tmp_path / "base"), base))
     code = Checkpoint.open(write(str(tmp_path / "code"), other))
     cks = [(s, Checkpoint.open(write(str(tmp_path / f"s{s}"), steps[s]))) for s in STEPS[:2]]
-    settings = GeometrySettings(spectral=SpectralSettings(top_k_fraction=0.1))
+    settings = GeometrySettings(top_k_fraction=0.1)
     alone = compute_series(base_ck, "math", cks, {"code": code}, "rlvr", settings)
     shared: dict = {}
     compute_geometry(base_ck, {"code": code}, settings=settings, decompositions=shared)

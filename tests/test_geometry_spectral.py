@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
+from mergeaudit.geometry.settings import GeometrySettings
 from mergeaudit.geometry.spectral import (
-    SpectralSettings,
     decompose,
     principal_angles_deg,
     principal_mask,
@@ -17,8 +17,8 @@ from mergeaudit.geometry.spectral import (
     update_spectrum,
 )
 
-EXACT = SpectralSettings(top_k_fraction=0.05, exact_max_dim=4096, exact_max_cost=math.inf)
-RANDOMIZED = SpectralSettings(top_k_fraction=0.05, exact_max_dim=4)
+EXACT = GeometrySettings(top_k_fraction=0.05, exact_max_dim=4096, exact_max_cost=1 << 62)
+RANDOMIZED = GeometrySettings(top_k_fraction=0.05, exact_max_dim=4)
 
 
 def basis(n: int, seed: int, dtype=torch.float32) -> torch.Tensor:
@@ -71,7 +71,7 @@ def test_weights_with_a_chosen_rotation_of_their_top_subspace(settings, deg):
     s = torch.cat([torch.tensor([10.0, 9.0, 8.0, 7.0]), torch.linspace(1.0, 0.1, n - 4)]).double()
     w = u @ torch.diag(s) @ v.T
     w_ft = rotated(u, 0, 50, deg) @ torch.diag(s) @ v.T
-    settings = SpectralSettings(top_k_fraction=4 / 90, exact_max_dim=settings.exact_max_dim,
+    settings = GeometrySettings(top_k_fraction=4 / 90, exact_max_dim=settings.exact_max_dim,
                                 exact_max_cost=settings.exact_max_cost)
     f = spectral_figures(w.float(), w_ft.float(), None, settings)
     assert f["topk"] == 4
@@ -155,8 +155,8 @@ def test_randomized_error_within_documented_bounds():
     v = torch.linalg.qr(torch.randn(n, rank, generator=g))[0]
     w = torch.randn(m, n, generator=g) / n**0.5 + u @ torch.diag(torch.linspace(8, 3, rank)) @ v.T
     d = (torch.rand(m, n, generator=g) < 0.1) * torch.randn(m, n, generator=g) * 0.02
-    exact = spectral_figures(w, w + d, None, SpectralSettings(exact_max_dim=4096, exact_max_cost=math.inf))
-    rand = spectral_figures(w, w + d, None, SpectralSettings())
+    exact = spectral_figures(w, w + d, None, GeometrySettings(exact_max_dim=4096, exact_max_cost=1 << 62))
+    rand = spectral_figures(w, w + d, None, GeometrySettings())
     assert (exact["spectral_method"], rand["spectral_method"]) == ("exact", "randomized")
     for key in ("energy_topk", "energy_topk_left", "energy_topk_right"):
         assert rand[key] == pytest.approx(exact[key], abs=1e-3)
@@ -167,7 +167,7 @@ def test_randomized_error_within_documented_bounds():
 
 
 def test_method_is_chosen_by_cost():
-    s = SpectralSettings()
+    s = GeometrySettings()
     assert s.exact((128, 896)) and s.exact((300, 300))
     assert not s.exact((896, 896)) and not s.exact((4864, 896)) and not s.exact((151936, 896))
 
@@ -184,7 +184,7 @@ def test_principal_mask_keeps_the_top_alpha_of_the_rank_k_reconstruction():
 def test_randomized_svd_leaves_the_global_generator_alone():
     g = torch.Generator().manual_seed(5)
     w = torch.randn(300, 200, generator=g)
-    settings = SpectralSettings(top_k_fraction=0.05, exact_max_dim=10)
+    settings = GeometrySettings(top_k_fraction=0.05, exact_max_dim=10)
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)

@@ -63,13 +63,13 @@ def test_ties_on_cuda_equals_cpu(tmp_path):
 def test_candidate_on_cuda_in_bf16_frees_memory(tmp_path):
     from mergeaudit.audit import release_device_memory
     from mergeaudit.checkpoint import Checkpoint
-    from mergeaudit.config import EvalSpec
+    from mergeaudit.evaluation.settings import EvalSettings
     from mergeaudit.modeling import build_model
 
     uris = toy_family(tmp_path)
     base = Checkpoint.open(uris["base"])
     before = torch.cuda.memory_allocated()
-    spec = EvalSpec(device="cuda")
+    spec = EvalSettings(device="cuda")
     model = build_model(base.config, base.iter_tensors(), spec.device, getattr(torch, spec.torch_dtype))
     assert next(model.parameters()).dtype == torch.bfloat16 and next(model.parameters()).is_cuda
     del model

@@ -11,7 +11,6 @@ import pytest
 import torch
 from lm_eval.api.model import LM
 
-from mergeaudit.config import EvalSpec
 from mergeaudit.errors import EvaluationError
 from mergeaudit.evaluation.generation import GenerationInfo, traced_hflm_class
 from mergeaudit.evaluation.prompting import (
@@ -228,12 +227,12 @@ def test_chat_template_refused_without_one(toy_base):
 
 
 def test_eval_spec_checks():
-    assert EvalSpec(backend="vllm").model_dump()["server"]["engine"] == "vllm"
-    assert EvalSpec(backend="vllm").backend == "served"
-    assert EvalSpec(device="cuda").engine == "vllm" and EvalSpec().engine == "transformers"
-    assert EvalSpec(device="cuda:1").torch_dtype == "bfloat16" and EvalSpec().torch_dtype == "float32"
+    assert EvalSettings(backend="vllm").model_dump()["server"]["engine"] == "vllm"
+    assert EvalSettings(backend="vllm").backend == "served"
+    assert EvalSettings(device="cuda").engine == "vllm" and EvalSettings().engine == "transformers"
+    assert EvalSettings(device="cuda:1").torch_dtype == "bfloat16" and EvalSettings().torch_dtype == "float32"
     for bad, match in [({"think_tags": ["<t>", "<t>"]}, "think_tags"), ({"max_gen_toks": 256}, "no room"),
                        ({"server": {"extra_args": ["--trust-remote-code"]}}, "never passed")]:
         with pytest.raises(ValueError, match=match):
-            EvalSpec(**bad)
-    assert EvalSpec(think_tags=None).think_tags is None
+            EvalSettings(**bad)
+    assert EvalSettings(think_tags=None).think_tags is None

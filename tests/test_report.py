@@ -15,9 +15,9 @@ from html.parser import HTMLParser
 import pytest
 
 from mergeaudit import report, tables
-from mergeaudit.config import AlarmSpec
 from mergeaudit.results import compare as regression
 from mergeaudit.results import leaderboard, load_run
+from mergeaudit.results.alarm import AlarmSettings
 from mergeaudit.results.stats import paired_t, prompt_mean_stderr, welch_z
 
 MODELS = {"rl_math": "rlvr", "sft_code": "sft"}
@@ -189,7 +189,7 @@ def test_regressions_on_constructed_runs(tmp_path):
     noisy["scores"] = [{**s, "stderr": 0.1} for s in noisy["scores"]]
     tables.write_run(root, "r3", "2026-11-27", noisy)
     assert [r.candidate for r in regression.check_run(root, "r3").regressions] == []
-    assert [r.candidate for r in regression.check_run(root, "r3", AlarmSpec(significance=0.3)).regressions] == [
+    assert [r.candidate for r in regression.check_run(root, "r3", AlarmSettings(significance=0.3)).regressions] == [
         "ties(rl_math+sft_code)"]  # p = P[Z >= 0.1 / 0.141] = 0.24
     assert cli_main(["regressions", root, "--run", "r3"]) == 0
     assert cli_main(["regressions", root, "--run", "r3", "--significance", "0.3"]) == 1

@@ -19,9 +19,9 @@ import uuid
 
 import pytest
 
-from mergeaudit.config import EvalSpec
 from mergeaudit.evaluation.isolation import NOBODY
 from mergeaudit.evaluation.sandbox import IsolationError, SandboxLimits, require_isolation, run_code
+from mergeaudit.evaluation.settings import EvalSettings
 
 LIMITS = SandboxLimits(wall_seconds=6, cpu_seconds=2, memory_bytes=512 * 1024**2, file_bytes=256 * 1024, processes=8)
 STRONG = "bwrap kuid=65534 user=nobody caps=none nnp pid=ns net=none fs=ro env=empty nproc=9"
@@ -306,9 +306,9 @@ def test_nothing_outside_the_work_folder_changes(tmp_path):
 
 
 def test_minimum_isolation_is_enforced(monkeypatch):
-    assert EvalSpec().code_isolation == "bwrap"
+    assert EvalSettings().code_isolation == "bwrap"
     with pytest.raises(ValueError):
-        EvalSpec(code_isolation="none")
+        EvalSettings(code_isolation="none")
     assert require_isolation("bwrap").startswith("bwrap ")
     monkeypatch.setenv("MERGEAUDIT_BWRAP", "/nonexistent/bwrap")  # as on a machine without it
     with pytest.raises(IsolationError, match="bubblewrap"):

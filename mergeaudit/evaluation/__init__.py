@@ -6,13 +6,14 @@ code), avg@n and pass@k, prompting as reasoning models expect, and the offline t
     result.scores, result.samples
 
 The names below are loaded on first use, so `mergeaudit.config` can import the settings model
-(`mergeaudit.evaluation.spec`) without loading the runner.
+(`mergeaudit.evaluation.settings`) without loading the runner.
 """
 
 import importlib
 
 _EXPORTS = {name: "mergeaudit.evaluation.runner" for name in
-            ("EvalResult", "EvalSettings", "check_tasks", "evaluate_lm", "evaluate_model", "shipped_tasks")}
+            ("EvalResult", "check_tasks", "evaluate_lm", "evaluate_model", "shipped_tasks")}
+_EXPORTS.update({name: "mergeaudit.evaluation.settings" for name in ("EvalSettings", "ServerSettings")})
 __all__ = sorted(_EXPORTS)
 
 

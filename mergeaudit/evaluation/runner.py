@@ -37,7 +37,8 @@ from mergeaudit import store
 from mergeaudit.errors import EvaluationError
 from mergeaudit.evaluation.generation import traced_hflm_class
 from mergeaudit.evaluation.prompting import Prompting, apply_prompting, require_chat_template, resolve_prompting
-from mergeaudit.evaluation.sandbox import SandboxLimits, require_isolation
+from mergeaudit.evaluation.sandbox import require_isolation
+from mergeaudit.evaluation.settings import EvalSettings
 from mergeaudit.evaluation.verdicts import verify_samples
 from mergeaudit.evaluation.verifiers import Verifier
 from mergeaudit.progress import quiet_progress_bars
@@ -54,33 +55,6 @@ BUILTIN_VERIFIERS = {
     "aime": ("math", None),
     "humaneval": ("code", "prompt"),
 }
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """How lm-eval runs and samples (explicit batch size and max length: auto sizing is
-    unreliable), and how completions are verified."""
-
-    limit: int | None = None
-    batch_size: int = 16
-    max_length: int = 256
-    device: str = "cpu"
-    bootstrap_iters: int = 1000
-    seed: int = 1234
-    num_samples: int = 1
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_gen_toks: int | None = None
-    pass_k: tuple[int, ...] = (1,)
-    data_files: dict[str, str] = field(default_factory=dict)
-    math_timeout: float = 10.0
-    sandbox: SandboxLimits = field(default_factory=SandboxLimits)
-    # Prompting (None: the task pack's default, see `Prompting`)
-    chat_template: bool | None = None
-    system_prompt: str | None = None
-    instruction: str | None = None
-    fewshot_as_multiturn: bool = True
-    think_tags: tuple[str, str] | None = ("<think>", "</think>")
 
 
 @dataclass(frozen=True)

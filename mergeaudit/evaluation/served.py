@@ -41,11 +41,12 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from mergeaudit.errors import ConfigError, EvaluationError, ServerStartError
+from mergeaudit.errors import EvaluationError, ServerStartError
 from mergeaudit.evaluation.generation import GenerationInfo
-from mergeaudit.evaluation.runner import EvalResult, EvalSettings, check_tasks, run_tasks
+from mergeaudit.evaluation.runner import EvalResult, check_tasks, run_tasks
+from mergeaudit.evaluation.settings import EvalSettings, ServerSettings
 
 # Environment variables a served model never needs (matched on the upper-cased name).
 SECRET_ENV_PATTERNS = ("AWS_*", "*_SECRET*", "*_TOKEN*", "*PASSWORD*", "*KEY*")
@@ -53,45 +54,6 @@ INSTALL_HINTS = {"vllm": "pip install vllm (GPU workers)",
                  "transformers": "pip install 'transformers[serving]'"}
 LOG_TAIL_LINES = 20
 POLL_S = 0.25
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """Which server scores the candidate, and how long it may take."""
-
-    engine: Literal["vllm", "transformers"] = "transformers"
-    host: str = "127.0.0.1"
-    port: int = 0  # 0: pick a free port
-    startup_timeout: float = 900.0  # seconds until /v1/models lists the model
-    request_timeout: float = 600.0  # one request (long reasoning generations)
-    num_concurrent: int = 8  # parallel requests from lm-eval
-    dtype: str = "auto"  # passed to the server (--dtype)
-    device: str = "auto"  # transformers serve --device; vllm: ignored (CUDA_VISIBLE_DEVICES decides)
-    gpu_memory_utilization: float = 0.9  # vllm
-    max_model_len: int | None = None  # vllm
-    extra_args: tuple[str, ...] = ()
-    command: tuple[str, ...] | None = None  # replaces the engine's executable (a site wrapper); also tests
-    stop_timeout: float = 15.0  # seconds between SIGTERM and SIGKILL on exit
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "extra_args", tuple(self.extra_args))
-        if self.command is not None:
-            object.__setattr__(self, "command", tuple(self.command))
-        checks = {
-            f"engine must be one of {', '.join(INSTALL_HINTS)}, not {self.engine!r}": self.engine in INSTALL_HINTS,
-            f"port {self.port} is not in 0..65535": 0 <= self.port <= 65535,
-            "startup_timeout and request_timeout must be > 0": self.startup_timeout > 0 and self.request_timeout > 0,
-            "stop_timeout must be >= 0": self.stop_timeout >= 0,
-            "num_concurrent must be >= 1": self.num_concurrent >= 1,
-            "gpu_memory_utilization must be in (0, 1]": 0 < self.gpu_memory_utilization <= 1,
-            "max_model_len must be >= 1": self.max_model_len is None or self.max_model_len >= 1,
-            "command must name an executable": self.command is None or bool(self.command),
-            "extra_args must not enable --trust-remote-code":
-                not any(a.startswith("--trust-remote-code") for a in self.extra_args),
-        }
-        problems = [message for message, ok in checks.items() if not ok]
-        if problems:
-            raise ConfigError("server settings: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -105,9 +67,9 @@ class Endpoint:
 def server_command(checkpoint_dir: str, settings: ServerSettings, port: int, seed: int) -> list[str]:
     """The server's argv; the served model id is the checkpoint's absolute path."""
     model = os.path.abspath(checkpoint_dir)
-    exe = list(settings.command) if settings.command else [executable(settings.engine)]
+    exe = list(settings.command) if settings.command else [executable(settings.resolved_engine)]
     common = ["serve", model, "--host", settings.host, "--port", str(port), "--dtype", settings.dtype]
-    if settings.engine == "vllm":
+    if settings.resolved_engine == "vllm":
         args = common + ["--served-model-name", model, "--seed", str(seed),
                          "--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
         if settings.max_model_len:
@@ -161,7 +123,7 @@ def serve(checkpoint_dir: str, settings: ServerSettings = ServerSettings(), seed
     argv = server_command(model, settings, port, seed)
     logdir = tempfile.mkdtemp(prefix="mergeaudit-serve-")
     log_path = os.path.join(logdir, "server.log")
-    what = f"the {settings.engine} server for {model}"
+    what = f"the {settings.resolved_engine} server for {model}"
     proc = None
     try:
         with open(log_path, "wb") as log:
@@ -170,7 +132,7 @@ def serve(checkpoint_dir: str, settings: ServerSettings = ServerSettings(), seed
                                         env=server_env(), start_new_session=True)
             except (FileNotFoundError, PermissionError) as exc:
                 hint = (f"the configured command {argv[0]!r} cannot be run" if settings.command
-                        else f"{argv[0]!r} is not installed here; install it with {INSTALL_HINTS[settings.engine]}")
+                        else f"{argv[0]!r} is not installed here; install it with {INSTALL_HINTS[settings.resolved_engine]}")
                 raise ServerStartError(f"cannot start {what}: {hint} ({exc.strerror})") from None
         client_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
         netloc = f"[{client_host}]" if ":" in client_host else client_host
@@ -318,9 +280,9 @@ def served_lm(endpoint: Endpoint, tokenizer_dir: str, settings: EvalSettings, se
     sampling = settings.num_samples > 1 or settings.temperature > 0
     # transformers serve seeds its process-wide torch RNG when a request arrives and generates
     # on one thread: concurrent sampled requests would draw from each other's seeds
-    concurrent = 1 if server.engine == "transformers" and sampling else server.num_concurrent
+    concurrent = 1 if server.resolved_engine == "transformers" and sampling else server.num_concurrent
     kwargs: dict[str, Any] = {"max_gen_toks": settings.max_gen_toks} if settings.max_gen_toks else {}
-    kwargs.update(engine=server.engine, model=endpoint.model, tokenizer_backend="huggingface", tokenizer=tokenizer_dir,
+    kwargs.update(engine=server.resolved_engine, model=endpoint.model, tokenizer_backend="huggingface", tokenizer=tokenizer_dir,
                   tokenized_requests=False, batch_size=1, num_concurrent=concurrent, max_length=settings.max_length,
                   timeout=max(1, math.ceil(server.request_timeout)), seed=settings.seed)
     chat_lm = chat(base_url=f"{endpoint.base_url}/chat/completions", **kwargs)

@@ -39,16 +39,15 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
 
 import torch
 
 from mergeaudit.checkpoint import Checkpoint, iter_aligned
 from mergeaudit.checkpoint.names import parse_tensor_name
 from mergeaudit.geometry.kernels import kernel_view, masked_changes
+from mergeaudit.geometry.settings import GeometrySettings
 from mergeaudit.geometry.spectral import (
     Decomposition,
-    SpectralSettings,
     decompose,
     principal_mask,
     spectral_figures,
@@ -56,7 +55,7 @@ from mergeaudit.geometry.spectral import (
 from mergeaudit.geometry.stats import ModelSums, PairSums, fisher_sums, tensor_sums
 from mergeaudit.updates import changed_bf16
 
-__all__ = ["GeometrySettings", "SpectralSettings", "changed_bf16", "compute_geometry", "module_type",
+__all__ = ["GeometrySettings", "changed_bf16", "compute_geometry", "module_type",
            "parse_tensor_name"]
 
 # module type from the module path; the first match wins (norms before attention: `attn_norm`)
@@ -66,20 +65,6 @@ _MODULE_TYPES = (
     ("attention", re.compile(r"attn|attention|(?:^|\.)(?:q|k|v|o|qkv)_proj|query|key|value|c_attn")),
     ("mlp", re.compile(r"mlp|ffn|feed_forward|(?:gate|up|down)_proj|fc\d|c_fc|dense_h_to_4h|dense_4h_to_h|experts")),
 )
-
-
-@dataclass(frozen=True)
-class GeometrySettings:
-    eta: float = 1e-3
-    abs_tol: float = 1e-5
-    spectral: SpectralSettings | None = field(default_factory=SpectralSettings)
-    # Zhu et al.'s principal weights: the top alpha of |U_k S_k V_k^T| (k from `spectral`); the
-    # paper's value was not found in what we could read: 0.05 is our choice. None: not computed.
-    principal_alpha: float | None = 0.05
-    elected_sign: bool = True  # the elected-sign disagreement (one more pass over all models)
-    # Where the spectral figures (decompositions, principal masks) are computed: "cuda" moves
-    # them to the GPU, their cost on a CPU; the exact counts stay in the fused CPU kernels.
-    device: str = "cpu"
 
 
 def module_type(module: str) -> str:
@@ -112,7 +97,7 @@ def compute_geometry(
     shapes = {m: ck.shapes() for m, ck in models.items()}
     provenance = {m: {"model_uri": ck.uri, "model_fingerprint": ck.fingerprint} for m, ck in models.items()}
     common = {"base_uri": base.uri, "base_fingerprint": base.fingerprint}
-    alpha = settings.principal_alpha if settings.spectral is not None else None
+    alpha = settings.principal_alpha if settings.spectral else None
 
     def problem(model: str, tensor: str) -> str | None:
         if tensor not in shapes[model]:
@@ -147,7 +132,7 @@ def compute_geometry(
             (i, j) for i, j in itertools.combinations(range(len(present)), 2)
             if frozenset((present[i], present[j])) in wanted]
         sums = tensor_sums(w, fts, settings.eta, settings.abs_tol, elected_sign=settings.elected_sign, pairs=chosen)
-        spectral = settings.spectral if w.ndim == 2 and min(w.shape) > 1 else None
+        spectral = settings if settings.spectral and w.ndim == 2 and min(w.shape) > 1 else None
         if spectral is not None:
             w32 = w.to(settings.device).float()
             key = (base.fingerprint, tensor, spectral.k(tuple(w.shape)))

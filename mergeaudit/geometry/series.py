@@ -31,15 +31,22 @@ steps.
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 import re
 from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import pydantic
 
 from mergeaudit import store
 from mergeaudit.checkpoint import Checkpoint, discover
+from mergeaudit.errors import CheckpointError
+from mergeaudit.fields import Name, StoreURI
+from mergeaudit.frozen import Frozen
 from mergeaudit.geometry import GeometrySettings, compute_geometry
 
-__all__ = ["compute_series", "discover_steps", "spaced", "step_label", "step_number"]
+__all__ = ["SeriesSpec", "SeriesStep", "compute_series", "discover_steps", "spaced", "step_label", "step_number"]
+log = logging.getLogger(__name__)
 
 _STEP_RE = re.compile(r"(\d+)(?!.*\d)")
 _BASE_COLUMNS = ("numel", "n_tensors", "changed_bf16", "sparsity_bf16", "sparsity_rel", "sparsity_abs",
@@ -48,6 +55,55 @@ _PAIR_COLUMNS = {"numel": "numel", "overlap": "overlap", "overlap_of_a": "overla
                  "overlap_of_a_lift": "overlap_of_step_lift", "overlap_of_b": "overlap_of_other",
                  "jaccard": "jaccard", "jaccard_lift": "jaccard_lift", "sign_conflict_rate": "sign_conflict_rate",
                  "cosine": "cosine"}
+
+
+class SeriesStep(Frozen):
+    step: int = pydantic.Field(ge=0, description="Training step the checkpoint was saved at.")
+    uri: StoreURI = pydantic.Field(description="Folder of the checkpoint.")
+
+
+class SeriesSpec(Frozen):
+    """Checkpoints one training run saved, by step: geometry as a function of the step
+    (`geometry_series`, mergeaudit.geometry.series). Give the steps, or a prefix under which
+    every complete checkpoint folder with a number in its path (`step-100`, `checkpoint-200`)
+    is a step, found as the watcher finds new checkpoints."""
+
+    name: Name = pydantic.Field(description="Name of the run; its steps are `name@step` in tables.")
+    kind: Literal["rlvr", "sft", "unknown"] = pydantic.Field("unknown", description="How the run trains.")
+    steps: list[SeriesStep] | None = pydantic.Field(None, description="The checkpoints by step.")
+    prefix: StoreURI | None = pydantic.Field(None, description="...or where the run saves them (path or s3://).")
+    compare_with: list[str] | None = pydantic.Field(
+        None, description="Models of the audit whose updates each step is compared with (default: all).")
+    max_steps: int = pydantic.Field(
+        16, ge=2, le=256, description="Most steps measured: evenly spaced, first and last kept.")
+
+    @pydantic.model_validator(mode="after")
+    def _one_source(self) -> SeriesSpec:
+        if (self.steps is None) == (self.prefix is None):
+            raise ValueError(f"series {self.name}: give `steps` or `prefix`, not both or neither")
+        numbers = [s.step for s in self.steps or []]
+        if len(set(numbers)) != len(numbers):
+            raise ValueError(f"series {self.name}: a step number appears twice")
+        if self.steps is not None and not self.steps:
+            raise ValueError(f"series {self.name}: `steps` is empty")
+        return self
+
+    def uris(self) -> list[str]:
+        return [self.prefix] if self.prefix else [s.uri for s in self.steps or []]
+
+    def found_steps(self, marker: str | None) -> list[tuple[int, str]]:
+        """The (step, uri) pairs measured: as listed, or the complete checkpoints under the
+        prefix now; at most `max_steps`, evenly spaced (first and last kept)."""
+        if self.steps is not None:
+            found = sorted((s.step, s.uri) for s in self.steps)
+        else:
+            found, skipped = discover_steps(self.prefix, marker)
+            for line in skipped:
+                log.warning("series %s: left out %s", self.name, line)
+            if not found:
+                raise CheckpointError(f"series {self.name}: no complete checkpoint with a step number under "
+                                      f"{self.prefix}")
+        return spaced(found, self.max_steps)
 
 
 def step_label(run: str, step: int) -> str:
@@ -110,7 +166,7 @@ def compute_series(
     final = order[-1]
     models = {**{label: ck for label, (_, ck) in labels.items()}, **others}
     pairs = [(label, final) for label in order[:-1]] + [(label, o) for label in order for o in others]
-    single = dataclasses.replace(settings, elected_sign=False)
+    single = settings.model_copy(update={"elected_sign": False})
     tensor_rows, pair_rows = compute_geometry(base, models, settings=single, pairs=pairs,
                                               decompositions=decompositions)
 
@@ -135,7 +191,7 @@ def compute_series(
         out.append(row(r["model_a"], "model" if r["scope"] == "global" else "module", r["module"], against[0],
                        against_model=against[1], against_fingerprint=against[2],
                        **{new: r.get(old) for old, new in _PAIR_COLUMNS.items()}))
-    quick = dataclasses.replace(single, spectral=None)
+    quick = single.model_copy(update={"spectral": False})
     for prev, cur in zip(order, order[1:]):
         step_rows, _ = compute_geometry(models[prev], {cur: models[cur]}, settings=quick)
         out += [row(cur, r["scope"], r["module"], "previous", against_model=prev,

@@ -47,27 +47,11 @@ from dataclasses import dataclass
 
 import torch
 
+from mergeaudit.geometry.settings import GeometrySettings
+
 FP32_EPS = torch.finfo(torch.float32).eps
 SAMPLE_ABOVE, SAMPLE_SIZE = 1 << 22, 1 << 18  # principal masks of larger tensors bound their threshold first
 GRAM_ROWS = 16384  # rows of an update converted to fp64 at a time (bounded memory for embeddings)
-
-
-@dataclass(frozen=True)
-class SpectralSettings:
-    top_k_fraction: float = 0.01
-    exact_max_dim: int = 1024
-    exact_max_cost: float = 5e7     # m * n * min(m, n): ~0.05-0.1 s of fp64 SVD on 2 cores
-    oversample: int = 20
-    power_iters: int = 6
-    warm_iters: int = 2
-    seed: int = 0
-
-    def k(self, shape: tuple[int, ...]) -> int:
-        return max(1, int(round(self.top_k_fraction * min(shape))))
-
-    def exact(self, shape: tuple[int, ...]) -> bool:
-        m, n = shape
-        return min(m, n) <= self.exact_max_dim and m * n * min(m, n) <= self.exact_max_cost
 
 
 @dataclass(frozen=True)
@@ -81,7 +65,7 @@ class Decomposition:
     method: str
 
 
-def decompose(w: torch.Tensor, k: int, settings: SpectralSettings, warm: Decomposition | None = None) -> Decomposition:
+def decompose(w: torch.Tensor, k: int, settings: GeometrySettings, warm: Decomposition | None = None) -> Decomposition:
     """Top-k singular triplets of w (fp32 in); `warm`, the base's decomposition, seeds the sketch."""
     if settings.exact(tuple(w.shape)):
         u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
@@ -149,7 +133,7 @@ def spectral_figures(
     w: torch.Tensor,
     w_ft: torch.Tensor,
     base: Decomposition | None,
-    settings: SpectralSettings,
+    settings: GeometrySettings,
     finite: bool | None = None,
 ) -> dict[str, float | int | str | None]:
     """All spectral columns for one (model, 2-D tensor); inputs in fp32.

@@ -14,7 +14,7 @@ A score is flagged when it dropped by more than `alarm.max_drop` (absolute) and 
 p-value is at most `alarm.significance`. A candidate that scored before and failed now is
 flagged too. Every comparison says its test, the prompts that got better and worse, and p.
 
-    check = check_run(RESULTS, run_id, AlarmSpec(max_drop=0.02, significance=0.05))
+    check = check_run(RESULTS, run_id, AlarmSettings(max_drop=0.02, significance=0.05))
     if check.regressions: ...
 """
 
@@ -25,12 +25,12 @@ from typing import Literal
 import pydantic
 
 from mergeaudit import tables
-from mergeaudit.config import AlarmSpec
 from mergeaudit.errors import ConfigError
+from mergeaudit.results.alarm import AlarmSettings
 from mergeaudit.results.scores import RunResults, committed, is_diagnostic, load_run
 from mergeaudit.results.stats import PairedTest, TestName, paired_test, welch_z
 
-__all__ = ["AlarmSpec", "Regression", "RegressionReport", "check_run", "compare", "previous_run_id"]
+__all__ = ["AlarmSettings", "Regression", "RegressionReport", "check_run", "compare", "previous_run_id"]
 
 
 class Regression(pydantic.BaseModel):
@@ -118,7 +118,7 @@ def compare_score(previous: RunResults, before: dict, current: RunResults, now: 
     return PairedTest(test="welch_z" if p is not None else "none", statistic=stat, p_value=p)
 
 
-def compare(current: RunResults, previous: RunResults, spec: AlarmSpec) -> tuple[list[Regression], list[Regression]]:
+def compare(current: RunResults, previous: RunResults, spec: AlarmSettings) -> tuple[list[Regression], list[Regression]]:
     """(flagged, every comparison) of `current` against `previous`."""
     now, before = _keyed_scores(current, spec.metrics), _keyed_scores(previous, spec.metrics)
     compared: list[Regression] = []
@@ -150,7 +150,7 @@ def previous_run_id(results_uri: str, run_id: str, audit_name: str | None,
     return earlier[-1] if earlier else None
 
 
-def check(current: RunResults, spec: AlarmSpec, manifests: list[dict] | None = None) -> RegressionReport:
+def check(current: RunResults, spec: AlarmSettings, manifests: list[dict] | None = None) -> RegressionReport:
     """Compare a run's rows (committed or about to be) with the previous committed run."""
     prev_id = previous_run_id(current.results_uri, current.run_id, current.audit_name, manifests)
     flagged, compared = [], []
@@ -162,7 +162,7 @@ def check(current: RunResults, spec: AlarmSpec, manifests: list[dict] | None = N
                             max_drop=spec.max_drop, significance=spec.significance)
 
 
-def check_run(results_uri: str, run_id: str | None = None, spec: AlarmSpec | None = None) -> RegressionReport:
+def check_run(results_uri: str, run_id: str | None = None, spec: AlarmSettings | None = None) -> RegressionReport:
     """Compare a committed run (default: the latest) with the previous committed run of its audit."""
     runs = committed(results_uri)
     run_id = run_id or runs[-1]["run_id"]
@@ -172,4 +172,4 @@ def check_run(results_uri: str, run_id: str | None = None, spec: AlarmSpec | Non
     if not current.run.get("audit_name"):
         manifest = next(m for m in runs if m["run_id"] == run_id)
         current.rows["runs"] = [{**current.run, "audit_name": tables.manifest_audit_name(results_uri, manifest)}]
-    return check(current, spec or AlarmSpec(), runs)
+    return check(current, spec or AlarmSettings(), runs)

@@ -27,7 +27,7 @@ import json
 
 import pydantic
 
-from mergeaudit.config import AlarmSpec
+from mergeaudit.results.alarm import AlarmSettings
 from mergeaudit.results.compare import compare_score
 from mergeaudit.results.scores import RunResults
 from mergeaudit.results.stats import PairedTest
@@ -69,7 +69,7 @@ def run_significance(run: RunResults) -> float:
     """The level the run's own alarm used (`alarm.significance` in its config), else 0.05."""
     try:
         alarm = json.loads(run.run.get("config_json") or "{}").get("alarm") or {}
-        return AlarmSpec.model_validate(alarm).significance
+        return AlarmSettings.model_validate(alarm).significance
     except (AttributeError, TypeError, ValueError):  # pydantic's ValidationError is a ValueError
         return SIGNIFICANCE
 

@@ -1,4 +1,5 @@
-"""The evaluation settings of an audit (`evaluation:` in the YAML, a field of AuditConfig).
+"""The evaluation settings: `evaluation:` in an audit's YAML, and what every evaluation
+function takes (one model, from the YAML to lm-eval and the verifiers).
 
 What to score candidates on, how to prompt (chat template, system prompt, instruction), how lm-eval
 samples (n samples per prompt, temperature, token budget), how completions are verified
@@ -7,8 +8,8 @@ samples (n samples per prompt, temperature, token budget), how completions are v
 scores it through an OpenAI-compatible server started on the worker (`vllm serve` on GPUs,
 `transformers serve` on a CPU).
 
-    spec = EvalSpec(tasks=["mergeaudit_math500_local"], chat_template=True, num_samples=16,
-                    temperature=0.6, top_p=0.95, max_gen_toks=32768, backend="served")
+    settings = EvalSettings(tasks=["mergeaudit_math500_local"], chat_template=True, num_samples=16,
+                            temperature=0.6, top_p=0.95, max_gen_toks=32768, backend="served")
 """
 
 from __future__ import annotations
@@ -17,31 +18,50 @@ from typing import Any, Literal
 
 import pydantic
 
+from mergeaudit.evaluation.sandbox import SandboxLimits
 from mergeaudit.frozen import Frozen
 
 
-class ServerSpec(Frozen):
-    """The OpenAI-compatible server a `served` evaluation starts on the worker, per candidate."""
+class ServerSettings(Frozen):
+    """The OpenAI-compatible server a `served` evaluation starts on the worker, per candidate.
+
+    `auto` values are the evaluation's to decide: `EvalSettings.served()` fills them in."""
 
     engine: Literal["auto", "vllm", "transformers"] = pydantic.Field(
         "auto", description="auto: vllm when evaluation.device is cuda, else transformers serve.")
+    host: str = pydantic.Field("127.0.0.1", description="Interface the server listens on.")
+    port: int = pydantic.Field(0, ge=0, le=65535, description="Port (0: a free one).")
+    dtype: str = pydantic.Field("auto", description="--dtype of the server (auto: evaluation.dtype).")
+    device: str = pydantic.Field(
+        "auto", description="transformers serve --device (auto: evaluation.device); vllm uses CUDA_VISIBLE_DEVICES.")
     startup_timeout: float = pydantic.Field(900.0, gt=0, description="Seconds until the server lists the model.")
     request_timeout: float = pydantic.Field(600.0, gt=0, description="Seconds one generation request may take.")
     num_concurrent: int = pydantic.Field(8, ge=1, le=1024, description="Requests in flight at once.")
     gpu_memory_utilization: float = pydantic.Field(0.9, gt=0, le=1, description="vLLM's share of GPU memory.")
     max_model_len: int | None = pydantic.Field(None, ge=16, description="vLLM's context length (model's default).")
-    extra_args: list[str] = pydantic.Field(default_factory=list, description="More arguments for the server.")
+    extra_args: tuple[str, ...] = pydantic.Field((), description="More arguments for the server.")
+    command: tuple[str, ...] | None = pydantic.Field(
+        None, min_length=1, description="Replaces the engine's executable (a site's wrapper script).")
+    stop_timeout: float = pydantic.Field(15.0, ge=0, description="Seconds between SIGTERM and SIGKILL on exit.")
+
+    @property
+    def resolved_engine(self) -> str:
+        """The engine `auto` stands for: vllm for a cuda device, transformers serve elsewhere."""
+        if self.engine != "auto":
+            return self.engine
+        return "vllm" if self.device.startswith("cuda") else "transformers"
 
     @pydantic.field_validator("extra_args")
     @classmethod
-    def _no_remote_code(cls, v: list[str]) -> list[str]:
+    def _no_remote_code(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         if any(a.split("=", 1)[0] == "--trust-remote-code" for a in v):
             raise ValueError("--trust-remote-code is never passed: checkpoints are untrusted")
         return v
 
 
-class EvalSpec(Frozen):
-    """What to score candidates on, how to prompt and sample, and how completions are verified."""
+class EvalSettings(Frozen):
+    """What to score candidates on, how to prompt and sample, and how completions are verified
+    (explicit batch size and max length: lm-eval's auto sizing is unreliable)."""
 
     tasks: list[str] = pydantic.Field(default_factory=lambda: ["mergeaudit_add2"], min_length=1)
     limit: int | None = pydantic.Field(None, ge=1, description="Documents per task (all when empty).")
@@ -54,21 +74,23 @@ class EvalSpec(Frozen):
     backend: Literal["hf", "served"] = pydantic.Field(
         "hf", description="hf: the candidate built in this process; served: an OpenAI-compatible server per "
         "candidate (see server).")
-    server: ServerSpec = pydantic.Field(default_factory=ServerSpec)
+    server: ServerSettings = pydantic.Field(default_factory=ServerSettings)
     chat_template: bool | None = pydantic.Field(
         None, description="Prompt through the tokenizer's chat template (empty: each task pack's default).")
     system_prompt: str | None = pydantic.Field(None, description="A system turn before each problem (chat mode).")
     instruction: str | None = pydantic.Field(
         None, description="Appended to each problem (empty: the task pack's default in chat mode).")
     fewshot_as_multiturn: bool = pydantic.Field(True, description="Few-shot examples as chat turns (chat mode).")
-    think_tags: list[str] | None = pydantic.Field(
-        ["<think>", "</think>"], min_length=2, max_length=2,
+    think_tags: tuple[str, str] | None = pydantic.Field(
+        ("<think>", "</think>"),
         description="Reasoning-trace delimiters: the verifier scores the text after the trace (empty: no trace).")
     num_samples: int = pydantic.Field(1, ge=1, le=1024, description="Completions per prompt (avg@n, pass@k).")
     temperature: float = pydantic.Field(0.0, ge=0, description="Sampling temperature (0: greedy).")
     top_p: float = pydantic.Field(1.0, gt=0, le=1)
     max_gen_toks: int | None = pydantic.Field(None, ge=1, description="Override the tasks' generation length.")
-    pass_k: list[int] = pydantic.Field(default_factory=lambda: [1], description="k values of pass@k.")
+    pass_k: tuple[int, ...] = pydantic.Field((1,), description="k values of pass@k.")
+    seed: int = pydantic.Field(1234, description="Seed of sampling, few-shot choice and lm-eval.")
+    bootstrap_iters: int = pydantic.Field(1000, ge=0, le=100_000, description="lm-eval's bootstrap of its stderr.")
     data_files: dict[str, str] = pydantic.Field(
         default_factory=dict, description="Local copies of benchmark data, e.g. {gsm8k: /data/gsm8k_test.jsonl}."
     )
@@ -90,7 +112,7 @@ class EvalSpec(Frozen):
         return data
 
     @pydantic.model_validator(mode="after")
-    def _sampling_ok(self) -> EvalSpec:
+    def _sampling_ok(self) -> EvalSettings:
         problems = []
         if self.num_samples > 1 and self.temperature == 0:
             problems.append("num_samples > 1 needs temperature > 0 (greedy samples are identical)")
@@ -118,3 +140,17 @@ class EvalSpec(Frozen):
         if self.dtype != "auto":
             return self.dtype
         return "bfloat16" if self.device.startswith("cuda") else "float32"
+
+    @property
+    def sandbox(self) -> SandboxLimits:
+        """The limits model-generated code runs under."""
+        return SandboxLimits(wall_seconds=self.code_timeout, minimum_isolation=self.code_isolation)
+
+    def served(self) -> ServerSettings:
+        """The server settings with what `auto` leaves to the evaluation filled in."""
+        engine = self.engine
+        return self.server.model_copy(update={
+            "engine": engine,
+            "dtype": self.torch_dtype if self.server.dtype == "auto" else self.server.dtype,
+            "device": self.server.device if self.server.device != "auto" or engine == "vllm" else self.device,
+        })
