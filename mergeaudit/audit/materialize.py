@@ -12,9 +12,9 @@ import torch
 from mergeaudit.audit.records import Candidate
 from mergeaudit.checkpoint import Checkpoint, write_checkpoint
 from mergeaudit.checkpoint.settings import StorageSettings
-from mergeaudit.geometry import changed_bf16
 from mergeaudit.merging.executor import prepare
 from mergeaudit.modeling import build_model
+from mergeaudit.updates import changed_bf16
 
 
 def candidate_tensors(candidate: Candidate, storage: StorageSettings) -> Iterator[tuple[str, torch.Tensor]]:
