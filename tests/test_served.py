@@ -16,10 +16,11 @@ import urllib.request
 from collections import defaultdict
 
 import psutil
+import pydantic
 import pytest
 import torch
 
-from mergeaudit.errors import ConfigError, EvaluationError, ServerStartError
+from mergeaudit.errors import EvaluationError, ServerStartError
 from mergeaudit.evaluation import EvalSettings, evaluate_lm, evaluate_model
 from mergeaudit.evaluation.generation import GenerationInfo
 from mergeaudit.evaluation.served import (
@@ -205,7 +206,7 @@ def test_server_commands():
                       "cpu", "--default-seed", "3", "--log-level", "warning"]
     assert os.path.basename(hf[0]) == "transformers"
     assert not any("trust-remote-code" in a for a in vllm + hf)
-    with pytest.raises(ConfigError) as err:  # every problem at once
+    with pytest.raises(pydantic.ValidationError) as err:  # every problem at once, as every settings model
         ServerSettings(extra_args=("--trust-remote-code",), num_concurrent=0)
     assert "trust-remote-code" in str(err.value) and "num_concurrent" in str(err.value)
 
