@@ -186,32 +186,28 @@ def check_all(
     return resolved
 
 
-def variants(setting: Any, t: float) -> list[Any]:
-    """Every value a setting can take at layer position t, for some tensor: a scalar or
-    gradient has one; filter conditions have one per condition (which tensors they match is
-    known only from a checkpoint's names)."""
-    if isinstance(setting, Mapping):
-        setting = Condition.model_validate(setting)
+
+def filters(setting: Any) -> set[str]:
+    """The tensor-name filters of a settings tree's conditions."""
+    if isinstance(setting, Mapping) and "value" in setting:  # a condition
+        found = {str(setting["filter"])} if setting.get("filter") not in (None, "*") else set()
+        return found | filters(setting["value"])
+    if isinstance(setting, Mapping):  # settings by name
+        return {f for v in setting.values() for f in filters(v)}
     if isinstance(setting, Condition):
-        setting = [setting]
-    if not isinstance(setting, list) or all(_is_scalar(v) for v in setting):
-        value = evaluate(setting, "", t)
-        return [] if value is None else [value]
-    out: list[Any] = []
-    for cond in setting:
-        cond = Condition.model_validate(cond) if isinstance(cond, Mapping) else cond
-        if not isinstance(cond, Condition):
-            raise ConfigError(f"cannot mix scalars and filter conditions in {setting!r}")
-        out += variants(cond.value, t)
-    return out
+        return filters(setting.model_dump())
+    if isinstance(setting, (list, tuple)):
+        return {f for v in setting for f in filters(v)}
+    return set()
 
 
 def check_settings(method: MergeMethod, shared: Settings, per_model: Sequence[Settings],
                    has_base: bool) -> list[MethodParams]:
-    """Validate a merge's settings before any checkpoint is opened: names the method takes,
-    how many models, and every value each setting can take at the first and last layer (each
-    condition's value, each gradient's ends). The check against real tensor names is
-    `check_all`, when the headers are read. Every problem in one ConfigError."""
+    """Validate a merge's settings before any checkpoint is opened: the names the method takes,
+    how many models, and the values at the first and last layer of a tensor matched by each
+    condition's filter alone, and of one matched by none. A real name can match several filters
+    at once: `check_all` checks the real names when the headers are read (the audit's
+    preflight). Every problem in one ConfigError."""
     problems: list[str] = []
     unknown = unknown_parameters(method, shared, per_model)
     if unknown:
@@ -219,26 +215,19 @@ def check_settings(method: MergeMethod, shared: Settings, per_model: Sequence[Se
         problems.append(f"{method.name} does not take {', '.join(unknown)} (it takes: {', '.join(known) or 'nothing'})")
     problems += method.check_inputs(len(per_model), has_base)
     resolved: list[MethodParams] = []
-    if not problems:
-        for t in (0.0, 1.0):
+    names = [""] + sorted(filters([dict(shared or {})] + [dict(s or {}) for s in per_model]))
+    for name in [] if problems else names:
+        for t, layer in ((0.0, "first"), (1.0, "last")):
+            where = f"{layer} layer, tensors matching {name!r}" if name else f"{layer} layer"
             try:
-                choices = [{k: variants(v, t) for k, v in (s or {}).items()} for s in [shared, *per_model]]
-            except (ConfigError, pydantic.ValidationError) as exc:
+                p = resolve(method, name, t, shared, per_model)
+                problems += [f"{msg} (at the {where})" for msg in p.check(len(per_model)) + p.check_base(has_base)]
+                resolved.append(p)
+            except pydantic.ValidationError as exc:
+                problems += [f"{'.'.join(str(x) for x in e['loc'])}: {str(e['msg']).removeprefix('Value error, ')}"
+                             f" (at the {where})" for e in exc.errors()]
+            except ConfigError as exc:
                 problems.append(str(exc))
-                break
-            first = [{k: v[0] for k, v in c.items() if v} for c in choices]
-            trials = [first] + [[{**f, k: alt} if i == j else f for j, f in enumerate(first)]
-                                for i, c in enumerate(choices) for k, vs in c.items() for alt in vs[1:]]
-            for trial in trials:
-                try:
-                    p = resolve(method, "", t, trial[0], trial[1:])
-                    problems += p.check(len(per_model)) + p.check_base(has_base)
-                    resolved.append(p)
-                except pydantic.ValidationError as exc:
-                    problems += [f"{'.'.join(str(x) for x in e['loc'])}: {str(e['msg']).removeprefix('Value error, ')}"
-                                 for e in exc.errors()]
-                except ConfigError as exc:
-                    problems.append(str(exc))
     if problems:
         raise ConfigError(f"invalid {method.name} merge: " + "; ".join(dict.fromkeys(problems)))
     return resolved
