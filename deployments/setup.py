@@ -1,7 +1,7 @@
 """Create mergeaudit's work pools and its `gpu` concurrency limit on the current Prefect API.
 
-    python -m deployments.setup --gpu-slots 2                  # process pools `cpu` and `gpu`
-    python -m deployments.setup --gpu-slots 8 --kubernetes     # `gpu` as a Kubernetes pool
+    python -m mergeaudit.deployments.setup --gpu-slots 2                  # process pools `cpu` and `gpu`
+    python -m mergeaudit.deployments.setup --gpu-slots 8 --kubernetes     # `gpu` as a Kubernetes pool
 
 The pools get the base job templates in this folder (the env they set routes lm-eval, s3fs
 and mergeaudit logs into the flow-run logs); existing pools are updated in place. The `gpu`

@@ -12,11 +12,11 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.credentials import use_storage_credentials
 from mergeaudit.audit import Candidate, EvaluationRecord
 from mergeaudit.checkpoint import reads
 from mergeaudit.config import EvalSpec, StorageSpec
-from tasks.audit import evaluate_candidate
+from mergeaudit.flows.credentials import use_storage_credentials
+from mergeaudit.tasks.audit import evaluate_candidate
 
 
 @flow(name="evaluate", log_prints=True)

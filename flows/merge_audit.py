@@ -34,13 +34,13 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.states import Failed
 
-from flows.credentials import use_storage_credentials
 from mergeaudit import audit, report, store
 from mergeaudit.checkpoint import reads
 from mergeaudit.config import AuditConfig, CheckpointSpec, load_config, with_models
 from mergeaudit.errors import ConfigError
+from mergeaudit.flows.credentials import use_storage_credentials
 from mergeaudit.progress import AuditProgress
-from tasks.audit import (
+from mergeaudit.tasks.audit import (
     compute_geometry,
     estimate_fisher,
     evaluate_candidate,

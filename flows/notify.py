@@ -33,7 +33,7 @@ def make_server(host: str, port: int, prefixes: list[str], state_uri: str | None
                 kind: str = "rlvr", announce: Callable[[watch.Landed], None] | None = None) -> ThreadingHTTPServer:
     """An HTTP server (not yet serving) that announces the checkpoints notifications complete."""
     if announce is None:
-        from flows.watch import announce
+        from mergeaudit.flows.watch import announce
     token = os.environ.get(TOKEN_ENV)
     lock = threading.Lock()  # one notification at a time: the state is read-modified-written
 

@@ -16,14 +16,14 @@
 User errors (a config that does not validate, a missing checkpoint, an unknown store scheme)
 print one line and exit with status 2; only bugs show a traceback.
 
-The library never imports Prefect: `audit` and `demo` load the flow by its entrypoint string,
-the same `module:function` form prefect.yaml uses, so every other command works without it.
+The CLI is the application entry, the one library module that may start the orchestration
+layer: `audit`, `demo` and `notify-receiver` import it (mergeaudit.flows) inside the command, so
+every other command works without Prefect.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -34,16 +34,8 @@ import yaml
 
 from mergeaudit.errors import MergeAuditError
 
-AUDIT_FLOW = "flows.merge_audit:merge_audit"
 DEMO_WORKDIR = "./.mergeaudit/demo"
 EXIT_USER_ERROR = 2
-
-
-def load_entrypoint(entrypoint: str):
-    module, _, attr = entrypoint.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
 EXIT_ALARM = 1
 
 
@@ -55,7 +47,9 @@ def run_audit(config) -> tuple[dict, str | None]:
     from mergeaudit.audit import preflight
 
     preflight(config)  # missing checkpoints, bad strategies: one line, before Prefect starts
-    state = load_entrypoint(AUDIT_FLOW)(config, return_state=True)
+    from mergeaudit.flows.merge_audit import merge_audit  # Prefect loads only for a config that checks out
+
+    state = merge_audit(config, return_state=True)
     data = state.result(raise_on_failure=False)
     if isinstance(data, BaseException):
         raise data
@@ -298,8 +292,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_notify_receiver(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    load_entrypoint("flows.notify:serve")(args.host, args.port, args.prefix, state_uri=args.state_uri,
-                                          marker=args.marker, kind=args.kind)
+    from mergeaudit.flows.notify import serve
+
+    serve(args.host, args.port, args.prefix, state_uri=args.state_uri, marker=args.marker, kind=args.kind)
     return 0
 
 

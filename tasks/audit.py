@@ -10,7 +10,7 @@ from prefect.concurrency.sync import concurrency
 from mergeaudit import audit
 from mergeaudit.audit import Candidate, EvaluationRecord
 from mergeaudit.config import EvalSpec, StorageSpec
-from tasks.policies import CACHED, STORAGE_RETRIES, geometry_key, retry_transient
+from mergeaudit.tasks.policies import CACHED, STORAGE_RETRIES, geometry_key, retry_transient
 
 GPU_LIMIT = "gpu"  # a global concurrency limit: `prefect gcl create gpu --limit <GPUs>`
 

@@ -26,9 +26,9 @@ def audit_config(family, results_uri: str) -> dict:
 
 @pytest.mark.slow
 def test_flow_on_local_store(prefect_harness, toy_family, tmp_path):
-    from flows.merge_audit import merge_audit
     from mergeaudit.evaluation.arithmetic import make_problems
     from mergeaudit.fisher import calibration_from_problems
+    from mergeaudit.flows.merge_audit import merge_audit
 
     results = str(tmp_path / "results")
     raw = audit_config(toy_family, results)
@@ -45,7 +45,7 @@ def test_flow_on_local_store(prefect_harness, toy_family, tmp_path):
     assert set(out["tables"]) == set(tables.SCHEMAS)
     from prefect.artifacts import Artifact
 
-    from flows.merge_audit import artifact_key
+    from mergeaudit.flows.merge_audit import artifact_key
 
     shown = Artifact.get(artifact_key(raw["name"] if "name" in raw else parse_config(raw).name, "progress"))
     assert shown is not None and shown.type == "progress" and float(shown.data) == 100.0
@@ -110,7 +110,7 @@ def test_flow_on_local_store(prefect_harness, toy_family, tmp_path):
 
 @pytest.mark.slow
 def test_flow_on_s3(prefect_harness, s3_bucket):
-    from flows.merge_audit import merge_audit
+    from mergeaudit.flows.merge_audit import merge_audit
 
     family = build_toy_family(s3_bucket + "/ckpts", variants={"rl": 0.05})
     raw = audit_config(family, s3_bucket + "/results")
@@ -125,7 +125,7 @@ def test_flow_on_s3(prefect_harness, s3_bucket):
 
 
 def test_every_flow_module_imports():
-    code = "import flows.merge_audit as m; print(m.merge_audit.name)"
+    code = "import mergeaudit.flows.merge_audit as m; print(m.merge_audit.name)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "merge-audit"
 
@@ -139,8 +139,8 @@ def test_credentials_from_a_prefect_block_never_leak(prefect_harness, s3_bucket,
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect_aws import AwsClientParameters, AwsCredentials
 
-    from flows.merge_audit import merge_audit
     from mergeaudit import store
+    from mergeaudit.flows.merge_audit import merge_audit
 
     family = build_toy_family(s3_bucket + "/ckpts", variants={"rl": 0.05})
     secret = "s3cr3t-" + "x" * 24
@@ -184,8 +184,8 @@ def test_credentials_from_a_prefect_block_never_leak(prefect_harness, s3_bucket,
 
 
 def test_unknown_credentials_block_is_a_config_error(prefect_harness):
-    from flows.credentials import s3_credentials_from_block
     from mergeaudit.errors import ConfigError
+    from mergeaudit.flows.credentials import s3_credentials_from_block
 
     with pytest.raises(ConfigError, match="aws-credentials/absent"):
         s3_credentials_from_block("aws-credentials/absent")
@@ -210,7 +210,7 @@ def test_regression_commits_the_run_then_fails_the_flow_and_emits_an_event(prefe
     import json
     import time
 
-    from flows.merge_audit import merge_audit
+    from mergeaudit.flows.merge_audit import merge_audit
 
     results = str(tmp_path / "results")
     raw = {**audit_config(toy_family, results), "name": "alarmed", "strategies": [{"method": "linear"}]}
@@ -249,8 +249,8 @@ def test_a_failing_candidate_is_recorded_and_the_others_still_scored(prefect_har
 
     from prefect import flow
 
-    from flows.merge_audit import evaluate_inline
     from mergeaudit import audit
+    from mergeaudit.flows.merge_audit import evaluate_inline
 
     family = build_toy_family(str(tmp_path / "ck"), variants={"a": 0.1, "b": 0.2})
     results = str(tmp_path / "results")

@@ -11,10 +11,10 @@ import urllib.request
 import pytest
 import torch
 
-from flows.notify import TOKEN_ENV, make_server
 from mergeaudit import store, watch
 from mergeaudit.checkpoint import write_checkpoint
 from mergeaudit.errors import ConfigError
+from mergeaudit.flows.notify import TOKEN_ENV, make_server
 from mergeaudit.notify import checkpoints_in
 
 CFG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 8, "hidden_size": 4}

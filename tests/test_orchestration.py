@@ -5,7 +5,6 @@ prefect.yaml entrypoint importing."""
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import threading
 import urllib.request
@@ -15,8 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import flows
-from mergeaudit import store, tables
+from mergeaudit import flows, store, tables
 from mergeaudit.config import parse_config
 from mergeaudit.errors import ConfigError, TransientStoreError
 from mergeaudit.toy import build_toy_family
@@ -25,12 +23,15 @@ ROOT = Path(flows.__file__).resolve().parent.parent
 
 
 def test_every_prefect_yaml_entrypoint_imports():
+    """Each entrypoint loads as a worker loads it: Prefect runs the file (flows/merge_audit.py)
+    as a script, whose absolute imports resolve to the installed mergeaudit.flows, .tasks (no
+    placeholder flow: Prefect would otherwise stand one in for a file that fails to import)."""
+    from prefect.flows import load_flow_from_entrypoint
+
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     names = {}
     for dep in spec["deployments"]:
-        path, func = dep["entrypoint"].split(":")
-        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
-        flow_obj = getattr(module, func)
+        flow_obj = load_flow_from_entrypoint(str(ROOT / dep["entrypoint"]), use_placeholder_flow=False)
         names[f"{flow_obj.name}/{dep['name']}"] = dep["work_pool"]["name"]
     assert names == {"merge-audit/nightly": "cpu", "merge-audit/on-demand": "cpu", "merge-audit/on-checkpoint": "cpu",
                      "evaluate/gpu": "gpu", "watch-checkpoints/poll": "cpu"}
@@ -51,7 +52,7 @@ def test_job_templates_only_use_declared_variables():
 def test_retries_only_for_transient_failures(prefect_harness):
     from prefect import flow, task
 
-    from tasks.policies import retry_transient
+    from mergeaudit.tasks.policies import retry_transient
 
     calls = {"transient": 0, "invalid": 0}
 
@@ -102,7 +103,7 @@ def task_states(flow_run_id) -> dict[str, list[str]]:
 def test_rerun_reuses_finished_work_and_publishes_artifacts(prefect_harness, toy_family, tmp_path):
     from prefect.client.orchestration import get_client
 
-    from flows.merge_audit import artifact_key, merge_audit
+    from mergeaudit.flows.merge_audit import artifact_key, merge_audit
 
     results = str(tmp_path / "results")
     (tmp_path / "audit.yaml").write_text(yaml.safe_dump(small_config(toy_family, results)))
@@ -131,7 +132,7 @@ def test_rerun_reuses_finished_work_and_publishes_artifacts(prefect_harness, toy
 
 
 def test_add_models_and_config_checks(prefect_harness, toy_family, tmp_path):
-    from flows.merge_audit import merge_audit
+    from mergeaudit.flows.merge_audit import merge_audit
 
     cfg = small_config(toy_family, str(tmp_path / "r"))
     extra = cfg["models"].pop()
@@ -200,7 +201,7 @@ class FaultyS3(BaseHTTPRequestHandler):
 
 @pytest.mark.slow
 def test_s3_faults_are_retried_without_duplicating_rows(prefect_harness, s3_bucket, s3_endpoint, monkeypatch):
-    from flows.merge_audit import merge_audit
+    from mergeaudit.flows.merge_audit import merge_audit
 
     family = build_toy_family(s3_bucket + "/ckpts", variants={"rl": 0.1})
     proxy = ThreadingHTTPServer(("127.0.0.1", 0), FaultyS3)
@@ -229,7 +230,7 @@ def test_only_gpu_evaluations_take_a_gpu_slot(monkeypatch, device, takes_slot):
     per candidate); a CUDA one takes its slot before anything is evaluated."""
     from mergeaudit import audit
     from mergeaudit.config import EvalSpec
-    from tasks import audit as audit_tasks
+    from mergeaudit.tasks import audit as audit_tasks
 
     calls = []
 

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import flows
-from mergeaudit import tables
+from mergeaudit import flows, tables
 from mergeaudit.toy import build_toy_family
 from tests.conftest import free_port
 
@@ -76,7 +75,7 @@ def deployed(tmp_path_factory):
                 time.sleep(0.5)
         else:
             pytest.fail("the Prefect server did not become healthy: " + (tmp / "server.log").read_text()[-2000:])
-        subprocess.run([sys.executable, "-m", "deployments.setup", "--gpu-slots", "2"], env=env, cwd=ROOT,
+        subprocess.run([sys.executable, "-m", "mergeaudit.deployments.setup", "--gpu-slots", "2"], env=env, cwd=ROOT,
                        check=True, capture_output=True)
         deploy = subprocess.run([*PREFECT, "--no-prompt", "deploy", "--all"], env=env, cwd=ROOT, capture_output=True,
                                 text=True)
