@@ -15,7 +15,9 @@ from mergeaudit import watch
 
 
 def announce(landed: watch.Landed) -> None:
-    """Emit `mergeaudit.checkpoint.landed`; the id is stable, so Prefect drops a repeat."""
+    """Emit `mergeaudit.checkpoint.landed`; the id is stable, so Prefect drops a repeat. The
+    bucket-notification receiver (`mergeaudit notify-receiver`, mergeaudit.notify) announces
+    with it too."""
     emit_event(
         event=watch.EVENT,
         resource={"prefect.resource.id": f"mergeaudit.checkpoint.{landed.fingerprint}",

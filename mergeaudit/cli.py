@@ -292,9 +292,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_notify_receiver(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from mergeaudit.flows.notify import serve
+    from mergeaudit.flows.watch import announce  # emits the Prefect event mergeaudit.checkpoint.landed
+    from mergeaudit.notify import serve
 
-    serve(args.host, args.port, args.prefix, state_uri=args.state_uri, marker=args.marker, kind=args.kind)
+    serve(args.host, args.port, args.prefix, announce, state_uri=args.state_uri, marker=args.marker, kind=args.kind)
     return 0
 
 

@@ -14,8 +14,7 @@ import torch
 from mergeaudit import store, watch
 from mergeaudit.checkpoint import write_checkpoint
 from mergeaudit.errors import ConfigError
-from mergeaudit.flows.notify import TOKEN_ENV, make_server
-from mergeaudit.notify import checkpoints_in
+from mergeaudit.notify import TOKEN_ENV, checkpoints_in, make_server
 
 CFG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 8, "hidden_size": 4}
 
@@ -62,7 +61,7 @@ def test_receiver_announces_each_complete_checkpoint_once(s3_bucket, monkeypatch
     store.write_bytes(prefix + "/step-2/config.json", json.dumps(CFG).encode())  # not complete yet
     write_checkpoint(prefix + "/step-1", [("w", torch.ones(4, 4, dtype=torch.bfloat16))], config=CFG)
     announced: list[watch.Landed] = []
-    server = make_server("127.0.0.1", 0, [prefix], state_uri=state_uri, announce=announced.append)
+    server = make_server("127.0.0.1", 0, [prefix], announced.append, state_uri=state_uri)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
     try:
