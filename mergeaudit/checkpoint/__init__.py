@@ -6,8 +6,8 @@
 
 `format` (safetensors layout and validation), `reader` (Checkpoint, compatibility),
 `writer` (sharded, atomic publish), `discovery` (completeness under a prefix), `cache`
-(read-through local cache), `reads` (bytes read per checkpoint) and `convert` (opt-in,
-weights_only pickle conversion).
+(read-through local cache), `reads` (bytes read per checkpoint), `names` (layer and module of
+a tensor name) and `convert` (opt-in, weights_only pickle conversion).
 """
 
 from mergeaudit.checkpoint import reads
