@@ -1,12 +1,19 @@
 """S3 credentials from a Prefect block named in the AuditConfig.
 
 `storage.credentials_block: aws-credentials/NAME` (or `minio-credentials/NAME`, both from
-prefect-aws) is loaded from the Prefect API and handed to the library's store for this process.
+prefect-aws) is loaded from the Prefect API and handed to the library's store for one flow run:
+
+    with use_storage_credentials(config.storage):
+        ...  # the flow's stages
+
 Only the block's name ever appears in configs, logs and tables; the secret values stay inside
 the block and the store's client.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import prefect_aws  # noqa: F401 - registers the aws-credentials and minio-credentials block types
 from prefect.blocks.core import Block
@@ -45,7 +52,11 @@ def s3_credentials_from_block(slug: str) -> store.S3Credentials:
     )
 
 
-def use_storage_credentials(storage: StorageSpec) -> None:
-    """Point the store at the configured block's credentials, or back at the environment."""
+@contextlib.contextmanager
+def use_storage_credentials(storage: StorageSpec) -> Iterator[None]:
+    """Inside the block, the store reads S3 with the configured block's credentials (the AWS
+    environment without one): in this flow run and the task runs it starts, not in other flow
+    runs of the process."""
     creds = s3_credentials_from_block(storage.credentials_block) if storage.credentials_block else None
-    store.use_s3_credentials(creds)
+    with store.s3_credentials(creds):
+        yield

@@ -22,7 +22,7 @@ from mergeaudit.tasks.audit import evaluate_candidate
 @flow(name="evaluate", log_prints=True)
 def evaluate(candidate: Candidate, evaluation: EvalSpec, storage: StorageSpec, results_uri: str) -> EvaluationRecord:
     """Evaluate one merge, probe or checkpoint candidate and store its scores and samples."""
-    use_storage_credentials(storage)
-    record = evaluate_candidate(candidate, evaluation, storage, results_uri)
-    reads.save_report(reads.report_uri(results_uri, str(flow_run.get_id())), record.bytes_read, record.read_by)
+    with use_storage_credentials(storage):  # this run's S3 credentials, not the process's
+        record = evaluate_candidate(candidate, evaluation, storage, results_uri)
+        reads.save_report(reads.report_uri(results_uri, str(flow_run.get_id())), record.bytes_read, record.read_by)
     return record

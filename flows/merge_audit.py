@@ -60,48 +60,48 @@ def merge_audit(
 ) -> dict:
     """Audit merges of the configured checkpoints; returns the run id, table URIs and a summary."""
     config = with_models(resolve_config(config, config_uri), add_models or [])
-    reads_before = store.bytes_read()
-    run_id = audit.new_run_id()
-    started_at = dt.datetime.now(dt.timezone.utc)
-    progress = audit_progress(config)
-    use_storage_credentials(config.storage)
-    progress.stage("resolve")
-    records = resolve_checkpoints(config)
-    progress.stage("fisher")
-    fisher_uris = {name: estimate_fisher(config, records, name) for name in audit.fisher_models(config)}
-    progress.stage("geometry")
-    geometry = compute_geometry(config, records, fisher_uris)
-    progress.stage("plan")
-    candidates = plan_candidates(config, records, fisher_uris)
-    progress.stage("evaluate", candidates=len(candidates))
-    if config.routing == "pools":
-        evaluations = evaluate_on_pool(config, candidates, progress)
-    else:
-        evaluations = []
-        for c in candidates:
-            evaluations.append(evaluate_inline(config, c))
-            progress.finished(c.name, ok=evaluations[-1].status == "ok")
-    progress.stage("tables")
-    outcome = finish_run(config, run_id, started_at, records, geometry, candidates, evaluations,
-                         store.bytes_read_since(reads_before))
-    progress.stage("report")
-    publish_report(config, outcome)
-    progress.close()
-    get_run_logger().info("run %s committed %s", run_id, ", ".join(outcome.tables))
-    for note in outcome.notes:
-        get_run_logger().warning(note)
-    for line in reads.summary_lines(outcome.bytes_read, outcome.input_sizes):
-        get_run_logger().info(line)
-    result = outcome.model_dump(mode="json")
-    problems = outcome.problems()
-    if outcome.regressions and outcome.regressions.regressions:
-        emit_event(event="mergeaudit.regression",
-                   resource={"prefect.resource.id": f"mergeaudit.audit.{artifact_key(config.name, 'audit')}",
-                             "prefect.resource.name": config.name},
-                   payload={**outcome.regressions.event_payload(), "results_uri": config.results_uri})
-    if problems:
-        return Failed(message=problems, data=result)
-    return result
+    with use_storage_credentials(config.storage):  # this run's S3 credentials, not the process's
+        reads_before = store.bytes_read()
+        run_id = audit.new_run_id()
+        started_at = dt.datetime.now(dt.timezone.utc)
+        progress = audit_progress(config)
+        progress.stage("resolve")
+        records = resolve_checkpoints(config)
+        progress.stage("fisher")
+        fisher_uris = {name: estimate_fisher(config, records, name) for name in audit.fisher_models(config)}
+        progress.stage("geometry")
+        geometry = compute_geometry(config, records, fisher_uris)
+        progress.stage("plan")
+        candidates = plan_candidates(config, records, fisher_uris)
+        progress.stage("evaluate", candidates=len(candidates))
+        if config.routing == "pools":
+            evaluations = evaluate_on_pool(config, candidates, progress)
+        else:
+            evaluations = []
+            for c in candidates:
+                evaluations.append(evaluate_inline(config, c))
+                progress.finished(c.name, ok=evaluations[-1].status == "ok")
+        progress.stage("tables")
+        outcome = finish_run(config, run_id, started_at, records, geometry, candidates, evaluations,
+                             store.bytes_read_since(reads_before))
+        progress.stage("report")
+        publish_report(config, outcome)
+        progress.close()
+        get_run_logger().info("run %s committed %s", run_id, ", ".join(outcome.tables))
+        for note in outcome.notes:
+            get_run_logger().warning(note)
+        for line in reads.summary_lines(outcome.bytes_read, outcome.input_sizes):
+            get_run_logger().info(line)
+        result = outcome.model_dump(mode="json")
+        problems = outcome.problems()
+        if outcome.regressions and outcome.regressions.regressions:
+            emit_event(event="mergeaudit.regression",
+                       resource={"prefect.resource.id": f"mergeaudit.audit.{artifact_key(config.name, 'audit')}",
+                                 "prefect.resource.name": config.name},
+                       payload={**outcome.regressions.event_payload(), "results_uri": config.results_uri})
+        if problems:
+            return Failed(message=problems, data=result)
+        return result
 
 
 def evaluate_inline(config: AuditConfig, candidate: audit.Candidate) -> audit.EvaluationRecord:

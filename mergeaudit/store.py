@@ -3,7 +3,8 @@
 A store URI is a plain path or `file://...` (the embedded default), `s3://bucket/key` (through
 s3fs, any S3-compatible endpoint), or `memory://...` (tests). S3 takes the standard AWS
 environment: credentials from `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_PROFILE`, the
-endpoint from `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`. Reads are ranged requests with s3fs's
+endpoint from `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`; `with s3_credentials(creds):` uses
+explicit ones in one context (a flow run) instead. Reads are ranged requests with s3fs's
 read-ahead switched off (by default it fetches 50 MB for an 8-byte read). A read given the
 FileInfo its object was listed with (`expect=`) gets those bytes or an `ObjectChangedError`:
 S3 reads send `If-Match: <ETag>`, local reads compare the open file's size and mtime.
@@ -19,7 +20,9 @@ and never the credentials.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import contextvars
 import errno
 import hashlib
 import os
@@ -27,6 +30,7 @@ import posixpath
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,8 +57,12 @@ COPY_CHUNK_BYTES = 16 * 1024 * 1024  # store.copy reads this much at a time
 MIN_PART_BYTES = 5 * 1024 * 1024  # S3 refuses smaller parts (but the last)
 MAX_PARTS = 10_000  # S3 refuses more parts in one upload
 
-_fs_cache: dict[tuple, fsspec.AbstractFileSystem] = {}
+_fs_cache: collections.OrderedDict[tuple, fsspec.AbstractFileSystem] = collections.OrderedDict()
 _fs_lock = threading.Lock()
+_FS_CACHE_SIZE = 16
+# what the AWS environment's default client is made from
+_AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+            "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
 
 
 @dataclass(frozen=True)
@@ -69,15 +77,33 @@ class S3Credentials:
     endpoint_url: str | None = None
 
 
-_explicit_s3: S3Credentials | None = None
+_s3_credentials: contextvars.ContextVar[S3Credentials | None] = contextvars.ContextVar(
+    "mergeaudit_s3_credentials", default=None)
 
 
-def use_s3_credentials(creds: S3Credentials | None) -> None:
-    """Use these credentials for s3:// in this process instead of the AWS environment (None
-    goes back to the environment)."""
-    global _explicit_s3
-    with _fs_lock:
-        _explicit_s3 = creds
+@contextlib.contextmanager
+def s3_credentials(creds: S3Credentials | None) -> Iterator[None]:
+    """Use these credentials for s3:// inside the block instead of the AWS environment (None: the
+    environment). They hold in this context only: this thread or asyncio task, and what starts
+    from a copy of it (Prefect task runs, `ContextThreadPool` jobs), so two flow runs sharing a
+    process each read with their own.
+
+        with store.s3_credentials(creds):
+            store.read_bytes("s3://bucket/key")
+    """
+    token = _s3_credentials.set(creds)
+    try:
+        yield
+    finally:
+        _s3_credentials.reset(token)
+
+
+class ContextThreadPool(ThreadPoolExecutor):
+    """A thread pool whose jobs run in a copy of the submitter's context, so they read with the
+    same `s3_credentials` (a plain pool's threads would use the AWS environment)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        return super().submit(contextvars.copy_context().run, fn, *args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -133,14 +159,17 @@ def check_uri(uri: str) -> str:
 
 
 def _s3_filesystem() -> fsspec.AbstractFileSystem:
-    creds = _explicit_s3
+    creds = _s3_credentials.get()
     endpoint = (creds.endpoint_url if creds and creds.endpoint_url else None) or \
         os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    # Keyed by what changes the client, so tests that move the endpoint get a fresh one.
-    key = ("s3", endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"), id(creds))
+    # Keyed by everything that makes the client (the credentials' values, not their id(), which a
+    # later object may reuse), so a changed environment or endpoint gets a fresh one.
+    key = ("s3", endpoint, creds, tuple(os.environ.get(v) for v in _AWS_ENV))
     with _fs_lock:
         fs = _fs_cache.get(key)
-        if fs is None:
+        if fs is not None:
+            _fs_cache.move_to_end(key)
+        else:
             import s3fs
 
             kwargs: dict = {"default_cache_type": "none", "skip_instance_cache": True}
@@ -153,6 +182,8 @@ def _s3_filesystem() -> fsspec.AbstractFileSystem:
                     kwargs["client_kwargs"] = {"region_name": creds.region}
             fs = s3fs.S3FileSystem(**kwargs)
             _fs_cache[key] = fs
+            while len(_fs_cache) > _FS_CACHE_SIZE:  # rotated credentials must not pile up clients
+                _fs_cache.popitem(last=False)
     return fs
 
 

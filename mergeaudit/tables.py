@@ -42,7 +42,6 @@ import posixpath
 import re
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -254,7 +253,7 @@ def _scan_commits(results_uri: str) -> tuple[list[dict], set[str]]:
             return exc
 
     good, damaged = [], set()
-    with ThreadPoolExecutor(8) as pool:
+    with store.ContextThreadPool(8) as pool:  # the caller's s3_credentials
         for uri, m in zip(uris, pool.map(load, uris)):
             if isinstance(m, DamagedManifestError):
                 log.warning("skipping run %s: %s", store.basename(uri).removesuffix(".json"), m)
@@ -348,7 +347,7 @@ def _read_files(results_uri: str, table: str, manifests: list[dict]) -> tuple[pa
             return f"{job[1]}: {' '.join(str(exc).split())[:300]}"
         return upgrade(table, data, version)  # a newer schema is not damage: it raises
 
-    with ThreadPoolExecutor(8) as pool:
+    with store.ContextThreadPool(8) as pool:  # the caller's s3_credentials
         parts = list(pool.map(load, jobs))
     damaged = {m["run_id"]: p for (m, _), p in zip(jobs, parts) if isinstance(p, str)}
     schema = SCHEMAS[table].append(PARTITION_FIELDS[0]).append(PARTITION_FIELDS[1])

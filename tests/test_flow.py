@@ -155,11 +155,9 @@ def test_credentials_from_a_prefect_block_never_leak(prefect_harness, s3_bucket,
     raw = audit_config(family, s3_bucket + "/results")
     raw["strategies"] = [{"method": "linear"}]
     raw["storage"] = {"credentials_block": "aws-credentials/audit-s3"}
-    try:
-        state = merge_audit(parse_config(raw), return_state=True)
-        out = state.result()
-    finally:
-        store.use_s3_credentials(None)
+    state = merge_audit(parse_config(raw), return_state=True)
+    out = state.result()
+    assert store.locate(s3_bucket).fs.key is None, "the block's credentials ended with the run"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)

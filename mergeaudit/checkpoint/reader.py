@@ -27,7 +27,7 @@ import dataclasses
 import json
 import threading
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from functools import cached_property
 
 import torch
@@ -200,7 +200,8 @@ def prefetch(specs: list[TensorSpec], window_bytes: int, max_requests: int) -> I
     inflight = 0
     upcoming = iter(specs)
     nxt = next(upcoming, None)
-    with ThreadPoolExecutor(max_workers=max(1, max_requests), thread_name_prefix="mergeaudit-read") as pool:
+    # a ContextThreadPool: its reads use the caller's s3_credentials
+    with store.ContextThreadPool(max_workers=max(1, max_requests), thread_name_prefix="mergeaudit-read") as pool:
         try:
             while pending or nxt is not None:
                 while nxt is not None and len(pending) < max_requests and (not pending or inflight + nxt.nbytes <= window_bytes):
