@@ -9,13 +9,14 @@ from prefect.concurrency.sync import concurrency
 
 from mergeaudit import audit
 from mergeaudit.audit import Candidate, EvaluationRecord
-from mergeaudit.config import EvalSpec, StorageSpec
+from mergeaudit.checkpoint.settings import StorageSettings
+from mergeaudit.evaluation.settings import EvalSettings
 from mergeaudit.tasks.policies import CACHED, STORAGE_RETRIES, geometry_key, retry_transient
 
 GPU_LIMIT = "gpu"  # a global concurrency limit: `prefect gcl create gpu --limit <GPUs>`
 
-resolve_checkpoints = task(
-    audit.resolve_checkpoints, name="resolve-checkpoints", tags=["storage"], timeout_seconds=600,
+preflight = task(
+    audit.preflight, name="preflight", tags=["storage"], timeout_seconds=600,
     retry_condition_fn=retry_transient, cache_policy=NO_CACHE, **STORAGE_RETRIES,
 )
 compute_geometry = task(
@@ -39,7 +40,7 @@ finish_run = task(
 
 @task(name="evaluate-candidate", tags=["gpu"], timeout_seconds=6 * 3600, retry_condition_fn=retry_transient,
       cache_policy=NO_CACHE, task_run_name="evaluate-{candidate.name}", **STORAGE_RETRIES)
-def evaluate_candidate(candidate: Candidate, evaluation: EvalSpec, storage: StorageSpec,
+def evaluate_candidate(candidate: Candidate, evaluation: EvalSettings, storage: StorageSettings,
                        results_uri: str) -> EvaluationRecord:
     """Score one candidate; on a GPU (`evaluation.device` cuda) while holding a slot of the global
     `gpu` concurrency limit. CPU evaluations take no slot: they hold no GPU, and asking the API
