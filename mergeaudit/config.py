@@ -174,6 +174,13 @@ class AuditConfig(Frozen):
         if self.probes.perturbation and self.probes.perturbation.models:
             problems += [f"probes.perturbation: unknown model {n!r}" for n in self.probes.perturbation.models
                          if n not in everyone]
+        server = self.evaluation.server
+        if server.command is not None:
+            problems.append("evaluation.server.command is not taken from a config: it runs an executable on every "
+                            "worker (a site's wrapper is set in code, ServerSettings(command=...))")
+        if server.host not in ("127.0.0.1", "::1", "localhost"):
+            problems.append(f"evaluation.server.host {server.host!r}: the model server listens on loopback only "
+                            "(lm-eval is its only client, on the same worker)")
         try:
             check_tasks(self.evaluation.tasks, self.evaluation.data_files)
         except MergeAuditError as exc:

