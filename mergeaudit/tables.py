@@ -414,7 +414,7 @@ def query(results_uri: str, sql: str, run_id: str | None = None) -> pa.Table:
         raise ConfigError(f"the query names none of the tables: {', '.join(SCHEMAS)}")
     con = connect(results_uri, used, run_id=run_id)
     try:
-        return con.sql(sql).fetch_arrow_table()
+        return con.sql(sql).to_arrow_table()
     except duckdb.Error as exc:
         raise ConfigError(f"query failed: {' '.join(str(exc).split())}") from exc
     finally:

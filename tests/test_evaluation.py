@@ -91,7 +91,7 @@ def test_shipped_packs_match_their_generators():
 
 
 def test_every_shipped_task_resolves_and_loads_in_lm_eval(tmp_path):
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     data = tmp_path / "data"
     data.mkdir()
@@ -107,7 +107,7 @@ def test_every_shipped_task_resolves_and_loads_in_lm_eval(tmp_path):
         cfg = yaml.safe_load((folder / f"{task.name}.yaml").read_text().replace("!function", ""))
         assert all(p.startswith("/") for p in cfg["dataset_kwargs"]["data_files"].values())
         assert cfg["repeats"] == 2
-    loaded = get_task_dict(names, TaskManager(include_path=str(folder), include_defaults=False))
+    loaded = TaskManager(include_path=str(folder), include_defaults=False).load(names)["tasks"]
     assert set(loaded) == set(names)
     assert {t.verifier for t in tasks} == {"numeric", "math", "code"}
 
