@@ -85,8 +85,8 @@ def main() -> None:
         n = len(result.samples)
         outside = 1 - generate_seconds[0] / wall
         rates[label] = n / wall
-        print(f"[{label}] {n} samples in {wall:.2f} s: {n / wall:.1f} samples/s; generation {generate_seconds[0]:.2f} s, "
-              f"outside generation {outside:.1%} (goal < 10%)")
+        print(f"[{label}] {n} samples in {wall:.2f} s: {n / wall:.1f} samples/s; "
+              f"generation {generate_seconds[0]:.2f} s, outside generation {outside:.1%} (goal < 10%)")
     if args.served:
         served(model, tok, tasks, args, rates)
 

@@ -49,7 +49,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_io import CHUNK, peak_rss_mb, start_moto  # noqa: E402
+from bench_io import CHUNK, peak_rss_mb, start_moto
 
 MODELS = ("ft_a", "ft_b", "ft_c")
 QWEN_MODELS = ("ft_a", "ft_b")
@@ -227,7 +227,8 @@ def accuracy() -> None:
                 worst[k] = max(worst[k], abs(rd[k] - ex[k]))
         print(f"accuracy {shape}: randomized ({rd['spectral_method']}, k={rd['topk']}) vs exact, worst of 3 seeds: "
               + ", ".join(f"{k} {worst[k]:.2g}" for k in keys)
-              + f"; exact angles {ex['angle_left_max_deg']:.3f} deg max; {t1 - t0:.2f} s exact, {t2 - t1:.2f} s randomized")
+              + f"; exact angles {ex['angle_left_max_deg']:.3f} deg max; "
+              + f"{t1 - t0:.2f} s exact, {t2 - t1:.2f} s randomized")
 
 
 def main() -> None:

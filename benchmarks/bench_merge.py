@@ -1,13 +1,13 @@
 """TIES over three fine-tunes: mergeaudit's streaming executor vs mergekit, same config, same run.
 
-Builds a synthetic Llama-shaped bf16 base (sizes: small 0.31 GB, hidden 1024, 8 layers;
-default 0.98 GB, hidden 2048, 8 layers; large 2.43 GB, 24 layers; vocab 32000) and three fine-tunes that each change a random 10% of the entries, then runs the same
-mergekit YAML (ties, density 0.3, dtype float32, out_dtype bfloat16) through `mergekit`'s
-run_merge and through `mergeaudit merge`, each in a fresh subprocess so peak RSS (VmHWM)
-belongs to one merge, and prints the wall-time ratio (goal <= 0.5), the peak-RSS ratio (goal
-<= 1.0) and GB/s against the bytes read and written. Both outputs are compared tensor by
-tensor. With --device cuda the mergeaudit run uses the GPU. Measured numbers are in README.md
-(Benchmarks).
+Builds a synthetic Llama-shaped bf16 base (sizes: small 0.31 GB, hidden 1024, 8 layers; default
+0.98 GB, hidden 2048, 8 layers; large 2.43 GB, 24 layers; vocab 32000) and three fine-tunes that
+each change a random 10% of the entries, then runs the same mergekit YAML (ties, density 0.3,
+dtype float32, out_dtype bfloat16) through `mergekit`'s run_merge and through
+`mergeaudit merge`, each in a fresh subprocess so peak RSS (VmHWM) belongs to one merge, and prints the
+wall-time ratio (goal <= 0.5), the peak-RSS ratio (goal <= 1.0) and GB/s against the bytes read
+and written. Both outputs are compared tensor by tensor. With --device cuda the mergeaudit run
+uses the GPU. Measured numbers are in README.md (Benchmarks).
 
     .venv/bin/python benchmarks/bench_merge.py [--size small,default,large|all] [--layers N]
         [--device cpu|cuda] [--skip-mergekit] [--tie-cost]
@@ -27,7 +27,7 @@ import time
 import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_io import peak_rss_mb  # noqa: E402
+from bench_io import peak_rss_mb
 
 
 def worker(tool: str, config: str, out: str, device: str) -> dict:
@@ -179,7 +179,8 @@ def bench(size: str, args: argparse.Namespace) -> None:
                   f"{moved / theirs['seconds'] / 1e9:.2f} GB/s")
             print(f"ratio mergeaudit/mergekit: wall {ours['seconds'] / theirs['seconds']:.2f} (goal <= 0.5), "
                   f"peak RSS {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f} (goal <= 1.0); "
-                  f"max |difference| of the outputs {compare(os.path.join(root, 'out_ours'), os.path.join(root, 'out_mergekit')):.2e}")
+                  f"max |difference| of the outputs "
+                  f"{compare(os.path.join(root, 'out_ours'), os.path.join(root, 'out_mergekit')):.2e}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

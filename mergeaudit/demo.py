@@ -55,7 +55,8 @@ def demo_strategies(models: list[str]) -> list[dict]:
         {"method": "linear", "models": models},
         {"method": "task_arithmetic", "models": models, "grid": {"lambda": [0.5, 1.0]}},
         {"method": "ties", "models": models, "params": {"lambda": 1.0}, "grid": {"density": [0.3, 0.7]}},
-        {"method": "dare_ties", "models": models, "params": {"lambda": 1.0}, "grid": {"density": [0.3, 0.7]}, "seed": 1},
+        {"method": "dare_ties", "models": models, "params": {"lambda": 1.0}, "grid": {"density": [0.3, 0.7]},
+         "seed": 1},
         {"method": "ram", "models": models},
         {"method": "disjoint_mean", "models": models},
         {"method": "sar", "models": models},
@@ -108,7 +109,8 @@ def _diff(found: Difference | None, sign: str = "+") -> str:
     """A difference as `+0.120 +/- 0.033`, the error only when paired per prompt (`-` when unscored)."""
     if found is None:
         return "-"
-    return f"{found.value:{sign}.3f}" + (f" +/- {found.stderr:.3f}" if found.paired and found.stderr is not None else "")
+    error = f" +/- {found.stderr:.3f}" if found.paired and found.stderr is not None else ""
+    return f"{found.value:{sign}.3f}" + error
 
 
 def verdict(results_uri: str, run_id: str) -> str:

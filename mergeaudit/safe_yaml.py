@@ -68,7 +68,7 @@ class BoundedLoader(_SafeBase):
             raise _BudgetExceeded(f"has more than {self._max_nodes} nodes once aliases are expanded (a YAML "
                                   "alias bomb, or far larger than any config)")
 
-    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+    def compose_node(self, parent, index):  # PyYAML's signature
         if self.check_event(AliasEvent):
             anchor = self.peek_event().anchor
             node = self.anchors.get(anchor)

@@ -190,7 +190,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("format_ok", pa.bool_()),
         ("verifier", pa.string()),
         ("error", pa.string()),
-        ("status", pa.string()),                 # v3: correct, wrong, no_answer, truncated (v4), timeout, violation, error
+        # v3: correct, wrong, no_answer, truncated (v4), timeout, violation, error
+        ("status", pa.string()),
         ("truncated", pa.bool_()),               # v4: the generation used its whole max_gen_toks (scored wrong)
         ("completion_tokens", pa.int64()),       # v4: generated tokens (the model's tokenizer)
         ("trace_tokens", pa.int64()),            # v4: tokens of the reasoning trace (inside the think tags)

@@ -244,7 +244,7 @@ def translate_errors(uri: str, action: str) -> Iterator[None]:
         raise StoreError(f"cannot {action} {uri}: not found") from exc
     except PermissionError as exc:
         raise StoreError(f"cannot {action} {uri}: access denied") from exc
-    except Exception as exc:  # noqa: BLE001 - every storage failure is translated here
+    except Exception as exc:  # every storage failure is translated here
         if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
             raise StoreError(
                 f"cannot {action} {uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID and "

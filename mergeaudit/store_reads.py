@@ -179,7 +179,7 @@ def _get(loc: Location, start: int | None, end: int | None, version: str | None)
             data = fsspec.asyn.sync(loc.fs.loop, get)
             _count(loc.uri, len(data))
             return data
-        except Exception as exc:  # noqa: BLE001 - only a failed precondition is ours to name
+        except Exception as exc:  # only a failed precondition is ours to name
             if _precondition_failed(exc):
                 raise ObjectChangedError(
                     f"{loc.uri} changed since it was listed: its ETag is no longer {version[5:]} "

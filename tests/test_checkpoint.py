@@ -216,7 +216,8 @@ def test_tied_embeddings(tmp_path):
     untied = Checkpoint.open(make_ckpt(str(tmp_path), {**emb, "lm_head.weight": torch.ones(10, 4)}, name="untied"))
     assert tied.tied_embeddings and not untied.tied_embeddings
     check_compatible(tied, [tied2])
-    with pytest.raises(ShapeMismatchError, match="lm_head.weight: tied to the embeddings in .*tied but stored in .*untied"):
+    with pytest.raises(ShapeMismatchError,
+                       match="lm_head.weight: tied to the embeddings in .*tied but stored in .*untied"):
         check_compatible(tied, [untied])
 
 

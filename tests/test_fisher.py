@@ -24,7 +24,8 @@ from mergeaudit.modeling import build_model, load_tokenizer
 
 @pytest.fixture(scope="module")
 def calibration(tmp_path_factory):
-    return str(calibration_from_problems(make_problems("add", 2, 6, seed=7), tmp_path_factory.mktemp("cal") / "c.jsonl"))
+    problems = make_problems("add", 2, 6, seed=7)
+    return str(calibration_from_problems(problems, tmp_path_factory.mktemp("cal") / "c.jsonl"))
 
 
 def test_fisher_equals_mean_squared_per_example_gradients(toy_family, calibration):
@@ -50,13 +51,15 @@ def test_fisher_equals_mean_squared_per_example_gradients(toy_family, calibratio
 
 def test_estimate_writes_a_cached_checkpoint(toy_family, calibration, tmp_path):
     cache = str(tmp_path / "fisher")
-    uri = estimate_fisher(toy_family.variants["ft_a"], FisherSettings(calibration=str(calibration), cache_uri=str(cache), max_examples=3))
+    settings = FisherSettings(calibration=str(calibration), cache_uri=str(cache), max_examples=3)
+    uri = estimate_fisher(toy_family.variants["ft_a"], settings)
     ck = Checkpoint.open(uri)
     assert set(ck.keys()) == set(Checkpoint.open(toy_family.base).keys())
     meta = json.loads(store.read_bytes(store.join(uri, "fisher.json")))
-    assert meta["examples"] == 3 and meta["model_fingerprint"] == Checkpoint.open(toy_family.variants["ft_a"]).fingerprint
+    assert meta["examples"] == 3
+    assert meta["model_fingerprint"] == Checkpoint.open(toy_family.variants["ft_a"]).fingerprint
     mtime = store.info(store.join(uri, "model.safetensors")).version
-    assert estimate_fisher(toy_family.variants["ft_a"], FisherSettings(calibration=str(calibration), cache_uri=str(cache), max_examples=3)) == uri
+    assert estimate_fisher(toy_family.variants["ft_a"], settings) == uri
     assert store.info(store.join(uri, "model.safetensors")).version == mtime, "a cached Fisher is not recomputed"
 
 
@@ -75,7 +78,8 @@ def test_fisher_based_merges_run_end_to_end(toy_family, calibration, tmp_path, m
 
     cache = str(tmp_path / "fisher")
     models = [ModelRef(id=n, uri=u) for n, u in toy_family.variants.items()]
-    fisher = {m.id: estimate_fisher(m.uri, FisherSettings(calibration=str(calibration), cache_uri=str(cache), max_examples=2)) for m in models}
+    settings = FisherSettings(calibration=str(calibration), cache_uri=str(cache), max_examples=2)
+    fisher = {m.id: estimate_fisher(m.uri, settings) for m in models}
     plan = MergePlan(method=method, base=ModelRef(id="base", uri=toy_family.base), models=models,
                      parameters=params, fisher=fisher)
     report = run_merge(plan, str(tmp_path / "out"))

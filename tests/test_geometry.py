@@ -203,7 +203,8 @@ def test_kernels_agree_with_a_plain_torch_reference(dtype):
     sums = tensor_sums(base, fts)
     ref = reference(base, *fts)
     m, p = sums.models[0], sums.pairs[(0, 1)]
-    assert (m.changed_bf16, m.changed_rel, m.changed_abs) == (ref["changed_bf16"], ref["changed_rel"], ref["changed_abs"])
+    assert (m.changed_bf16, m.changed_rel, m.changed_abs) == (ref["changed_bf16"], ref["changed_rel"],
+                                                              ref["changed_abs"])
     assert (p.overlap, p.sign_conflicts) == (ref["overlap"], ref["sign_conflicts"])
     assert m.update_sq == pytest.approx(ref["update_sq"], rel=1e-4)
     assert p.dot == pytest.approx(ref["dot"], rel=1e-3, abs=1e-6)

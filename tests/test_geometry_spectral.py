@@ -22,7 +22,8 @@ RANDOMIZED = GeometrySettings(top_k_fraction=0.05, exact_max_dim=4)
 
 
 def basis(n: int, seed: int, dtype=torch.float32) -> torch.Tensor:
-    return torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))[0].to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0].to(dtype)
 
 
 def weight(m=80, n=60):

@@ -66,7 +66,8 @@ def assert_same_as_mergekit(cfg: dict, tmp_path, rel: float = 0.0) -> None:
             assert torch.allclose(a.double(), b.double(), rtol=rel, atol=0), name
         else:
             off = int((a != b).sum())
-            assert off == 0, f"{name}: {off} of {a.numel()} entries differ (max {float((a.double() - b.double()).abs().max()):.3g})"
+            worst = float((a.double() - b.double()).abs().max())
+            assert off == 0, f"{name}: {off} of {a.numel()} entries differ (max {worst:.3g})"
 
 
 METHODS = list(configs({k: "x" for k in ("base", "a", "b", "c")}))

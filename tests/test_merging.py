@@ -98,7 +98,8 @@ def test_input_contracts(method, n, has_base, message):
 
 
 def test_della_epsilon_must_keep_probabilities_valid():
-    with pytest.raises(ConfigError, match=r"epsilon must keep density \+- epsilon inside \(0, 1\) \(got density 0.5, epsilon 0.6\)"):
+    with pytest.raises(ConfigError,
+                       match=r"epsilon must keep density \+- epsilon inside \(0, 1\) \(got density 0.5, epsilon 0.6\)"):
         check_all(REGISTRY.get("della"), [("w", None)], None, {"density": 0.5, "epsilon": 0.6}, [{}], True)
     check_all(REGISTRY.get("della"), [("w", None)], None, {"density": 0.5, "epsilon": 0.4}, [{}], True)
 

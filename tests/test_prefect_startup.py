@@ -16,7 +16,8 @@ import yaml
 from mergeaudit.checkpoint import write_checkpoint
 
 SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
-READ_SETTING = ("import mergeaudit.flows; from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as s; "
+READ_SETTING = ("import mergeaudit.flows; "
+                "from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as s; "
                 "print(s.value())")
 
 

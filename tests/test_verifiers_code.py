@@ -39,7 +39,8 @@ FORGERIES = {
                        "def add(a, b):\n    return Yes()\n", "violation"),
     "int-subclass": ("class Three(int):\n    def __eq__(self, other):\n        return True\n"
                      "def add(a, b):\n    return Three(3)\n", "violation"),
-    "patched-builtins": ("import builtins, json\nbuiltins.isinstance = lambda *a: True\nbuiltins.type = lambda *a: int\n"
+    "patched-builtins": ("import builtins, json\nbuiltins.isinstance = lambda *a: True\n"
+                         "builtins.type = lambda *a: int\n"
                          "json.dumps = lambda *a, **k: '3'\n"
                          "class Yes:\n    def __eq__(self, other):\n        return True\n"
                          "def add(a, b):\n    return Yes()\n", "violation"),

@@ -193,7 +193,8 @@ class CheckpointCache:
                     for start in range(0, fi.size, COPY_CHUNK):
                         out.write(store.read_range(fi.uri, start, min(fi.size, start + COPY_CHUNK), expect=fi))
             marker = staging / MARKER
-            marker.write_text(json.dumps({"fingerprint": key, "source": uri, "bytes": sum(f.size for f in files.values())}))
+            marker.write_text(json.dumps({"fingerprint": key, "source": uri,
+                                          "bytes": sum(f.size for f in files.values())}))
             fd = _lock(marker, fcntl.LOCK_SH)  # leased from before it is visible
             try:
                 os.rename(staging, entry)

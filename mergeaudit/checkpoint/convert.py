@@ -43,14 +43,15 @@ def pickled_shards(uri: str) -> list[str]:
 def convert_pickled(uri: str, out_uri: str, allow_pickle: bool = False, **writer_kwargs) -> str:
     """Convert a pickled checkpoint to safetensors at out_uri; requires allow_pickle=True."""
     if not allow_pickle:
-        raise CheckpointError("converting pickled weights needs an explicit opt-in (allow_pickle=True / --allow-pickle)")
+        raise CheckpointError("converting pickled weights needs an explicit opt-in "
+                              "(allow_pickle=True / --allow-pickle)")
     uri = store.check_uri(uri)
     shards = pickled_shards(uri)
     with CheckpointWriter(out_uri, source=uri, **writer_kwargs) as writer:
         for shard in shards:
             try:
                 state = torch.load(io.BytesIO(store.read_bytes(shard)), map_location="cpu", weights_only=True)
-            except Exception as exc:  # noqa: BLE001 - the restricted unpickler refuses many things
+            except Exception as exc:  # the restricted unpickler refuses many things
                 raise CheckpointError(f"{shard} cannot be loaded with weights_only=True: {exc}") from exc
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
                 state = state["state_dict"]

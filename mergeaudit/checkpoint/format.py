@@ -312,7 +312,8 @@ def dtype_name(name: str, t: torch.Tensor) -> str:
     try:
         return DTYPE_NAMES[t.dtype]
     except KeyError:
-        raise CheckpointError(f"cannot write tensor {name!r} of dtype {t.dtype}; supported: {', '.join(DTYPES)}") from None
+        raise CheckpointError(f"cannot write tensor {name!r} of dtype {t.dtype}; "
+                              f"supported: {', '.join(DTYPES)}") from None
 
 
 def build_header(entries: list[tuple[str, str, list[int], int]], metadata: Mapping[str, str] | None = None) -> bytes:

@@ -204,7 +204,8 @@ def prefetch(specs: list[TensorSpec], window_bytes: int, max_requests: int) -> I
     with store.ContextThreadPool(max_workers=max(1, max_requests), thread_name_prefix="mergeaudit-read") as pool:
         try:
             while pending or nxt is not None:
-                while nxt is not None and len(pending) < max_requests and (not pending or inflight + nxt.nbytes <= window_bytes):
+                while (nxt is not None and len(pending) < max_requests
+                       and (not pending or inflight + nxt.nbytes <= window_bytes)):
                     pending.append((nxt, pool.submit(read_tensor, nxt)))
                     inflight += nxt.nbytes
                     nxt = next(upcoming, None)

@@ -180,7 +180,8 @@ def _owned_files(files: dict[str, store.FileInfo]) -> set[str] | None:
         index = _read_small_json(files[INDEX_FILE]) or {}
         weight_map = index.get("weight_map")
         if isinstance(weight_map, dict):
-            owned |= {v for v in weight_map.values() if isinstance(v, str) and "/" not in v and v.endswith(".safetensors")}
+            owned |= {v for v in weight_map.values()
+                      if isinstance(v, str) and "/" not in v and v.endswith(".safetensors")}
     return owned & set(files)
 
 

@@ -79,18 +79,22 @@ CODE = [
     ("factorial", "def factorial(n):\n    \"\"\"Return n! for an integer n >= 0.\"\"\"\n",
      "    out = 1\n    for i in range(2, n + 1):\n        out *= i\n    return out\n",
      ["factorial(0) == 1", "factorial(5) == 120"]),
-    ("fibonacci", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number, with fibonacci(0) = 0 and fibonacci(1) = 1.\"\"\"\n",
+    ("fibonacci", "def fibonacci(n):\n"
+                  "    \"\"\"Return the n-th Fibonacci number, with fibonacci(0) = 0 and fibonacci(1) = 1.\"\"\"\n",
      "    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
      ["fibonacci(0) == 0", "fibonacci(1) == 1", "fibonacci(10) == 55"]),
-    ("is_palindrome", "def is_palindrome(s):\n    \"\"\"Return True when s reads the same forwards and backwards.\"\"\"\n",
+    ("is_palindrome", "def is_palindrome(s):\n"
+                      "    \"\"\"Return True when s reads the same forwards and backwards.\"\"\"\n",
      "    return s == s[::-1]\n", ["is_palindrome('level')", "not is_palindrome('ab')", "is_palindrome('')"]),
     ("sum_of_squares", "def sum_of_squares(n):\n    \"\"\"Return 1**2 + 2**2 + ... + n**2.\"\"\"\n",
      "    return sum(i * i for i in range(1, n + 1))\n", ["sum_of_squares(3) == 14", "sum_of_squares(0) == 0"]),
-    ("fizzbuzz", "def fizzbuzz(n):\n    \"\"\"Return 'FizzBuzz' if n is divisible by 15, 'Fizz' by 3, 'Buzz' by 5, else str(n).\"\"\"\n",
+    ("fizzbuzz", "def fizzbuzz(n):\n"
+                 "    \"\"\"Return 'FizzBuzz' if n is divisible by 15, 'Fizz' by 3, 'Buzz' by 5, else str(n).\"\"\"\n",
      "    if n % 15 == 0:\n        return 'FizzBuzz'\n    if n % 3 == 0:\n        return 'Fizz'\n"
      "    if n % 5 == 0:\n        return 'Buzz'\n    return str(n)\n",
      ["fizzbuzz(15) == 'FizzBuzz'", "fizzbuzz(9) == 'Fizz'", "fizzbuzz(10) == 'Buzz'", "fizzbuzz(7) == '7'"]),
-    ("unique_sorted", "def unique_sorted(xs):\n    \"\"\"Return the distinct elements of xs in increasing order.\"\"\"\n",
+    ("unique_sorted", "def unique_sorted(xs):\n"
+                      "    \"\"\"Return the distinct elements of xs in increasing order.\"\"\"\n",
      "    return sorted(set(xs))\n", ["unique_sorted([3, 1, 3, 2]) == [1, 2, 3]", "unique_sorted([]) == []"]),
     ("gcd", "def gcd(a, b):\n    \"\"\"Return the greatest common divisor of the positive integers a and b.\"\"\"\n",
      "    while b:\n        a, b = b, a % b\n    return a\n", ["gcd(12, 18) == 6", "gcd(7, 3) == 1"]),
@@ -100,7 +104,8 @@ CODE = [
 def code_problems() -> list[dict]:
     rows = []
     for name, prompt, solution, asserts in CODE:
-        test = "def check(candidate):\n" + "".join(f"    assert {a.replace(name + '(', 'candidate(')}\n" for a in asserts)
+        test = "def check(candidate):\n" + "".join(f"    assert {a.replace(name + '(', 'candidate(')}\n"
+                                                    for a in asserts)
         rows.append({"task_id": f"code-{name}", "prompt": prompt, "entry_point": name,
                      "canonical_solution": solution, "test": test})
     return rows

@@ -175,7 +175,8 @@ def make_encoder():
     return encode, Refused
 
 
-BUILTIN_EXCEPTIONS = frozenset(v for v in vars(builtins).values() if isinstance(v, type) and issubclass(v, BaseException))
+BUILTIN_EXCEPTIONS = frozenset(v for v in vars(builtins).values()
+                               if isinstance(v, type) and issubclass(v, BaseException))
 
 
 def describe(exc, type_of=type, builtin=BUILTIN_EXCEPTIONS, base_str=BaseException.__str__,

@@ -132,7 +132,8 @@ def serve(checkpoint_dir: str, settings: ServerSettings = ServerSettings(), seed
                                         env=server_env(), start_new_session=True)
             except (FileNotFoundError, PermissionError) as exc:
                 hint = (f"the configured command {argv[0]!r} cannot be run" if settings.command
-                        else f"{argv[0]!r} is not installed here; install it with {INSTALL_HINTS[settings.resolved_engine]}")
+                        else f"{argv[0]!r} is not installed here; "
+                             f"install it with {INSTALL_HINTS[settings.resolved_engine]}")
                 raise ServerStartError(f"cannot start {what}: {hint} ({exc.strerror})") from None
         client_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
         netloc = f"[{client_host}]" if ":" in client_host else client_host
@@ -282,9 +283,9 @@ def served_lm(endpoint: Endpoint, tokenizer_dir: str, settings: EvalSettings, se
     # on one thread: concurrent sampled requests would draw from each other's seeds
     concurrent = 1 if server.resolved_engine == "transformers" and sampling else server.num_concurrent
     kwargs: dict[str, Any] = {"max_gen_toks": settings.max_gen_toks} if settings.max_gen_toks else {}
-    kwargs.update(engine=server.resolved_engine, model=endpoint.model, tokenizer_backend="huggingface", tokenizer=tokenizer_dir,
-                  tokenized_requests=False, batch_size=1, num_concurrent=concurrent, max_length=settings.max_length,
-                  timeout=max(1, math.ceil(server.request_timeout)), seed=settings.seed)
+    kwargs.update(engine=server.resolved_engine, model=endpoint.model, tokenizer_backend="huggingface",
+                  tokenizer=tokenizer_dir, tokenized_requests=False, batch_size=1, num_concurrent=concurrent,
+                  max_length=settings.max_length, timeout=max(1, math.ceil(server.request_timeout)), seed=settings.seed)
     chat_lm = chat(base_url=f"{endpoint.base_url}/chat/completions", **kwargs)
     if settings.chat_template:
         return chat_lm

@@ -187,8 +187,11 @@ def compute_geometry(
                                                                             str(kv[0][2]).zfill(8))):
         tensor_rows.append(model_row(m, scope, None, value if scope == "layer" else None,
                                      value if scope == "module" else None, **acc.derived(alpha)))
-    for (a, b, scope, value), acc in sorted(pair_acc.items(), key=lambda kv: (names.index(kv[0][0]), names.index(kv[0][1]),
-                                                                               order[kv[0][2]], str(kv[0][3]).zfill(8))):
+    def pair_order(kv):
+        (a, b, scope, value), _ = kv
+        return names.index(a), names.index(b), order[scope], str(value).zfill(8)
+
+    for (a, b, scope, value), acc in sorted(pair_acc.items(), key=pair_order):
         pair_rows.append(pair_row(a, b, scope, None, value if scope == "layer" else None,
                                   value if scope == "module" else None, acc))
     return tensor_rows, pair_rows

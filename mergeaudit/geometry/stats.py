@@ -192,7 +192,8 @@ def fisher_sums(p: PairSums, fa: torch.Tensor, fb: torch.Tensor, a: torch.Tensor
     both = a & b
     for side, f, own, other in (("a", fa.float(), a, b), ("b", fb.float(), b, a)):
         setattr(p, f"fisher_{side}", getattr(p, f"fisher_{side}") + float(f.sum(dtype=torch.float64)))
-        setattr(p, f"fisher_{side}_overlap", getattr(p, f"fisher_{side}_overlap") + float(f[both].sum(dtype=torch.float64)))
+        setattr(p, f"fisher_{side}_overlap",
+                getattr(p, f"fisher_{side}_overlap") + float(f[both].sum(dtype=torch.float64)))
         setattr(p, f"fisher_{side}_exclusive",
                 getattr(p, f"fisher_{side}_exclusive") + float(f[own & ~other].sum(dtype=torch.float64)))
 

@@ -148,7 +148,8 @@ CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;
 table{border-collapse:collapse;font-size:12px;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:2px 6px;
 text-align:left;vertical-align:top;max-width:420px;overflow-wrap:anywhere}th{background:#f2f2f2}
 figure{display:inline-block;margin:0 1em 1em 0;vertical-align:top}figcaption{font-size:12px;color:#555;max-width:520px}
-.alarm{background:#fde2e2;border:1px solid #e99;padding:0.6em}.ok{background:#e6f4e6;border:1px solid #9c9;padding:0.6em}
+.alarm{background:#fde2e2;border:1px solid #e99;padding:0.6em}
+.ok{background:#e6f4e6;border:1px solid #9c9;padding:0.6em}
 pre{white-space:pre-wrap;overflow-wrap:anywhere}"""
 
 
@@ -210,7 +211,8 @@ def render_markdown(data: RunData, content: Content | None = None, images: bool 
         parts.append("## Plots")
         parts += [f"![{fig.title}]({fig.data_uri()})\n\n_{fig.title}: {fig.caption}_" for fig in content.figures]
     prov = content.sections[-1]
-    parts += [f"## {prov[0]}", markdown_table(prov[1], ["candidate", "candidate_id", "method", "params_hash", "inputs"])]
+    parts += [f"## {prov[0]}",
+              markdown_table(prov[1], ["candidate", "candidate_id", "method", "params_hash", "inputs"])]
     return "\n\n".join(parts) + "\n"
 
 

@@ -138,8 +138,9 @@ def pair_matrices(data: RunData) -> list[Figure]:
     models = sorted({r["model_a"] for r in rows} | {r["model_b"] for r in rows})
     idx = {m: i for i, m in enumerate(models)}
     fig, axes = plt.subplots(1, 2, figsize=(2.5 + 1.6 * len(models), 1.5 + 0.7 * len(models)))
-    for ax, key, title, cmap, (lo, hi) in ((axes[0], "jaccard_lift", "overlap lift (Jaccard / chance)", "magma", (None, None)),
-                                          (axes[1], "cosine", "cosine of updates", "coolwarm", (-1.0, 1.0))):
+    panels = ((axes[0], "jaccard_lift", "overlap lift (Jaccard / chance)", "magma", (None, None)),
+              (axes[1], "cosine", "cosine of updates", "coolwarm", (-1.0, 1.0)))
+    for ax, key, title, cmap, (lo, hi) in panels:
         mat = [[math.nan] * len(models) for _ in models]
         for i in range(len(models)):
             mat[i][i] = 1.0 if key == "cosine" else math.nan
@@ -178,7 +179,8 @@ def score_bars(data: RunData) -> list[Figure]:
                capsize=2)
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for k, (name, value) in enumerate(sorted(refs)):
-            ax.axhline(value, linestyle="--", linewidth=1, color=colors[(k + 1) % len(colors)], label=f"{name} {value:.3f}")
+            ax.axhline(value, linestyle="--", linewidth=1, color=colors[(k + 1) % len(colors)],
+                       label=f"{name} {value:.3f}")
         ax.set_xticks(list(xs), [n for n, _ in merges], rotation=60, ha="right", fontsize=6)
         ax.set_ylabel(metric)
         ax.set_title(f"{task}: merges vs their constituents", fontsize=9)

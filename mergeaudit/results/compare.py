@@ -118,7 +118,8 @@ def compare_score(previous: RunResults, before: dict, current: RunResults, now: 
     return PairedTest(test="welch_z" if p is not None else "none", statistic=stat, p_value=p)
 
 
-def compare(current: RunResults, previous: RunResults, spec: AlarmSettings) -> tuple[list[Regression], list[Regression]]:
+def compare(current: RunResults, previous: RunResults,
+            spec: AlarmSettings) -> tuple[list[Regression], list[Regression]]:
     """(flagged, every comparison) of `current` against `previous`."""
     now, before = _keyed_scores(current, spec.metrics), _keyed_scores(previous, spec.metrics)
     compared: list[Regression] = []

@@ -194,7 +194,8 @@ def summary(run: RunResults) -> list[SummaryRow]:
     out = [SummaryRow(candidate=r.candidate, method=r.method if r.kind == "merge" else r.kind,
                       metric=f"{r.task}/{r.metric}", score=r.score, stderr=r.stderr, margin=r.margin,
                       beats_best_input=r.beats_best_input, beats_base=r.beats_base,
-                      normalized_performance=bench[r.candidate].normalized_performance if r.candidate in bench else None,
+                      normalized_performance=(bench[r.candidate].normalized_performance if r.candidate in bench
+                                              else None),
                       gain_kept=bench[r.candidate].gain_kept if r.candidate in bench else None,
                       update_sparsity_bf16=r.update_sparsity_bf16)
            for r in rows(run)]

@@ -12,16 +12,16 @@ localize_stitch                Localize-and-Stitch, dataless variant (He et al.,
 These suit RLVR updates, which live on sparse supports: an entry only one task needs is either
 dropped as "selfish" (consensus) or kept whole (localize_stitch).
 
-Consensus merging. Per task, the TALL mask m_t = |tau_t| >= lambda_t * |tau_MTL - tau_t|
-(>=, as the paper writes it; the authors' `generate_task_masks` uses >, which differs only where
-both sides are equal, e.g. an entry no task moved, whose merged update is 0 either way). lambda_t is `mask_lambda`, one per
-model, default 0.4: the authors select it per task on validation data from {0.2, ..., 0.6};
-0.4 is that grid's middle, since a merge audit has no validation split. The consensus mask keeps
-the entries where at least `k` masks are on (k = 2 by default, the authors' `prun_thre_k`:
-removes "catastrophic" entries no task needs and "selfish" ones only one task needs; k = 0
-keeps everything, k above the model count would remove every update and is refused). It
-restricts the base method's merged update: base + lambda * (consensus * tau_MTL), as the
-authors' `merged_tv * consensus_mask`. Choices:
+Consensus merging. Per task, the TALL mask m_t = |tau_t| >= lambda_t * |tau_MTL - tau_t| (>=, as the
+paper writes it; the authors' `generate_task_masks` uses >, which differs only where both sides are
+equal, e.g. an entry no task moved, whose merged update is 0 either way). lambda_t is `mask_lambda`,
+one per model, default 0.4: the authors select it per task on validation data from {0.2, ..., 0.6};
+0.4 is that grid's middle, since a merge audit has no validation split. The consensus mask keeps the
+entries where at least `k` masks are on (k = 2 by default, the authors' `prun_thre_k`: removes
+"catastrophic" entries no task needs and "selfish" ones only one task needs; k = 0 keeps everything,
+k above the model count would remove every update and is refused). It restricts the base method's
+merged update: base + lambda * (consensus * tau_MTL), as the authors' `merged_tv * consensus_mask`.
+Choices:
 
 - tau_t are the weighted task vectors w_t (theta_t - theta_0) (`weight`, default 1); the masks
   compare whole task vectors, before any TIES trimming (the authors pass the untrimmed vectors).

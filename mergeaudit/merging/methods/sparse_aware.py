@@ -141,7 +141,9 @@ class FisherParams(MethodParams):
     fisher_floor: float = 1e-6
 
     def check(self, n_models: int) -> list[str]:
-        return [f"fisher weights must be positive (got {list(self.weight)})"] if any(w <= 0 for w in self.weight) else []
+        if any(w <= 0 for w in self.weight):
+            return [f"fisher weights must be positive (got {list(self.weight)})"]
+        return []
 
     def uses_fisher(self) -> bool:
         return True
