@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test venv browser sandbox clean
+.PHONY: demo test lint venv browser sandbox clean
 
 $(STAMP): pyproject.toml setup.py requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,13 @@ sandbox:
 
 test: $(STAMP) browser sandbox
 	$(BIN)/python -m pytest
+
+# ruff (pinned in requirements/constraints.txt) with the rules in pyproject.toml's [tool.ruff], and
+# whether the code is as `ruff format` would write it. Not part of `make test` or .ci/run.
+LINT_PATHS := mergeaudit tests flows tasks deployments benchmarks scripts
+lint: $(STAMP)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) .mergeaudit .pytest_cache
