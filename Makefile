@@ -45,7 +45,7 @@ test: $(STAMP) browser sandbox
 
 # ruff (pinned in requirements/constraints.txt) with the rules in pyproject.toml's [tool.ruff], and
 # whether the code is as `ruff format` would write it. Not part of `make test` or .ci/run.
-LINT_PATHS := mergeaudit tests flows tasks deployments benchmarks scripts
+LINT_PATHS := mergeaudit tests flows tasks deployments benchmarks scripts setup.py
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
