@@ -24,7 +24,6 @@ every other command works without Prefect.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import yaml
 
+from mergeaudit.cli_support import add_settings_options, format_table, parse_models, settings_from_args
 from mergeaudit.errors import MergeAuditError
 
 DEMO_WORKDIR = "./.mergeaudit/demo"
@@ -54,25 +54,6 @@ def run_audit(config) -> tuple[dict, str | None]:
     if isinstance(data, BaseException):
         raise data
     return data, None if state.is_completed() else (state.message or state.name)
-
-
-def format_table(rows: list[dict]) -> str:
-    """A plain fixed-width table of dict rows (floats to 4 places)."""
-    if not rows:
-        return "(no rows)"
-    cols = list(rows[0])
-
-    def cell(v) -> str:
-        if v is None:
-            return "-"
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-    cells = [[cell(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -146,10 +127,8 @@ def cmd_regressions(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import time
 
-    from mergeaudit import report
     from mergeaudit.config import parse_config
-    from mergeaudit.demo import OWN_TASKS, demo_config, prepare_demo, verdict
-    from mergeaudit.results.compare import RegressionReport
+    from mergeaudit.demo import demo_config, prepare_demo, verdict, write_demo_report
     from mergeaudit.toy.experts import QUICK_RECIPE, ExpertRecipe
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo builds everything locally
@@ -167,13 +146,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result, problems = run_audit(parse_config(raw, source=str(config_path)))
     run_id = result["run_id"]
     text = verdict(result["results_uri"], run_id)
-    data = report.load_run(result["results_uri"], run_id)
-    if result.get("regressions"):
-        data.regression = RegressionReport.model_validate(result["regressions"])
-    data.notes = text
-    data.own_tasks = OWN_TASKS
-    html_path = workdir / "report.html"
-    html_path.write_text(report.render_html(data))
+    html_path = write_demo_report(result, text, workdir / "report.html")
     print()
     print(format_table([r for r in result["summary"] if r["method"] != "probe"]))
     print()
@@ -187,33 +160,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_models(specs: list[str]) -> dict[str, str]:
-    """`NAME=URI` or `URI` (named after its folder) -> {name: uri}; names must be unique."""
-    from mergeaudit import store
-    from mergeaudit.errors import ConfigError
-
-    models: dict[str, str] = {}
-    for spec in specs:
-        name, sep, uri = spec.partition("=")
-        if not sep or "://" in name or "/" in name:
-            name, uri = store.basename(spec), spec
-        if name in models:
-            raise ConfigError(f"two models are named {name!r}; name them explicitly as NAME=URI")
-        models[name] = store.check_uri(uri)
-    return models
-
-
 def cmd_geometry(args: argparse.Namespace) -> int:
-    import datetime as dt
-
-    from mergeaudit import audit, store, tables
-    from mergeaudit.checkpoint import Checkpoint
+    from mergeaudit.audit import geometry_run
     from mergeaudit.config import CheckpointSpec
     from mergeaudit.errors import ConfigError
-    from mergeaudit.geometry import GeometrySettings, compute_geometry
+    from mergeaudit.geometry import GeometrySettings
     from mergeaudit.results.geometry_views import not_compared
 
-    started = dt.datetime.now(dt.timezone.utc)
     models = parse_models(args.models)
     kinds: dict[str, str] = {}
     for item in args.kind:
@@ -222,17 +175,7 @@ def cmd_geometry(args: argparse.Namespace) -> int:
             raise ConfigError(f"--kind {item}: no model named {name!r}; models: {', '.join(models)}")
         kinds[name] = CheckpointSpec(name=name, uri=models[name], kind=kind).kind
     settings = settings_from_args(GeometrySettings, args, GEOMETRY_OPTIONS)
-    out = store.check_uri(args.out)
-    base = Checkpoint.open(args.base)
-    opened = {n: Checkpoint.open(u) for n, u in models.items()}
-    tensor_rows, pair_rows = compute_geometry(base, opened, kinds, settings)
-    run_id = audit.new_run_id(started)
-    params = {"base": base.uri, "models": models, "kinds": kinds, "geometry": settings.model_dump()}
-    files = tables.write_run(out, run_id, f"{started:%Y-%m-%d}", {
-        "geometry_tensors": tensor_rows,
-        "geometry_pairs": pair_rows,
-        "runs": [audit.run_row("geometry", started, json.dumps(params, sort_keys=True))],
-    })
+    run_id, files, tensor_rows, pair_rows = geometry_run(args.base, models, kinds, settings, args.out)
     summary = [{"model": r["model"], "kind": r["kind"], "sparsity_bf16": r["sparsity_bf16"],
                 "sparsity_rel": r["sparsity_rel"], "rel_update_norm": r["rel_update_norm"]}
                for r in tensor_rows if r["scope"] == "model"]
@@ -324,38 +267,6 @@ def _alarm_settings():
     from mergeaudit.results.alarm import AlarmSettings
 
     return AlarmSettings
-
-
-def add_settings_options(parser: argparse.ArgumentParser, model, fields: tuple[str, ...]) -> None:
-    """A flag per field of a settings model: `--top-k-fraction` for `top_k_fraction`, typed and
-    described by the field; a boolean that defaults to true becomes `--no-NAME`. Unset flags
-    stay None, so the model's own default applies."""
-    import typing
-
-    for name in fields:
-        info = model.model_fields[name]
-        flag = "--" + name.replace("_", "-")
-        default = info.default
-        text = (info.description or "").rstrip(".")
-        if info.annotation is bool:
-            negate = default is True
-            parser.add_argument(f"--no-{name.replace('_', '-')}" if negate else flag, dest=name, default=None,
-                                action="store_false" if negate else "store_true",
-                                help=f"{'not: ' if negate else ''}{text}")
-            continue
-        kind = info.annotation
-        if typing.get_origin(kind) is not typing.Literal:  # X | None: X
-            kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
-        choices = list(typing.get_args(kind)) if typing.get_origin(kind) is typing.Literal else None
-        parser.add_argument(flag, dest=name, default=None, choices=choices,
-                            type=None if choices else kind if kind in (int, float) else str,
-                            help=text + ("" if default is None else f" (default {default})"))
-
-
-def settings_from_args(model, args: argparse.Namespace, fields: tuple[str, ...], **fixed):
-    """The settings model from the flags that were given (the model's defaults for the rest)."""
-    given = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
-    return model(**given, **fixed)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -249,6 +249,20 @@ README_BEGIN = "<!-- demo verdict: begin (written by scripts/update_readme_demo.
 README_END = "<!-- demo verdict: end -->"
 
 
+def write_demo_report(result: dict, text: str, path: Path) -> Path:
+    """The run's HTML report with the verdict as its notes and the experts' own tasks marked."""
+    from mergeaudit import report
+    from mergeaudit.results.compare import RegressionReport
+
+    data = report.load_run(result["results_uri"], result["run_id"])
+    if result.get("regressions"):
+        data.regression = RegressionReport.model_validate(result["regressions"])
+    data.notes = text
+    data.own_tasks = OWN_TASKS
+    path.write_text(report.render_html(data))
+    return path
+
+
 def verdict_block(stdout: str) -> str:
     """The verdict as `mergeaudit demo` printed it: from its `Verdict` line up to the `run <id>:`
     line, trailing blank lines dropped (nothing in it depends on the machine, paths or time)."""

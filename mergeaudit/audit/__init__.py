@@ -37,12 +37,19 @@ from mergeaudit.audit.records import (
     new_run_id,
 )
 from mergeaudit.audit.rows import candidate_rows, checkpoint_rows, package_versions, result_rows, run_row
-from mergeaudit.audit.stages import compute_geometry, estimate_fisher, finish_run, preflight, resolve_checkpoints
+from mergeaudit.audit.stages import (
+    compute_geometry,
+    estimate_fisher,
+    finish_run,
+    geometry_run,
+    preflight,
+    resolve_checkpoints,
+)
 
 __all__ = [
     "Candidate", "CandidateResult", "CheckpointRecord", "EvaluationRecord", "RunOutcome",
     "candidate_rows", "candidate_tensors", "checkpoint_rows", "compute_geometry", "estimate_fisher",
-    "evaluate_candidate", "evaluate_to_store", "evaluation_key", "failed_evaluation", "finish_run", "fisher_models",
+    "evaluate_candidate", "evaluate_to_store", "evaluation_key", "failed_evaluation", "finish_run", "fisher_models", "geometry_run",
     "load_evaluation", "materialize", "merge_plan", "new_run_id", "package_versions", "plan_candidates", "preflight",
     "recipe_id", "release_device_memory", "resolve_checkpoints", "result_rows", "run_row", "save_candidate",
     "stored_evaluation",

@@ -10,14 +10,14 @@ import logging
 
 from mergeaudit import fisher, store, tables
 from mergeaudit.audit.evaluations import load_evaluation
-from mergeaudit.audit.records import Candidate, CheckpointRecord, EvaluationRecord, RunOutcome
+from mergeaudit.audit.records import Candidate, CheckpointRecord, EvaluationRecord, RunOutcome, new_run_id
 from mergeaudit.audit.rows import package_versions, result_rows, run_row
 from mergeaudit.checkpoint import Checkpoint, check_compatible
 from mergeaudit.checkpoint.reads import input_totals
 from mergeaudit.config import AuditConfig
 from mergeaudit.errors import CheckpointError, ConfigError, MergeAuditError
+from mergeaudit.geometry import GeometrySettings, parse_tensor_name, series
 from mergeaudit.geometry import compute_geometry as geometry_rows
-from mergeaudit.geometry import parse_tensor_name, series
 from mergeaudit.merging import REGISTRY
 from mergeaudit.merging.params import check_all
 from mergeaudit.results import compare, geometry_views, leaderboard
@@ -167,3 +167,23 @@ def finish_run(
                           {n: r.uri for n, r in checkpoints.items()}, bytes_read,
                           [e.bytes_read for e in evaluations if e.read_by != store.process_tag()]),
                       input_sizes={n: r.size for n, r in checkpoints.items() if r.size is not None})
+
+
+def geometry_run(base_uri: str, models: dict[str, str], kinds: dict[str, str], settings: GeometrySettings,
+                 results_uri: str) -> tuple[str, dict[str, str], list[dict], list[dict]]:
+    """Geometry alone (`mergeaudit geometry`): the models' updates against the base, committed
+    as a run of geometry_tensors and geometry_pairs; returns (run id, table URIs, tensor rows,
+    pair rows)."""
+    started = dt.datetime.now(dt.timezone.utc)
+    out = store.check_uri(results_uri)
+    base = Checkpoint.open(base_uri)
+    opened = {n: Checkpoint.open(u) for n, u in models.items()}
+    tensor_rows, pair_rows = geometry_rows(base, opened, kinds, settings)
+    run_id = new_run_id(started)
+    params = {"base": base.uri, "models": models, "kinds": kinds, "geometry": settings.model_dump()}
+    files = tables.write_run(out, run_id, f"{started:%Y-%m-%d}", {
+        "geometry_tensors": tensor_rows,
+        "geometry_pairs": pair_rows,
+        "runs": [run_row("geometry", started, json.dumps(params, sort_keys=True))],
+    })
+    return run_id, files, tensor_rows, pair_rows
