@@ -4,7 +4,7 @@ A store URI is a plain path or `file://...` (the embedded default), `s3://bucket
 s3fs, any S3-compatible endpoint), or `memory://...` (tests). S3 takes the standard AWS
 environment: credentials from `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_PROFILE`, the
 endpoint from `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`; `with s3_credentials(creds):` uses
-explicit ones in one context (a flow run) instead. Reads are ranged requests with s3fs's
+explicit ones in one context (a flow run) instead (mergeaudit.store_s3). Reads are ranged requests with s3fs's
 read-ahead switched off (by default it fetches 50 MB for an 8-byte read). A read given the
 FileInfo its object was listed with (`expect=`) gets those bytes or an `ObjectChangedError`:
 S3 reads send `If-Match: <ETag>`, local reads compare the open file's size and mtime.
@@ -20,24 +20,21 @@ and never the credentials.
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import contextvars
 import errno
 import hashlib
 import os
 import posixpath
-import threading
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from mergeaudit.errors import StoreError, TransientStoreError
+from mergeaudit.store_s3 import ContextThreadPool, S3Credentials, s3_credentials, s3_filesystem  # noqa: F401 - API
 
 SUPPORTED_SCHEMES = ("file", "s3", "memory")
 _TRANSIENT_S3_CODES = {
@@ -56,54 +53,6 @@ UPLOAD_PART_BYTES = 64 * 1024 * 1024  # multipart upload part size: bounded memo
 COPY_CHUNK_BYTES = 16 * 1024 * 1024  # store.copy reads this much at a time
 MIN_PART_BYTES = 5 * 1024 * 1024  # S3 refuses smaller parts (but the last)
 MAX_PARTS = 10_000  # S3 refuses more parts in one upload
-
-_fs_cache: collections.OrderedDict[tuple, fsspec.AbstractFileSystem] = collections.OrderedDict()
-_fs_lock = threading.Lock()
-_FS_CACHE_SIZE = 16
-# what the AWS environment's default client is made from
-_AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-            "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
-
-
-@dataclass(frozen=True)
-class S3Credentials:
-    """Explicit S3 credentials (from a Prefect block, say); secrets never appear in repr()."""
-
-    access_key_id: str | None = None
-    secret_access_key: str | None = field(default=None, repr=False)
-    session_token: str | None = field(default=None, repr=False)
-    profile: str | None = None
-    region: str | None = None
-    endpoint_url: str | None = None
-
-
-_s3_credentials: contextvars.ContextVar[S3Credentials | None] = contextvars.ContextVar(
-    "mergeaudit_s3_credentials", default=None)
-
-
-@contextlib.contextmanager
-def s3_credentials(creds: S3Credentials | None) -> Iterator[None]:
-    """Use these credentials for s3:// inside the block instead of the AWS environment (None: the
-    environment). They hold in this context only: this thread or asyncio task, and what starts
-    from a copy of it (Prefect task runs, `ContextThreadPool` jobs), so two flow runs sharing a
-    process each read with their own.
-
-        with store.s3_credentials(creds):
-            store.read_bytes("s3://bucket/key")
-    """
-    token = _s3_credentials.set(creds)
-    try:
-        yield
-    finally:
-        _s3_credentials.reset(token)
-
-
-class ContextThreadPool(ThreadPoolExecutor):
-    """A thread pool whose jobs run in a copy of the submitter's context, so they read with the
-    same `s3_credentials` (a plain pool's threads would use the AWS environment)."""
-
-    def submit(self, fn, /, *args, **kwargs):
-        return super().submit(contextvars.copy_context().run, fn, *args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -158,35 +107,6 @@ def check_uri(uri: str) -> str:
     return f"{scheme}://{rest.rstrip('/')}"
 
 
-def _s3_filesystem() -> fsspec.AbstractFileSystem:
-    creds = _s3_credentials.get()
-    endpoint = (creds.endpoint_url if creds and creds.endpoint_url else None) or \
-        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    # Keyed by everything that makes the client (the credentials' values, not their id(), which a
-    # later object may reuse), so a changed environment or endpoint gets a fresh one.
-    key = ("s3", endpoint, creds, tuple(os.environ.get(v) for v in _AWS_ENV))
-    with _fs_lock:
-        fs = _fs_cache.get(key)
-        if fs is not None:
-            _fs_cache.move_to_end(key)
-        else:
-            import s3fs
-
-            kwargs: dict = {"default_cache_type": "none", "skip_instance_cache": True}
-            if endpoint:
-                kwargs["endpoint_url"] = endpoint
-            if creds is not None:
-                kwargs.update(key=creds.access_key_id, secret=creds.secret_access_key, token=creds.session_token,
-                              profile=creds.profile)
-                if creds.region:
-                    kwargs["client_kwargs"] = {"region_name": creds.region}
-            fs = s3fs.S3FileSystem(**kwargs)
-            _fs_cache[key] = fs
-            while len(_fs_cache) > _FS_CACHE_SIZE:  # rotated credentials must not pile up clients
-                _fs_cache.popitem(last=False)
-    return fs
-
-
 def locate(uri: str) -> Location:
     """Resolve a URI to its filesystem; raises StoreError for an unknown scheme."""
     norm = check_uri(uri)
@@ -195,7 +115,7 @@ def locate(uri: str) -> Location:
         return Location(norm, "file", norm, fsspec.filesystem("file"))
     if scheme == "memory":
         return Location(norm, "memory", "/" + rest.strip("/"), fsspec.filesystem("memory"))
-    return Location(norm, "s3", rest.strip("/"), _s3_filesystem())
+    return Location(norm, "s3", rest.strip("/"), s3_filesystem())
 
 
 def join(uri: str, *parts: str) -> str:

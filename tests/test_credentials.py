@@ -93,7 +93,7 @@ def test_a_flow_with_a_credentials_block_reaches_s3_without_the_environment(pref
     from prefect import flow, task
     from prefect_aws import AwsClientParameters, AwsCredentials
 
-    from flows.credentials import use_storage_credentials
+    from mergeaudit.flows.credentials import use_storage_credentials
     from mergeaudit import tables
 
     AwsCredentials(aws_access_key_id="block-key", aws_secret_access_key="block-secret", region_name="us-east-1",
