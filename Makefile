@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test lint venv browser sandbox clean
+.PHONY: demo test test-unit lint venv browser sandbox clean
 
 $(STAMP): pyproject.toml setup.py requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,7 +40,12 @@ sandbox:
 	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null 2>&1)) ; } || \
 	  echo "bubblewrap not installed: code tasks will refuse to score and the sandbox tests will skip"
 
+# Test tiers (tests/conftest.py): `make test` runs all of them, as CI does (.ci/run); `make
+# test-unit` is plain `pytest`: the unit tier, in-process, in about 2 minutes on 2 cores.
 test: $(STAMP) browser sandbox
+	$(BIN)/python -m pytest -m "unit or integration or slow"
+
+test-unit: $(STAMP)
 	$(BIN)/python -m pytest
 
 # ruff (pinned in requirements/constraints.txt) with the rules in pyproject.toml's [tool.ruff], and

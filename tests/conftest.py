@@ -3,6 +3,25 @@
 The environment is set at import, before any boto/s3fs client or HF cache can exist:
 dummy AWS credentials, HF_HOME and the checkpoint cache in a temporary folder, every HF offline
 switch on, Prefect's telemetry off. Storage tests run on a local folder and on S3 through `store_root`.
+
+Tiers. Every test is `unit` unless it is marked `integration` or `slow` (it may be both):
+
+    integration  starts something outside the test process or a real server: a Prefect API
+                 (prefect_harness, a flow run, `prefect server start`), the S3 endpoint (moto's
+                 server), bubblewrap, a served model, headless Chromium, or a child Python (the
+                 console-script smoke tests, memory-capped children, fresh-interpreter checks)
+    slow         runs long (seconds) in this process: a whole flow, the demo, training,
+                 lm-eval's full task index, bootstrap coverage checks, and every test that runs
+                 mergekit itself to compare with (the parity suites)
+
+`pytest_collection_modifyitems` below marks by fixture (INTEGRATION_FIXTURES, `store_root[s3]`)
+and by module (INTEGRATION_MODULES, SLOW_MODULES), so a new test that uses the S3 endpoint or a
+Prefect server lands in its tier by itself; a single test elsewhere carries its own decorator.
+
+    pytest                          the unit tier (no -m and no paths given)
+    pytest tests/test_flow.py       the named files or tests, whatever their tier
+    pytest -m integration           a tier (or any marker expression)
+    make test                       every tier: pytest -m "unit or integration or slow"
 """
 
 from __future__ import annotations
@@ -10,7 +29,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 import urllib.request
 
 import pytest
@@ -34,6 +56,32 @@ for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "PREFECT_A
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
 BUCKET = "mergeaudit-test"
+INTEGRATION_FIXTURES = frozenset({"s3_endpoint", "s3_bucket", "prefect_harness", "bwrap", "console_script",
+                                  "demo_run"})
+INTEGRATION_MODULES = frozenset({"test_flow", "test_prefect_server", "test_prefect_startup", "test_served"})
+SLOW_FIXTURES = frozenset({"demo_run"})
+SLOW_MODULES = frozenset({"test_mergekit_parity_dtypes"})
+TIERS = ("integration", "slow")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the marks added here
+def pytest_collection_modifyitems(config, items):
+    """Mark each test's tier; with neither -m nor paths given, keep the unit tier only."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        module = item.path.stem
+        if fixtures & INTEGRATION_FIXTURES or params.get("store_root") == "s3" or module in INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)
+        if fixtures & SLOW_FIXTURES or module in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+        if not any(item.get_closest_marker(tier) for tier in TIERS):
+            item.add_marker(pytest.mark.unit)
+    if config.getoption("markexpr") or config.args_source == pytest.Config.ArgsSource.ARGS:
+        return
+    kept = [item for item in items if item.get_closest_marker("unit")]
+    config.hook.pytest_deselected(items=[item for item in items if not item.get_closest_marker("unit")])
+    items[:] = kept
 
 
 def free_port() -> int:
@@ -102,3 +150,43 @@ def bwrap():
         if os.environ.get("MERGEAUDIT_REQUIRE_BWRAP"):
             pytest.fail("MERGEAUDIT_REQUIRE_BWRAP is set but bubblewrap is not installed")
         pytest.skip("no bubblewrap on this machine (make test installs it where it can)")
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """`mergeaudit ARGS` in this process: main()'s exit status and what it printed, as a
+    CompletedProcess. tests/test_cli_smoke.py runs the installed console script once per command."""
+    from mergeaudit.cli import main
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse refuses bad arguments itself
+            code = exc.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["mergeaudit", *args], code, out, err)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def console_script():
+    """Runs the installed `mergeaudit` console script in a child process."""
+    script = os.path.join(os.path.dirname(sys.executable), "mergeaudit")
+
+    def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run([script, *args], capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, console_script):
+    """One `mergeaudit demo` for the whole session (minutes): its workdir and what it printed."""
+    workdir = tmp_path_factory.mktemp("demo")
+    t0 = time.perf_counter()
+    out = console_script("demo", "--workdir", str(workdir), timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    print(f"mergeaudit demo took {time.perf_counter() - t0:.0f} s")
+    return workdir, out.stdout

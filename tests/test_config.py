@@ -44,6 +44,7 @@ def test_all_problems_are_reported_together(tmp_path):
         assert expected in msg
 
 
+@pytest.mark.slow
 def test_cross_field_problems_are_reported_together(tmp_path):
     raw = base_config(
         tmp_path,

@@ -52,6 +52,7 @@ def test_extraction_and_format_checks():
     assert check_format("#### 3", "hash") and check_format("3\n", "number") and not check_format("three", "number")
 
 
+@pytest.mark.integration
 def test_math_verifier_and_its_hard_deadline():
     with Verifier() as v:
         assert v.verify("math", "so \\boxed{\\frac{1}{2}}", "0.5").correct
@@ -112,6 +113,7 @@ def test_every_shipped_task_resolves_and_loads_in_lm_eval(tmp_path):
     assert {t.verifier for t in tasks} == {"numeric", "math", "code"}
 
 
+@pytest.mark.slow
 def test_unknown_tasks_and_missing_data_fail_before_any_model(tmp_path):
     with pytest.raises(EvaluationError, match="did you mean mergeaudit_add2"):
         check_tasks(["mergeaudit_ad2"])
@@ -166,6 +168,7 @@ def test_sampling_and_unbiased_pass_at_k():
     assert len(result.samples) == 24 and sorted({s["sample"] for s in result.samples}) == [0, 1, 2, 3]
 
 
+@pytest.mark.integration
 def test_code_pack_runs_completions_in_the_sandbox():
     rows = code_problems()
     good = {r["prompt"]: r["canonical_solution"] for r in rows}

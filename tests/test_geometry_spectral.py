@@ -149,6 +149,7 @@ def test_update_rank_of_chosen_singular_values():
     assert f["update_rank_ratio"] == pytest.approx(6 / 150)
 
 
+@pytest.mark.slow
 def test_randomized_error_within_documented_bounds():
     g = torch.Generator().manual_seed(0)
     m, n, rank = 1536, 1024, 32

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.mark.integration
 def test_gpu_check_script_runs_on_cpu(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--size",
                           "tiny", "--new-tokens", "4", "--batch", "2", "--workdir", str(tmp_path)],

@@ -103,6 +103,7 @@ def refusals(tmp_path_factory) -> dict[tuple[str, str], list[str]]:
     return out
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", sorted(PAYLOADS))
 @pytest.mark.parametrize("kind", sorted(TEMPLATES))
 def test_hostile_yaml_is_refused_fast_in_one_line(refusals, kind, name):
@@ -178,6 +179,7 @@ def test_non_finite_or_absurd_numbers_elsewhere_in_the_config_are_refused(tmp_pa
         assert where in msg, msg
 
 
+@pytest.mark.integration
 def test_million_point_grid_is_refused_quickly_with_size_and_limit(tmp_path):
     grid = {k: [0.1 * i for i in range(1, 11)] for k in ("lambda", "normalize_", "a", "b", "c", "d")}
     raw = base_config(tmp_path, strategies=[{"method": "task_arithmetic", "grid": grid}])
@@ -255,6 +257,7 @@ def test_merge_with_bad_weights_exits_2_in_one_line_and_writes_nothing(two_model
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration
 def test_merge_with_an_alias_bomb_exits_2_in_one_line(two_models, tmp_path):
     cfg = tmp_path / "merge.yaml"
     cfg.write_bytes(hostile_file("mergekit", "alias_bomb", two_models, tmp_path))

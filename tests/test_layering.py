@@ -137,6 +137,7 @@ def test_nothing_imports_the_orchestration_layer_by_a_generic_top_level_name():
     assert not offenders, "\n".join(offenders)
 
 
+@pytest.mark.integration
 def test_the_orchestration_layer_is_installed_under_mergeaudit_only():
     for package in ORCHESTRATION:
         assert importlib.util.find_spec(package) is not None, package
@@ -170,10 +171,12 @@ def loaded_after_importing(packages: list[str], watched: list[str], skip: tuple[
     ("mergeaudit.evaluation", ["mergeaudit.toy"]),
     ("mergeaudit.report", ["mergeaudit.merging"]),
 ])
+@pytest.mark.integration
 def test_importing_a_subsystem_leaves_what_it_must_not_use_unloaded(package, forbidden):
     assert loaded_after_importing([package], forbidden) == []
 
 
+@pytest.mark.integration
 def test_importing_every_library_module_leaves_prefect_and_the_orchestration_layer_unloaded():
     """The CLI included: it imports the flows inside the commands that run them."""
     assert loaded_after_importing(["mergeaudit"], ["prefect", *ORCHESTRATION], skip=ORCHESTRATION) == []

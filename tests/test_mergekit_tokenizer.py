@@ -127,6 +127,7 @@ def assert_same_as_mergekit(cfg: dict, tmp_path: Path, rows: int) -> dict:
     return report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(cases({k: k for k in ("base", "a", "b", "c", "base98")})))
 def test_same_tensors_vocab_size_and_tokenizer_as_mergekit(family, tmp_path, case):
     cfg, rows = cases(family)[case]
@@ -175,6 +176,7 @@ def test_gather_by_hand():
         assert torch.equal(got[k][5:], got[k][:5].mean(0).expand(3, 2))
 
 
+@pytest.mark.slow
 def test_an_unchanged_vocabulary_reads_and_gathers_nothing(tmp_path, monkeypatch):
     """A Llama whose rows equal its tokenizer: tokenizer_source base changes no tensor and no
     tokenizer file, and gathers nothing; still the same as mergekit."""

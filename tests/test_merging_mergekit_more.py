@@ -260,6 +260,7 @@ def configs(u: dict[str, str]) -> dict[str, dict]:
 NAMES = ("base", "a", "b", "c", "small_a", "small_b", "small_c", "far_0", "far_1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(configs({k: "x" for k in NAMES})))
 def test_same_tensors_as_mergekit(spread_family, tmp_path, case):
     cfg = {**configs(spread_family)[case], "dtype": "float32"}
@@ -290,6 +291,7 @@ def bf16_family(tmp_path_factory):
     return family(str(tmp_path_factory.mktemp("bf16")), dict.fromkeys(("base", "a", "b", "c"), torch.bfloat16))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bfloat16", None])
 @pytest.mark.parametrize("case", ["multislerp", "sce", "karcher", "arcee_fusion", "nearswap", "passthrough"])
 def test_bf16_checkpoints_bit_identical_to_mergekit(bf16_family, tmp_path, case, dtype):

@@ -133,6 +133,7 @@ def test_chat_prompts_carry_system_instruction_and_template():
     assert all(s["status"] == "correct" and s["trace_tokens"] == 3 for s in result.samples)
 
 
+@pytest.mark.integration
 def test_pack_chat_defaults_reach_the_model(tmp_path):
     data = tmp_path / "math500.jsonl"
     data.write_text("".join(json.dumps({"problem": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"

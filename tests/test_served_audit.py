@@ -24,6 +24,7 @@ def config_for(family, results: str, **evaluation) -> dict:
     }
 
 
+@pytest.mark.integration
 def test_merge_candidate_through_a_served_model(toy_family, tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()

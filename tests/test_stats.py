@@ -86,6 +86,7 @@ def test_paired_test_picks_its_test():
     assert stats.paired_test({"a": [1.0]}, {"b": [1.0]}).test == "none"
 
 
+@pytest.mark.slow
 def test_bootstrap_interval_of_a_mean_covers_the_truth():
     rng = random.Random(3)
     hits = 0
@@ -119,6 +120,7 @@ def test_runner_scores_recomputed_from_its_samples():
     assert rows["pass@2"]["stderr"] == pytest.approx(p2.std(ddof=1) / math.sqrt(12))
 
 
+@pytest.mark.slow
 def test_barrier_bootstrap_intervals_cover_the_true_barrier():
     """200 simulated interpolation paths (150 prompts, 4 samples each, prompt difficulty shared
     along the path): the 95% bootstrap interval covers the true barrier (0.35) in >= 90% of runs."""

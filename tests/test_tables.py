@@ -51,6 +51,7 @@ def test_rewriting_a_run_replaces_it_even_on_another_date(store_root):
     assert len(files) == 3, files  # the replaced version's files are gone
 
 
+@pytest.mark.integration
 def test_a_writer_killed_mid_run_leaves_no_visible_rows(tmp_path):
     root = str(tmp_path / "results")
     tables.write_run(root, "r0", "2026-11-26", run_tables(2))
@@ -83,6 +84,7 @@ def _write_runs(args: tuple[str, int]) -> None:
         tables.write_run(root, f"w{worker}-r{k}", "2026-11-27", run_tables(worker + 1, name=f"audit{worker}"))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("backend", ["local", "s3"])
 def test_concurrent_writers_lose_nothing(backend, tmp_path, request):
     root = str(tmp_path / "results") if backend == "local" else request.getfixturevalue("s3_bucket") + "/results"

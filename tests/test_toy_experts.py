@@ -89,6 +89,7 @@ def shipped_family():
     return family
 
 
+@pytest.mark.slow
 def test_quick_rl_on_the_shipped_base_raises_the_reward():
     """A quick GRPO run (40 steps at 5x the recipe's learning rate) from the shipped base raises
     the verifier's mean reward of sampled answers on the held-out addition problems."""
@@ -128,6 +129,7 @@ def test_shipped_experts_are_the_current_recipe_and_learned():
         assert acc == pytest.approx(family.log[name][f"acc_{expert.skill}"])  # the manifest's log is what ships
 
 
+@pytest.mark.slow
 def test_family_is_bf16_reused_by_recipe_and_retrains_bit_identically(tmp_path):
     messages = []
     fam = build_expert_family(str(tmp_path / "a"), TINY_RECIPE, progress=messages.append)

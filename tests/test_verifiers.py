@@ -71,6 +71,7 @@ def test_verdicts_say_what_happened():
         Verdict(False, None, status="maybe")
 
 
+@pytest.mark.integration
 def test_math_verify_internal_timeouts_are_recorded():
     """math-verify gives up on comparing 5 with 10^(10^10) after its SIGALRM timeout and, by
     default, returns False: before, a plain wrong answer with no error."""
@@ -88,6 +89,7 @@ def test_math_verify_internal_timeouts_are_recorded():
         verifier.close()
 
 
+@pytest.mark.integration
 def test_the_hard_deadline_holds_when_math_verify_does_not_give_up():
     verifier = MathVerifier(timeout=2, step_timeout=600)
     try:
@@ -99,6 +101,7 @@ def test_the_hard_deadline_holds_when_math_verify_does_not_give_up():
         verifier.close()
 
 
+@pytest.mark.integration
 def test_timeouts_are_counted_apart_in_the_scores_and_samples():
     task = TaskSource("bombs", {}, None, verifier="math")  # origin unused by verify_samples
     logged = [{"doc_id": 0, "target": "5", "resps": [["\\boxed{10^{10^{10}}}", "\\boxed{5}", "\\boxed{4}"]],
