@@ -1,18 +1,12 @@
-"""The `mergeaudit` command: user errors exit 2 with one line and no traceback."""
+"""The `mergeaudit` command: user errors exit 2 with one line and no traceback.
+
+Each command runs in this process through mergeaudit.cli.main (the `run_cli` fixture);
+tests/test_cli_smoke.py runs the installed console script once per command."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import yaml
-
-
-def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mergeaudit.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env=dict(os.environ), timeout=600)
 
 
 def write(tmp_path, cfg) -> str:
@@ -38,7 +32,7 @@ def good_config(toy_family, tmp_path) -> dict:
         (lambda c: c.pop("base"), "base: Field required"),
     ],
 )
-def test_user_errors_exit_2_with_one_line(toy_family, tmp_path, mutate, message):
+def test_user_errors_exit_2_with_one_line(run_cli, toy_family, tmp_path, mutate, message):
     cfg = good_config(toy_family, tmp_path)
     mutate(cfg)
     out = run_cli("audit", write(tmp_path, cfg))
@@ -49,13 +43,12 @@ def test_user_errors_exit_2_with_one_line(toy_family, tmp_path, mutate, message)
     assert not (tmp_path / "results").exists(), "nothing is written for invalid input"
 
 
-def test_missing_config_file(tmp_path):
+def test_missing_config_file(run_cli, tmp_path):
     out = run_cli("audit", str(tmp_path / "absent.yaml"))
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
 
 
-@pytest.mark.slow
-def test_discover_and_convert_commands(toy_family, tmp_path):
+def test_discover_and_convert_commands(run_cli, toy_family, tmp_path):
     import io
 
     import torch
@@ -75,7 +68,7 @@ def test_discover_and_convert_commands(toy_family, tmp_path):
     assert (tmp_path / "st" / "model.safetensors").is_file()
 
 
-def test_geometry_command_writes_both_tables(toy_family, tmp_path):
+def test_geometry_command_writes_both_tables(run_cli, toy_family, tmp_path):
     from mergeaudit import tables
 
     out = run_cli("geometry", toy_family.base, *[f"{n}={u}" for n, u in toy_family.variants.items()],
@@ -96,7 +89,7 @@ def test_geometry_command_writes_both_tables(toy_family, tmp_path):
         (["--top-k-fraction", "2"], "top_k_fraction"),
     ],
 )
-def test_geometry_command_bad_input(toy_family, tmp_path, extra, message):
+def test_geometry_command_bad_input(run_cli, toy_family, tmp_path, extra, message):
     out = run_cli("geometry", toy_family.base, f"ft_a={toy_family.variants['ft_a']}", "--out",
                   str(tmp_path / "res"), *extra)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr

@@ -3,10 +3,6 @@ method both have; and mergekit YAML runs unchanged through `mergeaudit merge`.""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import yaml
@@ -72,6 +68,7 @@ def run_mergekit(cfg: dict, out: str) -> None:
     mk_run(MergeConfiguration.model_validate(cfg), out, MergeOptions(copy_tokenizer=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(configs({k: "x" for k in ("base", "a", "b", "c")})))
 def test_same_tensors_as_mergekit(fp32_family, tmp_path, method):
     cfg = {**configs(fp32_family)[method], "dtype": "float32"}
@@ -88,12 +85,11 @@ def test_same_tensors_as_mergekit(fp32_family, tmp_path, method):
     assert report["plan"]["method"] == method and report["tensors"]
 
 
-def test_mergekit_yaml_runs_unchanged_through_the_cli(fp32_family, tmp_path):
+def test_mergekit_yaml_runs_unchanged_through_the_cli(run_cli, fp32_family, tmp_path):
     cfg = {**configs(fp32_family)["ties"], "dtype": "float32", "out_dtype": "bfloat16", "tokenizer_source": "base"}
     path = tmp_path / "ties.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    out = subprocess.run([sys.executable, "-m", "mergeaudit.cli", "merge", str(path), str(tmp_path / "out")],
-                         capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    out = run_cli("merge", str(path), str(tmp_path / "out"))
     assert out.returncode == 0, out.stderr[-2000:]
     ck = Checkpoint.open(str(tmp_path / "out"))
     assert {ck.spec(n).dtype for n in ck.keys()} == {"BF16"} and ck.config["dtype"] == "bfloat16"
@@ -120,15 +116,14 @@ def test_mergekit_yaml_runs_unchanged_through_the_cli(fp32_family, tmp_path):
         (lambda c: c.pop("base_model"), "ties needs a base"),
     ],
 )
-def test_invalid_configs_exit_2_and_leave_nothing(fp32_family, tmp_path, mutate, message):
+def test_invalid_configs_exit_2_and_leave_nothing(run_cli, fp32_family, tmp_path, mutate, message):
     cfg = configs(fp32_family)["ties"]
     cfg["parameters"] = dict(cfg["parameters"])
     cfg["models"] = list(cfg["models"])
     mutate(cfg)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    out = subprocess.run([sys.executable, "-m", "mergeaudit.cli", "merge", str(path), str(tmp_path / "out")],
-                         capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    out = run_cli("merge", str(path), str(tmp_path / "out"))
     assert out.returncode == 2, out.stderr
     assert message in out.stderr and "Traceback" not in out.stderr
     assert not discover(str(tmp_path / "out")) and not (tmp_path / "out").exists()
@@ -171,7 +166,7 @@ def test_cuda_merge_matches_cpu(fp32_family, tmp_path, method):
         assert torch.allclose(t, cpu[name], rtol=1e-5, atol=1e-6), name
 
 
-def test_merge_reads_and_writes_s3(s3_bucket, tmp_path):
+def test_merge_reads_and_writes_s3(run_cli, s3_bucket, tmp_path):
     from mergeaudit.toy import build_toy_family
 
     family = build_toy_family(s3_bucket + "/ckpts", variants={"x": 0.1, "y": 0.2})
@@ -179,8 +174,7 @@ def test_merge_reads_and_writes_s3(s3_bucket, tmp_path):
            "models": [{"model": u} for u in family.variants.values()]}
     path = tmp_path / "s3.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    out = subprocess.run([sys.executable, "-m", "mergeaudit.cli", "merge", str(path), s3_bucket + "/merged",
-                          "--seed", "3"], capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    out = run_cli("merge", str(path), s3_bucket + "/merged", "--seed", "3")
     assert out.returncode == 0, out.stderr[-2000:]
     merged = Checkpoint.open(s3_bucket + "/merged")
     assert merged.keys() == Checkpoint.open(family.base).keys() and REPORT_FILE in merged.files

@@ -141,6 +141,7 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+@pytest.mark.integration
 def test_report_opens_in_headless_chromium(tmp_path):
     browser = chromium()
     if browser is None:
@@ -196,12 +197,7 @@ def test_regressions_on_constructed_runs(tmp_path):
     assert cli_main(["regressions", root, "--run", "r3", "--z", "0.5"]) == 1  # P[Z >= 0.5] = 0.31
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mergeaudit.cli", *args], capture_output=True, text=True,
-                          timeout=300)
-
-
-def test_query_report_and_regressions_commands(tmp_path):
+def test_query_report_and_regressions_commands(run_cli, tmp_path):
     root = str(tmp_path / "results")
     tables.write_run(root, "r1", "2026-11-25", constructed_run(MERGES))
     ok = run_cli("regressions", root)
@@ -220,7 +216,7 @@ def test_query_report_and_regressions_commands(tmp_path):
     assert "1 regression(s) against r1" in out.read_text()
 
 
-def test_report_and_regressions_refuse_what_is_not_there(tmp_path):
+def test_report_and_regressions_refuse_what_is_not_there(run_cli, tmp_path):
     empty = run_cli("report", str(tmp_path / "nothing"), "--out", str(tmp_path / "r.html"))
     assert empty.returncode == 2 and "no committed runs" in empty.stderr
     assert not (tmp_path / "r.html").exists()
@@ -314,6 +310,7 @@ def test_mergebench_measures_subtract_the_base():
     assert row.gain_kept is None  # +0.01 with standard errors of 0.01 is noise: not "500% kept"
 
 
+@pytest.mark.integration
 def test_rendering_a_report_imports_neither_torch_nor_merge_methods():
     code = ("import sys, mergeaudit.report, mergeaudit.results; "
             "print(sorted(m for m in ('torch', 'numba', 'mergeaudit.merging', 'mergeaudit.probes') if m in sys.modules))")
