@@ -1,11 +1,9 @@
-"""`mergeaudit demo` end to end on the shipped toy experts (one run shared by the tests here),
-and the README's copy of its verdict, which must be what a fresh run prints."""
+"""`mergeaudit demo` end to end on the shipped toy experts (one run per session, the `demo_run`
+fixture in conftest.py, shared with the console-script smoke test), and the README's copy of its
+verdict, which must be what a fresh run prints."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,17 +11,6 @@ import pytest
 from mergeaudit.demo import README_BEGIN, README_END, readme_block, verdict_block, with_readme_block
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("demo")
-    t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "mergeaudit.cli", "demo", "--workdir", str(workdir)],
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    print(f"mergeaudit demo took {time.perf_counter() - t0:.0f} s")
-    return workdir, out.stdout
 
 
 def test_demo_audits_the_shipped_experts(demo_run):
