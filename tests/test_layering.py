@@ -141,7 +141,7 @@ def test_nothing_imports_the_orchestration_layer_by_a_generic_top_level_name():
 def test_the_orchestration_layer_is_installed_under_mergeaudit_only():
     for package in ORCHESTRATION:
         assert importlib.util.find_spec(package) is not None, package
-    code = f"import importlib.util, json; print(json.dumps([n for n in {list(GENERIC)!r} if importlib.util.find_spec(n)]))"
+    code = f"import importlib.util as u, json; print(json.dumps([n for n in {list(GENERIC)!r} if u.find_spec(n)]))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
     assert json.loads(out.stdout) == [], "generic top-level packages are installed"
 
@@ -159,7 +159,8 @@ def loaded_after_importing(packages: list[str], watched: list[str], skip: tuple[
         "            walk(importlib.import_module(m.name))\n"
         f"for name in {packages!r}:\n"
         "    walk(importlib.import_module(name))\n"
-        f"print(json.dumps(sorted({{w for w in {watched!r} for m in sys.modules if m == w or m.startswith(w + '.')}})))\n"
+        f"watched = {watched!r}\n"
+        "print(json.dumps(sorted({w for w in watched for m in sys.modules if m == w or m.startswith(w + '.')})))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0, out.stderr[-3000:]
