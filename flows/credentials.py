@@ -19,7 +19,7 @@ import prefect_aws  # noqa: F401 - registers the aws-credentials and minio-crede
 from prefect.blocks.core import Block
 
 from mergeaudit import store
-from mergeaudit.config import StorageSpec
+from mergeaudit.checkpoint.settings import StorageSettings
 from mergeaudit.errors import ConfigError
 
 
@@ -53,7 +53,7 @@ def s3_credentials_from_block(slug: str) -> store.S3Credentials:
 
 
 @contextlib.contextmanager
-def use_storage_credentials(storage: StorageSpec) -> Iterator[None]:
+def use_storage_credentials(storage: StorageSettings) -> Iterator[None]:
     """Inside the block, the store reads S3 with the configured block's credentials (the AWS
     environment without one): in this flow run and the task runs it starts, not in other flow
     runs of the process."""

@@ -14,13 +14,14 @@ from prefect.runtime import flow_run
 
 from mergeaudit.audit import Candidate, EvaluationRecord
 from mergeaudit.checkpoint import reads
-from mergeaudit.config import EvalSpec, StorageSpec
+from mergeaudit.checkpoint.settings import StorageSettings
+from mergeaudit.evaluation.settings import EvalSettings
 from mergeaudit.flows.credentials import use_storage_credentials
 from mergeaudit.tasks.audit import evaluate_candidate
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate(candidate: Candidate, evaluation: EvalSpec, storage: StorageSpec, results_uri: str) -> EvaluationRecord:
+def evaluate(candidate: Candidate, evaluation: EvalSettings, storage: StorageSettings, results_uri: str) -> EvaluationRecord:
     """Evaluate one merge, probe or checkpoint candidate and store its scores and samples."""
     with use_storage_credentials(storage):  # this run's S3 credentials, not the process's
         record = evaluate_candidate(candidate, evaluation, storage, results_uri)

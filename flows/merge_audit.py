@@ -1,6 +1,7 @@
 """The merge audit flow, as a list of stages:
-resolve checkpoints (and series steps) -> Fisher -> geometry -> plan candidates -> evaluate -> tables (committed,
-with the regression check against the previous run of this audit) -> report -> artifacts.
+preflight (checkpoints, series steps and strategies checked against the headers) -> Fisher -> geometry
+-> plan candidates -> evaluate -> tables (committed, with the regression check against the previous
+run of this audit) -> report -> artifacts.
 
 A candidate whose evaluation fails for good does not stop the others: the run commits its
 tables with the failure recorded, publishes the report, and then ends Failed with a summary,
@@ -46,7 +47,7 @@ from mergeaudit.tasks.audit import (
     evaluate_candidate,
     finish_run,
     plan_candidates,
-    resolve_checkpoints,
+    preflight,
 )
 
 STAGES = ["resolve", "fisher", "geometry", "plan", "evaluate", "tables", "report"]
@@ -66,7 +67,7 @@ def merge_audit(
         started_at = dt.datetime.now(dt.timezone.utc)
         progress = audit_progress(config)
         progress.stage("resolve")
-        records = resolve_checkpoints(config)
+        records = preflight(config)
         progress.stage("fisher")
         fisher_uris = {name: estimate_fisher(config, records, name) for name in audit.fisher_models(config)}
         progress.stage("geometry")

@@ -229,7 +229,7 @@ def test_only_gpu_evaluations_take_a_gpu_slot(monkeypatch, device, takes_slot):
     """A CPU evaluation holds no GPU, so it asks for no `gpu` slot (the request alone cost ~2 s
     per candidate); a CUDA one takes its slot before anything is evaluated."""
     from mergeaudit import audit
-    from mergeaudit.config import EvalSpec
+    from mergeaudit.evaluation.settings import EvalSettings
     from mergeaudit.tasks import audit as audit_tasks
 
     calls = []
@@ -246,5 +246,5 @@ def test_only_gpu_evaluations_take_a_gpu_slot(monkeypatch, device, takes_slot):
 
     monkeypatch.setattr(audit_tasks, "concurrency", Slot)
     monkeypatch.setattr(audit, "evaluate_to_store", lambda *a: calls.append("evaluated") or "record")
-    assert audit_tasks.evaluate_candidate.fn(None, EvalSpec(device=device), None, "mem://r") == "record"
+    assert audit_tasks.evaluate_candidate.fn(None, EvalSettings(device=device), None, "mem://r") == "record"
     assert calls == ([("gpu",), "evaluated"] if takes_slot else ["evaluated"])
