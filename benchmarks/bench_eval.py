@@ -71,8 +71,10 @@ def main() -> None:
 
     HFLM._model_generate = timed
     tasks = ["mergeaudit_add2", "mergeaudit_word_problems"]
-    print(f"model: {params / 1e6:.1f}M parameters, {torch.get_num_threads()} threads; tasks {', '.join(tasks)}; "
-          f"limit {args.limit}, batch {args.batch_size}")
+    print(
+        f"model: {params / 1e6:.1f}M parameters, {torch.get_num_threads()} threads; tasks {', '.join(tasks)}; "
+        f"limit {args.limit}, batch {args.batch_size}"
+    )
     rates = {}
     for label, extra in MODES:
         settings = EvalSettings(limit=args.limit, batch_size=args.batch_size, max_length=256, **extra)
@@ -85,8 +87,10 @@ def main() -> None:
         n = len(result.samples)
         outside = 1 - generate_seconds[0] / wall
         rates[label] = n / wall
-        print(f"[{label}] {n} samples in {wall:.2f} s: {n / wall:.1f} samples/s; "
-              f"generation {generate_seconds[0]:.2f} s, outside generation {outside:.1%} (goal < 10%)")
+        print(
+            f"[{label}] {n} samples in {wall:.2f} s: {n / wall:.1f} samples/s; "
+            f"generation {generate_seconds[0]:.2f} s, outside generation {outside:.1%} (goal < 10%)"
+        )
     if args.served:
         served(model, tok, tasks, args, rates)
 
@@ -125,9 +129,11 @@ def served(model, tok, tasks: list[str], args, rates: dict[str, float]) -> None:
                 result = run_tasks(lm, check_tasks(tasks), settings)
                 wall = time.perf_counter() - t0
                 n, busy = len(result.samples), busy_seconds(intervals)
-                print(f"[served {label}] {n} samples in {wall:.2f} s: {n / wall:.1f} samples/s "
-                      f"({n / wall / rates[label]:.2f}x in-process); requests in flight {busy:.2f} s, "
-                      f"outside generation {1 - busy / wall:.1%} (goal < 10%)")
+                print(
+                    f"[served {label}] {n} samples in {wall:.2f} s: {n / wall:.1f} samples/s "
+                    f"({n / wall / rates[label]:.2f}x in-process); requests in flight {busy:.2f} s, "
+                    f"outside generation {1 - busy / wall:.1%} (goal < 10%)"
+                )
 
 
 def time_requests(lm, intervals: list[tuple[float, float]]) -> None:

@@ -59,10 +59,12 @@ MODES = ("read", "geometry", "geometry_no_elect", "spectral", "spectral_no_princ
 def settings_for(mode: str):
     from mergeaudit.geometry import GeometrySettings
 
-    return {"geometry": GeometrySettings(spectral=False),
-            "geometry_no_elect": GeometrySettings(spectral=False, elected_sign=False),
-            "spectral": GeometrySettings(),
-            "spectral_no_principal": GeometrySettings(principal_alpha=None)}[mode]
+    return {
+        "geometry": GeometrySettings(spectral=False),
+        "geometry_no_elect": GeometrySettings(spectral=False, elected_sign=False),
+        "spectral": GeometrySettings(),
+        "spectral_no_principal": GeometrySettings(principal_alpha=None),
+    }[mode]
 
 
 def worker(mode: str, root: str, models: str) -> dict:
@@ -96,8 +98,13 @@ def worker(mode: str, root: str, models: str) -> dict:
         models = {m: Checkpoint.open(store.join(root, m)) for m in names}
         compute_geometry(base, models, settings=settings_for(mode))
         nbytes = base.nbytes + sum(m.nbytes for m in models.values())
-    return {"mode": mode, "bytes": nbytes, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
-            "kernel_load_s": warm}
+    return {
+        "mode": mode,
+        "bytes": nbytes,
+        "seconds": time.perf_counter() - t0,
+        "peak_rss_mb": peak_rss_mb(),
+        "kernel_load_s": warm,
+    }
 
 
 def build(root: str, gib: float) -> int:
@@ -134,13 +141,20 @@ def qwen_shapes() -> list[tuple[str, tuple[int, ...]]]:
     shapes = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(24):
         p = f"model.layers.{i}."
-        shapes += [(p + "self_attn.q_proj.weight", (hidden, hidden)), (p + "self_attn.q_proj.bias", (hidden,)),
-                   (p + "self_attn.k_proj.weight", (kv, hidden)), (p + "self_attn.k_proj.bias", (kv,)),
-                   (p + "self_attn.v_proj.weight", (kv, hidden)), (p + "self_attn.v_proj.bias", (kv,)),
-                   (p + "self_attn.o_proj.weight", (hidden, hidden)),
-                   (p + "mlp.gate_proj.weight", (inter, hidden)), (p + "mlp.up_proj.weight", (inter, hidden)),
-                   (p + "mlp.down_proj.weight", (hidden, inter)),
-                   (p + "input_layernorm.weight", (hidden,)), (p + "post_attention_layernorm.weight", (hidden,))]
+        shapes += [
+            (p + "self_attn.q_proj.weight", (hidden, hidden)),
+            (p + "self_attn.q_proj.bias", (hidden,)),
+            (p + "self_attn.k_proj.weight", (kv, hidden)),
+            (p + "self_attn.k_proj.bias", (kv,)),
+            (p + "self_attn.v_proj.weight", (kv, hidden)),
+            (p + "self_attn.v_proj.bias", (kv,)),
+            (p + "self_attn.o_proj.weight", (hidden, hidden)),
+            (p + "mlp.gate_proj.weight", (inter, hidden)),
+            (p + "mlp.up_proj.weight", (inter, hidden)),
+            (p + "mlp.down_proj.weight", (hidden, inter)),
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+        ]
     return shapes + [("model.norm.weight", (hidden,))]
 
 
@@ -153,7 +167,7 @@ def build_qwen(root: str) -> int:
     writers = {m: CheckpointWriter(os.path.join(root, m), config=cfg) for m in ("base", *QWEN_MODELS)}
     g = torch.Generator().manual_seed(0)
     for name, shape in qwen_shapes():
-        t = (torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=g) * 0.02)
+        t = torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=g) * 0.02
         t = t.to(torch.bfloat16)
         writers["base"].add(name, t)
         for m in QWEN_MODELS:
@@ -164,8 +178,13 @@ def build_qwen(root: str) -> int:
 
 
 def run_worker(mode: str, root: str, models: tuple[str, ...], env: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", mode, root, ",".join(models)], env=env,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", mode, root, ",".join(models)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -177,23 +196,31 @@ def measure(where: str, root: str, models: tuple[str, ...], repeat: int, env: di
             if mode not in best or r["seconds"] < best[mode]["seconds"]:
                 best[mode] = r
     rd, geo = best["read"], best["geometry"]
-    print(f"[{where}] read {rd['seconds']:.2f} s ({rd['bytes'] / rd['seconds'] / 2**20:.0f} MiB/s)  "
-          f"geometry {geo['seconds']:.2f} s ({geo['bytes'] / geo['seconds'] / 2**20:.0f} MiB/s)  "
-          f"ratio {rd['seconds'] / geo['seconds']:.2f} (goal >= 0.5)  "
-          f"peak RSS geometry {geo['peak_rss_mb']:.0f} MB (read {rd['peak_rss_mb']:.0f} MB); "
-          f"once per process: {geo['kernel_load_s']:.2f} s to load the compiled kernels")
+    print(
+        f"[{where}] read {rd['seconds']:.2f} s ({rd['bytes'] / rd['seconds'] / 2**20:.0f} MiB/s)  "
+        f"geometry {geo['seconds']:.2f} s ({geo['bytes'] / geo['seconds'] / 2**20:.0f} MiB/s)  "
+        f"ratio {rd['seconds'] / geo['seconds']:.2f} (goal >= 0.5)  "
+        f"peak RSS geometry {geo['peak_rss_mb']:.0f} MB (read {rd['peak_rss_mb']:.0f} MB); "
+        f"once per process: {geo['kernel_load_s']:.2f} s to load the compiled kernels"
+    )
     if "geometry_no_elect" in best:
         ne = best["geometry_no_elect"]
-        print(f"[{where}] elected-sign disagreement: +{geo['seconds'] - ne['seconds']:.2f} s "
-              f"(geometry without it {ne['seconds']:.2f} s, ratio {rd['seconds'] / ne['seconds']:.2f})")
+        print(
+            f"[{where}] elected-sign disagreement: +{geo['seconds'] - ne['seconds']:.2f} s "
+            f"(geometry without it {ne['seconds']:.2f} s, ratio {rd['seconds'] / ne['seconds']:.2f})"
+        )
     if "spectral" in best:
         spec = best["spectral"]
-        print(f"[{where}] whole stage with spectral figures {spec['seconds']:.2f} s: "
-              f"+{spec['seconds'] - geo['seconds']:.2f} s over geometry, peak RSS {spec['peak_rss_mb']:.0f} MB")
+        print(
+            f"[{where}] whole stage with spectral figures {spec['seconds']:.2f} s: "
+            f"+{spec['seconds'] - geo['seconds']:.2f} s over geometry, peak RSS {spec['peak_rss_mb']:.0f} MB"
+        )
     if "spectral_no_principal" in best:
         sp, np_ = best["spectral"], best["spectral_no_principal"]
-        print(f"[{where}] principal-weight overlap: +{sp['seconds'] - np_['seconds']:.2f} s "
-              f"(spectral without it {np_['seconds']:.2f} s)")
+        print(
+            f"[{where}] principal-weight overlap: +{sp['seconds'] - np_['seconds']:.2f} s "
+            f"(spectral without it {np_['seconds']:.2f} s)"
+        )
 
 
 def accuracy() -> None:
@@ -204,8 +231,16 @@ def accuracy() -> None:
     from mergeaudit.geometry.settings import GeometrySettings
     from mergeaudit.geometry.spectral import spectral_figures
 
-    keys = ("energy_topk", "energy_topk_left", "energy_topk_right", "angle_left_max_deg", "angle_left_mean_deg",
-            "angle_right_max_deg", "angle_right_mean_deg", "spectral_drift")
+    keys = (
+        "energy_topk",
+        "energy_topk_left",
+        "energy_topk_right",
+        "angle_left_max_deg",
+        "angle_left_mean_deg",
+        "angle_right_max_deg",
+        "angle_right_mean_deg",
+        "spectral_drift",
+    )
     exact_settings = GeometrySettings(exact_max_dim=1 << 30, exact_max_cost=1 << 62)
     for shape in ((896, 896), (4864, 896)):
         worst = dict.fromkeys(keys, 0.0)
@@ -225,10 +260,12 @@ def accuracy() -> None:
             t2 = time.perf_counter()
             for k in keys:
                 worst[k] = max(worst[k], abs(rd[k] - ex[k]))
-        print(f"accuracy {shape}: randomized ({rd['spectral_method']}, k={rd['topk']}) vs exact, worst of 3 seeds: "
-              + ", ".join(f"{k} {worst[k]:.2g}" for k in keys)
-              + f"; exact angles {ex['angle_left_max_deg']:.3f} deg max; "
-              + f"{t1 - t0:.2f} s exact, {t2 - t1:.2f} s randomized")
+        print(
+            f"accuracy {shape}: randomized ({rd['spectral_method']}, k={rd['topk']}) vs exact, worst of 3 seeds: "
+            + ", ".join(f"{k} {worst[k]:.2g}" for k in keys)
+            + f"; exact angles {ex['angle_left_max_deg']:.3f} deg max; "
+            + f"{t1 - t0:.2f} s exact, {t2 - t1:.2f} s randomized"
+        )
 
 
 def main() -> None:
@@ -254,9 +291,11 @@ def main() -> None:
         t0 = time.perf_counter()
         largest = build_qwen(workdir) if args.family == "qwen2-0.5b" else build(workdir, args.gib)
         total = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(workdir) for f in fs)
-        print(f"synthetic set ({args.family}): base + {len(models)} fine-tunes, {total / 2**30:.2f} GiB, "
-              f"largest tensor {largest / 2**20:.0f} MiB, {os.cpu_count()} cores; built in "
-              f"{time.perf_counter() - t0:.0f} s; best of {args.repeat}")
+        print(
+            f"synthetic set ({args.family}): base + {len(models)} fine-tunes, {total / 2**30:.2f} GiB, "
+            f"largest tensor {largest / 2**20:.0f} MiB, {os.cpu_count()} cores; built in "
+            f"{time.perf_counter() - t0:.0f} s; best of {args.repeat}"
+        )
         # the Qwen2-0.5B-shaped family: the stage's totals (each spectral mode takes minutes)
         modes = ("read", "geometry", "spectral") if args.family == "qwen2-0.5b" else MODES
         if args.no_spectral:
@@ -266,8 +305,12 @@ def main() -> None:
             import boto3
 
             proc, endpoint = start_moto()
-            env.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                       AWS_ENDPOINT_URL_S3=endpoint)
+            env.update(
+                AWS_ACCESS_KEY_ID="bench",
+                AWS_SECRET_ACCESS_KEY="bench",
+                AWS_DEFAULT_REGION="us-east-1",
+                AWS_ENDPOINT_URL_S3=endpoint,
+            )
             os.environ.update(env)
             try:
                 from mergeaudit import store

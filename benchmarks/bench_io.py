@@ -74,8 +74,15 @@ def worker(mode: str, where: str, uri: str) -> dict:
             nbytes += tensor.numel() * tensor.element_size()
             checksum += int(touch(tensor.reshape(-1).view(torch.uint8)))
     seconds = time.perf_counter() - t0
-    return {"mode": mode, "where": where, "bytes": nbytes, "seconds": seconds, "checksum": checksum,
-            "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss0}
+    return {
+        "mode": mode,
+        "where": where,
+        "bytes": nbytes,
+        "seconds": seconds,
+        "checksum": checksum,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_before_mb": rss0,
+    }
 
 
 def build(workdir: str, gib: float) -> tuple[str, int]:
@@ -97,8 +104,11 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
@@ -110,8 +120,9 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 
 
 def run_worker(mode: str, where: str, uri: str, env: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", mode, where, uri], env=env,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", mode, where, uri], env=env, capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -130,8 +141,9 @@ def main() -> None:
     env = dict(os.environ, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     proc, endpoint = start_moto()
     env["AWS_ENDPOINT_URL_S3"] = endpoint
-    os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-                                           "AWS_ENDPOINT_URL_S3")})
+    os.environ.update(
+        {k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3")}
+    )
     try:
         import boto3
 
@@ -143,9 +155,11 @@ def main() -> None:
         for name, fi in store.list_files(local).items():
             store.locate(remote).fs.put_file(fi.uri, f"{BUCKET}/synthetic/{name}")
         total = sum(fi.size for fi in store.list_files(local).values() if fi.uri.endswith(".safetensors"))
-        print(f"synthetic checkpoint: {total / 2**30:.2f} GiB in "
-              f"{sum(1 for n in store.list_files(local) if n.endswith('.safetensors'))} shards, "
-              f"largest tensor {largest / 2**20:.0f} MiB; best of {args.repeat} runs each")
+        print(
+            f"synthetic checkpoint: {total / 2**30:.2f} GiB in "
+            f"{sum(1 for n in store.list_files(local) if n.endswith('.safetensors'))} shards, "
+            f"largest tensor {largest / 2**20:.0f} MiB; best of {args.repeat} runs each"
+        )
         goal_rss = 3 * largest / 2**20 + 300
         for where, uri in (("local", local), ("s3", remote)):
             best = {}
@@ -156,11 +170,13 @@ def main() -> None:
                     if mode not in best or r["seconds"] < best[mode]["seconds"]:
                         best[mode] = {**r, "peak_rss_mb": max(r["peak_rss_mb"], best.get(mode, r)["peak_rss_mb"])}
             b, s = best["baseline"], best["stream"]
-            print(f"[{where}] baseline {b['bytes'] / b['seconds'] / 2**20:7.0f} MiB/s  "
-                  f"stream {s['bytes'] / s['seconds'] / 2**20:7.0f} MiB/s  "
-                  f"ratio {b['seconds'] / s['seconds']:.2f} (goal >= 0.8)  "
-                  f"peak RSS stream {s['peak_rss_mb']:.0f} MB, baseline {b['peak_rss_mb']:.0f} MB "
-                  f"(goal <= {goal_rss:.0f} MB)")
+            print(
+                f"[{where}] baseline {b['bytes'] / b['seconds'] / 2**20:7.0f} MiB/s  "
+                f"stream {s['bytes'] / s['seconds'] / 2**20:7.0f} MiB/s  "
+                f"ratio {b['seconds'] / s['seconds']:.2f} (goal >= 0.8)  "
+                f"peak RSS stream {s['peak_rss_mb']:.0f} MB, baseline {b['peak_rss_mb']:.0f} MB "
+                f"(goal <= {goal_rss:.0f} MB)"
+            )
     finally:
         proc.terminate()
         proc.wait()

@@ -49,9 +49,9 @@ def worker(tool: str, config: str, out: str, device: str) -> dict:
 
 
 SIZES = {  # name: (hidden, intermediate, layers); vocab 32000, untied head
-    "small": (1024, 2816, 8),     # 0.16 GB per checkpoint (80M parameters)
-    "default": (2048, 5632, 8),   # 0.98 GB
-    "large": (2048, 5632, 24),    # 2.6 GB
+    "small": (1024, 2816, 8),  # 0.16 GB per checkpoint (80M parameters)
+    "default": (2048, 5632, 8),  # 0.98 GB
+    "large": (2048, 5632, 24),  # 2.6 GB
 }
 
 
@@ -62,8 +62,15 @@ def build(root: str, size: str, layers: int | None = None) -> tuple[list[str], i
     from mergeaudit.checkpoint import CheckpointWriter
 
     hidden, inter, n_layers = SIZES[size]
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers or n_layers,
-                      num_attention_heads=16, num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers or n_layers,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    )
     with torch.device("meta"):
         shapes = {n: tuple(t.shape) for n, t in LlamaForCausalLM(cfg).state_dict().items()}
     config = {**cfg.to_dict(), "dtype": "bfloat16", "architectures": ["LlamaForCausalLM"]}
@@ -107,8 +114,10 @@ def tie_cost(fts: list[str], base: str, density: float) -> None:
             fast = steps.sparsify_magnitude(delta, density)
             straddled += int(not torch.equal(kept, fast) or _ties_at_threshold(delta, density))
             total += 1
-    print(f"tie-exact selection: {times[True]:.2f} s vs {times[False]:.2f} s by index ({total} deltas, "
-          f"{straddled} with equal magnitudes straddling the threshold)")
+    print(
+        f"tie-exact selection: {times[True]:.2f} s vs {times[False]:.2f} s by index ({total} deltas, "
+        f"{straddled} with equal magnitudes straddling the threshold)"
+    )
 
 
 def _ties_at_threshold(delta, density: float) -> bool:
@@ -122,8 +131,9 @@ def _ties_at_threshold(delta, density: float) -> bool:
 
 
 def run_worker(tool: str, config: str, out: str, device: str) -> dict:
-    res = subprocess.run([sys.executable, __file__, "--worker", tool, config, out, device],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, __file__, "--worker", tool, config, out, device], capture_output=True, text=True
+    )
     if res.returncode != 0:
         raise SystemExit(f"{tool} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -152,7 +162,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(*args.worker)))
         return
-    for size in (list(SIZES) if args.size == "all" else args.size.split(",")):
+    for size in list(SIZES) if args.size == "all" else args.size.split(","):
         bench(size, args)
 
 
@@ -162,25 +172,41 @@ def bench(size: str, args: argparse.Namespace) -> None:
         (base, *fts), nbytes = build(root, size, args.layers)
         config = os.path.join(root, "ties.yaml")
         with open(config, "w") as fh:
-            yaml.safe_dump({"merge_method": "ties", "base_model": base, "dtype": "float32", "out_dtype": "bfloat16",
-                            "parameters": {"density": 0.3, "weight": 1.0},
-                            "models": [{"model": m} for m in fts]}, fh)
+            yaml.safe_dump(
+                {
+                    "merge_method": "ties",
+                    "base_model": base,
+                    "dtype": "float32",
+                    "out_dtype": "bfloat16",
+                    "parameters": {"density": 0.3, "weight": 1.0},
+                    "models": [{"model": m} for m in fts],
+                },
+                fh,
+            )
         moved = 5 * nbytes  # four inputs read, one output written
-        print(f"[{size}] synthetic bf16 Llama: {nbytes / 1e9:.2f} GB per checkpoint, base + 3 fine-tunes; "
-              f"TIES density 0.3, fp32 compute, bf16 out; {os.cpu_count()} cores, device {args.device}")
+        print(
+            f"[{size}] synthetic bf16 Llama: {nbytes / 1e9:.2f} GB per checkpoint, base + 3 fine-tunes; "
+            f"TIES density 0.3, fp32 compute, bf16 out; {os.cpu_count()} cores, device {args.device}"
+        )
         ours = run_worker("mergeaudit", config, os.path.join(root, "out_ours"), args.device)
-        print(f"mergeaudit {ours['seconds']:6.1f} s  peak RSS {ours['peak_rss_mb']:6.0f} MB  "
-              f"{moved / ours['seconds'] / 1e9:.2f} GB/s of bytes read + written")
+        print(
+            f"mergeaudit {ours['seconds']:6.1f} s  peak RSS {ours['peak_rss_mb']:6.0f} MB  "
+            f"{moved / ours['seconds'] / 1e9:.2f} GB/s of bytes read + written"
+        )
         if args.tie_cost:
             tie_cost(fts, base, density=0.05)  # below the 10% of changed entries: a real threshold
         if not args.skip_mergekit:
             theirs = run_worker("mergekit", config, os.path.join(root, "out_mergekit"), args.device)
-            print(f"mergekit   {theirs['seconds']:6.1f} s  peak RSS {theirs['peak_rss_mb']:6.0f} MB  "
-                  f"{moved / theirs['seconds'] / 1e9:.2f} GB/s")
-            print(f"ratio mergeaudit/mergekit: wall {ours['seconds'] / theirs['seconds']:.2f} (goal <= 0.5), "
-                  f"peak RSS {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f} (goal <= 1.0); "
-                  f"max |difference| of the outputs "
-                  f"{compare(os.path.join(root, 'out_ours'), os.path.join(root, 'out_mergekit')):.2e}")
+            print(
+                f"mergekit   {theirs['seconds']:6.1f} s  peak RSS {theirs['peak_rss_mb']:6.0f} MB  "
+                f"{moved / theirs['seconds'] / 1e9:.2f} GB/s"
+            )
+            print(
+                f"ratio mergeaudit/mergekit: wall {ours['seconds'] / theirs['seconds']:.2f} (goal <= 0.5), "
+                f"peak RSS {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f} (goal <= 1.0); "
+                f"max |difference| of the outputs "
+                f"{compare(os.path.join(root, 'out_ours'), os.path.join(root, 'out_mergekit')):.2e}"
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -61,9 +61,16 @@ def build_family(root: Path, size: str) -> dict[str, str]:
     from mergeaudit.checkpoint import Checkpoint, CheckpointWriter
 
     vocab, hidden, inter, layers, heads, kv = SIZES[size]
-    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=True,
-                         max_position_embeddings=4096)
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+    )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(root / "base")
@@ -88,8 +95,10 @@ def h2d(device) -> dict:
         return emit("h2d", pinned_gbps=None, pageable_gbps=None, note="no CUDA device")
     n = 1 << 30
     out = {}
-    for label, host in (("pinned", torch.empty(n, dtype=torch.uint8, pin_memory=True)),
-                        ("pageable", torch.empty(n, dtype=torch.uint8))):
+    for label, host in (
+        ("pinned", torch.empty(n, dtype=torch.uint8, pin_memory=True)),
+        ("pageable", torch.empty(n, dtype=torch.uint8)),
+    ):
         dev = torch.empty(n, dtype=torch.uint8, device=device)
         best = float("inf")
         for _ in range(3):
@@ -118,9 +127,13 @@ def merge(uris: dict[str, str], device, pinned_gbps: float | None) -> dict:
 
     from mergeaudit.merging.executor import MergePlan, ModelRef, prepare
 
-    plan = MergePlan(method="ties", base=ModelRef(id="base", uri=uris["base"]),
-                     models=[ModelRef(id=m, uri=uris[m]) for m in EXPERTS],
-                     parameters={"density": 0.3, "weight": 1.0}, device=str(device))
+    plan = MergePlan(
+        method="ties",
+        base=ModelRef(id="base", uri=uris["base"]),
+        models=[ModelRef(id=m, uri=uris[m]) for m in EXPERTS],
+        parameters={"density": 0.3, "weight": 1.0},
+        device=str(device),
+    )
     prepared = prepare(plan)
     nbytes = sum(ck.nbytes for ck in [prepared.base, *prepared.models])
     t0 = time.perf_counter()
@@ -130,10 +143,17 @@ def merge(uris: dict[str, str], device, pinned_gbps: float | None) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     gbps = nbytes / seconds / 1e9
-    return emit("merge", method="ties", experts=len(EXPERTS), input_gb=round(nbytes / 1e9, 3),
-                seconds=round(seconds, 2), gbps=round(gbps, 2),
-                ratio_to_pinned=round(gbps / pinned_gbps, 3) if pinned_gbps else None, goal=">= 0.7",
-                peak_gpu_gb=peak_gb(device))
+    return emit(
+        "merge",
+        method="ties",
+        experts=len(EXPERTS),
+        input_gb=round(nbytes / 1e9, 3),
+        seconds=round(seconds, 2),
+        gbps=round(gbps, 2),
+        ratio_to_pinned=round(gbps / pinned_gbps, 3) if pinned_gbps else None,
+        goal=">= 0.7",
+        peak_gpu_gb=peak_gb(device),
+    )
 
 
 def geometry(uris: dict[str, str], device) -> dict:
@@ -146,9 +166,16 @@ def geometry(uris: dict[str, str], device) -> dict:
     t0 = time.perf_counter()
     rows, pairs = compute_geometry(base, models, settings=GeometrySettings(device=str(device)))
     seconds = time.perf_counter() - t0
-    return emit("geometry", read_seconds=round(read_s, 2), read_gb=round(nbytes / 1e9, 3), seconds=round(seconds, 2),
-                ratio_read_over_geometry=round(read_s / seconds, 3), tensor_rows=len(rows), pair_rows=len(pairs),
-                peak_gpu_gb=peak_gb(device))
+    return emit(
+        "geometry",
+        read_seconds=round(read_s, 2),
+        read_gb=round(nbytes / 1e9, 3),
+        seconds=round(seconds, 2),
+        ratio_read_over_geometry=round(read_s / seconds, 3),
+        tensor_rows=len(rows),
+        pair_rows=len(pairs),
+        peak_gpu_gb=peak_gb(device),
+    )
 
 
 def generate(uri: str, device, batch: int, new_tokens: int) -> dict:
@@ -170,8 +197,15 @@ def generate(uri: str, device, batch: int, new_tokens: int) -> dict:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
     produced = (out.shape[1] - prompt.shape[1]) * batch
-    result = emit("generate", dtype=str(dtype).removeprefix("torch."), batch=batch, new_tokens=new_tokens,
-                  seconds=round(seconds, 2), tokens_per_s=round(produced / seconds, 1), peak_gpu_gb=peak_gb(device))
+    result = emit(
+        "generate",
+        dtype=str(dtype).removeprefix("torch."),
+        batch=batch,
+        new_tokens=new_tokens,
+        seconds=round(seconds, 2),
+        tokens_per_s=round(produced / seconds, 1),
+        peak_gpu_gb=peak_gb(device),
+    )
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -192,8 +226,12 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --device cpu --size tiny for a smoke test")
-    emit("machine", torch=torch.__version__, device=torch.cuda.get_device_name(device) if device.type == "cuda"
-         else "cpu", threads=torch.get_num_threads())
+    emit(
+        "machine",
+        torch=torch.__version__,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        threads=torch.get_num_threads(),
+    )
     with tempfile.TemporaryDirectory(prefix="gpu-check-", dir=args.workdir) as tmp:
         t0 = time.perf_counter()
         uris = build_family(Path(tmp), args.size)
@@ -203,8 +241,13 @@ def main() -> None:
         merged = merge(uris, device, bandwidth.get("pinned_gbps"))
         geo = geometry(uris, device)
         gen = generate(uris["base"], device, args.batch, args.new_tokens)
-    emit("summary", pinned_gbps=bandwidth.get("pinned_gbps"), merge_ratio_to_pinned=merged["ratio_to_pinned"],
-         geometry_read_ratio=geo["ratio_read_over_geometry"], generate_tokens_per_s=gen["tokens_per_s"])
+    emit(
+        "summary",
+        pinned_gbps=bandwidth.get("pinned_gbps"),
+        merge_ratio_to_pinned=merged["ratio_to_pinned"],
+        geometry_read_ratio=geo["ratio_read_over_geometry"],
+        generate_tokens_per_s=gen["tokens_per_s"],
+    )
 
 
 if __name__ == "__main__":

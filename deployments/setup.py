@@ -22,9 +22,14 @@ async def setup(gpu_slots: int, kubernetes: bool = False) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
 
-    pools = [("cpu", "process", HERE / "process-cpu.json"),
-             ("gpu", "kubernetes" if kubernetes else "process",
-              HERE / ("kubernetes-gpu.json" if kubernetes else "process-gpu.json"))]
+    pools = [
+        ("cpu", "process", HERE / "process-cpu.json"),
+        (
+            "gpu",
+            "kubernetes" if kubernetes else "process",
+            HERE / ("kubernetes-gpu.json" if kubernetes else "process-gpu.json"),
+        ),
+    ]
     async with get_client() as client:
         for name, kind, template in pools:
             await client.create_work_pool(

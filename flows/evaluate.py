@@ -21,7 +21,9 @@ from mergeaudit.tasks.audit import evaluate_candidate
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate(candidate: Candidate, evaluation: EvalSettings, storage: StorageSettings, results_uri: str) -> EvaluationRecord:
+def evaluate(
+    candidate: Candidate, evaluation: EvalSettings, storage: StorageSettings, results_uri: str
+) -> EvaluationRecord:
     """Evaluate one merge, probe or checkpoint candidate and store its scores and samples."""
     with use_storage_credentials(storage):  # this run's S3 credentials, not the process's
         record = evaluate_candidate(candidate, evaluation, storage, results_uri)

@@ -83,8 +83,9 @@ def merge_audit(
                 evaluations.append(evaluate_inline(config, c))
                 progress.finished(c.name, ok=evaluations[-1].status == "ok")
         progress.stage("tables")
-        outcome = finish_run(config, run_id, started_at, records, geometry, candidates, evaluations,
-                             store.bytes_read_since(reads_before))
+        outcome = finish_run(
+            config, run_id, started_at, records, geometry, candidates, evaluations, store.bytes_read_since(reads_before)
+        )
         progress.stage("report")
         publish_report(config, outcome)
         progress.close()
@@ -96,10 +97,14 @@ def merge_audit(
         result = outcome.model_dump(mode="json")
         problems = outcome.problems()
         if outcome.regressions and outcome.regressions.regressions:
-            emit_event(event="mergeaudit.regression",
-                       resource={"prefect.resource.id": f"mergeaudit.audit.{artifact_key(config.name, 'audit')}",
-                                 "prefect.resource.name": config.name},
-                       payload={**outcome.regressions.event_payload(), "results_uri": config.results_uri})
+            emit_event(
+                event="mergeaudit.regression",
+                resource={
+                    "prefect.resource.id": f"mergeaudit.audit.{artifact_key(config.name, 'audit')}",
+                    "prefect.resource.name": config.name,
+                },
+                payload={**outcome.regressions.event_payload(), "results_uri": config.results_uri},
+            )
         if problems:
             return Failed(message=problems, data=result)
         return result
@@ -124,17 +129,25 @@ def dispatch_evaluation(config: AuditConfig, candidate: audit.Candidate, parent:
     """Start (or, with the same idempotency key, find) the child run and wait for it."""
     child = run_deployment(
         config.evaluate_deployment,
-        parameters={"candidate": candidate.model_dump(mode="json"),
-                    "evaluation": config.evaluation.model_dump(mode="json"),
-                    "storage": config.storage.model_dump(mode="json"), "results_uri": config.results_uri},
+        parameters={
+            "candidate": candidate.model_dump(mode="json"),
+            "evaluation": config.evaluation.model_dump(mode="json"),
+            "storage": config.storage.model_dump(mode="json"),
+            "results_uri": config.results_uri,
+        },
         idempotency_key=f"{parent}:{candidate.candidate_id}",
         flow_run_name=f"evaluate-{candidate.candidate_id[:12]}",
         timeout=None,
         poll_interval=2,
     )
-    return {"candidate": candidate.name, "candidate_id": candidate.candidate_id, "flow_run": str(child.id),
-            "state": child.state.type.value if child.state else None,
-            "message": child.state.message if child.state else None, "work_pool": child.work_pool_name}
+    return {
+        "candidate": candidate.name,
+        "candidate_id": candidate.candidate_id,
+        "flow_run": str(child.id),
+        "state": child.state.type.value if child.state else None,
+        "message": child.state.message if child.state else None,
+        "work_pool": child.work_pool_name,
+    }
 
 
 def audit_progress(config: AuditConfig) -> AuditProgress:
@@ -147,8 +160,9 @@ def audit_progress(config: AuditConfig) -> AuditProgress:
         percent = round(100 * progress.fraction, 1)
         try:
             if "id" not in artifact:
-                artifact["id"] = create_progress_artifact(percent, key=artifact_key(config.name, "progress"),
-                                                          description=progress.line())
+                artifact["id"] = create_progress_artifact(
+                    percent, key=artifact_key(config.name, "progress"), description=progress.line()
+                )
             else:
                 update_progress_artifact(artifact["id"], percent, description=progress.line())
         except Exception as exc:  # noqa: BLE001 - the display never fails a run
@@ -157,8 +171,9 @@ def audit_progress(config: AuditConfig) -> AuditProgress:
     return AuditProgress(STAGES, on_change=publish, emit=logger.info)
 
 
-def evaluate_on_pool(config: AuditConfig, candidates: list[audit.Candidate],
-                     progress: AuditProgress | None = None) -> list[audit.EvaluationRecord]:
+def evaluate_on_pool(
+    config: AuditConfig, candidates: list[audit.Candidate], progress: AuditProgress | None = None
+) -> list[audit.EvaluationRecord]:
     """One `evaluate` run per candidate on the GPU pool, concurrently. Every child's final
     state is checked: a child that did not complete becomes a failed record naming its flow run
     (the audit then ends Failed with one line per failed child, after writing the rest)."""
@@ -175,11 +190,15 @@ def evaluate_on_pool(config: AuditConfig, candidates: list[audit.Candidate],
     for cand, child in zip(candidates, children):
         if child["state"] == StateType.COMPLETED.value:
             record = audit.stored_evaluation(cand, config.evaluation, config.results_uri)
-            out.append(record.model_copy(update=reads.load_report(reads.report_uri(config.results_uri,
-                                                                                   child["flow_run"]))))
+            out.append(
+                record.model_copy(update=reads.load_report(reads.report_uri(config.results_uri, child["flow_run"])))
+            )
         else:
-            out.append(audit.failed_evaluation(
-                cand, f"evaluate run {child['flow_run']} ended {child['state']}: {child['message'] or ''}"))
+            out.append(
+                audit.failed_evaluation(
+                    cand, f"evaluate run {child['flow_run']} ended {child['state']}: {child['message'] or ''}"
+                )
+            )
     return out
 
 
@@ -197,8 +216,14 @@ def publish_report(config: AuditConfig, outcome: audit.RunOutcome) -> str:
     content = report.build_content(data)
     uri = store.join(config.results_uri, "reports", f"{outcome.run_id}.html")
     store.write_bytes(uri, report.render_html(data, content).encode())
-    create_markdown_artifact(report.render_markdown(data, content), key=artifact_key(config.name, "report"),
-                             description=f"merge audit {config.name}, run {outcome.run_id}; HTML: {uri}")
-    create_table_artifact([r.model_dump() for r in outcome.summary], key=artifact_key(config.name, "leaderboard"),
-                          description=f"candidates of run {outcome.run_id}, best first")
+    create_markdown_artifact(
+        report.render_markdown(data, content),
+        key=artifact_key(config.name, "report"),
+        description=f"merge audit {config.name}, run {outcome.run_id}; HTML: {uri}",
+    )
+    create_table_artifact(
+        [r.model_dump() for r in outcome.summary],
+        key=artifact_key(config.name, "leaderboard"),
+        description=f"candidates of run {outcome.run_id}, best first",
+    )
     return uri

@@ -20,16 +20,17 @@ def announce(landed: watch.Landed) -> None:
     with it too."""
     emit_event(
         event=watch.EVENT,
-        resource={"prefect.resource.id": f"mergeaudit.checkpoint.{landed.fingerprint}",
-                  "prefect.resource.name": landed.name},
+        resource={
+            "prefect.resource.id": f"mergeaudit.checkpoint.{landed.fingerprint}",
+            "prefect.resource.name": landed.name,
+        },
         payload=landed.payload(),
         id=landed.event_id,
     )
 
 
 @flow(name="watch-checkpoints", persist_result=True)
-def watch_checkpoints(prefixes: list[str], state_uri: str, marker: str | None = None,
-                      kind: str = "rlvr") -> list[dict]:
+def watch_checkpoints(prefixes: list[str], state_uri: str, marker: str | None = None, kind: str = "rlvr") -> list[dict]:
     """Emit one event per newly complete checkpoint; returns what was announced."""
     log = get_run_logger()
     announced = []

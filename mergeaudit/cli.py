@@ -96,10 +96,17 @@ def cmd_vacuum(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     from mergeaudit.merging import REGISTRY
 
-    rows = [{"method": m.name, "base": m.base, "models": f"{m.min_models}-{m.max_models or 'n'}",
-             "random": "yes" if m.stochastic else "",
-             "parameters": ", ".join(f.alias or n for n, f in m.params.model_fields.items()),
-             "reference": m.reference} for m in REGISTRY.methods()]
+    rows = [
+        {
+            "method": m.name,
+            "base": m.base,
+            "models": f"{m.min_models}-{m.max_models or 'n'}",
+            "random": "yes" if m.stochastic else "",
+            "parameters": ", ".join(f.alias or n for n, f in m.params.model_fields.items()),
+            "reference": m.reference,
+        }
+        for m in REGISTRY.methods()
+    ]
     print(format_table(rows))
     return 0
 
@@ -176,12 +183,28 @@ def cmd_geometry(args: argparse.Namespace) -> int:
         kinds[name] = CheckpointSpec(name=name, uri=models[name], kind=kind).kind
     settings = settings_from_args(GeometrySettings, args, GEOMETRY_OPTIONS)
     run_id, files, tensor_rows, pair_rows = geometry_run(args.base, models, kinds, settings, args.out)
-    summary = [{"model": r["model"], "kind": r["kind"], "sparsity_bf16": r["sparsity_bf16"],
-                "sparsity_rel": r["sparsity_rel"], "rel_update_norm": r["rel_update_norm"]}
-               for r in tensor_rows if r["scope"] == "model"]
-    pairs = [{"pair": f"{r['model_a']}~{r['model_b']}", "overlap_of_a_lift": r["overlap_of_a_lift"],
-              "jaccard_lift": r["jaccard_lift"], "sign_conflicts": r["sign_conflict_rate"], "cosine": r["cosine"]}
-             for r in pair_rows if r["scope"] == "global"]
+    summary = [
+        {
+            "model": r["model"],
+            "kind": r["kind"],
+            "sparsity_bf16": r["sparsity_bf16"],
+            "sparsity_rel": r["sparsity_rel"],
+            "rel_update_norm": r["rel_update_norm"],
+        }
+        for r in tensor_rows
+        if r["scope"] == "model"
+    ]
+    pairs = [
+        {
+            "pair": f"{r['model_a']}~{r['model_b']}",
+            "overlap_of_a_lift": r["overlap_of_a_lift"],
+            "jaccard_lift": r["jaccard_lift"],
+            "sign_conflicts": r["sign_conflict_rate"],
+            "cosine": r["cosine"],
+        }
+        for r in pair_rows
+        if r["scope"] == "global"
+    ]
     print(format_table(summary))
     for note in not_compared(tensor_rows):
         print(note)
@@ -199,19 +222,23 @@ def cmd_merge(args: argparse.Namespace) -> int:
     plan = load_mergekit_config(args.config, seed=args.seed, device=args.device)
     if args.fisher:
         plan = plan.model_copy(update={"fisher": dict(parse_models(args.fisher))})
-    report = run_merge(plan, args.out, max_shard_bytes=args.max_shard_bytes, overwrite=args.overwrite,
-                       protect=[args.config])
-    print(f"merged {plan.method} of {len(plan.models)} models into {args.out}: "
-          f"{len(report['tensors'])} tensors, {report['erased_fraction']:.2%} of the merged update erased by "
-          f"the cast to {plan.out_dtype or 'the stored dtype'}; details in {args.out}/mergeaudit_merge.json")
+    report = run_merge(
+        plan, args.out, max_shard_bytes=args.max_shard_bytes, overwrite=args.overwrite, protect=[args.config]
+    )
+    print(
+        f"merged {plan.method} of {len(plan.models)} models into {args.out}: "
+        f"{len(report['tensors'])} tensors, {report['erased_fraction']:.2%} of the merged update erased by "
+        f"the cast to {plan.out_dtype or 'the stored dtype'}; details in {args.out}/mergeaudit_merge.json"
+    )
     return 0
 
 
 def cmd_fisher(args: argparse.Namespace) -> int:
     from mergeaudit.fisher import FisherSettings, estimate_fisher
 
-    settings = settings_from_args(FisherSettings, args, FISHER_OPTIONS, calibration=args.calibration,
-                                  cache_uri=args.out)
+    settings = settings_from_args(
+        FisherSettings, args, FISHER_OPTIONS, calibration=args.calibration, cache_uri=args.out
+    )
     print(estimate_fisher(args.model, settings))
     return 0
 
@@ -219,8 +246,10 @@ def cmd_fisher(args: argparse.Namespace) -> int:
 def cmd_discover(args: argparse.Namespace) -> int:
     from mergeaudit.checkpoint import discover
 
-    rows = [{"checkpoint": s.uri, "complete": s.complete, "fingerprint": s.fingerprint, "problem": s.problem}
-            for s in discover(args.prefix, marker=args.marker)]
+    rows = [
+        {"checkpoint": s.uri, "complete": s.complete, "fingerprint": s.fingerprint, "problem": s.problem}
+        for s in discover(args.prefix, marker=args.marker)
+    ]
     print(format_table(rows))
     return 0
 
@@ -285,15 +314,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=DEMO_WORKDIR, help=f"where the demo store lives (default {DEMO_WORKDIR})")
     p.add_argument("--quick", action="store_true", help="a few training steps only (tests; the verdict means little)")
     p.add_argument("--limit", type=int, default=None, help="evaluate this many problems per task (default: all)")
-    p.add_argument("--retrain", action="store_true",
-                   help="train the toy experts from scratch (~3 min) and say whether they match the shipped ones")
+    p.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train the toy experts from scratch (~3 min) and say whether they match the shipped ones",
+    )
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("geometry", help="update geometry of fine-tuned checkpoints against a base")
     p.add_argument("base", help="base checkpoint URI")
     p.add_argument("models", nargs="+", help="fine-tuned checkpoints: URI or NAME=URI")
     p.add_argument("--out", required=True, help="results URI for geometry_tensors and geometry_pairs")
-    p.add_argument("--kind", action="append", default=[], metavar="NAME=KIND",
-                   help="training kind of a model: rlvr, sft, base or unknown (repeatable)")
+    p.add_argument(
+        "--kind",
+        action="append",
+        default=[],
+        metavar="NAME=KIND",
+        help="training kind of a model: rlvr, sft, base or unknown (repeatable)",
+    )
     if wanted("geometry"):
         add_settings_options(p, _geometry_settings(), GEOMETRY_OPTIONS)
     p.set_defaults(func=cmd_geometry)
@@ -303,10 +340,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of the random masks (DARE, DELLA)")
     p.add_argument("--max-shard-bytes", type=int, default=None, help="shard size of the output (default 2 GiB)")
-    p.add_argument("--fisher", nargs="*", default=[], metavar="MODEL=URI",
-                   help="Fisher checkpoints of the models (for the fisher and sar methods)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace OUT when it holds a previous mergeaudit output (anything else is never replaced)")
+    p.add_argument(
+        "--fisher",
+        nargs="*",
+        default=[],
+        metavar="MODEL=URI",
+        help="Fisher checkpoints of the models (for the fisher and sar methods)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT when it holds a previous mergeaudit output (anything else is never replaced)",
+    )
     p.set_defaults(func=cmd_merge)
     p = sub.add_parser("fisher", help="estimate a model's diagonal Fisher on a calibration JSONL")
     p.add_argument("model", help="checkpoint URI")
@@ -322,11 +367,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert pickled .bin/.pt weights to safetensors (explicit opt-in)")
     p.add_argument("src", help="checkpoint folder with pytorch_model*.bin")
     p.add_argument("out", help="where to write the safetensors checkpoint")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="required: load the pickles with torch.load(weights_only=True)")
+    p.add_argument(
+        "--allow-pickle", action="store_true", help="required: load the pickles with torch.load(weights_only=True)"
+    )
     p.set_defaults(func=cmd_convert)
-    p = sub.add_parser("notify-receiver",
-                       help="turn S3/MinIO bucket notifications into mergeaudit.checkpoint.landed events")
+    p = sub.add_parser(
+        "notify-receiver", help="turn S3/MinIO bucket notifications into mergeaudit.checkpoint.landed events"
+    )
     p.add_argument("--prefix", action="append", required=True, help="watched s3:// prefix (repeatable)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8088)
@@ -336,15 +383,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_notify_receiver)
     p = sub.add_parser("query", help="run SQL (DuckDB) over the committed result tables")
     p.add_argument("results", help="results URI (path or s3://)")
-    p.add_argument("sql", help="SQL naming the tables: runs, checkpoints, geometry_tensors, geometry_pairs, "
-                               "candidates, scores, samples (each with date and run_id columns)")
+    p.add_argument(
+        "sql",
+        help="SQL naming the tables: runs, checkpoints, geometry_tensors, geometry_pairs, "
+        "candidates, scores, samples (each with date and run_id columns)",
+    )
     p.add_argument("--run", default=None, help="only this run's rows")
     p.add_argument("--max-rows", type=int, default=200)
     p.set_defaults(func=cmd_query)
     p = sub.add_parser("vacuum", help="delete files of killed or replaced writers from a results store")
     p.add_argument("results", help="results URI (path or s3://)")
-    p.add_argument("--older-than", type=float, default=6 * 3600, metavar="SECONDS",
-                   help="only files at least this old, so writes in progress survive (default 6 h)")
+    p.add_argument(
+        "--older-than",
+        type=float,
+        default=6 * 3600,
+        metavar="SECONDS",
+        help="only files at least this old, so writes in progress survive (default 6 h)",
+    )
     p.set_defaults(func=cmd_vacuum)
     p = sub.add_parser("methods", help="list the merge methods with their parameters and references")
     p.set_defaults(func=cmd_methods)
@@ -358,8 +413,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--run", default=None, help="run id (default: the latest committed run)")
     if wanted("regressions"):
         add_settings_options(p, _alarm_settings(), ALARM_OPTIONS)
-    p.add_argument("--z", type=float, default=None,
-                   help="deprecated: the one-sided level of this many standard errors (z = 2: p <= 0.023)")
+    p.add_argument(
+        "--z",
+        type=float,
+        default=None,
+        help="deprecated: the one-sided level of this many standard errors (z = 2: p <= 0.023)",
+    )
     p.set_defaults(func=cmd_regressions)
     return parser
 
@@ -386,9 +445,11 @@ def main(argv: list[str] | None = None) -> int:
         if "ephemeral Prefect API server" not in str(exc):
             raise
         setting = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
-        print(f"mergeaudit: error: Prefect's ephemeral API did not start within {os.environ.get(setting, '20')} s "
-              f"(machine busy?); raise {setting}, or set PREFECT_API_URL to a running Prefect server",
-              file=sys.stderr)
+        print(
+            f"mergeaudit: error: Prefect's ephemeral API did not start within {os.environ.get(setting, '20')} s "
+            f"(machine busy?); raise {setting}, or set PREFECT_API_URL to a running Prefect server",
+            file=sys.stderr,
+        )
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130

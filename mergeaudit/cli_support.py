@@ -18,17 +18,26 @@ def add_settings_options(parser: argparse.ArgumentParser, model, fields: tuple[s
         text = (info.description or "").rstrip(".")
         if info.annotation is bool:
             negate = default is True
-            parser.add_argument(f"--no-{name.replace('_', '-')}" if negate else flag, dest=name, default=None,
-                                action="store_false" if negate else "store_true",
-                                help=f"{'not: ' if negate else ''}{text}")
+            parser.add_argument(
+                f"--no-{name.replace('_', '-')}" if negate else flag,
+                dest=name,
+                default=None,
+                action="store_false" if negate else "store_true",
+                help=f"{'not: ' if negate else ''}{text}",
+            )
             continue
         kind = info.annotation
         if typing.get_origin(kind) is not typing.Literal:  # X | None: X
             kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
         choices = list(typing.get_args(kind)) if typing.get_origin(kind) is typing.Literal else None
-        parser.add_argument(flag, dest=name, default=None, choices=choices,
-                            type=None if choices else kind if kind in (int, float) else str,
-                            help=text + ("" if default is None else f" (default {default})"))
+        parser.add_argument(
+            flag,
+            dest=name,
+            default=None,
+            choices=choices,
+            type=None if choices else kind if kind in (int, float) else str,
+            help=text + ("" if default is None else f" (default {default})"),
+        )
 
 
 def settings_from_args(model, args: argparse.Namespace, fields: tuple[str, ...], **fixed):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from pathlib import Path  # noqa: F401 - in signatures
+from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
@@ -95,8 +95,9 @@ class StrategySpec(Frozen):
 
         method = REGISTRY.get(self.method)
         per_model = [self.model_params.get(n, {}) for n in models]
-        return any(p.uses_fisher() for point in self.points()
-                   for p in check_settings(method, point, per_model, has_base=True))
+        return any(
+            p.uses_fisher() for point in self.points() for p in check_settings(method, point, per_model, has_base=True)
+        )
 
 
 class AuditConfig(Frozen):
@@ -113,7 +114,8 @@ class AuditConfig(Frozen):
     fisher: FisherSettings | None = pydantic.Field(None, description="Needed by the fisher and sar methods.")
     probes: ProbeSettings = pydantic.Field(default_factory=ProbeSettings, description="Fragility probes.")
     series: list[SeriesSpec] = pydantic.Field(
-        default_factory=list, description="Training runs measured step by step (geometry only).")
+        default_factory=list, description="Training runs measured step by step (geometry only)."
+    )
     alarm: AlarmSettings = pydantic.Field(default_factory=AlarmSettings, description="Regression alarm.")
     routing: Literal["inline", "pools"] = pydantic.Field(
         "inline", description="inline: everything in this process; pools: evaluations as runs of evaluate_deployment."
@@ -121,8 +123,11 @@ class AuditConfig(Frozen):
     evaluate_deployment: str = pydantic.Field("evaluate/gpu", description="Deployment that evaluates one candidate.")
     score_inputs: bool = pydantic.Field(True, description="Also score the base and each fine-tune as references.")
     max_grid_points: int = pydantic.Field(
-        4096, ge=1, le=1_000_000,
-        description="Most candidates all strategies' grids may make together (each is a merge and an evaluation).")
+        4096,
+        ge=1,
+        le=1_000_000,
+        description="Most candidates all strategies' grids may make together (each is a merge and an evaluation).",
+    )
 
     @pydantic.model_validator(mode="after")
     def _cross_checks(self) -> AuditConfig:
@@ -137,10 +142,13 @@ class AuditConfig(Frozen):
         problems += self._output_problems()
         sizes = [s.grid_size() for s in self.strategies]
         if sum(sizes) > self.max_grid_points:
-            each = ", ".join(f"strategies[{i}] ({s.method}) {n}" for i, (s, n) in enumerate(zip(self.strategies, sizes))
-                             if n > 1)
-            problems.append(f"the grids make {sum(sizes)} candidates ({each}), more than max_grid_points="
-                            f"{self.max_grid_points}; shrink them or raise max_grid_points")
+            each = ", ".join(
+                f"strategies[{i}] ({s.method}) {n}" for i, (s, n) in enumerate(zip(self.strategies, sizes)) if n > 1
+            )
+            problems.append(
+                f"the grids make {sum(sizes)} candidates ({each}), more than max_grid_points="
+                f"{self.max_grid_points}; shrink them or raise max_grid_points"
+            )
         for i, strat in enumerate(self.strategies):
             if sizes[i] > self.max_grid_points:
                 continue  # too large to expand, even to check its points
@@ -163,8 +171,11 @@ class AuditConfig(Frozen):
         if clash:
             problems.append(f"series names must be unique and differ from the checkpoints': {', '.join(clash)}")
         for sp in self.series:
-            problems += [f"series {sp.name}: compare_with names unknown model {n!r}" for n in sp.compare_with or []
-                         if n not in known]
+            problems += [
+                f"series {sp.name}: compare_with names unknown model {n!r}"
+                for n in sp.compare_with or []
+                if n not in known
+            ]
         everyone = set(names)
         for p in self.probes.interpolations:
             problems += [f"probes.interpolations: unknown checkpoint {n!r}" for n in (p.a, p.b) if n not in everyone]
@@ -172,15 +183,22 @@ class AuditConfig(Frozen):
             if p.model not in known:
                 problems.append(f"probes.task_vectors: unknown model {p.model!r}")
         if self.probes.perturbation and self.probes.perturbation.models:
-            problems += [f"probes.perturbation: unknown model {n!r}" for n in self.probes.perturbation.models
-                         if n not in everyone]
+            problems += [
+                f"probes.perturbation: unknown model {n!r}"
+                for n in self.probes.perturbation.models
+                if n not in everyone
+            ]
         server = self.evaluation.server
         if server.command is not None:
-            problems.append("evaluation.server.command is not taken from a config: it runs an executable on every "
-                            "worker (a site's wrapper is set in code, ServerSettings(command=...))")
+            problems.append(
+                "evaluation.server.command is not taken from a config: it runs an executable on every "
+                "worker (a site's wrapper is set in code, ServerSettings(command=...))"
+            )
         if server.host not in ("127.0.0.1", "::1", "localhost"):
-            problems.append(f"evaluation.server.host {server.host!r}: the model server listens on loopback only "
-                            "(lm-eval is its only client, on the same worker)")
+            problems.append(
+                f"evaluation.server.host {server.host!r}: the model server listens on loopback only "
+                "(lm-eval is its only client, on the same worker)"
+            )
         try:
             check_tasks(self.evaluation.tasks, self.evaluation.data_files)
         except MergeAuditError as exc:
@@ -218,6 +236,7 @@ class AuditConfig(Frozen):
 
 def _nested(inner: str, outer: str) -> bool:
     """True when URI inner is outer or lies below it (local paths compared with symlinks resolved)."""
+
     def norm(uri: str) -> str:
         scheme, rest = store.split_scheme(store.check_uri(uri))
         return os.path.realpath(rest) if scheme == "file" else f"{scheme}://{rest.strip('/')}"

@@ -38,8 +38,9 @@ PAIRS = {"sft": ("sft_add", "sft_sub"), "rlvr": ("rl_add", "rl_sub")}
 OWN_TASKS = {"sft_add": TASKS["add"], "sft_sub": TASKS["sub"], "rl_add": TASKS["add"], "rl_sub": TASKS["sub"]}
 
 
-def prepare_demo(workdir: Path, recipe: ExpertRecipe | None = None, progress=print,
-                 retrain: bool = False) -> ExpertFamily:
+def prepare_demo(
+    workdir: Path, recipe: ExpertRecipe | None = None, progress=print, retrain: bool = False
+) -> ExpertFamily:
     """The experts to audit: the shipped ones for the recipe (copied to
     workdir/checkpoints/<recipe hash>, or reused from there), trained when none ship; with
     retrain, trained from scratch in workdir/retrained/<recipe hash> and compared with the
@@ -55,8 +56,13 @@ def demo_strategies(models: list[str]) -> list[dict]:
         {"method": "linear", "models": models},
         {"method": "task_arithmetic", "models": models, "grid": {"lambda": [0.5, 1.0]}},
         {"method": "ties", "models": models, "params": {"lambda": 1.0}, "grid": {"density": [0.3, 0.7]}},
-        {"method": "dare_ties", "models": models, "params": {"lambda": 1.0}, "grid": {"density": [0.3, 0.7]},
-         "seed": 1},
+        {
+            "method": "dare_ties",
+            "models": models,
+            "params": {"lambda": 1.0},
+            "grid": {"density": [0.3, 0.7]},
+            "seed": 1,
+        },
         {"method": "ram", "models": models},
         {"method": "disjoint_mean", "models": models},
         {"method": "sar", "models": models},
@@ -69,8 +75,9 @@ def demo_strategies(models: list[str]) -> list[dict]:
 
 def demo_config(family: ExpertFamily, workdir: Path) -> dict:
     """The demo's AuditConfig as plain data (it is also written to workdir/audit.yaml)."""
-    calib = calibration_from_problems(make_problems("add", 2, 16, seed=7) + make_problems("sub", 2, 16, seed=7),
-                                      workdir / "calibration.jsonl")
+    calib = calibration_from_problems(
+        make_problems("add", 2, 16, seed=7) + make_problems("sub", 2, 16, seed=7), workdir / "calibration.jsonl"
+    )
     experts = family.experts
     return {
         "name": "demo-sft-vs-rlvr",
@@ -81,8 +88,12 @@ def demo_config(family: ExpertFamily, workdir: Path) -> dict:
         "evaluation": {"tasks": list(TASKS.values()), "batch_size": 100},
         "probes": {
             "interpolations": [{"a": a, "b": b, "alphas": [0.0, 0.25, 0.5, 0.75, 1.0]} for a, b in PAIRS.values()],
-            "perturbation": {"models": ["sft_add", "rl_add"], "gaussian_scales": [0.03, 0.1],
-                             "drop_rates": [0.5, 0.9], "seeds": 1},
+            "perturbation": {
+                "models": ["sft_add", "rl_add"],
+                "gaussian_scales": [0.03, 0.1],
+                "drop_rates": [0.5, 0.9],
+                "seeds": 1,
+            },
         },
         "geometry": {"spectral": True},
         "results_uri": str(workdir / "results"),
@@ -140,9 +151,13 @@ def verdict(results_uri: str, run_id: str) -> str:
         return None if None in values else sum(values) / len(values)
 
     n_prompts = {r.n for r in board.values() if r.n}
-    lines = ["Verdict (toy SFT vs RLVR experts; numeric_match on the held-out 2-digit + and - test sets"
-             + (f", {max(n_prompts)} prompts each" if n_prompts else "") + "; +/- one standard error over "
-             "prompts, paired on the same prompts for gains and changes; [95% bootstrap intervals])", ""]
+    lines = [
+        "Verdict (toy SFT vs RLVR experts; numeric_match on the held-out 2-digit + and - test sets"
+        + (f", {max(n_prompts)} prompts each" if n_prompts else "")
+        + "; +/- one standard error over "
+        "prompts, paired on the same prompts for gains and changes; [95% bootstrap intervals])",
+        "",
+    ]
 
     # -- the experts against the base: gains on their own skill, forgetting on the other -------
     lines.append(f"experts against the base (add {pm(base, 'add')}, sub {pm(base, 'sub')}), on their own skill:")
@@ -154,11 +169,16 @@ def verdict(results_uri: str, run_id: str) -> str:
             mine = score(expert, skill)
             gain = paired_difference(run, expert, base, TASKS[skill]) if mine and score(base, skill) else None
             improved[expert] = bool(mine and mine.beats_base)  # paired, one-sided p <= level
-            parts.append(f"{expert} {skill} {pm(expert, skill)} (gain {_diff(gain, '')}, "
-                         f"{'significant' if improved[expert] else 'not significant'})")
+            parts.append(
+                f"{expert} {skill} {pm(expert, skill)} (gain {_diff(gain, '')}, "
+                f"{'significant' if improved[expert] else 'not significant'})"
+            )
         lines.append(f"  {kind}: " + ", ".join(parts))
-    forgetting = [f"{e} {other[s]} {_diff(paired_difference(run, e, base, TASKS[other[s]]))}"
-                  for kind, pair in PAIRS.items() for e, s in zip(pair, ("add", "sub"))]
+    forgetting = [
+        f"{e} {other[s]} {_diff(paired_difference(run, e, base, TASKS[other[s]]))}"
+        for kind, pair in PAIRS.items()
+        for e, s in zip(pair, ("add", "sub"))
+    ]
     lines.append("  forgetting (the other skill's score minus the base's): " + ", ".join(forgetting))
     lines.append(f"  (significant: one-sided paired test against the base, p <= {level:g})")
     lines.append("")
@@ -168,37 +188,56 @@ def verdict(results_uri: str, run_id: str) -> str:
     mean_sp = {k: pair_mean(k, "sparsity_bf16") for k in PAIRS}
     lines.append("update geometry             SFT pair     RLVR pair")
     lines.append(f"  {'bf16 sparsity (mean)':26s}{_fmt(mean_sp['sft']):13s}{_fmt(mean_sp['rlvr'])}")
-    lines.append(f"  {'  share of all entries':26s}{_fmt(pair_mean('sft', 'sparsity_bf16_numel_weighted')):13s}"
-                 f"{_fmt(pair_mean('rlvr', 'sparsity_bf16_numel_weighted'))}")
-    for key, label in (("jaccard_lift", "overlap lift (Jaccard)"), ("overlap_of_a_lift", "overlap lift (|A&B|/|A|)"),
-                       ("cosine", "cosine of updates"), ("sign_conflict_rate", "sign conflicts")):
+    lines.append(
+        f"  {'  share of all entries':26s}{_fmt(pair_mean('sft', 'sparsity_bf16_numel_weighted')):13s}"
+        f"{_fmt(pair_mean('rlvr', 'sparsity_bf16_numel_weighted'))}"
+    )
+    for key, label in (
+        ("jaccard_lift", "overlap lift (Jaccard)"),
+        ("overlap_of_a_lift", "overlap lift (|A&B|/|A|)"),
+        ("cosine", "cosine of updates"),
+        ("sign_conflict_rate", "sign conflicts"),
+    ):
         lines.append(f"  {label:26s}{_fmt(pair_rows['sft'].get(key)):13s}{_fmt(pair_rows['rlvr'].get(key))}")
         if key == "jaccard_lift":
             ci = {k: jaccard_lift_interval(run, *PAIRS[k]) for k in PAIRS}
             lines.append(f"  {'  interval over tensors':26s}{_ci(ci['sft'], '{:.2f}'):13s}{_ci(ci['rlvr'], '{:.2f}')}")
-    lines.append(f"  {'principal-weight lift':26s}{_fmt(pair_mean('sft', 'principal_lift')):13s}"
-                 f"{_fmt(pair_mean('rlvr', 'principal_lift'))}")
+    lines.append(
+        f"  {'principal-weight lift':26s}{_fmt(pair_mean('sft', 'principal_lift')):13s}"
+        f"{_fmt(pair_mean('rlvr', 'principal_lift'))}"
+    )
     pci = {k: principal_lift_interval(run, list(PAIRS[k])) for k in PAIRS}
     lines.append(f"  {'  interval over tensors':26s}{_ci(pci['sft'], '{:.2f}'):13s}{_ci(pci['rlvr'], '{:.2f}')}")
-    lines.append(f"  {'update rank / full':26s}{_fmt(pair_mean('sft', 'update_rank_ratio')):13s}"
-                 f"{_fmt(pair_mean('rlvr', 'update_rank_ratio'))}")
+    lines.append(
+        f"  {'update rank / full':26s}{_fmt(pair_mean('sft', 'update_rank_ratio')):13s}"
+        f"{_fmt(pair_mean('rlvr', 'update_rank_ratio'))}"
+    )
     if mean_sp["sft"] is not None and mean_sp["rlvr"] is not None:
         sparser = mean_sp["rlvr"] > mean_sp["sft"]
         entries = pair_mean("rlvr", "sparsity_bf16_numel_weighted")
         lift_sft, lift_rl = pair_rows["sft"].get("jaccard_lift"), pair_rows["rlvr"].get("jaccard_lift")
         closer = lift_sft is not None and lift_rl is not None and abs(lift_rl - 1) < abs(lift_sft - 1)
-        lines.append(f"  -> RLVR updates are {'sparser' if sparser else 'NOT sparser'} than SFT updates "
-                     f"({mean_sp['rlvr']:.0%} of a tensor's entries bit-identical to the base in bf16 on average"
-                     + (f", {entries:.0%} of all entries" if entries is not None else "")
-                     + f"; real RLVR: 70-95%), and their overlap is {'closer to' if closer else 'NOT closer to'} "
-                     "chance (paper: sparser, near chance).")
+        lines.append(
+            f"  -> RLVR updates are {'sparser' if sparser else 'NOT sparser'} than SFT updates "
+            f"({mean_sp['rlvr']:.0%} of a tensor's entries bit-identical to the base in bf16 on average"
+            + (f", {entries:.0%} of all entries" if entries is not None else "")
+            + f"; real RLVR: 70-95%), and their overlap is {'closer to' if closer else 'NOT closer to'} "
+            "chance (paper: sparser, near chance)."
+        )
     pl_sft, pl_rl = pair_mean("sft", "principal_lift"), pair_mean("rlvr", "principal_lift")
     if pl_sft is not None and pl_rl is not None:
         apart = pci["sft"] is not None and pci["rlvr"] is not None and pci["rlvr"][1] < pci["sft"][0]
-        lines.append(f"  -> RLVR updates touch the base's principal weights {'less' if pl_rl < pl_sft else 'NOT less'} "
-                     "than SFT updates, relative to chance (Zhu et al.: RLVR learns off the principal weights)"
-                     + ("; the intervals do not overlap." if apart else "; the intervals overlap." if
-                        pci["sft"] is not None and pci["rlvr"] is not None else "."))
+        lines.append(
+            f"  -> RLVR updates touch the base's principal weights {'less' if pl_rl < pl_sft else 'NOT less'} "
+            "than SFT updates, relative to chance (Zhu et al.: RLVR learns off the principal weights)"
+            + (
+                "; the intervals do not overlap."
+                if apart
+                else "; the intervals overlap."
+                if pci["sft"] is not None and pci["rlvr"] is not None
+                else "."
+            )
+        )
     lines.append("")
 
     # -- the best merge of each pair -----------------------------------------------------------
@@ -212,34 +251,54 @@ def verdict(results_uri: str, run_id: str) -> str:
         best, mean, se = found
         mb = bench[best]
         lines.append(f"  {kind}: {best}: add {pm(best, 'add')}, sub {pm(best, 'sub')} (mean {_pm(mean, se)})")
-        lines.append(f"        experts on their own skill: {a} add {pm(a, 'add')}, {b} sub {pm(b, 'sub')}; "
-                     f"off-skill: {a} sub {pm(a, 'sub')}, {b} add {pm(b, 'add')}")
+        lines.append(
+            f"        experts on their own skill: {a} add {pm(a, 'add')}, {b} sub {pm(b, 'sub')}; "
+            f"off-skill: {a} sub {pm(a, 'sub')}, {b} add {pm(b, 'add')}"
+        )
         changes = ", ".join(f"{s} {_diff(paired_difference(run, best, base, TASKS[s]))}" for s in TASKS)
         lines.append(f"        against the base: {changes}")
-        sig = [f"{k} {'beats' if score(best, k).beats_base else 'does not significantly beat'} the base"
-               for k in TASKS if score(best, k)]
+        sig = [
+            f"{k} {'beats' if score(best, k).beats_base else 'does not significantly beat'} the base"
+            for k in TASKS
+            if score(best, k)
+        ]
         kept[kind] = mb.gain_kept if all(improved.get(e) for e in (a, b)) else None
-        interval = gain_kept_interval(run, best, {e: OWN_TASKS[e] for e in (a, b)}, base) \
-            if kept[kind] is not None else None
-        lines.append(f"        normalized performance {_share(mb.normalized_performance)}; gain over the base kept "
-                     f"{_share(mb.gain_kept)}" + (f" {_ci(interval, '{:.0%}')}" if interval else "") + "; "
-                     + ", ".join(sig) + f" (paired, one-sided p <= {level:g})")
+        interval = (
+            gain_kept_interval(run, best, {e: OWN_TASKS[e] for e in (a, b)}, base) if kept[kind] is not None else None
+        )
+        lines.append(
+            f"        normalized performance {_share(mb.normalized_performance)}; gain over the base kept "
+            f"{_share(mb.gain_kept)}"
+            + (f" {_ci(interval, '{:.0%}')}" if interval else "")
+            + "; "
+            + ", ".join(sig)
+            + f" (paired, one-sided p <= {level:g})"
+        )
         if mb.gain_kept is None or kept[kind] is None:
-            lines.append(f"        {kind} experts did not improve on the base significantly: the merge kept the "
-                         "base's score." if mb.gain_kept is None else
-                         f"        not every {kind} expert improved on the base significantly: the kept share is "
-                         "not compared.")
+            lines.append(
+                f"        {kind} experts did not improve on the base significantly: the merge kept the base's score."
+                if mb.gain_kept is None
+                else f"        not every {kind} expert improved on the base significantly: the kept share is "
+                "not compared."
+            )
     if "sft" in kept and "rlvr" in kept:
         lines.append("")
         if kept["rlvr"] is None or kept["sft"] is None:
             which = "RLVR" if kept["rlvr"] is None else "SFT"
-            lines.append(f"  -> the {which} experts did not improve on the base significantly, so their merge kept "
-                         "the base's score; the toy cannot say whether RLVR experts merge worse than SFT ones.")
+            lines.append(
+                f"  -> the {which} experts did not improve on the base significantly, so their merge kept "
+                "the base's score; the toy cannot say whether RLVR experts merge worse than SFT ones."
+            )
         else:
-            lines.append(f"  -> the best RLVR merge keeps {kept['rlvr']:.0%} of its experts' gains over the base, "
-                         f"the best SFT merge {kept['sft']:.0%}. "
-                         + ("RLVR experts merge worse here, the paper's sparsity curse." if kept["rlvr"] < kept["sft"]
-                            else "The toy does NOT show RLVR experts merging worse than SFT ones."))
+            lines.append(
+                f"  -> the best RLVR merge keeps {kept['rlvr']:.0%} of its experts' gains over the base, "
+                f"the best SFT merge {kept['sft']:.0%}. "
+                + (
+                    "RLVR experts merge worse here, the paper's sparsity curse."
+                    if kept["rlvr"] < kept["sft"]
+                    else "The toy does NOT show RLVR experts merging worse than SFT ones."
+                )
+            )
     return "\n".join(lines)
 
 

@@ -46,10 +46,13 @@ class FisherSettings(Frozen):
     max_examples: int = pydantic.Field(64, ge=1, description="Calibration rows used (the first ones).")
     max_length: int = pydantic.Field(256, ge=8, description="Tokens of prompt plus response kept (the last ones).")
     cache_uri: StoreURI | None = pydantic.Field(
-        None, description="Where Fisher checkpoints are cached (in an audit, default RESULTS/fisher).")
+        None, description="Where Fisher checkpoints are cached (in an audit, default RESULTS/fisher)."
+    )
     device: str | None = pydantic.Field(
-        None, pattern=r"^(cpu|cuda(:\d+)?|mps)$",
-        description="Where gradients are computed (default: evaluation.device in an audit, else cpu).")
+        None,
+        pattern=r"^(cpu|cuda(:\d+)?|mps)$",
+        description="Where gradients are computed (default: evaluation.device in an audit, else cpu).",
+    )
 
 
 def read_calibration(uri: str, limit: int) -> list[dict[str, str]]:
@@ -67,8 +70,12 @@ def read_calibration(uri: str, limit: int) -> list[dict[str, str]]:
         except json.JSONDecodeError as exc:
             problems.append(f"line {i}: not JSON ({exc.msg})")
             continue
-        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str)
-                and row["response"]):
+        if not (
+            isinstance(row, dict)
+            and isinstance(row.get("prompt"), str)
+            and isinstance(row.get("response"), str)
+            and row["response"]
+        ):
             problems.append(f"line {i}: needs string fields prompt and (non-empty) response")
             continue
         rows.append({"prompt": row["prompt"], "response": row["response"]})
@@ -97,7 +104,7 @@ def compute_fisher(model, tokenizer, rows: list[dict[str, str]], settings: Fishe
         response = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
             response = response + [tokenizer.eos_token_id]
-        ids = (prompt + response)[-settings.max_length:]
+        ids = (prompt + response)[-settings.max_length :]
         n_resp = min(len(response), len(ids) - 1)
         if n_resp <= 0:
             continue
@@ -117,8 +124,9 @@ def compute_fisher(model, tokenizer, rows: list[dict[str, str]], settings: Fishe
     return {n: (a / used).cpu() for n, a in acc.items()}
 
 
-def estimate_fisher(model_uri: str, settings: FisherSettings,
-                    opener: Callable[[str], Checkpoint] = Checkpoint.open) -> str:
+def estimate_fisher(
+    model_uri: str, settings: FisherSettings, opener: Callable[[str], Checkpoint] = Checkpoint.open
+) -> str:
     """The Fisher checkpoint of a model (computed, or found in `settings.cache_uri`); returns
     its URI. `opener` opens the model (through a read-through checkpoint cache, say)."""
     if settings.cache_uri is None:

@@ -84,8 +84,9 @@ def build_model(
             if name not in targets:
                 raise CheckpointError(f"tensor {name!r} does not fit {kind}")
             if tuple(targets[name].shape) != tuple(tensor.shape):
-                raise CheckpointError(f"tensor {name!r} has shape {list(tensor.shape)}, {kind} wants "
-                                      f"{list(targets[name].shape)}")
+                raise CheckpointError(
+                    f"tensor {name!r} has shape {list(tensor.shape)}, {kind} wants {list(targets[name].shape)}"
+                )
             if on_tensor is not None:
                 on_tensor(name, tensor)
             targets[name].copy_(tensor)

@@ -91,8 +91,9 @@ def checkpoints_in(body: bytes, prefixes: list[str], marker: str | None = None) 
     return [(prefix, uri) for uri, prefix in found.items()]
 
 
-def landed_checkpoints(body: bytes, prefixes: list[str], state: dict[str, str], marker: str | None = None,
-                       kind: str = "rlvr") -> list[Landed]:
+def landed_checkpoints(
+    body: bytes, prefixes: list[str], state: dict[str, str], marker: str | None = None, kind: str = "rlvr"
+) -> list[Landed]:
     """The complete, not yet announced checkpoints a notification points at."""
     out = []
     for prefix, uri in checkpoints_in(body, prefixes, marker):
@@ -102,8 +103,16 @@ def landed_checkpoints(body: bytes, prefixes: list[str], state: dict[str, str], 
     return out
 
 
-def make_server(host: str, port: int, prefixes: list[str], announce: Callable[[Landed], None], *,
-                state_uri: str | None = None, marker: str | None = None, kind: str = "rlvr") -> ThreadingHTTPServer:
+def make_server(
+    host: str,
+    port: int,
+    prefixes: list[str],
+    announce: Callable[[Landed], None],
+    *,
+    state_uri: str | None = None,
+    marker: str | None = None,
+    kind: str = "rlvr",
+) -> ThreadingHTTPServer:
     """An HTTP server (not yet serving) that passes every checkpoint a notification completes to
     `announce`, once (remembered in the watcher's state at `state_uri` when given)."""
     token = os.environ.get(TOKEN_ENV)
@@ -153,12 +162,21 @@ def make_server(host: str, port: int, prefixes: list[str], announce: Callable[[L
     return ThreadingHTTPServer((host, port), Handler)
 
 
-def serve(host: str, port: int, prefixes: list[str], announce: Callable[[Landed], None], *,
-          state_uri: str | None = None, marker: str | None = None, kind: str = "rlvr") -> None:
+def serve(
+    host: str,
+    port: int,
+    prefixes: list[str],
+    announce: Callable[[Landed], None],
+    *,
+    state_uri: str | None = None,
+    marker: str | None = None,
+    kind: str = "rlvr",
+) -> None:
     """Receive notifications until interrupted (see `make_server`)."""
     server = make_server(host, port, prefixes, announce, state_uri=state_uri, marker=marker, kind=kind)
-    log.info("listening on http://%s:%d/ for notifications under %s", host, server.server_address[1],
-             ", ".join(prefixes))
+    log.info(
+        "listening on http://%s:%d/ for notifications under %s", host, server.server_address[1], ", ".join(prefixes)
+    )
     try:
         server.serve_forever()
     finally:

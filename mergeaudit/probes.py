@@ -59,9 +59,10 @@ class PerturbationProbe(Frozen):
     models: list[str] | None = pydantic.Field(None, description="Default: every fine-tuned model.")
     gaussian_scales: list[float] = pydantic.Field(default_factory=lambda: [0.01, 0.03, 0.1])
     gaussian_scale_to: list[Literal["weight_rms", "task_vector"]] = pydantic.Field(
-        default_factory=lambda: ["weight_rms"], min_length=1,
-        description="What the noise is scaled to; each entry is its own probe family "
-                    "(gaussian, gaussian_task_vector).")
+        default_factory=lambda: ["weight_rms"],
+        min_length=1,
+        description="What the noise is scaled to; each entry is its own probe family (gaussian, gaussian_task_vector).",
+    )
     drop_rates: list[float] = pydantic.Field(default_factory=lambda: [0.3, 0.6, 0.9])
     seeds: int = pydantic.Field(2, ge=1, le=64)
 
@@ -82,9 +83,9 @@ class ProbeSettings(Frozen):
     perturbation: PerturbationProbe | None = None
 
 
-
-def probe_plans(probes: ProbeSettings, base_name: str, model_names: list[str], refs: dict[str, ModelRef],
-                device: str = "cpu") -> list[tuple[str, dict[str, Any], MergePlan]]:
+def probe_plans(
+    probes: ProbeSettings, base_name: str, model_names: list[str], refs: dict[str, ModelRef], device: str = "cpu"
+) -> list[tuple[str, dict[str, Any], MergePlan]]:
     """(name, probe description, plan) for every probe point asked for; `model_names` are the
     fine-tuned models (the perturbed ones by default), `refs` every checkpoint by name."""
     base = refs[base_name]
@@ -95,14 +96,22 @@ def probe_plans(probes: ProbeSettings, base_name: str, model_names: list[str], r
 
     for p in probes.interpolations:
         for a in p.alphas:
-            out.append((f"interp({p.a}~{p.b}; alpha={a:g})",
-                        {"family": "interpolation", "path": f"{p.a}~{p.b}", "x": a, "seed": None},
-                        plan("linear", [refs[p.a], refs[p.b]], model_parameters=[{"weight": 1 - a}, {"weight": a}])))
+            out.append(
+                (
+                    f"interp({p.a}~{p.b}; alpha={a:g})",
+                    {"family": "interpolation", "path": f"{p.a}~{p.b}", "x": a, "seed": None},
+                    plan("linear", [refs[p.a], refs[p.b]], model_parameters=[{"weight": 1 - a}, {"weight": a}]),
+                )
+            )
     for p in probes.task_vectors:
         for lam in p.lambdas:
-            out.append((f"task_vector({p.model}; lambda={lam:g})",
-                        {"family": "task_vector", "path": p.model, "x": lam, "seed": None},
-                        plan("task_arithmetic", [refs[p.model]], parameters={"lambda": lam})))
+            out.append(
+                (
+                    f"task_vector({p.model}; lambda={lam:g})",
+                    {"family": "task_vector", "path": p.model, "x": lam, "seed": None},
+                    plan("task_arithmetic", [refs[p.model]], parameters={"lambda": lam}),
+                )
+            )
     pert = probes.perturbation
     if pert is not None:
         for m in pert.models or model_names:
@@ -110,13 +119,21 @@ def probe_plans(probes: ProbeSettings, base_name: str, model_names: list[str], r
                 for to in pert.gaussian_scale_to:
                     family, label = ("gaussian", "") if to == "weight_rms" else ("gaussian_task_vector", "tv ")
                     for s in pert.gaussian_scales:
-                        out.append((f"noise({m}; {label}scale={s:g}, seed={seed})",
-                                    {"family": family, "path": m, "x": s, "seed": seed},
-                                    plan("perturb_gaussian", [refs[m]], parameters={"scale": s, "scale_to": to},
-                                         seed=seed)))
+                        out.append(
+                            (
+                                f"noise({m}; {label}scale={s:g}, seed={seed})",
+                                {"family": family, "path": m, "x": s, "seed": seed},
+                                plan("perturb_gaussian", [refs[m]], parameters={"scale": s, "scale_to": to}, seed=seed),
+                            )
+                        )
                 for r in pert.drop_rates:
-                    out.append((f"drop({m}; rate={r:g}, seed={seed})",
-                                {"family": "drop", "path": m, "x": r, "seed": seed},
-                                plan("dare_linear", [refs[m]], parameters={"density": 1 - r, "semantics": "paper"},
-                                     seed=seed)))
+                    out.append(
+                        (
+                            f"drop({m}; rate={r:g}, seed={seed})",
+                            {"family": "drop", "path": m, "x": r, "seed": seed},
+                            plan(
+                                "dare_linear", [refs[m]], parameters={"density": 1 - r, "semantics": "paper"}, seed=seed
+                            ),
+                        )
+                    )
     return out

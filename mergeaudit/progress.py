@@ -40,8 +40,14 @@ def duration(seconds: float) -> str:
 
 
 class AuditProgress:
-    def __init__(self, stages: list[str], stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic,
-                 on_change: Callable[[AuditProgress], None] | None = None, emit: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        stages: list[str],
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[AuditProgress], None] | None = None,
+        emit: Callable[[str], None] | None = None,
+    ):
         self.stages = list(stages)
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -95,8 +101,11 @@ class AuditProgress:
         if self.total:
             failed = f" ({self.failed} failed)" if self.failed else ""
             parts.append(f"{self.done}/{self.total} candidates{failed}")
-        parts.append(f"done in {duration(self.clock() - self.started)}" if self.closed
-                     else f"{duration(self.clock() - self.started)} elapsed")
+        parts.append(
+            f"done in {duration(self.clock() - self.started)}"
+            if self.closed
+            else f"{duration(self.clock() - self.started)} elapsed"
+        )
         left = self.remaining()
         if left is not None:
             parts.append(f"about {duration(left)} left")

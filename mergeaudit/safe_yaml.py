@@ -26,8 +26,8 @@ from yaml.resolver import Resolver
 from mergeaudit.errors import ConfigError
 
 MAX_BYTES = 4 * 1024 * 1024  # a config is a few kB; a grid or per-layer lists stay far below this
-MAX_NODES = 10_000           # scalars + lists + mappings after expanding every alias
-MAX_DEPTH = 64               # an AuditConfig nests about 6 deep
+MAX_NODES = 10_000  # scalars + lists + mappings after expanding every alias
+MAX_DEPTH = 64  # an AuditConfig nests about 6 deep
 _BRACKETS = re.compile(r"[\[\]{}]")
 
 
@@ -65,8 +65,10 @@ class BoundedLoader(_SafeBase):
     def _spend(self, n: int) -> None:
         self._used += n
         if self._used > self._max_nodes:
-            raise _BudgetExceeded(f"has more than {self._max_nodes} nodes once aliases are expanded (a YAML "
-                                  "alias bomb, or far larger than any config)")
+            raise _BudgetExceeded(
+                f"has more than {self._max_nodes} nodes once aliases are expanded (a YAML "
+                "alias bomb, or far larger than any config)"
+            )
 
     def compose_node(self, parent, index):  # PyYAML's signature
         if self.check_event(AliasEvent):
@@ -114,8 +116,9 @@ def load_yaml(raw: bytes | str, source: str, max_nodes: int = MAX_NODES) -> Any:
         try:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ConfigError(f"config file {source} is not UTF-8 text (byte {exc.start}: "
-                              f"{raw[exc.start:exc.start + 1]!r})") from None
+            raise ConfigError(
+                f"config file {source} is not UTF-8 text (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})"
+            ) from None
     if _bracket_depth(raw) > MAX_DEPTH:
         raise ConfigError(f"config file {source} is refused: it nests deeper than {MAX_DEPTH} levels")
     loader = BoundedLoader(raw, max_nodes=max_nodes)

@@ -146,8 +146,14 @@ def is_transient(exc: BaseException) -> bool:
         if err.get("Code") in _TRANSIENT_S3_CODES or int(status) >= 500:
             return True
     name = type(exc).__name__
-    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
-                "ClientConnectorError", "ServerDisconnectedError", "ClientOSError"):
+    if name in (
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ClientConnectorError",
+        "ServerDisconnectedError",
+        "ClientOSError",
+    ):
         return True
     cause = exc.__cause__ or exc.__context__
     return cause is not None and cause is not exc and is_transient(cause)
@@ -346,8 +352,17 @@ def fingerprint(infos: list[FileInfo]) -> str:
     return h.hexdigest()[:32]
 
 
-_READS = ("Expect", "bytes_read", "bytes_read_since", "check_local_version", "count_read", "process_tag",
-          "read_bytes", "read_into", "read_range")
+_READS = (
+    "Expect",
+    "bytes_read",
+    "bytes_read_since",
+    "check_local_version",
+    "count_read",
+    "process_tag",
+    "read_bytes",
+    "read_into",
+    "read_range",
+)
 
 
 def __getattr__(name: str):

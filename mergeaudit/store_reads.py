@@ -183,7 +183,8 @@ def _get(loc: Location, start: int | None, end: int | None, version: str | None)
             if _precondition_failed(exc):
                 raise ObjectChangedError(
                     f"{loc.uri} changed since it was listed: its ETag is no longer {version[5:]} "
-                    "(the GET's If-Match failed)") from exc
+                    "(the GET's If-Match failed)"
+                ) from exc
             raise
     data = loc.fs.cat_file(loc.path, start=start, end=end)
     _count(loc.uri, len(data))

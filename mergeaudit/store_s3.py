@@ -25,8 +25,14 @@ _fs_cache: collections.OrderedDict[tuple, fsspec.AbstractFileSystem] = collectio
 _fs_lock = threading.Lock()
 _FS_CACHE_SIZE = 16
 # what the AWS environment's default client is made from
-_AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-            "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
+_AWS_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+)
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,8 @@ class S3Credentials:
 
 
 _s3_credentials: contextvars.ContextVar[S3Credentials | None] = contextvars.ContextVar(
-    "mergeaudit_s3_credentials", default=None)
+    "mergeaudit_s3_credentials", default=None
+)
 
 
 @contextlib.contextmanager
@@ -74,8 +81,11 @@ def s3_filesystem() -> fsspec.AbstractFileSystem:
     """The s3fs filesystem for this context's credentials (`s3_credentials`, else the AWS
     environment), made once per distinct credentials, endpoint and environment."""
     creds = _s3_credentials.get()
-    endpoint = (creds.endpoint_url if creds and creds.endpoint_url else None) or \
-        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = (
+        (creds.endpoint_url if creds and creds.endpoint_url else None)
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
     # Keyed by everything that makes the client (the credentials' values, not their id(), which a
     # later object may reuse), so a changed environment or endpoint gets a fresh one.
     key = ("s3", endpoint, creds, tuple(os.environ.get(v) for v in _AWS_ENV))
@@ -90,8 +100,12 @@ def s3_filesystem() -> fsspec.AbstractFileSystem:
             if endpoint:
                 kwargs["endpoint_url"] = endpoint
             if creds is not None:
-                kwargs.update(key=creds.access_key_id, secret=creds.secret_access_key, token=creds.session_token,
-                              profile=creds.profile)
+                kwargs.update(
+                    key=creds.access_key_id,
+                    secret=creds.secret_access_key,
+                    token=creds.session_token,
+                    profile=creds.profile,
+                )
                 if creds.region:
                     kwargs["client_kwargs"] = {"region_name": creds.region}
             fs = s3fs.S3FileSystem(**kwargs)

@@ -87,13 +87,20 @@ def _check_ids(run_id: str, run_date: str) -> None:
 
 def _parquet_bytes(table: pa.Table, extra_meta: dict[bytes, bytes]) -> bytes:
     buf = io.BytesIO()
-    pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **extra_meta}), buf,
-                   compression="zstd")
+    pq.write_table(
+        table.replace_schema_metadata({**(table.schema.metadata or {}), **extra_meta}), buf, compression="zstd"
+    )
     return buf.getvalue()
 
 
-def write_run(results_uri: str, run_id: str, run_date: str, tables: dict[str, list[dict]],
-              audit_name: str | None = None, package_versions: dict[str, str] | None = None) -> dict[str, str]:
+def write_run(
+    results_uri: str,
+    run_id: str,
+    run_date: str,
+    tables: dict[str, list[dict]],
+    audit_name: str | None = None,
+    package_versions: dict[str, str] | None = None,
+) -> dict[str, str]:
     """Write and commit the tables of one run; returns table -> file URI.
 
     All rows are validated against the schemas before anything is written. The data files go
@@ -104,8 +111,11 @@ def write_run(results_uri: str, run_id: str, run_date: str, tables: dict[str, li
     if audit_name is None and tables.get("runs"):
         audit_name = tables["runs"][0].get("audit_name")
     writer = uuid.uuid4().hex[:12]
-    meta = {b"mergeaudit.run_id": run_id.encode(), b"mergeaudit.writer": writer.encode(),
-            b"mergeaudit.package_versions": json.dumps(package_versions or {}, sort_keys=True).encode()}
+    meta = {
+        b"mergeaudit.run_id": run_id.encode(),
+        b"mergeaudit.writer": writer.encode(),
+        b"mergeaudit.package_versions": json.dumps(package_versions or {}, sort_keys=True).encode(),
+    }
     files: dict[str, str] = {}
     entries: dict[str, dict[str, Any]] = {}
     for name, table in arrow.items():
@@ -120,9 +130,15 @@ def write_run(results_uri: str, run_id: str, run_date: str, tables: dict[str, li
         log.warning("replacing run %s: %s; the files it names are left in place", run_id, exc)
         previous = None
     manifest = {
-        "format": MANIFEST_FORMAT, "run_id": run_id, "date": run_date, "audit_name": audit_name,
-        "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(), "writer": writer,
-        "schema_version": SCHEMA_VERSION, "package_versions": package_versions or {}, "tables": entries,
+        "format": MANIFEST_FORMAT,
+        "run_id": run_id,
+        "date": run_date,
+        "audit_name": audit_name,
+        "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "writer": writer,
+        "schema_version": SCHEMA_VERSION,
+        "package_versions": package_versions or {},
+        "tables": entries,
     }
     store.write_bytes(manifest_uri(results_uri, run_id), json.dumps(manifest, indent=1, sort_keys=True).encode())
     if previous:  # the replaced version's files (a legacy run: its part-0 files)
@@ -154,8 +170,12 @@ def vacuum(results_uri: str, older_than_s: float = 6 * 3600) -> list[str]:
     if not older_than_s >= 0:
         raise ConfigError(f"vacuum: older_than_s must be a non-negative number of seconds, not {older_than_s}")
     good, damaged = _scan_commits(results_uri)
-    committed = {store.join(results_uri, f) for m in good + _legacy_manifests(results_uri)
-                 for e in m["tables"].values() for f in e["files"]}
+    committed = {
+        store.join(results_uri, f)
+        for m in good + _legacy_manifests(results_uri)
+        for e in m["tables"].values()
+        for f in e["files"]
+    }
     loc = store.locate(results_uri)
     removed = []
     with store.translate_errors(results_uri, "list"):
@@ -231,8 +251,14 @@ def _manifest_problem(doc: Any, run_id: str) -> str | None:
             return f"has an invalid entry for table {table!r}"
         for f in files:
             parts = f.split("/") if isinstance(f, str) else []
-            if (len(parts) != 4 or parts[:3] != [table, f"date={date}", f"run_id={run_id}"]
-                    or not parts[3].endswith(".parquet") or parts[3].startswith(".") or "\\" in f or ":" in f):
+            if (
+                len(parts) != 4
+                or parts[:3] != [table, f"date={date}", f"run_id={run_id}"]
+                or not parts[3].endswith(".parquet")
+                or parts[3].startswith(".")
+                or "\\" in f
+                or ":" in f
+            ):
                 return f"names a file outside its run's folders: {f!r}"
     return None
 
@@ -283,10 +309,21 @@ def _legacy_manifests(results_uri: str) -> list[dict]:
     runs: dict[str, dict] = {}
     committed = set()
     for uri in _legacy_files(results_uri):
-        table, date_part, run_part, _ = uri[len(root):].lstrip("/").split("/")[-4:]
+        table, date_part, run_part, _ = uri[len(root) :].lstrip("/").split("/")[-4:]
         run_id, date = run_part.removeprefix("run_id="), date_part.removeprefix("date=")
-        run = runs.setdefault(run_id, {"format": MANIFEST_FORMAT, "run_id": run_id, "date": date, "audit_name": None,
-                                       "committed_at": None, "schema_version": 1, "legacy": True, "tables": {}})
+        run = runs.setdefault(
+            run_id,
+            {
+                "format": MANIFEST_FORMAT,
+                "run_id": run_id,
+                "date": date,
+                "audit_name": None,
+                "committed_at": None,
+                "schema_version": 1,
+                "legacy": True,
+                "tables": {},
+            },
+        )
         if table in SCHEMAS:
             run["tables"][table] = {"files": ["/".join([table, date_part, run_part, LEGACY_PART_FILE])], "rows": None}
         if table == "runs":
@@ -314,12 +351,16 @@ def manifest_audit_name(results_uri: str, manifest: dict) -> str | None:
     return names[0] if names else None
 
 
-def committed_files(results_uri: str, table: str, run_id: str | None = None,
-                    audit_name: str | None = None) -> list[str]:
+def committed_files(
+    results_uri: str, table: str, run_id: str | None = None, audit_name: str | None = None
+) -> list[str]:
     """URIs of the committed files of a table (one run's, one audit's, or all)."""
     check_table(table)
-    return [store.join(results_uri, f) for m in _select(results_uri, run_id, audit_name)
-            for f in m["tables"].get(table, {}).get("files", [])]
+    return [
+        store.join(results_uri, f)
+        for m in _select(results_uri, run_id, audit_name)
+        for f in m["tables"].get(table, {}).get("files", [])
+    ]
 
 
 def _select(results_uri: str, run_id: str | None, audit_name: str | None) -> list[dict]:
@@ -361,8 +402,13 @@ def _read_files(results_uri: str, table: str, manifests: list[dict]) -> tuple[pa
     return (pa.concat_tables(out) if out else schema.empty_table()), damaged
 
 
-def read_table(results_uri: str, table: str, run_id: str | None = None, audit_name: str | None = None,
-               manifests: list[dict] | None = None) -> pa.Table:
+def read_table(
+    results_uri: str,
+    table: str,
+    run_id: str | None = None,
+    audit_name: str | None = None,
+    manifests: list[dict] | None = None,
+) -> pa.Table:
     """The committed rows of a table (one run's, one audit's, or all), in the current schema,
     with `date` and `run_id` columns. `manifests` (from `committed_runs`) saves listing the
     commits again when reading several tables. A run replaced while being read is read again; a

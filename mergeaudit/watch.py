@@ -41,7 +41,7 @@ class Landed:
 
 def checkpoint_name(prefix: str, uri: str) -> str:
     """A short, config-safe name from the checkpoint's path under its prefix."""
-    rel = uri[len(prefix):].strip("/") if uri.startswith(prefix) else store.basename(uri)
+    rel = uri[len(prefix) :].strip("/") if uri.startswith(prefix) else store.basename(uri)
     name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in (rel or store.basename(uri)))
     return name.strip("-.")[:64] or "checkpoint"
 
@@ -53,8 +53,9 @@ def load_state(state_uri: str) -> dict[str, str]:
         raise StoreError(f"watcher state {state_uri} cannot be read: {exc}") from exc
 
 
-def new_checkpoints(prefixes: list[str], state: dict[str, str], marker: str | None = None,
-                    kind: str = "rlvr") -> list[Landed]:
+def new_checkpoints(
+    prefixes: list[str], state: dict[str, str], marker: str | None = None, kind: str = "rlvr"
+) -> list[Landed]:
     """Complete checkpoints under the prefixes that the state has not seen in this version."""
     out = []
     for prefix in prefixes:

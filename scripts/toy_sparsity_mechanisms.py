@@ -43,18 +43,35 @@ def variant(base: LlamaForCausalLM, recipe: ExpertRecipe, skill: str, name: str)
     if name in ("rl", "rl_at_sft_lr", "rft_at_rl_lr"):
         torch.manual_seed(rl_seed)
         lr = recipe.sft_lr if name == "rl_at_sft_lr" else recipe.rl_lr
-        train_grpo(model, Problems([skill], rl_seed), recipe.rl_steps, lr, recipe.rl_prompts, recipe.rl_group,
-                   recipe.rl_temperature, recipe.max_new_tokens, seed=rl_seed, on_step=tracker,
-                   advantages="reward" if name == "rft_at_rl_lr" else "group")
+        train_grpo(
+            model,
+            Problems([skill], rl_seed),
+            recipe.rl_steps,
+            lr,
+            recipe.rl_prompts,
+            recipe.rl_group,
+            recipe.rl_temperature,
+            recipe.max_new_tokens,
+            seed=rl_seed,
+            on_step=tracker,
+            advantages="reward" if name == "rft_at_rl_lr" else "group",
+        )
         steps = recipe.rl_steps
     else:
         torch.manual_seed(sft_seed)
         lr, steps = (recipe.sft_lr, recipe.sft_steps) if name == "sft" else (recipe.rl_lr, recipe.rl_steps)
-        train_supervised(model, Problems([skill], sft_seed), steps, lr, recipe.batch_size, one_cycle=False,
-                         on_step=tracker)
+        train_supervised(
+            model, Problems([skill], sft_seed), steps, lr, recipe.batch_size, one_cycle=False, on_step=tracker
+        )
     released = copy.deepcopy(model).to(torch.bfloat16).to(torch.float32).eval()
-    return {"variant": name, "lr": lr, "steps": steps, "seconds": time.perf_counter() - t0,
-            "acc": greedy_accuracy(released, skill), **tracker.summary(model)}
+    return {
+        "variant": name,
+        "lr": lr,
+        "steps": steps,
+        "seconds": time.perf_counter() - t0,
+        "acc": greedy_accuracy(released, skill),
+        **tracker.summary(model),
+    }
 
 
 def main() -> int:
@@ -69,16 +86,21 @@ def main() -> int:
         raise SystemExit(f"no shipped toy experts for recipe {recipe.digest()}")
     base = LlamaForCausalLM.from_pretrained(family.base, dtype=torch.float32).eval()
     print(f"recipe {recipe.digest()}; base median |w| of matrices {family.log['base']['median_abs_w']}")
-    print(f"{'skill':5s} {'variant':13s} {'lr':>7s} {'steps':>5s} {'gain':>6s} {'sparsity':>8s} {'(tensors)':>9s} "
-          f"{'fp32 moved':>10s} {'|w| changed':>11s} {'unchanged':>9s} {'s':>4s}")
+    print(
+        f"{'skill':5s} {'variant':13s} {'lr':>7s} {'steps':>5s} {'gain':>6s} {'sparsity':>8s} {'(tensors)':>9s} "
+        f"{'fp32 moved':>10s} {'|w| changed':>11s} {'unchanged':>9s} {'s':>4s}"
+    )
     for skill in args.skill or ["add"]:
         base_acc = family.log["base"][f"acc_{skill}"]
         for name in ("rl", "rft_at_rl_lr", "sft_at_rl_lr", "sft", "rl_at_sft_lr"):
             r = variant(base, recipe, skill, name)
-            print(f"{skill:5s} {name:13s} {r['lr']:7.0e} {r['steps']:5d} {r['acc'] - base_acc:+6.2f} "
-                  f"{r['sparsity_bf16']:8.3f} {r['sparsity_bf16_tensor_mean']:9.3f} {r['fp32_moved']:10.3f} "
-                  f"{r['median_abs_w_changed'] or 0:11.4f} {r['median_abs_w_unchanged'] or 0:9.4f} "
-                  f"{r['seconds']:4.0f}", flush=True)
+            print(
+                f"{skill:5s} {name:13s} {r['lr']:7.0e} {r['steps']:5d} {r['acc'] - base_acc:+6.2f} "
+                f"{r['sparsity_bf16']:8.3f} {r['sparsity_bf16_tensor_mean']:9.3f} {r['fp32_moved']:10.3f} "
+                f"{r['median_abs_w_changed'] or 0:11.4f} {r['median_abs_w_unchanged'] or 0:9.4f} "
+                f"{r['seconds']:4.0f}",
+                flush=True,
+            )
     return 0
 
 

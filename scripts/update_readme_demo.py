@@ -33,8 +33,9 @@ def main() -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="mergeaudit-demo-") as tmp:
             t0 = time.perf_counter()
-            run = subprocess.run([sys.executable, "-m", "mergeaudit.cli", "demo", "--workdir", tmp],
-                                 capture_output=True, text=True)
+            run = subprocess.run(
+                [sys.executable, "-m", "mergeaudit.cli", "demo", "--workdir", tmp], capture_output=True, text=True
+            )
             if run.returncode != 0:
                 print(run.stdout[-3000:], run.stderr[-3000:], sep="\n", file=sys.stderr)
                 return run.returncode

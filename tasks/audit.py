@@ -16,32 +16,67 @@ from mergeaudit.tasks.policies import CACHED, STORAGE_RETRIES, geometry_key, ret
 GPU_LIMIT = "gpu"  # a global concurrency limit: `prefect gcl create gpu --limit <GPUs>`
 
 preflight = task(
-    audit.preflight, name="preflight", tags=["storage"], timeout_seconds=600,
-    retry_condition_fn=retry_transient, cache_policy=NO_CACHE, **STORAGE_RETRIES,
+    audit.preflight,
+    name="preflight",
+    tags=["storage"],
+    timeout_seconds=600,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+    **STORAGE_RETRIES,
 )
 compute_geometry = task(
-    audit.compute_geometry, name="compute-geometry", tags=["storage", "cpu"], timeout_seconds=6 * 3600,
-    retry_condition_fn=retry_transient, cache_key_fn=geometry_key, **CACHED, **STORAGE_RETRIES,
+    audit.compute_geometry,
+    name="compute-geometry",
+    tags=["storage", "cpu"],
+    timeout_seconds=6 * 3600,
+    retry_condition_fn=retry_transient,
+    cache_key_fn=geometry_key,
+    **CACHED,
+    **STORAGE_RETRIES,
 )
 # Fisher checkpoints and evaluations are memoised in the results store itself, keyed by input
 # fingerprints, settings and code version (mergeaudit.fisher / audit.evaluate_to_store): the
 # stored result is the cache, so a key can never point at data that is gone.
 estimate_fisher = task(
-    audit.estimate_fisher, name="estimate-fisher", tags=["storage"], timeout_seconds=6 * 3600,
-    retry_condition_fn=retry_transient, cache_policy=NO_CACHE, task_run_name="fisher-{name}", **STORAGE_RETRIES,
+    audit.estimate_fisher,
+    name="estimate-fisher",
+    tags=["storage"],
+    timeout_seconds=6 * 3600,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+    task_run_name="fisher-{name}",
+    **STORAGE_RETRIES,
 )
-plan_candidates = task(audit.plan_candidates, name="plan-candidates", cache_policy=NO_CACHE,
-                       retry_condition_fn=retry_transient, **STORAGE_RETRIES)
+plan_candidates = task(
+    audit.plan_candidates,
+    name="plan-candidates",
+    cache_policy=NO_CACHE,
+    retry_condition_fn=retry_transient,
+    **STORAGE_RETRIES,
+)
 finish_run = task(
-    audit.finish_run, name="write-results", tags=["storage"], timeout_seconds=1800,
-    retry_condition_fn=retry_transient, cache_policy=NO_CACHE, **STORAGE_RETRIES,
+    audit.finish_run,
+    name="write-results",
+    tags=["storage"],
+    timeout_seconds=1800,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+    **STORAGE_RETRIES,
 )
 
 
-@task(name="evaluate-candidate", tags=["gpu"], timeout_seconds=6 * 3600, retry_condition_fn=retry_transient,
-      cache_policy=NO_CACHE, task_run_name="evaluate-{candidate.name}", **STORAGE_RETRIES)
-def evaluate_candidate(candidate: Candidate, evaluation: EvalSettings, storage: StorageSettings,
-                       results_uri: str) -> EvaluationRecord:
+@task(
+    name="evaluate-candidate",
+    tags=["gpu"],
+    timeout_seconds=6 * 3600,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+    task_run_name="evaluate-{candidate.name}",
+    **STORAGE_RETRIES,
+)
+def evaluate_candidate(
+    candidate: Candidate, evaluation: EvalSettings, storage: StorageSettings, results_uri: str
+) -> EvaluationRecord:
     """Score one candidate; on a GPU (`evaluation.device` cuda) while holding a slot of the global
     `gpu` concurrency limit. CPU evaluations take no slot: they hold no GPU, and asking the API
     for a limit that does not exist costs about 2 s per candidate (measured with Prefect 3)."""

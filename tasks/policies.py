@@ -43,11 +43,13 @@ def _digest(obj: Any) -> str:
 
 def geometry_key(context, parameters: dict) -> str:
     config, records = parameters["config"], parameters["records"]
-    return "geometry-" + _digest({
-        "fingerprints": {n: r.fingerprint for n, r in records.items()},
-        "kinds": {m.name: m.kind for m in config.models},
-        "geometry": config.geometry.model_dump(mode="json"),
-        "series": [s.model_dump(mode="json", include={"name", "kind", "compare_with"}) for s in config.series],
-        "fisher": parameters.get("fisher_uris") or {},
-        "version": mergeaudit.__version__,
-    })
+    return "geometry-" + _digest(
+        {
+            "fingerprints": {n: r.fingerprint for n, r in records.items()},
+            "kinds": {m.name: m.kind for m in config.models},
+            "geometry": config.geometry.model_dump(mode="json"),
+            "series": [s.model_dump(mode="json", include={"name", "kind", "compare_with"}) for s in config.series],
+            "fisher": parameters.get("fisher_uris") or {},
+            "version": mergeaudit.__version__,
+        }
+    )

@@ -56,8 +56,7 @@ for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "PREFECT_A
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
 BUCKET = "mergeaudit-test"
-INTEGRATION_FIXTURES = frozenset({"s3_endpoint", "s3_bucket", "prefect_harness", "bwrap", "console_script",
-                                  "demo_run"})
+INTEGRATION_FIXTURES = frozenset({"s3_endpoint", "s3_bucket", "prefect_harness", "bwrap", "console_script", "demo_run"})
 INTEGRATION_MODULES = frozenset({"test_flow", "test_prefect_server", "test_prefect_startup", "test_served"})
 SLOW_FIXTURES = frozenset({"demo_run"})
 SLOW_MODULES = frozenset({"test_mergekit_parity_dtypes"})

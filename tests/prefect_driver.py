@@ -21,9 +21,15 @@ def describe(run) -> dict:
             result = run.state.result()
         except Exception as exc:  # noqa: BLE001 - reported, the test decides
             result = f"<unreadable: {type(exc).__name__}>"
-    return {"id": str(run.id), "name": run.name, "state": run.state.type.value if run.state else None,
-            "message": run.state.message if run.state else None, "work_pool": run.work_pool_name,
-            "parameters": run.parameters, "result": result}
+    return {
+        "id": str(run.id),
+        "name": run.name,
+        "state": run.state.type.value if run.state else None,
+        "message": run.state.message if run.state else None,
+        "work_pool": run.work_pool_name,
+        "parameters": run.parameters,
+        "result": result,
+    }
 
 
 async def runs_of(deployment: str) -> list:

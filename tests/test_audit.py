@@ -51,9 +51,11 @@ def test_probes_become_candidates_and_summaries(toy_family, tmp_path):
     from mergeaudit.results.fragility import barrier_height
 
     raw = config_for(toy_family, str(tmp_path / "r"))
-    raw["probes"] = {"interpolations": [{"a": "base", "b": "ft_a", "alphas": [0, 0.5, 1]}],
-                     "task_vectors": [{"model": "ft_b", "lambdas": [0, 1, 2]}],
-                     "perturbation": {"models": ["ft_a"], "gaussian_scales": [0.1], "drop_rates": [0.5], "seeds": 2}}
+    raw["probes"] = {
+        "interpolations": [{"a": "base", "b": "ft_a", "alphas": [0, 0.5, 1]}],
+        "task_vectors": [{"model": "ft_b", "lambdas": [0, 1, 2]}],
+        "perturbation": {"models": ["ft_a"], "gaussian_scales": [0.1], "drop_rates": [0.5], "seeds": 2},
+    }
     cfg = parse_config(raw)
     records = audit.resolve_checkpoints(cfg)
     cands = plan_candidates(cfg, records)
@@ -68,19 +70,34 @@ def test_probes_become_candidates_and_summaries(toy_family, tmp_path):
         if c.probe["family"] == "gaussian":
             score_of[c.candidate_id] = 0.5
     # a second task whose path is flat
-    results = [CandidateResult(candidate_id=c.candidate_id, update_sparsity_bf16=None,
-                               scores=[{"candidate_id": c.candidate_id, "task": task,
-                                        "metric": "numeric_match", "filter": "verifier",
-                                        "value": value, "stderr": None, "n": 4}
-                                       for task, value in (("mergeaudit_add2", score_of[c.candidate_id]),
-                                                           ("mergeaudit_sub2", 0.5))])
-               for c in cands]
+    results = [
+        CandidateResult(
+            candidate_id=c.candidate_id,
+            update_sparsity_bf16=None,
+            scores=[
+                {
+                    "candidate_id": c.candidate_id,
+                    "task": task,
+                    "metric": "numeric_match",
+                    "filter": "verifier",
+                    "value": value,
+                    "stderr": None,
+                    "n": 4,
+                }
+                for task, value in (("mergeaudit_add2", score_of[c.candidate_id]), ("mergeaudit_sub2", 0.5))
+            ],
+        )
+        for c in cands
+    ]
     tables_ = result_rows(cfg, records, {}, cands, results)
     names = {c["candidate_id"]: c for c in tables_["candidates"]}
     noise = next(c for c in tables_["candidates"] if c.get("probe_family") == "gaussian")
     assert (noise["probe_path"], noise["probe_x"], noise["probe_seed"]) == ("ft_a", 0.1, 0)  # settings are columns
-    rows = {(names[r["candidate_id"]]["name"], r["metric"], r["probe_x"]): r for r in tables_["scores"]
-            if r["filter"] == "probe" and r["task"] == "mergeaudit_add2"}
+    rows = {
+        (names[r["candidate_id"]]["name"], r["metric"], r["probe_x"]): r
+        for r in tables_["scores"]
+        if r["filter"] == "probe" and r["task"] == "mergeaudit_add2"
+    }
     assert rows[("probe:interpolation:base~ft_a", "barrier_height", None)]["value"] == pytest.approx(0.6)
     barriers = {r["task"]: r["value"] for r in tables_["scores"] if r["metric"] == "barrier_height"}
     assert barriers == {"mergeaudit_add2": pytest.approx(0.6), "mergeaudit_sub2": pytest.approx(0.0)}  # every task
@@ -90,12 +107,12 @@ def test_probes_become_candidates_and_summaries(toy_family, tmp_path):
     assert barrier_height([(0.0, 0.5), (0.5, 0.9), (1.0, 0.7)]) == pytest.approx(0.0)
 
 
-def test_code_tasks_refuse_before_the_candidate_is_built_when_the_sandbox_is_missing(toy_family, tmp_path,
-                                                                                   monkeypatch):
+def test_code_tasks_refuse_before_the_candidate_is_built_when_the_sandbox_is_missing(toy_family, tmp_path, monkeypatch):
     from mergeaudit.errors import IsolationError
 
-    cfg = parse_config({**config_for(toy_family, str(tmp_path / "r")),
-                        "evaluation": {"tasks": ["mergeaudit_code_mini"], "limit": 2}})
+    cfg = parse_config(
+        {**config_for(toy_family, str(tmp_path / "r")), "evaluation": {"tasks": ["mergeaudit_code_mini"], "limit": 2}}
+    )
     records = audit.resolve_checkpoints(cfg)
     candidate = audit.plan_candidates(cfg, records)[0]
     monkeypatch.setenv("MERGEAUDIT_BWRAP", "/nonexistent/bwrap")  # as on a worker without bubblewrap
@@ -111,11 +128,19 @@ def test_noise_probes_scaled_to_the_task_vector_are_their_own_family(toy_family,
     from mergeaudit.merging.executor import prepare
 
     raw = config_for(toy_family, str(tmp_path / "r"))
-    raw["probes"] = {"perturbation": {"models": ["ft_a"], "gaussian_scales": [0.5], "drop_rates": [],
-                                      "seeds": 1, "gaussian_scale_to": ["weight_rms", "task_vector"]}}
+    raw["probes"] = {
+        "perturbation": {
+            "models": ["ft_a"],
+            "gaussian_scales": [0.5],
+            "drop_rates": [],
+            "seeds": 1,
+            "gaussian_scale_to": ["weight_rms", "task_vector"],
+        }
+    }
     cfg = parse_config(raw)
-    probes_ = {c.probe["family"]: c for c in audit.plan_candidates(cfg, audit.resolve_checkpoints(cfg))
-               if c.kind == "probe"}
+    probes_ = {
+        c.probe["family"]: c for c in audit.plan_candidates(cfg, audit.resolve_checkpoints(cfg)) if c.kind == "probe"
+    }
     assert set(probes_) == {"gaussian", "gaussian_task_vector"}
     base, ft = Checkpoint.open(toy_family.base), Checkpoint.open(toy_family.variants["ft_a"])
     for family, on_support_only in (("gaussian", False), ("gaussian_task_vector", True)):

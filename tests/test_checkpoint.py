@@ -49,6 +49,7 @@ def many_tensors(n: int = 7, size: int = 64) -> dict[str, torch.Tensor]:
 
 # -- reading -----------------------------------------------------------------------------------
 
+
 def test_roundtrip_single_file(store_root):
     tensors = sample_tensors()
     ck = Checkpoint.open(make_ckpt(store_root, tensors))
@@ -119,6 +120,7 @@ def test_prefetch_keeps_reads_in_order_and_within_the_window(tmp_path, monkeypat
 
 # -- validation --------------------------------------------------------------------------------
 
+
 def test_missing_shard_is_incomplete(store_root):
     uri = make_ckpt(store_root, many_tensors(4), max_shard_bytes=300)
     store.remove(store.join(uri, "model-00002.safetensors"))
@@ -158,8 +160,15 @@ HOSTILE = [
     ({"x": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8, None, "tensor 'x' has dtype 'I64'"),
     ({"x": {"dtype": "F32", "shape": [2**40], "data_offsets": [0, 2**42]}}, b"\0" * 8, None, "outside the data area"),
     ({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None, "needs 12"),
-    ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-      "y": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, None, "overlap"),
+    (
+        {
+            "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "y": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+        },
+        b"\0" * 12,
+        None,
+        "overlap",
+    ),
     ({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}, b"", None, "invalid shape"),
     ({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, "4"]}}, b"\0" * 4, None, "invalid data_offsets"),
     ({"x": [1, 2, 3]}, b"", None, "entry is not an object"),
@@ -197,10 +206,20 @@ def test_missing_checkpoint(store_root):
 
 
 def test_compatibility_reports_every_mismatch_at_once(store_root):
-    base = Checkpoint.open(make_ckpt(store_root, {"model.embed_tokens.weight": torch.zeros(10, 4),
-                                                  "x": torch.zeros(3), "y": torch.zeros(2)}, name="a"))
-    other = Checkpoint.open(make_ckpt(store_root, {"model.embed_tokens.weight": torch.zeros(12, 4),
-                                                   "x": torch.zeros(4), "z": torch.zeros(2)}, name="b"))
+    base = Checkpoint.open(
+        make_ckpt(
+            store_root,
+            {"model.embed_tokens.weight": torch.zeros(10, 4), "x": torch.zeros(3), "y": torch.zeros(2)},
+            name="a",
+        )
+    )
+    other = Checkpoint.open(
+        make_ckpt(
+            store_root,
+            {"model.embed_tokens.weight": torch.zeros(12, 4), "x": torch.zeros(4), "z": torch.zeros(2)},
+            name="b",
+        )
+    )
     with pytest.raises(ShapeMismatchError) as info:
         check_compatible(base, [other])
     msg = str(info.value)
@@ -216,12 +235,14 @@ def test_tied_embeddings(tmp_path):
     untied = Checkpoint.open(make_ckpt(str(tmp_path), {**emb, "lm_head.weight": torch.ones(10, 4)}, name="untied"))
     assert tied.tied_embeddings and not untied.tied_embeddings
     check_compatible(tied, [tied2])
-    with pytest.raises(ShapeMismatchError,
-                       match="lm_head.weight: tied to the embeddings in .*tied but stored in .*untied"):
+    with pytest.raises(
+        ShapeMismatchError, match="lm_head.weight: tied to the embeddings in .*tied but stored in .*untied"
+    ):
         check_compatible(tied, [untied])
 
 
 # -- writing and publishing ---------------------------------------------------------------------
+
 
 class Crash(Exception):
     pass
@@ -237,8 +258,9 @@ def crashing(tensors, after: int):
 @pytest.mark.parametrize("after", [0, 2, 5])
 def test_crash_during_publish_leaves_nothing_complete(store_root, after):
     with pytest.raises(Crash):
-        write_checkpoint(store.join(store_root, "out"), crashing(many_tensors(7), after), config=CFG,
-                         max_shard_bytes=600)
+        write_checkpoint(
+            store.join(store_root, "out"), crashing(many_tensors(7), after), config=CFG, max_shard_bytes=600
+        )
     assert not [s for s in discover(store_root) if s.complete]
 
 
@@ -253,6 +275,7 @@ def test_failing_store_writes_never_publish(store_root, monkeypatch, fail_on):
             if calls["n"] == fail_on:
                 raise OSError("injected store failure")
             return fn(*a, **k)
+
         return wrapper
 
     monkeypatch.setattr(store, "open_write", counted(real_open))
@@ -345,6 +368,7 @@ def test_writer_refuses_unsupported_dtypes_and_duplicates(tmp_path):
 
 # -- cache ---------------------------------------------------------------------------------------
 
+
 def test_read_through_cache(s3_bucket, tmp_path, monkeypatch):
     uri = make_ckpt(s3_bucket, many_tensors(5), max_shard_bytes=600)
     cache = CheckpointCache(tmp_path / "cache", max_bytes=10**6)
@@ -384,6 +408,7 @@ def test_cache_evicts_least_recently_used(s3_bucket, tmp_path):
 
 
 # -- pickle conversion ---------------------------------------------------------------------------
+
 
 def test_convert_pickled_weights_only_on_request(store_root, tmp_path):
     import io
@@ -497,9 +522,11 @@ def test_cache_lease_holds_across_processes(s3_bucket, tmp_path):
     a = make_ckpt(s3_bucket, many_tensors(3, 1000), name="a")
     b = make_ckpt(s3_bucket, other_tensors(), name="b")
     size = sum(f.size for f in store.list_files(a).values())
-    code = (f"import sys\nfrom mergeaudit.checkpoint import Checkpoint, CheckpointCache\n"
-            f"ck = Checkpoint.open({a!r}, cache=CheckpointCache({str(tmp_path / 'cache')!r}, {int(size * 1.5)}))\n"
-            "print('ready', flush=True)\nsys.stdin.read()\nprint(ck.get('t2')[0].item(), flush=True)\n")
+    code = (
+        f"import sys\nfrom mergeaudit.checkpoint import Checkpoint, CheckpointCache\n"
+        f"ck = Checkpoint.open({a!r}, cache=CheckpointCache({str(tmp_path / 'cache')!r}, {int(size * 1.5)}))\n"
+        "print('ready', flush=True)\nsys.stdin.read()\nprint(ck.get('t2')[0].item(), flush=True)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"

@@ -71,8 +71,17 @@ def test_discover_and_convert_commands(run_cli, toy_family, tmp_path):
 def test_geometry_command_writes_both_tables(run_cli, toy_family, tmp_path):
     from mergeaudit import tables
 
-    out = run_cli("geometry", toy_family.base, *[f"{n}={u}" for n, u in toy_family.variants.items()],
-                  "--out", str(tmp_path / "res"), "--kind", "ft_a=rlvr", "--kind", "ft_b=sft")
+    out = run_cli(
+        "geometry",
+        toy_family.base,
+        *[f"{n}={u}" for n, u in toy_family.variants.items()],
+        "--out",
+        str(tmp_path / "res"),
+        "--kind",
+        "ft_a=rlvr",
+        "--kind",
+        "ft_b=sft",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ft_a~ft_b" in out.stdout
     rows = tables.read_table(str(tmp_path / "res"), "geometry_tensors").to_pylist()
@@ -90,8 +99,9 @@ def test_geometry_command_writes_both_tables(run_cli, toy_family, tmp_path):
     ],
 )
 def test_geometry_command_bad_input(run_cli, toy_family, tmp_path, extra, message):
-    out = run_cli("geometry", toy_family.base, f"ft_a={toy_family.variants['ft_a']}", "--out",
-                  str(tmp_path / "res"), *extra)
+    out = run_cli(
+        "geometry", toy_family.base, f"ft_a={toy_family.variants['ft_a']}", "--out", str(tmp_path / "res"), *extra
+    )
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "res").exists()
 
@@ -100,8 +110,12 @@ def _results_with_a_leftover(tmp_path) -> tuple[str, object]:
     from mergeaudit import tables
 
     root = str(tmp_path / "results")
-    tables.write_run(root, "r1", "2026-11-27", {"scores": [
-        {"candidate_id": "c1", "task": "t", "metric": "m", "filter": "none", "value": 0.5, "n": 2}]})
+    tables.write_run(
+        root,
+        "r1",
+        "2026-11-27",
+        {"scores": [{"candidate_id": "c1", "task": "t", "metric": "m", "filter": "none", "value": 0.5, "n": 2}]},
+    )
     leftover = tmp_path / "results" / "_commits" / ".r2.json.tmp-0123456789ab"
     leftover.write_text("{")
     return root, leftover
@@ -118,9 +132,14 @@ def test_vacuum_command_prints_what_it_removed(tmp_path, capsys):
     assert f"removed {leftover}" in out and "1 files removed" in out and not leftover.exists()
 
 
-@pytest.mark.parametrize("sql", ["select * from scores, read_csv('/etc/passwd')",
-                                 "copy scores to '{tmp}/exfil.csv'",
-                                 "select * from read_parquet('{tmp}/results/scores/*/*/*.parquet')"])
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "select * from scores, read_csv('/etc/passwd')",
+        "copy scores to '{tmp}/exfil.csv'",
+        "select * from read_parquet('{tmp}/results/scores/*/*/*.parquet')",
+    ],
+)
 def test_query_command_cannot_reach_files(tmp_path, capsys, sql):
     from mergeaudit.cli import main
 

@@ -66,8 +66,13 @@ def test_demo_exits_0(demo_run):
 
 @smokes("geometry")
 def test_geometry(console_script, toy_family, tmp_path):
-    out = console_script("geometry", toy_family.base, *[f"{n}={u}" for n, u in toy_family.variants.items()],
-                         "--out", str(tmp_path / "res"))
+    out = console_script(
+        "geometry",
+        toy_family.base,
+        *[f"{n}={u}" for n, u in toy_family.variants.items()],
+        "--out",
+        str(tmp_path / "res"),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ft_a~ft_b" in out.stdout and tables.read_table(str(tmp_path / "res"), "geometry_pairs").num_rows > 0
 
@@ -75,9 +80,16 @@ def test_geometry(console_script, toy_family, tmp_path):
 @smokes("merge")
 def test_merge(console_script, toy_family, tmp_path):
     cfg = tmp_path / "merge.yaml"
-    cfg.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": toy_family.base,
-                                   "parameters": {"density": 0.5, "weight": 1.0},
-                                   "models": [{"model": u} for u in toy_family.variants.values()]}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "ties",
+                "base_model": toy_family.base,
+                "parameters": {"density": 0.5, "weight": 1.0},
+                "models": [{"model": u} for u in toy_family.variants.values()],
+            }
+        )
+    )
     out = console_script("merge", str(cfg), str(tmp_path / "merged"))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("merged ties of 2 models") and (tmp_path / "merged" / "config.json").is_file()
@@ -89,8 +101,9 @@ def test_fisher(console_script, toy_family, tmp_path):
     from mergeaudit.fisher import calibration_from_problems
 
     calibration = calibration_from_problems(make_problems("add", 2, 3, seed=7), tmp_path / "c.jsonl")
-    out = console_script("fisher", toy_family.variants["ft_a"], str(calibration), "--out", str(tmp_path / "cache"),
-                         "--max-examples", "2")
+    out = console_script(
+        "fisher", toy_family.variants["ft_a"], str(calibration), "--out", str(tmp_path / "cache"), "--max-examples", "2"
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().startswith(str(tmp_path / "cache"))
 
@@ -120,8 +133,12 @@ def test_notify_receiver_serves_until_interrupted(tmp_path):
     port = free_port()
     script = os.path.join(os.path.dirname(sys.executable), "mergeaudit")
     with open(tmp_path / "receiver.log", "w+") as log:
-        proc = subprocess.Popen([script, "notify-receiver", "--prefix", "s3://ckpts/rl", "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        proc = subprocess.Popen(
+            [script, "notify-receiver", "--prefix", "s3://ckpts/rl", "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ),
+        )
         try:
             deadline = time.monotonic() + 120
             while True:
@@ -173,4 +190,3 @@ def test_report(console_script, tmp_path):
 def test_regressions(console_script, tmp_path):
     out = console_script("regressions", committed_results(tmp_path, runs=2))
     assert out.returncode == 0 and "run r2: no regressions against r1" in out.stdout, (out.stdout, out.stderr[-2000:])
-

@@ -12,8 +12,10 @@ from mergeaudit.errors import ConfigError
 def base_config(tmp_path, **over) -> dict:
     cfg = {
         "base": {"name": "base", "uri": str(tmp_path / "base")},
-        "models": [{"name": "a", "uri": str(tmp_path / "a"), "kind": "rlvr"},
-                   {"name": "b", "uri": "s3://bkt/b", "kind": "sft"}],
+        "models": [
+            {"name": "a", "uri": str(tmp_path / "a"), "kind": "rlvr"},
+            {"name": "b", "uri": "s3://bkt/b", "kind": "sft"},
+        ],
         "strategies": [{"method": "task_arithmetic", "grid": {"lambda": [0.5, 1.0]}, "params": {"normalize": True}}],
         "results_uri": str(tmp_path / "results"),
     }
@@ -32,8 +34,11 @@ def test_all_problems_are_reported_together(tmp_path):
     raw = base_config(
         tmp_path,
         results_uri="gs://bucket/r",
-        strategies=[{"method": "tiez"}, {"method": "linear", "models": ["zz"]},
-                    {"method": "linear", "params": {"weights": [1.0]}}],
+        strategies=[
+            {"method": "tiez"},
+            {"method": "linear", "models": ["zz"]},
+            {"method": "linear", "params": {"weights": [1.0]}},
+        ],
         evaluation={"tasks": ["nope"], "batch_size": 0},
         extra_key=1,
     )
@@ -49,18 +54,27 @@ def test_cross_field_problems_are_reported_together(tmp_path):
     raw = base_config(
         tmp_path,
         models=[{"name": "a", "uri": str(tmp_path / "a")}, {"name": "a", "uri": str(tmp_path / "a2")}],
-        strategies=[{"method": "tiez"}, {"method": "linear", "models": ["zz"]},
-                    {"method": "linear", "params": {"weights": [1.0]}},
-                    {"method": "ties", "model_params": {"a": {"density": 2.0}}},
-                    {"method": "sar"}],
+        strategies=[
+            {"method": "tiez"},
+            {"method": "linear", "models": ["zz"]},
+            {"method": "linear", "params": {"weights": [1.0]}},
+            {"method": "ties", "model_params": {"a": {"density": 2.0}}},
+            {"method": "sar"},
+        ],
         evaluation={"tasks": ["nope"]},
     )
     with pytest.raises(ConfigError) as info:
         parse_config(raw)
     msg = str(info.value)
-    for expected in ("not unique: a", "unknown merge method 'tiez'", "unknown models zz",
-                     "linear does not take weights (it takes: normalize, weight)", "density must be in [0, 1]",
-                     "sar) needs a `fisher:` section", "unknown task 'nope'"):
+    for expected in (
+        "not unique: a",
+        "unknown merge method 'tiez'",
+        "unknown models zz",
+        "linear does not take weights (it takes: normalize, weight)",
+        "density must be in [0, 1]",
+        "sar) needs a `fisher:` section",
+        "unknown task 'nope'",
+    ):
         assert expected in msg
 
 

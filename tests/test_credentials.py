@@ -78,8 +78,13 @@ def test_concurrent_flow_runs_and_their_task_runs_keep_their_own(prefect_harness
     @flow
     def audit_like(name: str) -> list:
         with store.s3_credentials(store.S3Credentials(access_key_id=name, secret_access_key="s")):
-            return [key_in_task_with_timeout(), key_in_task(), key_in_task.submit().result(),
-                    key_in_task.map([1, 2]).result(), client_key()]
+            return [
+                key_in_task_with_timeout(),
+                key_in_task(),
+                key_in_task.submit().result(),
+                key_in_task.map([1, 2]).result(),
+                client_key(),
+            ]
 
     with ThreadPoolExecutor(2) as pool:
         runs = {name: pool.submit(audit_like, name) for name in ("run-a", "run-b")}
@@ -88,17 +93,21 @@ def test_concurrent_flow_runs_and_their_task_runs_keep_their_own(prefect_harness
     assert client_key() is None
 
 
-def test_a_flow_with_a_credentials_block_reaches_s3_without_the_environment(prefect_harness, s3_bucket, s3_endpoint,
-                                                                            monkeypatch, tmp_path):
+def test_a_flow_with_a_credentials_block_reaches_s3_without_the_environment(
+    prefect_harness, s3_bucket, s3_endpoint, monkeypatch, tmp_path
+):
     from prefect import flow, task
     from prefect_aws import AwsClientParameters, AwsCredentials
 
-    from mergeaudit.flows.credentials import use_storage_credentials
     from mergeaudit import tables
+    from mergeaudit.flows.credentials import use_storage_credentials
 
-    AwsCredentials(aws_access_key_id="block-key", aws_secret_access_key="block-secret", region_name="us-east-1",
-                   aws_client_parameters=AwsClientParameters(endpoint_url=s3_endpoint)).save("creds-test",
-                                                                                              overwrite=True)
+    AwsCredentials(
+        aws_access_key_id="block-key",
+        aws_secret_access_key="block-secret",
+        region_name="us-east-1",
+        aws_client_parameters=AwsClientParameters(endpoint_url=s3_endpoint),
+    ).save("creds-test", overwrite=True)
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(var)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
@@ -108,8 +117,9 @@ def test_a_flow_with_a_credentials_block_reaches_s3_without_the_environment(pref
 
     @task
     def write_and_read() -> int:
-        tables.write_run(results, "20261201T000000Z-creds", "2026-12-01",
-                         {"runs": [{"audit_name": "creds", "status": "completed"}]})
+        tables.write_run(
+            results, "20261201T000000Z-creds", "2026-12-01", {"runs": [{"audit_name": "creds", "status": "completed"}]}
+        )
         return tables.read_table(results, "runs").num_rows  # read by a pool of threads
 
     @flow

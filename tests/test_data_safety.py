@@ -96,12 +96,16 @@ def s3_family(toy_family, prefix: str) -> dict[str, str]:
 def s3_plan(family: dict[str, str]):
     from mergeaudit.merging.mergekit_yaml import plan_from_mergekit
 
-    cfg = {**MERGE, "base_model": family["base"],
-           "models": [{"model": family[n], "parameters": {"weight": 0.5}} for n in ("ft_a", "ft_b")]}
+    cfg = {
+        **MERGE,
+        "base_model": family["base"],
+        "models": [{"model": family[n], "parameters": {"weight": 0.5}} for n in ("ft_a", "ft_b")],
+    }
     return plan_from_mergekit(cfg, Path("."))
 
 
 # -- refused before anything is read or written ----------------------------------------------------
+
 
 def test_merge_into_the_folder_holding_the_inputs_is_refused(inputs_dir, monkeypatch, capsys):
     before = snapshot(str(inputs_dir))
@@ -117,8 +121,11 @@ def test_merge_into_the_folder_holding_the_inputs_is_refused(inputs_dir, monkeyp
 def test_merge_into_a_folder_holding_the_config_is_refused(inputs_dir, tmp_path, capsys):
     cfg = tmp_path / "configs"
     cfg.mkdir()
-    data = {**MERGE, "base_model": str(inputs_dir / "base"),
-            "models": [{"model": str(inputs_dir / n), "parameters": {"weight": 0.5}} for n in ("ft_a", "ft_b")]}
+    data = {
+        **MERGE,
+        "base_model": str(inputs_dir / "base"),
+        "models": [{"model": str(inputs_dir / n), "parameters": {"weight": 0.5}} for n in ("ft_a", "ft_b")],
+    }
     (cfg / "merge.yaml").write_text(yaml.safe_dump(data))
     before = snapshot(str(cfg))
     assert main(["merge", str(cfg / "merge.yaml"), str(cfg)]) == 2
@@ -174,6 +181,7 @@ def test_uri_containment_respects_component_boundaries(tmp_path):
 
 # -- existing outputs ----------------------------------------------------------------------------
 
+
 def test_existing_folder_not_written_by_mergeaudit_is_refused_even_with_overwrite(inputs_dir, tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
@@ -212,8 +220,13 @@ def test_previous_output_needs_overwrite_and_is_then_replaced(inputs_dir, tmp_pa
     removed = []
     real_rmtree = shutil.rmtree
     monkeypatch.setattr(os, "rename", spy)
-    monkeypatch.setattr(shutil, "rmtree", lambda p, **k: removed.append((os.path.basename(p), os.path.exists(
-        os.path.join(out, REPORT_FILE)))) or real_rmtree(p, **k))
+    monkeypatch.setattr(
+        shutil,
+        "rmtree",
+        lambda p, **k: (
+            removed.append((os.path.basename(p), os.path.exists(os.path.join(out, REPORT_FILE)))) or real_rmtree(p, **k)
+        ),
+    )
     assert main(["merge", cfg, out, "--overwrite", "--seed", "3"]) == 0
     second = json.loads((Path(out) / REPORT_FILE).read_text())
     assert second["plan"]["seed"] == 3
@@ -248,6 +261,7 @@ def test_replacing_on_s3_swaps_and_removes_only_old_files(s3_bucket, old_shards,
 
 
 # -- a failure leaves the old checkpoint intact --------------------------------------------------
+
 
 @pytest.mark.parametrize("old_shards", [600, 10**6])
 @pytest.mark.parametrize("after", [0, 2, 4])
@@ -290,6 +304,7 @@ def test_checks_fail_as_user_errors(tmp_path):
 
 # -- no silent NaN checkpoints ---------------------------------------------------------------------
 
+
 def _fp16_family(root: Path, poison: float | None = None) -> dict[str, str]:
     """A base and two fine-tunes in float16 whose weights are near float16's largest value."""
     base = {"w": torch.full((8, 8), 30000.0, dtype=torch.float16)}
@@ -302,9 +317,12 @@ def _fp16_family(root: Path, poison: float | None = None) -> dict[str, str]:
 
 
 def _merge_cfg(family: dict[str, str], method: str, weight: float, dtype: str | None) -> dict:
-    cfg = {"merge_method": method, "base_model": family["base"],
-           "models": [{"model": family[n], "parameters": {"weight": weight}} for n in ("ft_a", "ft_b")],
-           "parameters": {"normalize": False}}
+    cfg = {
+        "merge_method": method,
+        "base_model": family["base"],
+        "models": [{"model": family[n], "parameters": {"weight": weight}} for n in ("ft_a", "ft_b")],
+        "parameters": {"normalize": False},
+    }
     if dtype:
         cfg["dtype"], _, out = dtype.partition(">")
         if out:
@@ -312,14 +330,18 @@ def _merge_cfg(family: dict[str, str], method: str, weight: float, dtype: str | 
     return cfg
 
 
-@pytest.mark.parametrize("poison,method,weight,dtype,reason", [
-    (None, "linear", 2.0, None, "NaN or infinite values from finite inputs (computing in float16)"),
-    (None, "linear", 2.0, "float32>float16", "overflows float16"),  # 2 x 30000 does not fit float16
-    (float("nan"), "task_arithmetic", 0.5, "float32", "ft_b holds NaN or infinite"),
-    (float("inf"), "linear", 0.5, "float32", "ft_b holds NaN or infinite"),
-])
-def test_a_merge_that_would_write_non_finite_values_fails_and_writes_nothing(tmp_path, capsys, poison, method,
-                                                                             weight, dtype, reason):
+@pytest.mark.parametrize(
+    "poison,method,weight,dtype,reason",
+    [
+        (None, "linear", 2.0, None, "NaN or infinite values from finite inputs (computing in float16)"),
+        (None, "linear", 2.0, "float32>float16", "overflows float16"),  # 2 x 30000 does not fit float16
+        (float("nan"), "task_arithmetic", 0.5, "float32", "ft_b holds NaN or infinite"),
+        (float("inf"), "linear", 0.5, "float32", "ft_b holds NaN or infinite"),
+    ],
+)
+def test_a_merge_that_would_write_non_finite_values_fails_and_writes_nothing(
+    tmp_path, capsys, poison, method, weight, dtype, reason
+):
     family = _fp16_family(tmp_path / "in", poison)
     if poison is not None and method == "linear":  # poison only ft_b
         t = {"w": torch.full((8, 8), 30000.0, dtype=torch.float16)}

@@ -16,9 +16,21 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 def test_demo_audits_the_shipped_experts(demo_run):
     workdir, stdout = demo_run
     assert "toy experts: the shipped ones" in stdout
-    for expected in ("Verdict", "SFT pair", "RLVR pair", "bf16 sparsity", "overlap lift", "interval over tensors",
-                     "principal-weight lift", "update rank", "forgetting", "best merge of each pair",
-                     "gain over the base kept", "sar(rl_add+rl_sub)", "report:"):
+    for expected in (
+        "Verdict",
+        "SFT pair",
+        "RLVR pair",
+        "bf16 sparsity",
+        "overlap lift",
+        "interval over tensors",
+        "principal-weight lift",
+        "update rank",
+        "forgetting",
+        "best merge of each pair",
+        "gain over the base kept",
+        "sar(rl_add+rl_sub)",
+        "report:",
+    ):
         assert expected in stdout, expected
     page = (workdir / "report.html").read_text()
     assert "Verdict" in page and "plot-sparsity-rl-add" in page and "plot-probe-interpolation" in page
@@ -38,4 +50,3 @@ def test_readme_block_round_trips():
     assert verdict_block("noise\nVerdict (a)\n  line\n\nrun 1: tables\nreport: x\n") == "Verdict (a)\n  line\n"
     with pytest.raises(ValueError):
         with_readme_block("intro\n<!-- demo verdict: begin -->\n", "x")
-

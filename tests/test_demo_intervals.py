@@ -19,10 +19,22 @@ TASK = "mergeaudit_add2"
 
 def run_with(per_prompt: dict[str, list[float]], **tables) -> RunResults:
     cands = [{"candidate_id": f"c-{name}", "name": name, "kind": "checkpoint"} for name in per_prompt]
-    samples = [{"candidate_id": f"c-{name}", "task": TASK, "doc_id": i, "prompt_hash": f"p{i}", "reward": v}
-               for name, values in per_prompt.items() for i, v in enumerate(values)]
-    scores = [{"candidate_id": f"c-{name}", "task": TASK, "metric": "numeric_match", "value": sum(v) / len(v),
-               "stderr": mean_stderr(v)[1], "n": len(v)} for name, v in per_prompt.items()]
+    samples = [
+        {"candidate_id": f"c-{name}", "task": TASK, "doc_id": i, "prompt_hash": f"p{i}", "reward": v}
+        for name, values in per_prompt.items()
+        for i, v in enumerate(values)
+    ]
+    scores = [
+        {
+            "candidate_id": f"c-{name}",
+            "task": TASK,
+            "metric": "numeric_match",
+            "value": sum(v) / len(v),
+            "stderr": mean_stderr(v)[1],
+            "n": len(v),
+        }
+        for name, v in per_prompt.items()
+    ]
     return RunResults("mem://r", "r1", {"candidates": cands, "samples": samples, "scores": scores, **tables})
 
 
@@ -44,7 +56,7 @@ def test_paired_difference_uses_the_prompt_as_the_unit():
 
 def test_gain_kept_interval_brackets_the_share_kept():
     base = [0.0] * 20 + [1.0] * 20
-    expert = [1.0] * 20 + [1.0] * 20          # gains 20 prompts
+    expert = [1.0] * 20 + [1.0] * 20  # gains 20 prompts
     merge = [1.0] * 10 + [0.0] * 10 + [1.0] * 20  # keeps half of them
     run = run_with({"base": base, "expert": expert, "m": merge})
     lo, hi = gain_kept_interval(run, "m", {"expert": TASK}, "base")
@@ -54,8 +66,17 @@ def test_gain_kept_interval_brackets_the_share_kept():
 
 
 def tensor_pair(name: str, numel: int, a: int, b: int, overlap: int) -> dict:
-    return {"scope": "tensor", "model_a": "x", "model_b": "y", "tensor": name, "numel": numel, "changed_a": a,
-            "changed_b": b, "overlap": overlap, "overlap_chance": a * b / numel}
+    return {
+        "scope": "tensor",
+        "model_a": "x",
+        "model_b": "y",
+        "tensor": name,
+        "numel": numel,
+        "changed_a": a,
+        "changed_b": b,
+        "overlap": overlap,
+        "overlap_chance": a * b / numel,
+    }
 
 
 def test_jaccard_lift_interval_over_tensors():
@@ -74,8 +95,16 @@ def test_principal_lift_interval_pairs_tensors_across_models():
     rows = []
     for i in range(10):
         for model, inside in (("a", 5), ("b", 15)):  # a avoids the principal mask, b seeks it
-            rows.append({"scope": "tensor", "model": model, "tensor": f"t{i}", "principal_changed": 100,
-                         "principal_overlap": inside, "principal_overlap_chance": 0.1})
+            rows.append(
+                {
+                    "scope": "tensor",
+                    "model": model,
+                    "tensor": f"t{i}",
+                    "principal_changed": 100,
+                    "principal_overlap": inside,
+                    "principal_overlap_chance": 0.1,
+                }
+            )
     run = RunResults("mem://r", "r1", {"geometry_tensors": rows})
     assert principal_lift_interval(run, ["a"]) == pytest.approx((0.5, 0.5))
     assert principal_lift_interval(run, ["a", "b"]) == pytest.approx((1.0, 1.0))

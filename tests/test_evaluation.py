@@ -146,8 +146,9 @@ def test_lm_eval_and_the_verifier_score_an_oracle_exactly():
 
 def test_a_partial_oracle():
     # the first 10 of 20 documents are answered right; leading spaces are ignored by both metrics
-    result = evaluate_lm(TableLM({q: " " + a for q, a in answers(10).items()}), ["mergeaudit_add2"],
-                         EvalSettings(limit=20))
+    result = evaluate_lm(
+        TableLM({q: " " + a for q, a in answers(10).items()}), ["mergeaudit_add2"], EvalSettings(limit=20)
+    )
     m = metrics(result)
     assert m["exact_match"]["value"] == pytest.approx(0.5)
     assert m["numeric_match"]["value"] == pytest.approx(0.5)
@@ -187,8 +188,14 @@ def test_tiny_model_through_hflm(toy_family):
     from mergeaudit.modeling import build_model, load_tokenizer
 
     ck = Checkpoint.open(toy_family.base)
-    result = evaluate_model(build_model(ck.config, ck.iter_tensors()), load_tokenizer(ck.uri),
-                            ["mergeaudit_add2", "mergeaudit_word_problems"], EvalSettings(limit=4, batch_size=4))
-    assert {(r["task"], r["metric"]) for r in result.scores} >= {("mergeaudit_add2", "numeric_match"),
-                                                                 ("mergeaudit_word_problems", "pass@1")}
+    result = evaluate_model(
+        build_model(ck.config, ck.iter_tensors()),
+        load_tokenizer(ck.uri),
+        ["mergeaudit_add2", "mergeaudit_word_problems"],
+        EvalSettings(limit=4, batch_size=4),
+    )
+    assert {(r["task"], r["metric"]) for r in result.scores} >= {
+        ("mergeaudit_add2", "numeric_match"),
+        ("mergeaudit_word_problems", "pass@1"),
+    }
     assert len(result.samples) == 8

@@ -80,8 +80,9 @@ def test_fisher_based_merges_run_end_to_end(toy_family, calibration, tmp_path, m
     models = [ModelRef(id=n, uri=u) for n, u in toy_family.variants.items()]
     settings = FisherSettings(calibration=str(calibration), cache_uri=str(cache), max_examples=2)
     fisher = {m.id: estimate_fisher(m.uri, settings) for m in models}
-    plan = MergePlan(method=method, base=ModelRef(id="base", uri=toy_family.base), models=models,
-                     parameters=params, fisher=fisher)
+    plan = MergePlan(
+        method=method, base=ModelRef(id="base", uri=toy_family.base), models=models, parameters=params, fisher=fisher
+    )
     report = run_merge(plan, str(tmp_path / "out"))
     assert Checkpoint.open(str(tmp_path / "out")).keys() == Checkpoint.open(toy_family.base).keys()
     if method == "sar":

@@ -32,15 +32,27 @@ def test_flow_on_local_store(prefect_harness, toy_family, tmp_path):
 
     results = str(tmp_path / "results")
     raw = audit_config(toy_family, results)
-    raw["strategies"] += [{"method": "sar", "params": {"density": 0.8}},
-                          {"method": "dare_ties", "grid": {"density": [0.3, 0.6]}, "seed": 3}]
-    raw["fisher"] = {"calibration": str(calibration_from_problems(make_problems("add", 2, 4, 1), tmp_path / "c.jsonl")),
-                     "max_examples": 2}
+    raw["strategies"] += [
+        {"method": "sar", "params": {"density": 0.8}},
+        {"method": "dare_ties", "grid": {"density": [0.3, 0.6]}, "seed": 3},
+    ]
+    raw["fisher"] = {
+        "calibration": str(calibration_from_problems(make_problems("add", 2, 4, 1), tmp_path / "c.jsonl")),
+        "max_examples": 2,
+    }
     # the two fine-tunes stand in for two saved steps of one run (a wiring check; known answers
     # for series are in test_geometry_series)
-    raw["series"] = [{"name": "run", "kind": "rlvr", "compare_with": ["ft_b"],
-                      "steps": [{"step": 10, "uri": toy_family.variants["ft_a"]},
-                                {"step": 20, "uri": toy_family.variants["ft_b"]}]}]
+    raw["series"] = [
+        {
+            "name": "run",
+            "kind": "rlvr",
+            "compare_with": ["ft_b"],
+            "steps": [
+                {"step": 10, "uri": toy_family.variants["ft_a"]},
+                {"step": 20, "uri": toy_family.variants["ft_b"]},
+            ],
+        }
+    ]
     out = merge_audit(parse_config(raw))
     assert set(out["tables"]) == set(tables.SCHEMAS)
     from prefect.artifacts import Artifact
@@ -52,8 +64,12 @@ def test_flow_on_local_store(prefect_harness, toy_family, tmp_path):
     assert shown.description.startswith("[7/7 report] 9/9 candidates, done in ")  # the progress line, as last shown
     ckpts = {r["name"]: r for r in tables.read_table(results, "checkpoints").to_pylist()}
     assert {n: (r["role"], r["dtype"], r["model_type"]) for n, r in ckpts.items()} == {
-        "base": ("base", "BF16", "llama"), "ft_a": ("model", "BF16", "llama"), "ft_b": ("model", "BF16", "llama"),
-        "run@10": ("series_step", "BF16", "llama"), "run@20": ("series_step", "BF16", "llama")}
+        "base": ("base", "BF16", "llama"),
+        "ft_a": ("model", "BF16", "llama"),
+        "ft_b": ("model", "BF16", "llama"),
+        "run@10": ("series_step", "BF16", "llama"),
+        "run@20": ("series_step", "BF16", "llama"),
+    }
     series = [r for r in tables.read_table(results, "geometry_series").to_pylist() if r["scope"] == "model"]
     vs_ft_b = {r["step"]: r["overlap_of_step"] for r in series if r["against"] == "model"}
     assert vs_ft_b[20] == 1.0 and 0 < vs_ft_b[10] < 1  # step 20 is ft_b itself
@@ -68,10 +84,18 @@ def test_flow_on_local_store(prefect_harness, toy_family, tmp_path):
     assert {s["candidate_id"] for s in scores} == {c["candidate_id"] for c in cands}
     names = {c["candidate_id"]: (c["name"], c["method"], c["params_hash"]) for c in cands}
     assert all((s["candidate"], s["method"], s["params_hash"]) == names[s["candidate_id"]] for s in scores)
-    assert {s["metric"] for s in scores} == {"exact_match", "numeric_match", "avg@1", "pass@1", "format_rate",
-                                             "truncation_rate", "completion_tokens", "trace_tokens",
-                                             "verifier_errors", "verifier_timeouts"} | {
-        f"outcome_{o}" for o in ("correct", "wrong", "no_answer", "truncated", "timeout", "error")}
+    assert {s["metric"] for s in scores} == {
+        "exact_match",
+        "numeric_match",
+        "avg@1",
+        "pass@1",
+        "format_rate",
+        "truncation_rate",
+        "completion_tokens",
+        "trace_tokens",
+        "verifier_errors",
+        "verifier_timeouts",
+    } | {f"outcome_{o}" for o in ("correct", "wrong", "no_answer", "truncated", "timeout", "error")}
     assert all(s["n"] == 8 for s in scores)
     # every verifier stderr recomputed from the samples table: per-prompt mean, sd / sqrt(prompts)
     by_prompt: dict[tuple[str, int], list[float]] = {}
@@ -145,8 +169,12 @@ def test_credentials_from_a_prefect_block_never_leak(prefect_harness, s3_bucket,
     family = build_toy_family(s3_bucket + "/ckpts", variants={"rl": 0.05})
     secret = "s3cr3t-" + "x" * 24
     # moto accepts any key; the secret must travel from the block to the client and nowhere else
-    AwsCredentials(aws_access_key_id="block-key", aws_secret_access_key=secret, region_name="us-east-1",
-                   aws_client_parameters=AwsClientParameters(endpoint_url=s3_endpoint)).save("audit-s3", overwrite=True)
+    AwsCredentials(
+        aws_access_key_id="block-key",
+        aws_secret_access_key=secret,
+        region_name="us-east-1",
+        aws_client_parameters=AwsClientParameters(endpoint_url=s3_endpoint),
+    ).save("audit-s3", overwrite=True)
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(var)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
@@ -213,13 +241,30 @@ def test_regression_commits_the_run_then_fails_the_flow_and_emits_an_event(prefe
     results = str(tmp_path / "results")
     raw = {**audit_config(toy_family, results), "name": "alarmed", "strategies": [{"method": "linear"}]}
     names = ["base", "ft_a", "ft_b", "linear(ft_a+ft_b)"]
-    tables.write_run(results, "20261126T000000Z-earlier", "2026-11-26", {
-        "runs": [{"audit_name": "alarmed", "status": "completed"}],
-        "candidates": [{"candidate_id": f"old{k}", "name": n, "kind": "merge" if "(" in n else "checkpoint",
-                        "status": "ok"} for k, n in enumerate(names)],
-        "scores": [{"candidate_id": f"old{k}", "task": "mergeaudit_add2", "metric": "numeric_match",
-                    "filter": "verifier", "value": 1.0, "stderr": 0.0, "n": 8} for k in range(len(names))],
-    })
+    tables.write_run(
+        results,
+        "20261126T000000Z-earlier",
+        "2026-11-26",
+        {
+            "runs": [{"audit_name": "alarmed", "status": "completed"}],
+            "candidates": [
+                {"candidate_id": f"old{k}", "name": n, "kind": "merge" if "(" in n else "checkpoint", "status": "ok"}
+                for k, n in enumerate(names)
+            ],
+            "scores": [
+                {
+                    "candidate_id": f"old{k}",
+                    "task": "mergeaudit_add2",
+                    "metric": "numeric_match",
+                    "filter": "verifier",
+                    "value": 1.0,
+                    "stderr": 0.0,
+                    "n": 8,
+                }
+                for k in range(len(names))
+            ],
+        },
+    )
     state = merge_audit(parse_config(raw), return_state=True)
     assert state.is_failed()
     assert "4 regression(s) against 20261126T000000Z-earlier" in state.message
@@ -260,15 +305,20 @@ def test_a_failing_candidate_is_recorded_and_the_others_still_scored(prefect_har
         candidates = audit.plan_candidates(config, records)
         shutil.rmtree(family.variants["b"])
         evaluations = [evaluate_inline(config, c) for c in candidates]
-        return audit.finish_run(config, "r-partial", dt.datetime.now(dt.timezone.utc), records, {}, candidates,
-                                evaluations)
+        return audit.finish_run(
+            config, "r-partial", dt.datetime.now(dt.timezone.utc), records, {}, candidates, evaluations
+        )
 
     outcome = partial()
     assert sorted(outcome.failed) == ["b", "linear(a+b)"]
     assert "2 candidate(s) failed" in outcome.problems()
     cands = {c["name"]: c for c in tables.read_table(results, "candidates").to_pylist()}
-    assert {n: c["status"] for n, c in cands.items()} == {"base": "ok", "a": "ok", "b": "failed",
-                                                          "linear(a+b)": "failed"}
+    assert {n: c["status"] for n, c in cands.items()} == {
+        "base": "ok",
+        "a": "ok",
+        "b": "failed",
+        "linear(a+b)": "failed",
+    }
     assert "not found" in cands["b"]["error"] or "missing" in cands["b"]["error"]
     scored = {r["candidate"] for r in tables.read_table(results, "scores").to_pylist()}
     assert scored == {"base", "a"}

@@ -28,9 +28,9 @@ def with_update(base: torch.Tensor, idx: torch.Tensor, sign: torch.Tensor | floa
 def test_updates_below_bf16_resolution_count_as_unchanged():
     base = torch.tensor([1.0, 1.0, 1.0, 0.0, -2.0], dtype=torch.float32)
     ft = base.clone()
-    ft[0] += 1e-4   # far below bf16's step of 2**-7 at 1.0: unchanged after the cast
+    ft[0] += 1e-4  # far below bf16's step of 2**-7 at 1.0: unchanged after the cast
     ft[1] += 2**-6  # two bf16 steps: changed
-    ft[3] = -0.0    # +0 -> -0: equal values, no update (Mukherjee et al., Zhu et al.)
+    ft[3] = -0.0  # +0 -> -0: equal values, no update (Mukherjee et al., Zhu et al.)
     assert changed_bf16(base, ft).tolist() == [False, True, False, False, False]
     m = tensor_sums(base, [ft]).models[0].derived()
     assert m["changed_bf16"] == 1 and m["sparsity_bf16"] == pytest.approx(0.8)
@@ -93,7 +93,7 @@ def test_orthogonal_and_opposite_updates():
     assert disjoint["overlap"] == 0 and disjoint["cosine"] == pytest.approx(0.0, abs=1e-9)
     assert disjoint["cosine_overlap"] is None and disjoint["sign_conflict_rate"] is None
     assert disjoint["overlap_of_a_lift"] == 0.0
-    opposite = (2 * base.float() - a.float())  # exactly -delta_a, computed in fp32
+    opposite = 2 * base.float() - a.float()  # exactly -delta_a, computed in fp32
     p = tensor_sums(base.float(), [a.float(), opposite]).pairs[(0, 1)].derived()
     assert p["cosine"] == pytest.approx(-1.0) and p["cosine_overlap"] == pytest.approx(-1.0)
     assert p["sign_conflict_rate"] == 1.0 and p["norm_ratio"] == pytest.approx(1.0)
@@ -151,8 +151,9 @@ def test_toy_family_tables(toy_family):
 
 def test_spectral_figures_can_be_switched_off(toy_family):
     base = Checkpoint.open(toy_family.base)
-    rows, _ = compute_geometry(base, {"a": Checkpoint.open(toy_family.variants["ft_a"])},
-                               settings=GeometrySettings(spectral=False))
+    rows, _ = compute_geometry(
+        base, {"a": Checkpoint.open(toy_family.variants["ft_a"])}, settings=GeometrySettings(spectral=False)
+    )
     assert all(r.get("stable_rank") is None for r in rows)
 
 
@@ -162,9 +163,15 @@ def test_mismatched_tensors_get_rows_with_reasons(tmp_path):
     ft2 = _ckpt(tmp_path, "g", {"x": torch.ones(3), "y": torch.ones(2), "w": torch.full((4,), 3.0)})
     rows, pairs = compute_geometry(base, {"ft": ft, "ft2": ft2})
     reasons = {(r["model"], r["tensor"]): r["reason"] for r in rows if r["scope"] == "tensor"}
-    assert reasons == {("ft", "x"): "shape [4] vs base [3]", ("ft", "y"): "missing in model",
-                       ("ft", "z"): "not in base", ("ft", "w"): None,
-                       ("ft2", "x"): None, ("ft2", "y"): None, ("ft2", "w"): None}
+    assert reasons == {
+        ("ft", "x"): "shape [4] vs base [3]",
+        ("ft", "y"): "missing in model",
+        ("ft", "z"): "not in base",
+        ("ft", "w"): None,
+        ("ft2", "x"): None,
+        ("ft2", "y"): None,
+        ("ft2", "w"): None,
+    }
     assert {r["tensor"] for r in pairs if r["scope"] == "tensor"} == {"w"}
 
 
@@ -198,13 +205,18 @@ def test_kernels_agree_with_a_plain_torch_reference(dtype):
     g = torch.Generator().manual_seed(5)
     n = 300_001  # not a multiple of the chunk
     base = torch.randn(n, generator=g).to(dtype)
-    fts = [(base.float() + (torch.rand(n, generator=g) < p) * torch.randn(n, generator=g) * 0.03).to(dtype)
-           for p in (0.1, 0.3)]
+    fts = [
+        (base.float() + (torch.rand(n, generator=g) < p) * torch.randn(n, generator=g) * 0.03).to(dtype)
+        for p in (0.1, 0.3)
+    ]
     sums = tensor_sums(base, fts)
     ref = reference(base, *fts)
     m, p = sums.models[0], sums.pairs[(0, 1)]
-    assert (m.changed_bf16, m.changed_rel, m.changed_abs) == (ref["changed_bf16"], ref["changed_rel"],
-                                                              ref["changed_abs"])
+    assert (m.changed_bf16, m.changed_rel, m.changed_abs) == (
+        ref["changed_bf16"],
+        ref["changed_rel"],
+        ref["changed_abs"],
+    )
     assert (p.overlap, p.sign_conflicts) == (ref["overlap"], ref["sign_conflicts"])
     assert m.update_sq == pytest.approx(ref["update_sq"], rel=1e-4)
     assert p.dot == pytest.approx(ref["dot"], rel=1e-3, abs=1e-6)

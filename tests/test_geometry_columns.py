@@ -25,13 +25,12 @@ def rows_of(rows, **where):
 def test_elected_sign_disagreement_over_three_models(tmp_path):
     base = torch.ones(1000)
     a, b, c = base.clone(), base.clone(), base.clone()
-    a[0:100] += 0.5    # against C's -1.0 on 0..49 (elected -), with B's -0.25 on 50..99 (elected +)
+    a[0:100] += 0.5  # against C's -1.0 on 0..49 (elected -), with B's -0.25 on 50..99 (elected +)
     b[50:150] -= 0.25  # loses on 50..99; alone on 100..149
-    c[0:50] -= 1.0     # wins on 0..49
+    c[0:50] -= 1.0  # wins on 0..49
     models = {m: ckpt(tmp_path, m, {NAME: t}) for m, t in (("a", a), ("b", b), ("c", c))}
     rows, _ = compute_geometry(ckpt(tmp_path, "base", {NAME: base}), models)
-    got = {r["model"]: (r["elected_sign_shared"], r["elected_sign_disagreement"])
-           for r in rows_of(rows, scope="model")}
+    got = {r["model"]: (r["elected_sign_shared"], r["elected_sign_disagreement"]) for r in rows_of(rows, scope="model")}
     assert got == {"a": (100, 0.5), "b": (50, 1.0), "c": (50, 0.0)}
 
 
@@ -42,11 +41,11 @@ def principal_family(tmp_path, dtype):
     u[:2] = 10.0
     w = torch.outer(u, torch.ones(50))
     on = w.clone()
-    on[0:2] += 0.5      # A: all of the principal rows
+    on[0:2] += 0.5  # A: all of the principal rows
     off = w.clone()
-    off[5:7] += 0.5     # B: two ordinary rows
+    off[5:7] += 0.5  # B: two ordinary rows
     mid = w.clone()
-    mid[1:3] += 0.5     # C: one principal row, one ordinary
+    mid[1:3] += 0.5  # C: one principal row, one ordinary
     t = {"base": w, "a": on, "b": off, "c": mid}
     return {k: ckpt(tmp_path, k, {NAME: v.to(dtype)}) for k, v in t.items()}
 
@@ -70,10 +69,10 @@ def test_principal_weight_overlap_and_lift(tmp_path, dtype):
 def test_fisher_mass_on_overlap_and_exclusive_entries(tmp_path):
     w = torch.ones(20, 50)
     a, b = w.clone(), w.clone()
-    a[0:2] += 0.5   # rows 0, 1
-    b[1:3] -= 0.5   # rows 1, 2: overlap row 1
+    a[0:2] += 0.5  # rows 0, 1
+    b[1:3] -= 0.5  # rows 1, 2: overlap row 1
     fa = torch.ones(20, 50)
-    fa[0] = 2.0     # A's Fisher: 1050 in all, 50 on the overlap, 100 on its exclusive row 0
+    fa[0] = 2.0  # A's Fisher: 1050 in all, 50 on the overlap, 100 on its exclusive row 0
     fb = torch.full((20, 50), 3.0)
     fisher = {"a": ckpt(tmp_path, "fa", {NAME: fa}), "b": ckpt(tmp_path, "fb", {NAME: fb})}
     models = {"a": ckpt(tmp_path, "a", {NAME: a}), "b": ckpt(tmp_path, "b", {NAME: b})}
@@ -104,8 +103,11 @@ def test_a_dtype_mismatch_is_reported_not_compared(tmp_path):
 def test_an_identical_model_shows_no_update_at_all(tmp_path, dtype):
     g = torch.Generator().manual_seed(1)
     tensors = {NAME: torch.randn(96, 64, generator=g).to(dtype), "model.norm.weight": torch.ones(64, dtype=dtype)}
-    rows, _ = compute_geometry(ckpt(tmp_path, "b", tensors), {"same": ckpt(tmp_path, "s", tensors)},
-                               settings=GeometrySettings(top_k_fraction=0.05))
+    rows, _ = compute_geometry(
+        ckpt(tmp_path, "b", tensors),
+        {"same": ckpt(tmp_path, "s", tensors)},
+        settings=GeometrySettings(top_k_fraction=0.05),
+    )
     (mat,) = rows_of(rows, scope="tensor", tensor=NAME)
     assert mat["changed_bf16"] == mat["changed_rel"] == mat["changed_abs"] == 0 and mat["sparsity_bf16"] == 1.0
     assert mat["angle_left_max_deg"] == mat["angle_right_max_deg"] == mat["spectral_drift"] == 0.0
@@ -126,18 +128,30 @@ def test_module_scope_rows(toy_family):
 
 
 def test_module_types_from_tensor_names():
-    cases = {"self_attn.q_proj": "attention", "self_attn.o_proj": "attention", "mlp.down_proj": "mlp",
-             "input_layernorm": "norm", "post_attention_layernorm": "norm", "norm": "norm",
-             "embed_tokens": "embedding", "lm_head": "embedding", "attn.c_attn": "attention",
-             "mlp.c_fc": "mlp", "ln_1": "norm", "wte": "embedding", "rotary_emb.inv_freq": "other"}
+    cases = {
+        "self_attn.q_proj": "attention",
+        "self_attn.o_proj": "attention",
+        "mlp.down_proj": "mlp",
+        "input_layernorm": "norm",
+        "post_attention_layernorm": "norm",
+        "norm": "norm",
+        "embed_tokens": "embedding",
+        "lm_head": "embedding",
+        "attn.c_attn": "attention",
+        "mlp.c_fc": "mlp",
+        "ln_1": "norm",
+        "wte": "embedding",
+        "rotary_emb.inv_freq": "other",
+    }
     assert {m: module_type(m) for m in cases} == cases
 
 
 def test_elected_sign_can_be_switched_off(tmp_path):
     base = torch.ones(100)
     models = {m: ckpt(tmp_path, m, {NAME: base + 0.5}) for m in ("a", "b")}
-    rows, _ = compute_geometry(ckpt(tmp_path, "base", {NAME: base}), models,
-                               settings=GeometrySettings(spectral=False, elected_sign=False))
+    rows, _ = compute_geometry(
+        ckpt(tmp_path, "base", {NAME: base}), models, settings=GeometrySettings(spectral=False, elected_sign=False)
+    )
     assert all(r["elected_sign_shared"] is None and r["elected_sign_disagreement"] is None for r in rows)
 
 
@@ -148,8 +162,10 @@ def test_elected_sign_kernels_agree_with_a_torch_reference(n_models, dtype):
 
     g = torch.Generator().manual_seed(n_models)
     base = torch.randn(50_001, generator=g).to(dtype)
-    fts = [(base.float() + (torch.rand(50_001, generator=g) < 0.4) * torch.randn(50_001, generator=g) * 0.1).to(dtype)
-           for _ in range(n_models)]
+    fts = [
+        (base.float() + (torch.rand(50_001, generator=g) < 0.4) * torch.randn(50_001, generator=g) * 0.1).to(dtype)
+        for _ in range(n_models)
+    ]
     masks = torch.stack([changed_bf16(base, f) for f in fts])
     deltas = torch.stack([f.float() - base.float() for f in fts])
     total = (deltas * masks).sum(0)

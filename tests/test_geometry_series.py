@@ -16,8 +16,11 @@ from mergeaudit.errors import ConfigError
 from mergeaudit.geometry import GeometrySettings
 from mergeaudit.geometry.series import compute_series, discover_steps, spaced, step_number
 
-SHAPES = {"model.layers.0.mlp.up_proj.weight": (40, 50), "model.layers.0.self_attn.q_proj.weight": (50, 50),
-          "model.layers.0.input_layernorm.weight": (50,)}
+SHAPES = {
+    "model.layers.0.mlp.up_proj.weight": (40, 50),
+    "model.layers.0.self_attn.q_proj.weight": (50, 50),
+    "model.layers.0.input_layernorm.weight": (50,),
+}
 STEPS = (100, 200, 300, 400, 500)
 DENSITY = {100: 0.02, 200: 0.05, 300: 0.10, 400: 0.15, 500: 0.20}
 
@@ -42,7 +45,7 @@ def family():
     other = {}
     for n, t in base.items():
         flat = t.float().reshape(-1).clone()
-        idx = order[n][-round(0.1 * flat.numel()):]
+        idx = order[n][-round(0.1 * flat.numel()) :]
         flat[idx] -= 0.5
         other[n] = flat.reshape(t.shape).to(torch.bfloat16)
     return base, steps, other
@@ -77,8 +80,11 @@ def test_five_steps_with_known_densities(tmp_path):
     rows = compute_series(base_ck, "math", cks[::-1], {"code": other_ck}, kind="rlvr", settings=settings)
 
     def one(step, against, scope="model", module=None):
-        (r,) = [r for r in rows if r["step"] == step and r["against"] == against and r["scope"] == scope
-                and r["module"] == module]
+        (r,) = [
+            r
+            for r in rows
+            if r["step"] == step and r["against"] == against and r["scope"] == scope and r["module"] == module
+        ]
         return r
 
     for s in STEPS:
@@ -96,14 +102,16 @@ def test_five_steps_with_known_densities(tmp_path):
         p = one(s, "previous")
         assert p["against_model"] == f"math@{prev}"
         # only the entries new at this step changed since the previous one
-        assert p["changed_bf16"] == sum(round(DENSITY[s] * t.numel()) - round(DENSITY[prev] * t.numel())
-                                        for t in base.values())
+        assert p["changed_bf16"] == sum(
+            round(DENSITY[s] * t.numel()) - round(DENSITY[prev] * t.numel()) for t in base.values()
+        )
     for s in STEPS[:-1]:
         f = one(s, "final")
         assert f["overlap_of_step"] == 1.0  # nested masks: every entry a step changed, the final changes
         assert f["overlap_of_other"] == pytest.approx(
             sum(round(DENSITY[s] * t.numel()) for t in base.values())
-            / sum(round(DENSITY[500] * t.numel()) for t in base.values()))
+            / sum(round(DENSITY[500] * t.numel()) for t in base.values())
+        )
         assert f["overlap_of_step_lift"] > 1
     assert not [r for r in rows if r["step"] == STEPS[0] and r["against"] == "previous"]
     assert not [r for r in rows if r["step"] == STEPS[-1] and r["against"] == "final"]
@@ -117,16 +125,23 @@ def test_a_dtype_mismatch_counts_as_skipped_tensors(tmp_path):
     bad = dict(steps[200])
     bad["model.layers.0.mlp.up_proj.weight"] = bad["model.layers.0.mlp.up_proj.weight"].to(torch.float16)
     base_ck = Checkpoint.open(write(str(tmp_path / "base"), base))
-    cks = [(100, Checkpoint.open(write(str(tmp_path / "s100"), steps[100]))),
-           (200, Checkpoint.open(write(str(tmp_path / "s200"), bad)))]
+    cks = [
+        (100, Checkpoint.open(write(str(tmp_path / "s100"), steps[100]))),
+        (200, Checkpoint.open(write(str(tmp_path / "s200"), bad))),
+    ]
     rows = compute_series(base_ck, "r", cks, settings=GeometrySettings(spectral=False))
     (r,) = [r for r in rows if r["step"] == 200 and r["against"] == "base" and r["scope"] == "model"]
     assert r["skipped_tensors"] == 1 and r["n_tensors"] == 2
 
 
 def test_step_numbers_and_spacing():
-    assert [step_number(p) for p in ("step-100", "checkpoint-200", "global_step300/actor", "run2/step_7", "final")] \
-        == [100, 200, 300, 7, None]
+    assert [step_number(p) for p in ("step-100", "checkpoint-200", "global_step300/actor", "run2/step_7", "final")] == [
+        100,
+        200,
+        300,
+        7,
+        None,
+    ]
     steps = [(i * 10, f"u{i}") for i in range(11)]
     assert spaced(steps, 3) == [(0, "u0"), (50, "u5"), (100, "u10")]
     assert spaced(steps, 20) == steps
@@ -137,9 +152,9 @@ def test_discover_steps_under_a_prefix(store_root):
     prefix = store.join(store_root, "runs", "math")
     for s in (100, 300):
         write(store.join(prefix, f"checkpoint-{s}"), steps[s])
-    write(store.join(prefix, "final"), steps[500])               # no step number: left out
+    write(store.join(prefix, "final"), steps[500])  # no step number: left out
     half = write(store.join(prefix, "checkpoint-200"), steps[200])
-    store.remove(store.join(half, "model.safetensors"))        # incomplete: left out
+    store.remove(store.join(half, "model.safetensors"))  # incomplete: left out
     found, skipped = discover_steps(prefix)
     assert [s for s, _ in found] == [100, 300]
     assert found[0][1] == store.join(prefix, "checkpoint-100")
@@ -150,12 +165,16 @@ def audit_config(tmp_path, prefix, **series):
     base, steps, other = family()
     write(str(tmp_path / "base"), base)
     write(str(tmp_path / "code"), other)
-    return parse_config({
-        "name": "series", "base": {"name": "base", "uri": str(tmp_path / "base")},
-        "models": [{"name": "code", "uri": str(tmp_path / "code"), "kind": "rlvr"}],
-        "series": [{"name": "math", "kind": "rlvr", "prefix": prefix, **series}],
-        "results_uri": str(tmp_path / "results"), "geometry": {"spectral": False},
-    }), steps
+    return parse_config(
+        {
+            "name": "series",
+            "base": {"name": "base", "uri": str(tmp_path / "base")},
+            "models": [{"name": "code", "uri": str(tmp_path / "code"), "kind": "rlvr"}],
+            "series": [{"name": "math", "kind": "rlvr", "prefix": prefix, **series}],
+            "results_uri": str(tmp_path / "results"),
+            "geometry": {"spectral": False},
+        }
+    ), steps
 
 
 def test_an_audit_measures_the_steps_it_finds_on_s3(tmp_path, s3_bucket):
@@ -170,8 +189,9 @@ def test_an_audit_measures_the_steps_it_finds_on_s3(tmp_path, s3_bucket):
     geo = audit.compute_geometry(config, records)
     rows = [r for r in geo["geometry_series"] if r["scope"] == "model" and r["against"] == "base"]
     base = family()[0]
-    assert [(r["step"], r["sparsity_bf16"]) for r in rows] == [(s, pytest.approx(expected_sparsity(base.values(), s)))
-                                                               for s in (100, 200, 300)]
+    assert [(r["step"], r["sparsity_bf16"]) for r in rows] == [
+        (s, pytest.approx(expected_sparsity(base.values(), s))) for s in (100, 200, 300)
+    ]
     assert {r["model"] for r in geo["geometry_tensors"]} == {"code"}  # steps are not models of the audit
     roles = {r["name"]: r["role"] for r in audit.checkpoint_rows(config, records)}
     assert roles["math@200"] == "series_step" and roles["code"] == "model"
@@ -188,10 +208,14 @@ def test_series_config_is_checked(tmp_path):
     with pytest.raises(ConfigError, match="unknown model 'nope'"):
         audit_config(tmp_path / "b", str(tmp_path / "runs"), compare_with=["nope"])
     with pytest.raises(ConfigError, match="contains checkpoint series math"):
-        parse_config({"base": {"name": "base", "uri": str(tmp_path / "b")},
-                      "models": [{"name": "m", "uri": str(tmp_path / "m")}],
-                      "series": [{"name": "math", "prefix": str(tmp_path / "out" / "runs")}],
-                      "results_uri": str(tmp_path / "out")})
+        parse_config(
+            {
+                "base": {"name": "base", "uri": str(tmp_path / "b")},
+                "models": [{"name": "m", "uri": str(tmp_path / "m")}],
+                "series": [{"name": "math", "prefix": str(tmp_path / "out" / "runs")}],
+                "results_uri": str(tmp_path / "out"),
+            }
+        )
 
 
 def test_the_report_plots_the_series_and_the_module_types(tmp_path):
@@ -206,10 +230,17 @@ def test_the_report_plots_the_series_and_the_module_types(tmp_path):
     settings = GeometrySettings(top_k_fraction=0.1)
     tensor_rows, pair_rows = compute_geometry(base_ck, {"code": code}, {"code": "rlvr"}, settings)
     results = str(tmp_path / "results")
-    tables.write_run(results, audit.new_run_id(), "2026-11-28", {
-        "geometry_tensors": tensor_rows, "geometry_pairs": pair_rows,
-        "geometry_series": compute_series(base_ck, "math", cks, {"code": code}, "rlvr", settings),
-        "runs": [audit.run_row("series", dt.datetime.now(dt.timezone.utc), "{}")]})
+    tables.write_run(
+        results,
+        audit.new_run_id(),
+        "2026-11-28",
+        {
+            "geometry_tensors": tensor_rows,
+            "geometry_pairs": pair_rows,
+            "geometry_series": compute_series(base_ck, "math", cks, {"code": code}, "rlvr", settings),
+            "runs": [audit.run_row("series", dt.datetime.now(dt.timezone.utc), "{}")],
+        },
+    )
     data = report.load_run(results)
     content = report.build_content(data)
     ids = [f.id for f in content.figures]
@@ -237,10 +268,11 @@ def test_the_run_summary_states_tensors_not_compared(tmp_path):
     geo = audit.compute_geometry(config, records)
     (reason,) = [r["reason"] for r in geo["geometry_tensors"] if r["reason"]]
     assert reason == "dtype F16 vs base BF16: not compared"
-    outcome = audit.finish_run(config, audit.new_run_id(), dt.datetime.now(dt.timezone.utc), records,
-                               geo, [], [])
-    assert outcome.notes == ["geometry: 1 tensor(s) of code not compared (dtype F16 vs base BF16: not compared): "
-                             "model.layers.0.self_attn.q_proj.weight"]
+    outcome = audit.finish_run(config, audit.new_run_id(), dt.datetime.now(dt.timezone.utc), records, geo, [], [])
+    assert outcome.notes == [
+        "geometry: 1 tensor(s) of code not compared (dtype F16 vs base BF16: not compared): "
+        "model.layers.0.self_attn.q_proj.weight"
+    ]
 
 
 def test_series_reuse_the_base_decompositions_of_the_main_pass(tmp_path, monkeypatch):

@@ -72,8 +72,9 @@ def test_weights_with_a_chosen_rotation_of_their_top_subspace(settings, deg):
     s = torch.cat([torch.tensor([10.0, 9.0, 8.0, 7.0]), torch.linspace(1.0, 0.1, n - 4)]).double()
     w = u @ torch.diag(s) @ v.T
     w_ft = rotated(u, 0, 50, deg) @ torch.diag(s) @ v.T
-    settings = GeometrySettings(top_k_fraction=4 / 90, exact_max_dim=settings.exact_max_dim,
-                                exact_max_cost=settings.exact_max_cost)
+    settings = GeometrySettings(
+        top_k_fraction=4 / 90, exact_max_dim=settings.exact_max_dim, exact_max_cost=settings.exact_max_cost
+    )
     f = spectral_figures(w.float(), w_ft.float(), None, settings)
     assert f["topk"] == 4
     # measured: exact within 1e-7 degrees, randomized within 2e-5 (from fp32 W and W')

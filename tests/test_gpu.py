@@ -21,9 +21,26 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 @pytest.mark.integration
 def test_gpu_check_script_runs_on_cpu(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--size",
-                          "tiny", "--new-tokens", "4", "--batch", "2", "--workdir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_check.py"),
+            "--device",
+            "cpu",
+            "--size",
+            "tiny",
+            "--new-tokens",
+            "4",
+            "--batch",
+            "2",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     steps = {r["step"]: r for r in (json.loads(line) for line in out.stdout.splitlines() if line.startswith("{"))}
     assert set(steps) == {"machine", "build", "h2d", "merge", "geometry", "generate", "summary"}
     assert steps["merge"]["experts"] == 3 and steps["merge"]["seconds"] > 0
@@ -48,9 +65,13 @@ def test_ties_on_cuda_equals_cpu(tmp_path):
     uris = toy_family(tmp_path)
 
     def merged(device: str) -> dict[str, torch.Tensor]:
-        plan = MergePlan(method="ties", base=ModelRef(id="base", uri=uris["base"]),
-                         models=[ModelRef(id=m, uri=uris[m]) for m in ("a", "b", "c")],
-                         parameters={"density": 0.5, "weight": 1.0}, device=device)
+        plan = MergePlan(
+            method="ties",
+            base=ModelRef(id="base", uri=uris["base"]),
+            models=[ModelRef(id=m, uri=uris[m]) for m in ("a", "b", "c")],
+            parameters={"density": 0.5, "weight": 1.0},
+            device=device,
+        )
         return dict(prepare(plan).stream())
 
     cpu, gpu = merged("cpu"), merged("cuda")

@@ -39,11 +39,15 @@ HOSTILE = {
     "shape_float": blob(b'{"x":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}}', b"\0" * 8),
     "shape_exponent": blob(b'{"x":{"dtype":"F32","shape":[2e0],"data_offsets":[0,8]}}', b"\0" * 8),
     "numel_overflows_u64": blob({"x": {"dtype": "F32", "shape": [2**32, 2**32, 2], "data_offsets": [0, 8]}}, b"\0" * 8),
-    "duplicate_name_other_offsets": blob(b'{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
-                                         b'"x":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}', b"\0" * 16),
+    "duplicate_name_other_offsets": blob(
+        b'{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"x":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}',
+        b"\0" * 16,
+    ),
     "duplicate_field": blob(b'{"x":{"dtype":"F32","shape":[2],"shape":[2],"data_offsets":[0,8]}}', b"\0" * 8),
-    "duplicate_metadata": blob(b'{"__metadata__":{"a":"1"},"__metadata__":{"a":"2"},'
-                               b'"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', b"\0" * 8),
+    "duplicate_metadata": blob(
+        b'{"__metadata__":{"a":"1"},"__metadata__":{"a":"2"},"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}',
+        b"\0" * 8,
+    ),
     "gap_at_start": blob({"x": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, b"\0" * 16),
     "gap_between": blob({"x": F32x2, "y": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}}, b"\0" * 24),
     "overlap": blob({"x": F32x2, "y": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12),
@@ -72,10 +76,17 @@ VALID = {
     "metadata": blob({"__metadata__": {"format": "pt"}, "x": F32x2}, b"\0" * 8),
     "metadata_null": blob({"__metadata__": None, "x": F32x2}, b"\0" * 8),
     "empty": blob(b"{}"),
-    "zero_sized_tensors": blob({"x": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}, "y": F32x2,
-                                "z": {"dtype": "BF16", "shape": [0, 3], "data_offsets": [8, 8]}}, b"\0" * 8),
-    "offsets_out_of_name_order": blob({"y": {"dtype": "F16", "shape": [4], "data_offsets": [8, 16]}, "x": F32x2},
-                                      b"\0" * 16),
+    "zero_sized_tensors": blob(
+        {
+            "x": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]},
+            "y": F32x2,
+            "z": {"dtype": "BF16", "shape": [0, 3], "data_offsets": [8, 8]},
+        },
+        b"\0" * 8,
+    ),
+    "offsets_out_of_name_order": blob(
+        {"y": {"dtype": "F16", "shape": [4], "data_offsets": [8, 16]}, "x": F32x2}, b"\0" * 16
+    ),
     "whitespace_padding": blob(b' {"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}    ', b"\0" * 8),
     "extra_entry_field": blob({"x": {**F32x2, "note": "ignored"}}, b"\0" * 8),
 }

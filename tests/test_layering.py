@@ -40,8 +40,10 @@ RULES = [  # (importer, forbidden import, why)
     ("mergeaudit.merging", "mergeaudit.geometry", "geometry's package imports the numba kernels"),
     ("mergeaudit.merging", "numba", "merging is torch only"),
     ("mergeaudit.report", "mergeaudit.merging", "the report lays out tables; it merges nothing"),
-    *[("mergeaudit", target, "the library never imports the orchestration layer") for target in ("prefect",
-                                                                                                 *ORCHESTRATION)],
+    *[
+        ("mergeaudit", target, "the library never imports the orchestration layer")
+        for target in ("prefect", *ORCHESTRATION)
+    ],
 ]
 
 
@@ -78,7 +80,7 @@ def imports(path: Path, module: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                parent = package[:len(package) - node.level + 1]
+                parent = package[: len(package) - node.level + 1]
                 base = ".".join([*parent, *([node.module] if node.module else [])])
             found.add(base)
             found.update(f"{base}.{a.name}" for a in node.names if a.name != "*")
@@ -125,14 +127,22 @@ def test_no_library_module_names_the_orchestration_layer_in_a_string():
 def test_nothing_imports_the_orchestration_layer_by_a_generic_top_level_name():
     """`flows`, `tasks`, `deployments` are folders of the repository, installed as
     mergeaudit.flows, ...; a generic top-level import works only from the repository root."""
-    folders = [LIBRARY, *(orchestration_dir(p) for p in ORCHESTRATION),
-               *(REPO / d for d in ("tests", "benchmarks", "scripts") if (REPO / d).is_dir())]
+    folders = [
+        LIBRARY,
+        *(orchestration_dir(p) for p in ORCHESTRATION),
+        *(REPO / d for d in ("tests", "benchmarks", "scripts") if (REPO / d).is_dir()),
+    ]
     offenders = []
     for folder in folders:
         for path in sorted(folder.rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                    [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module]
+                    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                    else []
+                )
                 offenders += [f"{path}: {n}" for n in names if n.split(".")[0] in GENERIC]
     assert not offenders, "\n".join(offenders)
 
@@ -167,11 +177,14 @@ def loaded_after_importing(packages: list[str], watched: list[str], skip: tuple[
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize(("package", "forbidden"), [
-    ("mergeaudit.merging", ["numba", "mergeaudit.geometry"]),
-    ("mergeaudit.evaluation", ["mergeaudit.toy"]),
-    ("mergeaudit.report", ["mergeaudit.merging"]),
-])
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        ("mergeaudit.merging", ["numba", "mergeaudit.geometry"]),
+        ("mergeaudit.evaluation", ["mergeaudit.toy"]),
+        ("mergeaudit.report", ["mergeaudit.merging"]),
+    ],
+)
 @pytest.mark.integration
 def test_importing_a_subsystem_leaves_what_it_must_not_use_unloaded(package, forbidden):
     assert loaded_after_importing([package], forbidden) == []

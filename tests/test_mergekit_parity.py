@@ -24,13 +24,16 @@ def fp32_family(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("parity"))
     base_uri = build_base(root, layers=3)
     base = Checkpoint.open(base_uri)
-    base32 = write_checkpoint(store.join(root, "base32"), ((n, t.float()) for n, t in base.iter_tensors()),
-                              source=base, dtype=torch.float32)
+    base32 = write_checkpoint(
+        store.join(root, "base32"), ((n, t.float()) for n, t in base.iter_tensors()), source=base, dtype=torch.float32
+    )
     uris = {"base": base32}
     for i, (name, density) in enumerate([("a", 0.3), ("b", 0.5), ("c", 0.4)]):
         g = torch.Generator().manual_seed(i)
-        tensors = ((n, sparse_update(n, t.float(), density, i, name) + 1e-4 * torch.randn(t.shape, generator=g))
-                   for n, t in base.iter_tensors())
+        tensors = (
+            (n, sparse_update(n, t.float(), density, i, name) + 1e-4 * torch.randn(t.shape, generator=g))
+            for n, t in base.iter_tensors()
+        )
         uris[name] = write_checkpoint(store.join(root, name), tensors, source=base, dtype=torch.float32)
     return uris
 
@@ -39,24 +42,59 @@ def configs(u: dict[str, str]) -> dict[str, dict]:
     m = lambda name, **p: {"model": u[name], **({"parameters": p} if p else {})}  # noqa: E731
     return {
         "linear": {"models": [m("a", weight=1.0), m("b", weight=2.0)], "merge_method": "linear"},
-        "task_arithmetic": {"models": [m("a", weight=0.7), m("b", weight=0.3)], "base_model": u["base"],
-                            "merge_method": "task_arithmetic", "parameters": {"lambda": 0.8}},
-        "ties": {"models": [m("a", weight=1.0, density=0.5), m("b", weight=0.5, density=0.7),
-                            m("c", weight=1.0, density=[0.3, 0.9])],
-                 "base_model": u["base"], "merge_method": "ties", "parameters": {"normalize": True}},
-        "breadcrumbs": {"models": [m("a", weight=1.0), m("b", weight=1.0)], "base_model": u["base"],
-                        "merge_method": "breadcrumbs", "parameters": {"density": 0.8, "gamma": 0.05}},
-        "breadcrumbs_ties": {"models": [m("a", weight=1.0), m("b", weight=0.6)], "base_model": u["base"],
-                             "merge_method": "breadcrumbs_ties", "parameters": {"density": 0.7, "gamma": 0.02}},
-        "slerp": {"models": [m("base"), m("a")], "base_model": u["base"], "merge_method": "slerp",
-                  "parameters": {"t": [{"filter": "self_attn", "value": LAYER_T},
-                                       {"filter": "mlp", "value": LAYER_T[::-1]}, {"value": 0.5}]}},
-        "nuslerp": {"models": [m("a", weight=1.0), m("b", weight=3.0)], "base_model": u["base"],
-                    "merge_method": "nuslerp"},
+        "task_arithmetic": {
+            "models": [m("a", weight=0.7), m("b", weight=0.3)],
+            "base_model": u["base"],
+            "merge_method": "task_arithmetic",
+            "parameters": {"lambda": 0.8},
+        },
+        "ties": {
+            "models": [
+                m("a", weight=1.0, density=0.5),
+                m("b", weight=0.5, density=0.7),
+                m("c", weight=1.0, density=[0.3, 0.9]),
+            ],
+            "base_model": u["base"],
+            "merge_method": "ties",
+            "parameters": {"normalize": True},
+        },
+        "breadcrumbs": {
+            "models": [m("a", weight=1.0), m("b", weight=1.0)],
+            "base_model": u["base"],
+            "merge_method": "breadcrumbs",
+            "parameters": {"density": 0.8, "gamma": 0.05},
+        },
+        "breadcrumbs_ties": {
+            "models": [m("a", weight=1.0), m("b", weight=0.6)],
+            "base_model": u["base"],
+            "merge_method": "breadcrumbs_ties",
+            "parameters": {"density": 0.7, "gamma": 0.02},
+        },
+        "slerp": {
+            "models": [m("base"), m("a")],
+            "base_model": u["base"],
+            "merge_method": "slerp",
+            "parameters": {
+                "t": [
+                    {"filter": "self_attn", "value": LAYER_T},
+                    {"filter": "mlp", "value": LAYER_T[::-1]},
+                    {"value": 0.5},
+                ]
+            },
+        },
+        "nuslerp": {
+            "models": [m("a", weight=1.0), m("b", weight=3.0)],
+            "base_model": u["base"],
+            "merge_method": "nuslerp",
+        },
         "model_stock": {"models": [m("a"), m("b"), m("c")], "base_model": u["base"], "merge_method": "model_stock"},
         "ram": {"models": [m("a"), m("b"), m("c")], "base_model": u["base"], "merge_method": "ram"},
-        "ramplus_tl": {"models": [m("a"), m("b"), m("c")], "base_model": u["base"], "merge_method": "ramplus_tl",
-                       "parameters": {"r": 0.2, "alpha": 0.5}},
+        "ramplus_tl": {
+            "models": [m("a"), m("b"), m("c")],
+            "base_model": u["base"],
+            "merge_method": "ramplus_tl",
+            "parameters": {"r": 0.2, "alpha": 0.5},
+        },
     }
 
 
@@ -107,12 +145,16 @@ def test_mergekit_yaml_runs_unchanged_through_the_cli(run_cli, fp32_family, tmp_
     "mutate,message",
     [
         (lambda c: c.update(merge_method="tiez"), "unknown merge method 'tiez'"),
-        (lambda c: c["models"].__setitem__(0, {**c["models"][0], "parameters": {"weight": 1, "density": 1.5}}),
-         "density must be in [0, 1]"),
+        (
+            lambda c: c["models"].__setitem__(0, {**c["models"][0], "parameters": {"weight": 1, "density": 1.5}}),
+            "density must be in [0, 1]",
+        ),
         (lambda c: c.update(slices=[]), "layer slices are not supported"),
         (lambda c: c["models"].append({"model": "meta-llama/Llama-3-8B"}), "hub ids are not downloaded"),
-        (lambda c: c.update(tokenizer={"source": "union", "tokens": {"<s>": {"source": c["base_model"]}}}),
-         "tokenizer.tokens"),
+        (
+            lambda c: c.update(tokenizer={"source": "union", "tokens": {"<s>": {"source": c["base_model"]}}}),
+            "tokenizer.tokens",
+        ),
         (lambda c: c.pop("base_model"), "ties needs a base"),
     ],
 )
@@ -133,10 +175,16 @@ def test_dare_masks_regenerate_alone_and_ignore_processing_order(fp32_family, tm
     from mergeaudit.merging import REGISTRY, TensorSlot
     from mergeaudit.merging.executor import prepare
 
-    cfg = {"models": [{"model": fp32_family["a"], "parameters": {"weight": 1.0}},
-                      {"model": fp32_family["b"], "parameters": {"weight": 1.0}}],
-           "base_model": fp32_family["base"], "merge_method": "dare_ties", "dtype": "float32",
-           "parameters": {"density": 0.4}}
+    cfg = {
+        "models": [
+            {"model": fp32_family["a"], "parameters": {"weight": 1.0}},
+            {"model": fp32_family["b"], "parameters": {"weight": 1.0}},
+        ],
+        "base_model": fp32_family["base"],
+        "merge_method": "dare_ties",
+        "dtype": "float32",
+        "parameters": {"density": 0.4},
+    }
     plan = plan_from_mergekit(cfg, tmp_path, seed=11)
     merged = dict(prepare(plan).stream())
     swapped = plan.model_copy(update={"models": plan.models[::-1], "model_parameters": plan.model_parameters[::-1]})
@@ -144,8 +192,15 @@ def test_dare_masks_regenerate_alone_and_ignore_processing_order(fp32_family, tm
     name = "model.layers.1.mlp.down_proj.weight"
     prepared = prepare(plan)
     base = prepared.base.get(name).float()
-    slot = TensorSlot(name, base, tuple(m.get(name).float() for m in prepared.models), tuple(m.id for m in plan.models),
-                      None, 11, random_keys=tuple(m.fingerprint for m in prepared.models))
+    slot = TensorSlot(
+        name,
+        base,
+        tuple(m.get(name).float() for m in prepared.models),
+        tuple(m.id for m in plan.models),
+        None,
+        11,
+        random_keys=tuple(m.fingerprint for m in prepared.models),
+    )
     assert torch.equal(REGISTRY.get("dare_ties").fn(slot, prepared.params[name]), merged[name])
     other_seed = dict(prepare(plan.model_copy(update={"seed": 12})).stream())
     assert not torch.equal(other_seed[name], merged[name])
@@ -159,8 +214,9 @@ def test_cuda_merge_matches_cpu(fp32_family, tmp_path, method):
 
     models = [ModelRef(id=n, uri=fp32_family[n]) for n in ("a", "b")]
     params = {"density": 0.5} if method != "sar" else {"sensitivity": "magnitude"}
-    plan = MergePlan(method=method, base=ModelRef(id="base", uri=fp32_family["base"]), models=models,
-                     parameters=params, seed=5)
+    plan = MergePlan(
+        method=method, base=ModelRef(id="base", uri=fp32_family["base"]), models=models, parameters=params, seed=5
+    )
     cpu = dict(prepare(plan).stream())
     for name, t in prepare(plan.model_copy(update={"device": "cuda"})).stream():
         assert torch.allclose(t, cpu[name], rtol=1e-5, atol=1e-6), name
@@ -170,8 +226,12 @@ def test_merge_reads_and_writes_s3(run_cli, s3_bucket, tmp_path):
     from mergeaudit.toy import build_toy_family
 
     family = build_toy_family(s3_bucket + "/ckpts", variants={"x": 0.1, "y": 0.2})
-    cfg = {"merge_method": "dare_ties", "base_model": family.base, "parameters": {"density": 0.5, "weight": 1.0},
-           "models": [{"model": u} for u in family.variants.values()]}
+    cfg = {
+        "merge_method": "dare_ties",
+        "base_model": family.base,
+        "parameters": {"density": 0.5, "weight": 1.0},
+        "models": [{"model": u} for u in family.variants.values()],
+    }
     path = tmp_path / "s3.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = run_cli("merge", str(path), s3_bucket + "/merged", "--seed", "3")

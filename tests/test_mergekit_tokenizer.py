@@ -48,8 +48,9 @@ def permuted_tokenizer():
             vocab.setdefault(ch, len(vocab))
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     core.decoder = decoders.Fuse()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
-                                                eos_token="</s>", unk_token="<unk>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,31 +80,72 @@ def m(uri: str, **params) -> dict:
 
 def cases(u: dict[str, str]) -> dict[str, tuple[dict, int]]:
     """name -> (mergekit config, rows the output must have)."""
-    ties = {"models": [m(u["a"], weight=0.7, density=0.5), m(u["b"], weight=0.4, density=0.5)],
-            "base_model": u["base"], "merge_method": "ties", "dtype": "bfloat16"}
+    ties = {
+        "models": [m(u["a"], weight=0.7, density=0.5), m(u["b"], weight=0.4, density=0.5)],
+        "base_model": u["base"],
+        "merge_method": "ties",
+        "dtype": "bfloat16",
+    }
     return {
         # the padded case: 128 rows, a 100-token tokenizer
         "base_padded_ties": ({**ties, "tokenizer_source": "base"}, 100),
-        "model_a_linear": ({"models": [m(u["a"], weight=0.3), m(u["b"], weight=0.7)], "merge_method": "linear",
-                            "dtype": "float32", "out_dtype": "bfloat16", "tokenizer_source": u["a"]}, 103),
+        "model_a_linear": (
+            {
+                "models": [m(u["a"], weight=0.3), m(u["b"], weight=0.7)],
+                "merge_method": "linear",
+                "dtype": "float32",
+                "out_dtype": "bfloat16",
+                "tokenizer_source": u["a"],
+            },
+            103,
+        ),
         # base lacks all three extra tokens: <tool> from its donor a, <think> averaged over a and b
         "union_ties": ({**ties, "tokenizer_source": "union"}, 103),
-        "union_linear_promoted": ({"models": [m(u["base"], weight=0.2), m(u["a"], weight=0.5), m(u["b"], weight=0.3)],
-                                   "merge_method": "linear", "tokenizer_source": "union"}, 103),
+        "union_linear_promoted": (
+            {
+                "models": [m(u["base"], weight=0.2), m(u["a"], weight=0.5), m(u["b"], weight=0.3)],
+                "merge_method": "linear",
+                "tokenizer_source": "union",
+            },
+            103,
+        ),
         # another token order: every other input is permuted onto c's 90 tokens
-        "model_c_permuted_task_arithmetic": ({"models": [m(u["a"], weight=0.6), m(u["c"], weight=0.5)],
-                                              "base_model": u["base"], "merge_method": "task_arithmetic",
-                                              "dtype": "float32", "tokenizer_source": u["c"]}, 90),
+        "model_c_permuted_task_arithmetic": (
+            {
+                "models": [m(u["a"], weight=0.6), m(u["c"], weight=0.5)],
+                "base_model": u["base"],
+                "merge_method": "task_arithmetic",
+                "dtype": "float32",
+                "tokenizer_source": u["c"],
+            },
+            90,
+        ),
         # c lacks ten of the base's tokens (the base's rows fill them), a adds three
-        "union_with_permuted_c": ({"models": [m(u["c"], weight=0.5, density=0.6), m(u["a"], weight=0.5, density=0.6)],
-                                   "base_model": u["base"], "merge_method": "ties", "dtype": "float32",
-                                   "tokenizer_source": "union"}, 103),
-        "base_stripped_task_arithmetic": ({"models": [m(u["a"], weight=0.5), m(u["b"], weight=0.5)],
-                                           "base_model": u["base98"], "merge_method": "task_arithmetic",
-                                           "dtype": "float32", "tokenizer_source": "base"}, 98),
+        "union_with_permuted_c": (
+            {
+                "models": [m(u["c"], weight=0.5, density=0.6), m(u["a"], weight=0.5, density=0.6)],
+                "base_model": u["base"],
+                "merge_method": "ties",
+                "dtype": "float32",
+                "tokenizer_source": "union",
+            },
+            103,
+        ),
+        "base_stripped_task_arithmetic": (
+            {
+                "models": [m(u["a"], weight=0.5), m(u["b"], weight=0.5)],
+                "base_model": u["base98"],
+                "merge_method": "task_arithmetic",
+                "dtype": "float32",
+                "tokenizer_source": "base",
+            },
+            98,
+        ),
         "union_padded_to_64": ({**ties, "tokenizer": {"source": "union", "pad_to_multiple_of": 64}}, 128),
-        "base_padded_to_48": ({**ties, "dtype": "float32", "tokenizer": {"source": "base", "pad_to_multiple_of": 48}},
-                              144),
+        "base_padded_to_48": (
+            {**ties, "dtype": "float32", "tokenizer": {"source": "base", "pad_to_multiple_of": 48}},
+            144,
+        ),
     }
 
 
@@ -122,8 +164,9 @@ def assert_same_as_mergekit(cfg: dict, tmp_path: Path, rows: int) -> dict:
     tok_ours = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "ours"))
     tok_theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "mergekit"))
     assert tok_ours.get_vocab() == tok_theirs.get_vocab()
-    assert {k: v.content for k, v in tok_ours.added_tokens_decoder.items()} == \
-        {k: v.content for k, v in tok_theirs.added_tokens_decoder.items()}
+    assert {k: v.content for k, v in tok_ours.added_tokens_decoder.items()} == {
+        k: v.content for k, v in tok_theirs.added_tokens_decoder.items()
+    }
     return report
 
 
@@ -153,8 +196,11 @@ def test_union_default_rows_follow_mergekits_rules(family, tmp_path):
     tool, think = out["<tool>"], out["<think>"]
     assert torch.equal(got[ids["base"]][tool], tensors[ids["a"]][tok_a["<tool>"]])  # donor
     assert torch.equal(got[ids["b"]][tool], tensors[ids["a"]][tok_a["<tool>"]])
-    mean = (torch.zeros(32, dtype=torch.bfloat16) + tensors[ids["a"]][tok_a["<think>"]]
-            + tensors[ids["b"]][tok_a["<think>"]]) / 2
+    mean = (
+        torch.zeros(32, dtype=torch.bfloat16)
+        + tensors[ids["a"]][tok_a["<think>"]]
+        + tensors[ids["b"]][tok_a["<think>"]]
+    ) / 2
     assert torch.equal(got[ids["base"]][think], mean)  # average over the inputs that have it
     assert torch.equal(got[ids["a"]][think], tensors[ids["a"]][tok_a["<think>"]])  # its own row
     assert all(t.shape == (103, 32) for t in got.values())
@@ -163,10 +209,24 @@ def test_union_default_rows_follow_mergekits_rules(family, tmp_path):
 def test_gather_by_hand():
     """Permutation, donor, base, average, zero and padding rows on tiny tensors."""
     # output tokens 0..4; input rows: base lacks 3 and 4, x lacks 2 and 4, y lacks 4
-    rows = {"base": torch.tensor([1, 0, 2, -1, -1]), "x": torch.tensor([0, 1, -1, 2, -1]),
-            "y": torch.tensor([2, 1, 0, 1, -1])}
-    v = Vocabulary(VocabularyPlan(source="union", pad_to_multiple_of=4), None, 5, 8, rows, ["x", "y", "base"],
-                   donor={2: "base"}, average={3: ["x", "y"]}, zero=[4], rebuilt=True, file_source="base")
+    rows = {
+        "base": torch.tensor([1, 0, 2, -1, -1]),
+        "x": torch.tensor([0, 1, -1, 2, -1]),
+        "y": torch.tensor([2, 1, 0, 1, -1]),
+    }
+    v = Vocabulary(
+        VocabularyPlan(source="union", pad_to_multiple_of=4),
+        None,
+        5,
+        8,
+        rows,
+        ["x", "y", "base"],
+        donor={2: "base"},
+        average={3: ["x", "y"]},
+        zero=[4],
+        rebuilt=True,
+        file_source="base",
+    )
     t = {k: torch.arange(6, dtype=torch.float32).reshape(3, 2) + 10 * i for i, k in enumerate(("base", "x", "y"))}
     got = v.gather(t)
     assert got["base"][:5].tolist() == [[2, 3], [0, 1], [4, 5], [(14 + 22) / 2, (15 + 23) / 2], [0, 0]]
@@ -184,28 +244,41 @@ def test_an_unchanged_vocabulary_reads_and_gathers_nothing(tmp_path, monkeypatch
     base = Checkpoint.open(build_base(root, layers=2))
     uris = {"base": base.uri}
     for i, name in enumerate(("a", "b")):
-        uris[name] = write_checkpoint(store.join(root, name), ((n, sparse_update(n, t, 0.3, i, name))
-                                                               for n, t in base.iter_tensors()), source=base)
+        uris[name] = write_checkpoint(
+            store.join(root, name),
+            ((n, sparse_update(n, t, 0.3, i, name)) for n, t in base.iter_tensors()),
+            source=base,
+        )
 
     def refuse(*_a, **_k):
         raise AssertionError("an unchanged vocabulary must not be gathered")
 
     monkeypatch.setattr(Vocabulary, "gather", refuse)
-    cfg = {"models": [m(uris["a"], weight=0.6), m(uris["b"], weight=0.4)], "base_model": uris["base"],
-           "merge_method": "task_arithmetic", "dtype": "bfloat16", "tokenizer_source": "base"}
+    cfg = {
+        "models": [m(uris["a"], weight=0.6), m(uris["b"], weight=0.4)],
+        "base_model": uris["base"],
+        "merge_method": "task_arithmetic",
+        "dtype": "bfloat16",
+        "tokenizer_source": "base",
+    }
     report = assert_same_as_mergekit(cfg, tmp_path, 100)
     assert not report["vocabulary"]["rows_reindexed"] and not report["vocabulary"]["tokenizer_rebuilt"]
     assert (tmp_path / "ours" / "tokenizer.json").read_bytes() == (Path(base.uri) / "tokenizer.json").read_bytes()
 
 
-@pytest.mark.parametrize("mutate,message", [
-    (lambda c, u: c.update(tokenizer={"source": "union", "tokens": {"<think>": {"source": u["a"]}}}),
-     "tokenizer.tokens (per-token embedding overrides) is not supported"),
-    (lambda c, u: c.update(tokenizer_source="union", tokenizer={"source": "base"}), "cannot both be given"),
-    (lambda c, u: c.update(tokenizer_source="/elsewhere"), "is not one of the models"),
-    (lambda c, u: c.update(tokenizer={"source": "base", "pad_to_multiple_of": 0}), "positive integer"),
-    (lambda c, u: c.update(tokenizer={"source": "base", "pad": 8}), "unknown keys pad"),
-])
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (
+            lambda c, u: c.update(tokenizer={"source": "union", "tokens": {"<think>": {"source": u["a"]}}}),
+            "tokenizer.tokens (per-token embedding overrides) is not supported",
+        ),
+        (lambda c, u: c.update(tokenizer_source="union", tokenizer={"source": "base"}), "cannot both be given"),
+        (lambda c, u: c.update(tokenizer_source="/elsewhere"), "is not one of the models"),
+        (lambda c, u: c.update(tokenizer={"source": "base", "pad_to_multiple_of": 0}), "positive integer"),
+        (lambda c, u: c.update(tokenizer={"source": "base", "pad": 8}), "unknown keys pad"),
+    ],
+)
 def test_unsupported_tokenizer_settings_are_refused(family, tmp_path, mutate, message):
     cfg = dict(cases(family)["union_ties"][0])
     cfg.pop("tokenizer_source")
@@ -221,8 +294,11 @@ def test_a_source_without_tokenizer_files_is_refused_before_reading(family, tmp_
     src = Checkpoint.open(family["b"])
     for name in ("config.json", "model.safetensors"):
         (bare / name).write_bytes(Path(src.files[name].uri).read_bytes())
-    cfg = {"models": [m(family["a"], weight=0.5), m(str(bare), weight=0.5)], "merge_method": "linear",
-           "tokenizer_source": str(bare)}
+    cfg = {
+        "models": [m(family["a"], weight=0.5), m(str(bare), weight=0.5)],
+        "merge_method": "linear",
+        "tokenizer_source": str(bare),
+    }
     with pytest.raises(ConfigError, match="has no tokenizer files"):
         run_merge(plan_from_mergekit(cfg, tmp_path), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
@@ -245,5 +321,6 @@ def test_union_on_s3_matches_the_local_merge(family, tmp_path, s3_bucket):
     assert report["vocabulary"]["defaults"] == local["vocabulary"]["defaults"] and ours.config["vocab_size"] == rows
     assert all(torch.equal(ours.get(n), theirs.get(n)) for n in theirs.keys())
     assert "tokenizer.json" in ours.files
-    assert json.loads(store.read_bytes(ours.files["tokenizer.json"].uri)) == \
-        json.loads((tmp_path / "local" / "tokenizer.json").read_text())
+    assert json.loads(store.read_bytes(ours.files["tokenizer.json"].uri)) == json.loads(
+        (tmp_path / "local" / "tokenizer.json").read_text()
+    )

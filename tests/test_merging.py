@@ -18,17 +18,23 @@ def t(v) -> torch.Tensor:
 
 def params(method: str, n: int, shared: dict | None = None, per_model: list[dict] | None = None) -> MethodParams:
     m = REGISTRY.get(method)
-    return resolve(m, "model.layers.0.mlp.up_proj.weight", 0.0, {**m.example, **(shared or {})},
-                   per_model or [{}] * n)
+    return resolve(m, "model.layers.0.mlp.up_proj.weight", 0.0, {**m.example, **(shared or {})}, per_model or [{}] * n)
 
 
 def run(method: str, base, *models, fisher=None, shared=None, per_model=None, seed=0) -> list[float]:
-    slot = TensorSlot("w", t(base) if base is not None else None, tuple(t(m) for m in models),
-                      tuple(f"m{i}" for i in range(len(models))), tuple(t(f) for f in fisher) if fisher else None, seed)
+    slot = TensorSlot(
+        "w",
+        t(base) if base is not None else None,
+        tuple(t(m) for m in models),
+        tuple(f"m{i}" for i in range(len(models))),
+        tuple(t(f) for f in fisher) if fisher else None,
+        seed,
+    )
     return REGISTRY.get(method).fn(slot, params(method, len(models), shared, per_model)).tolist()
 
 
 # -- registry and parameters -----------------------------------------------------------------------
+
 
 def test_registry_refuses_duplicates_and_names_known_methods():
     reg = Registry()
@@ -71,13 +77,25 @@ def test_gradients_and_filters_resolve_like_mergekit():
 def test_bad_parameters_are_reported_together_before_any_tensor():
     tensors = [(f"model.layers.{i}.w", i) for i in range(4)]
     with pytest.raises(ConfigError) as info:
-        check_all(REGISTRY.get("ties"), tensors, 4, {"density": [0.5, 1.5], "bogus": 1, "normalize": True},
-                  [{"weight": -1.0}, {}], has_base=True)
+        check_all(
+            REGISTRY.get("ties"),
+            tensors,
+            4,
+            {"density": [0.5, 1.5], "bogus": 1, "normalize": True},
+            [{"weight": -1.0}, {}],
+            has_base=True,
+        )
     msg = str(info.value)
     assert "does not take bogus" in msg
     with pytest.raises(ConfigError) as info:
-        check_all(REGISTRY.get("ties"), tensors, 4, {"density": [0.5, 1.5], "normalize": True},
-                  [{"weight": -1.0}, {}], has_base=True)
+        check_all(
+            REGISTRY.get("ties"),
+            tensors,
+            4,
+            {"density": [0.5, 1.5], "normalize": True},
+            [{"weight": -1.0}, {}],
+            has_base=True,
+        )
     msg = str(info.value)
     assert "density must be in [0, 1]" in msg and "and 1 more tensors" in msg
     assert "negative weights" not in msg  # mergekit normalises them (a zero divisor divides by 1)
@@ -98,13 +116,15 @@ def test_input_contracts(method, n, has_base, message):
 
 
 def test_della_epsilon_must_keep_probabilities_valid():
-    with pytest.raises(ConfigError,
-                       match=r"epsilon must keep density \+- epsilon inside \(0, 1\) \(got density 0.5, epsilon 0.6\)"):
+    with pytest.raises(
+        ConfigError, match=r"epsilon must keep density \+- epsilon inside \(0, 1\) \(got density 0.5, epsilon 0.6\)"
+    ):
         check_all(REGISTRY.get("della"), [("w", None)], None, {"density": 0.5, "epsilon": 0.6}, [{}], True)
     check_all(REGISTRY.get("della"), [("w", None)], None, {"density": 0.5, "epsilon": 0.4}, [{}], True)
 
 
 # -- hand-computed examples ------------------------------------------------------------------------
+
 
 def test_linear():
     assert run("linear", None, [1.0, 2.0], [3.0, 6.0]) == [2.0, 4.0]
@@ -115,8 +135,14 @@ def test_linear():
 def test_task_arithmetic():
     assert run("task_arithmetic", [1.0, 1.0], [2.0, 1.0], [1.0, 3.0]) == [2.0, 3.0]
     assert run("task_arithmetic", [1.0, 1.0], [2.0, 1.0], [1.0, 3.0], shared={"lambda": 0.5}) == [1.5, 2.0]
-    assert run("task_arithmetic", [1.0, 1.0], [2.0, 1.0], [1.0, 3.0], shared={"normalize": True},
-               per_model=[{"weight": 1.0}, {"weight": 3.0}]) == [1.25, 2.5]
+    assert run(
+        "task_arithmetic",
+        [1.0, 1.0],
+        [2.0, 1.0],
+        [1.0, 3.0],
+        shared={"normalize": True},
+        per_model=[{"weight": 1.0}, {"weight": 3.0}],
+    ) == [1.25, 2.5]
 
 
 def test_ties_magnitude_sign_election_and_both_normalisations():
@@ -153,8 +179,9 @@ def test_dare_masks_are_keyed_rescaled_and_order_independent():
     # L1 rescale: each masked delta keeps its L1 norm
     alone, _ = merge((a, torch.zeros(20_000)), ("a", "b"))
     assert float(alone.abs().sum()) == pytest.approx(float(a.abs().sum()), rel=1e-4)
-    paper = REGISTRY.get("dare_linear").fn(TensorSlot("layer.w", base, (a,), ("a",)),
-                                           params("dare_linear", 1, {"density": 0.3, "semantics": "paper"}))
+    paper = REGISTRY.get("dare_linear").fn(
+        TensorSlot("layer.w", base, (a,), ("a",)), params("dare_linear", 1, {"density": 0.3, "semantics": "paper"})
+    )
     kept = paper != 0
     assert torch.allclose(paper[kept], a[kept] / 0.3)
 
@@ -255,6 +282,7 @@ def test_gaussian_task_vector_scaling_needs_a_base():
 
 # -- conformance over the registry -----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("method", REGISTRY.names())
 def test_conformance(method):
     g = torch.Generator().manual_seed(0)
@@ -274,12 +302,22 @@ def test_conformance(method):
     assert a.shape == base.shape and a.dtype == base.dtype and torch.equal(a, b)
     if m.symmetric and n > 1:
         order = list(reversed(range(n)))
-        c = m.fn(TensorSlot("w", base, tuple(models[i] for i in order), tuple(ids[i] for i in order),
-                            tuple(fisher[i] for i in order), 7), p)
+        c = m.fn(
+            TensorSlot(
+                "w",
+                base,
+                tuple(models[i] for i in order),
+                tuple(ids[i] for i in order),
+                tuple(fisher[i] for i in order),
+                7,
+            ),
+            p,
+        )
         assert torch.allclose(a, c, atol=1e-5)
 
 
 # -- randomness follows the checkpoint, not the spelling of its path ---------------------------------
+
 
 @pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
 def test_random_masks_are_keyed_by_checkpoint_fingerprint(tmp_path, monkeypatch, method):
@@ -302,13 +340,19 @@ def test_random_masks_are_keyed_by_checkpoint_fingerprint(tmp_path, monkeypatch,
 
     def kept(uri: str, model_id: str) -> dict[str, torch.Tensor]:
         """The entries the method kept (its mask on the update's support), per tensor."""
-        plan = MergePlan(method=method, base=ModelRef(id="base", uri=base_uri),
-                         models=[ModelRef(id=model_id, uri=uri)], parameters={"density": 0.5}, seed=3)
+        plan = MergePlan(
+            method=method,
+            base=ModelRef(id="base", uri=base_uri),
+            models=[ModelRef(id=model_id, uri=uri)],
+            parameters={"density": 0.5},
+            seed=3,
+        )
         return {n: t != base[n] for n, t in prepare(plan).stream()}
 
     spellings = [kept(uri, uri) for uri in ("./a", str(tmp_path / "a"), "a/")] + [kept("a", "another-id")]
-    assert all(m.keys() == spellings[0].keys() and all(torch.equal(m[n], spellings[0][n]) for n in m)
-               for m in spellings[1:])
+    assert all(
+        m.keys() == spellings[0].keys() and all(torch.equal(m[n], spellings[0][n]) for n in m) for m in spellings[1:]
+    )
     name = names[0]
     assert 0.2 < float(spellings[0][name].float().mean()) < 0.3  # density 0.5 of a 50% update
     changed = kept("a_changed", "./a")

@@ -25,8 +25,9 @@ def merge(method: str, base, *deltas, shared=None, per_model=None, dtype=None):
     base = base if isinstance(base, torch.Tensor) else t(base)
     models = tuple(base + (d if isinstance(d, torch.Tensor) else t(d)) for d in deltas)
     m = REGISTRY.get(method)
-    p = resolve(m, "model.layers.0.mlp.up_proj.weight", 0.0, {**m.example, **(shared or {})},
-                per_model or [{}] * len(models))
+    p = resolve(
+        m, "model.layers.0.mlp.up_proj.weight", 0.0, {**m.example, **(shared or {})}, per_model or [{}] * len(models)
+    )
     slot = TensorSlot("w", base, models, tuple(f"m{i}" for i in range(len(models))), dtype=dtype)
     return m.fn(slot, p), slot.info
 
@@ -36,6 +37,7 @@ def deg(x: float) -> float:
 
 
 # -- TSV-Merge -------------------------------------------------------------------------------------
+
 
 def test_tsv_keeps_each_tasks_top_triplets():
     # 4x4, three tasks: k = 4 // 3 = 1 triplet each. A = diag(3, 1, 0, 0) keeps (e1, 3), drops the 1;
@@ -90,6 +92,7 @@ def test_tsv_one_task_at_full_rank_is_the_task_vector_and_vectors_take_the_mean(
 
 # -- Iso-C and Iso-CTS -----------------------------------------------------------------------------
 
+
 def test_iso_c_flattens_the_spectrum_of_the_sum():
     # sum = [[2, 1], [1, 2]]: singular values 3 and 1 (eigenvalues, it is symmetric positive
     # definite), so U V^T = I and the mean is 2: the update is 2 I.
@@ -98,8 +101,9 @@ def test_iso_c_flattens_the_spectrum_of_the_sum():
     assert torch.allclose(out - base, 2 * torch.eye(2), atol=1e-5)
     assert info["rank"] == 2 and info["sigma_mean"] == pytest.approx(2.0)
     # sum = [[0, 3], [1, 0]]: singular values 3, 1; U V^T is the swap [[0, 1], [1, 0]]; scaled by alpha
-    out, _ = merge("iso_c", torch.zeros(2, 2), [[0.0, 3.0], [0.0, 0.0]], [[0.0, 0.0], [1.0, 0.0]],
-                   shared={"alpha": 0.5})
+    out, _ = merge(
+        "iso_c", torch.zeros(2, 2), [[0.0, 3.0], [0.0, 0.0]], [[0.0, 0.0], [1.0, 0.0]], shared={"alpha": 0.5}
+    )
     assert torch.allclose(out, t([[0.0, 1.0], [1.0, 0.0]]), atol=1e-5)
 
 
@@ -149,8 +153,12 @@ def test_iso_cts_subspace_sizes_follow_the_authors_rounding():
     assert torch.allclose(out, 5.25 * torch.eye(4), atol=1e-5)
     # 10x10, six tasks, fraction 0.1: k = 1, s = round(9 / 6) = 2 is capped at 10 // 6 = 1, so k = 4
     g = torch.Generator().manual_seed(1)
-    _, info = merge("iso_cts", torch.zeros(10, 10), *[torch.randn(10, 10, generator=g) for _ in range(6)],
-                    shared={"common_space_fraction": 0.1})
+    _, info = merge(
+        "iso_cts",
+        torch.zeros(10, 10),
+        *[torch.randn(10, 10, generator=g) for _ in range(6)],
+        shared={"common_space_fraction": 0.1},
+    )
     assert info["common_rank"] == 4 and info["task_rank"] == [1] * 6
 
 
@@ -199,8 +207,7 @@ def test_consensus_ta_keeps_entries_at_least_k_tasks_need():
 
 def test_consensus_ta_mask_lambda_is_per_model():
     # B's lambda 0.1: entry 5 becomes 0.5 >= 0.1 * 4, so two tasks need it and it stays
-    out, _ = merge("consensus_ta", [0.0] * 6, TA_A, TA_B, TA_C,
-                   per_model=[HALF, {"mask_lambda": 0.1}, HALF])
+    out, _ = merge("consensus_ta", [0.0] * 6, TA_A, TA_B, TA_C, per_model=[HALF, {"mask_lambda": 0.1}, HALF])
     assert out.tolist() == pytest.approx([2.0, 0.0, 0.0, 0.2, 3.0, 4.5], abs=1e-6)
 
 
@@ -240,6 +247,7 @@ def test_consensus_ties_trims_before_electing_but_masks_whole_task_vectors():
 
 
 # -- Localize-and-Stitch ---------------------------------------------------------------------------
+
 
 def test_localize_stitch_averages_overlapping_claims():
     # density 0.2 of 10 entries: 2 per task. A claims entries 0 (4) and 1 (-3), not 2 (0.1);

@@ -26,12 +26,17 @@ fp32_family = test_mergekit_parity.fp32_family  # the parity suite's fixture: a 
 R2 = 2**-0.5
 
 
-def merge(method: str, base, *models, shared: dict | None = None, per_model: list[dict] | None = None,
-          dtype=torch.float32) -> torch.Tensor:
+def merge(
+    method: str, base, *models, shared: dict | None = None, per_model: list[dict] | None = None, dtype=torch.float32
+) -> torch.Tensor:
     m = REGISTRY.get(method)
     p = resolve(m, "model.layers.0.mlp.up_proj.weight", 0.0, shared or {}, per_model or [{}] * len(models))
-    slot = TensorSlot("w", torch.tensor(base, dtype=dtype) if base is not None else None,
-                      tuple(torch.tensor(x, dtype=dtype) for x in models), tuple(f"m{i}" for i in range(len(models))))
+    slot = TensorSlot(
+        "w",
+        torch.tensor(base, dtype=dtype) if base is not None else None,
+        tuple(torch.tensor(x, dtype=dtype) for x in models),
+        tuple(f"m{i}" for i in range(len(models))),
+    )
     return m.fn(slot, p)
 
 
@@ -42,19 +47,25 @@ def refused(method: str, n: int, shared: dict, per_model: list[dict] | None = No
 
 
 def test_registered_with_mergekit_contracts():
-    contracts = {name: (m.base, m.min_models, m.max_models, m.symmetric)
-                 for name in ("multislerp", "sce", "karcher", "arcee_fusion", "nearswap", "passthrough")
-                 for m in [REGISTRY.get(name)]}
+    contracts = {
+        name: (m.base, m.min_models, m.max_models, m.symmetric)
+        for name in ("multislerp", "sce", "karcher", "arcee_fusion", "nearswap", "passthrough")
+        for m in [REGISTRY.get(name)]
+    }
     assert contracts == {
-        "multislerp": ("optional", 1, None, True), "sce": ("required", 1, None, True),
-        "karcher": ("optional", 1, None, True), "arcee_fusion": ("required", 1, 1, False),
-        "nearswap": ("required", 1, 1, False), "passthrough": ("none", 1, 1, True),
+        "multislerp": ("optional", 1, None, True),
+        "sce": ("required", 1, None, True),
+        "karcher": ("optional", 1, None, True),
+        "arcee_fusion": ("required", 1, 1, False),
+        "nearswap": ("required", 1, 1, False),
+        "passthrough": ("none", 1, 1, True),
     }
     assert REGISTRY.get("sce").reference == "https://arxiv.org/abs/2408.07990"
     assert all(REGISTRY.get(n).fn.__module__.endswith("mergekit_more") for n in contracts)
 
 
 # -- multislerp ------------------------------------------------------------------------------------
+
 
 def test_multislerp_is_the_normalised_weighted_direction_times_the_weighted_norm():
     w = [{"weight": 1.0}, {"weight": 1.0}]
@@ -88,11 +99,18 @@ def test_multislerp_cancelling_inputs_fall_back_or_are_refused():
 def test_multislerp_needs_every_weight():
     assert "needs a weight for every model" in refused("multislerp", 2, {}, [{"weight": 1.0}, {}])
     assert "weights sum to 0" in refused("multislerp", 2, {}, [{"weight": 1.0}, {"weight": -1.0}])
-    check_all(REGISTRY.get("multislerp"), [("w", None)], None, {"normalize_weights": False},
-              [{"weight": 1.0}, {"weight": -1.0}], has_base=False)
+    check_all(
+        REGISTRY.get("multislerp"),
+        [("w", None)],
+        None,
+        {"normalize_weights": False},
+        [{"weight": 1.0}, {"weight": -1.0}],
+        has_base=False,
+    )
 
 
 # -- sce -------------------------------------------------------------------------------------------
+
 
 def test_sce_weights_by_mean_square_and_erases_disagreeing_entries():
     base, a, b = [0.0] * 4, [1.0, -2.0, 3.0, 0.0], [-1.0, -1.0, 1.5, 0.5]
@@ -115,6 +133,7 @@ def test_sce_small_updates_get_uniform_weights_as_in_mergekit():
 
 # -- karcher ---------------------------------------------------------------------------------------
 
+
 def test_karcher_is_the_spherical_mean_times_the_mean_norm():
     assert merge("karcher", None, [1.0, 0.0], [0.0, 1.0]).tolist() == pytest.approx([R2, R2], rel=1e-6)
     assert merge("karcher", None, [2.0, 0.0], [0.0, 4.0]).tolist() == pytest.approx([3 * R2, 3 * R2], rel=1e-6)
@@ -133,6 +152,7 @@ def test_karcher_is_the_spherical_mean_times_the_mean_norm():
 
 
 # -- arcee_fusion ----------------------------------------------------------------------------------
+
 
 def test_arcee_fusion_keeps_the_outliers_of_importance():
     d = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 100.0]
@@ -166,6 +186,7 @@ def test_arcee_fusion_samples_large_tensors_reproducibly():
 
 # -- nearswap --------------------------------------------------------------------------------------
 
+
 def test_nearswap_moves_each_entry_at_most_t_towards_the_model():
     out = merge("nearswap", [0.0, 0.0, 0.0, 1.0], [0.5, -0.05, 2.0, 1.0], shared={"t": 0.1})
     assert out.tolist() == pytest.approx([0.1, -0.05, 0.1, 1.0])  # base + clamp(model - base, -t, t)
@@ -175,6 +196,7 @@ def test_nearswap_moves_each_entry_at_most_t_towards_the_model():
 
 
 # -- passthrough -----------------------------------------------------------------------------------
+
 
 def test_passthrough_copies_and_scales_one_model():
     x = torch.tensor([1.0, -2.0])
@@ -189,22 +211,31 @@ def test_passthrough_copies_and_scales_one_model():
 
 
 def test_passthrough_slices_are_refused_before_any_tensor(fp32_family, tmp_path):
-    cfg = {"merge_method": "passthrough", "dtype": "float32",
-           "slices": [{"sources": [{"model": fp32_family["a"], "layer_range": [0, 2]}]},
-                      {"sources": [{"model": fp32_family["b"], "layer_range": [1, 3]}]}]}
+    cfg = {
+        "merge_method": "passthrough",
+        "dtype": "float32",
+        "slices": [
+            {"sources": [{"model": fp32_family["a"], "layer_range": [0, 2]}]},
+            {"sources": [{"model": fp32_family["b"], "layer_range": [1, 3]}]},
+        ],
+    }
     path = tmp_path / "frankenmerge.yaml"
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match="slices: layer slices are not supported"):
         load_mergekit_config(path)
     # mergekit adds an unlisted base_model to the inputs: two inputs, which passthrough refuses
-    other_base = {"merge_method": "passthrough", "models": [{"model": fp32_family["a"]}],
-                  "base_model": fp32_family["base"]}
+    other_base = {
+        "merge_method": "passthrough",
+        "models": [{"model": fp32_family["a"]}],
+        "base_model": fp32_family["base"],
+    }
     path.write_text(yaml.safe_dump(other_base))
     with pytest.raises(ConfigError, match="passthrough merges exactly 1 models besides the base, not 2"):
         prepare(load_mergekit_config(path))  # checked with the headers, before any tensor is read
 
 
 # -- parity with mergekit 0.1.5 --------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def spread_family(fp32_family, tmp_path_factory):
@@ -224,8 +255,12 @@ def spread_family(fp32_family, tmp_path_factory):
         write(f"small_{v}", lambda n, t, tuned=tuned: t + 0.01 * (tuned.get(n) - t))
     for i, (keep, spread) in enumerate([(0.0, 1.0), (0.6, 0.5)]):
         g = torch.Generator().manual_seed(100 + i)
-        write(f"far_{i}", lambda n, t, g=g, keep=keep, spread=spread:
-              keep * t + spread * (t.abs().mean() + 1e-2) * torch.randn(t.shape, generator=g))
+        write(
+            f"far_{i}",
+            lambda n, t, g=g, keep=keep, spread=spread: (
+                keep * t + spread * (t.abs().mean() + 1e-2) * torch.randn(t.shape, generator=g)
+            ),
+        )
     return {**fp32_family, **uris}
 
 
@@ -233,25 +268,49 @@ def configs(u: dict[str, str]) -> dict[str, dict]:
     m = lambda name, **p: {"model": u[name], **({"parameters": p} if p else {})}  # noqa: E731
     abc = [m("a"), m("b"), m("c")]
     return {
-        "multislerp": {"models": [m("a", weight=1.0), m("b", weight=2.0), m("c", weight=0.5)],
-                       "base_model": u["base"], "merge_method": "multislerp"},
-        "multislerp_no_base": {"models": [m("a", weight=1.0), m("b", weight=[0.2, 0.8])], "merge_method": "multislerp",
-                               "parameters": {"normalize_weights": False}},
+        "multislerp": {
+            "models": [m("a", weight=1.0), m("b", weight=2.0), m("c", weight=0.5)],
+            "base_model": u["base"],
+            "merge_method": "multislerp",
+        },
+        "multislerp_no_base": {
+            "models": [m("a", weight=1.0), m("b", weight=[0.2, 0.8])],
+            "merge_method": "multislerp",
+            "parameters": {"normalize_weights": False},
+        },
         "sce": {"models": abc, "base_model": u["base"], "merge_method": "sce", "parameters": {"select_topk": 0.4}},
         "sce_all": {"models": [m("base"), m("a"), m("b")], "base_model": u["base"], "merge_method": "sce"},
-        "multislerp_far": {"models": [m("a", weight=1.0), m("far_0", weight=0.5), m("far_1", weight=[1.0, 2.0])],
-                           "base_model": u["base"], "merge_method": "multislerp"},
-        "sce_small": {"models": [m("small_a"), m("small_b"), m("small_c")], "base_model": u["base"],
-                      "merge_method": "sce", "parameters": {"select_topk": 0.6}},
+        "multislerp_far": {
+            "models": [m("a", weight=1.0), m("far_0", weight=0.5), m("far_1", weight=[1.0, 2.0])],
+            "base_model": u["base"],
+            "merge_method": "multislerp",
+        },
+        "sce_small": {
+            "models": [m("small_a"), m("small_b"), m("small_c")],
+            "base_model": u["base"],
+            "merge_method": "sce",
+            "parameters": {"select_topk": 0.6},
+        },
         "karcher": {"models": abc, "base_model": u["base"], "merge_method": "karcher"},
         "karcher_far": {"models": [m("a"), m("far_0"), m("far_1")], "merge_method": "karcher"},
-        "karcher_far_base": {"models": [m("far_0"), m("far_1")], "base_model": u["base"], "merge_method": "karcher",
-                             "parameters": {"max_iter": 3}},
-        "karcher_no_base": {"models": [m("a"), m("b")], "merge_method": "karcher",
-                            "parameters": {"max_iter": 20, "tol": 1e-7}},
+        "karcher_far_base": {
+            "models": [m("far_0"), m("far_1")],
+            "base_model": u["base"],
+            "merge_method": "karcher",
+            "parameters": {"max_iter": 3},
+        },
+        "karcher_no_base": {
+            "models": [m("a"), m("b")],
+            "merge_method": "karcher",
+            "parameters": {"max_iter": 20, "tol": 1e-7},
+        },
         "arcee_fusion": {"models": [m("a")], "base_model": u["base"], "merge_method": "arcee_fusion"},
-        "nearswap": {"models": [m("b")], "base_model": u["base"], "merge_method": "nearswap",
-                     "parameters": {"t": [0.0001, 0.003, 0.001]}},
+        "nearswap": {
+            "models": [m("b")],
+            "base_model": u["base"],
+            "merge_method": "nearswap",
+            "parameters": {"t": [0.0001, 0.003, 0.001]},
+        },
         "passthrough": {"models": [m("a", scale=0.5)], "merge_method": "passthrough"},
         "passthrough_base": {"models": [m("base")], "base_model": u["base"], "merge_method": "passthrough"},
     }
@@ -297,6 +356,8 @@ def bf16_family(tmp_path_factory):
 def test_bf16_checkpoints_bit_identical_to_mergekit(bf16_family, tmp_path, case, dtype):
     """bf16 inputs computed in bf16 (equal variances at SCE's cut, bf16 rounding of every step)
     and without `dtype` (promoted per tensor): the same tensors and dtypes, bit for bit."""
-    cfg = {**configs({**bf16_family, "far_0": "", "far_1": "", "small_a": "", "small_b": "", "small_c": ""})[case],
-           **({"dtype": dtype} if dtype else {})}
+    cfg = {
+        **configs({**bf16_family, "far_0": "", "far_1": "", "small_a": "", "small_b": "", "small_c": ""})[case],
+        **({"dtype": dtype} if dtype else {}),
+    }
     assert_same_as_mergekit(cfg, tmp_path)

@@ -21,20 +21,44 @@ CFG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size
 
 def notification(bucket: str, *keys: str, event: str = "s3:ObjectCreated:Put") -> bytes:
     """The body MinIO posts to a webhook (AWS's is the same without the `s3:` prefix)."""
-    return json.dumps({"EventName": event, "Key": f"{bucket}/{keys[0]}", "Records": [
-        {"eventVersion": "2.0", "eventSource": "minio:s3", "eventName": event,
-         "s3": {"bucket": {"name": bucket}, "object": {"key": k, "size": 1}}} for k in keys]}).encode()
+    return json.dumps(
+        {
+            "EventName": event,
+            "Key": f"{bucket}/{keys[0]}",
+            "Records": [
+                {
+                    "eventVersion": "2.0",
+                    "eventSource": "minio:s3",
+                    "eventName": event,
+                    "s3": {"bucket": {"name": bucket}, "object": {"key": k, "size": 1}},
+                }
+                for k in keys
+            ],
+        }
+    ).encode()
 
 
 def test_notifications_name_the_folders_that_may_have_completed():
-    body = notification("ckpts", "rl/step-100/model.safetensors", "rl/step-100/config.json", "rl/step%2B2/config.json",
-                        "rl/.staging-x/model.safetensors", "rl/step-100/tokenizer.json", "other/step-1/config.json")
-    assert checkpoints_in(body, ["s3://ckpts/rl"]) == [("s3://ckpts/rl", "s3://ckpts/rl/step-100"),
-                                                        ("s3://ckpts/rl", "s3://ckpts/rl/step+2")]
-    assert checkpoints_in(notification("ckpts", "rl/a/_DONE"), ["s3://ckpts/rl"], marker="_DONE") == \
-        [("s3://ckpts/rl", "s3://ckpts/rl/a")]
-    assert checkpoints_in(notification("ckpts", "rl/a/config.json", event="s3:ObjectRemoved:Delete"),
-                          ["s3://ckpts/rl"]) == []
+    body = notification(
+        "ckpts",
+        "rl/step-100/model.safetensors",
+        "rl/step-100/config.json",
+        "rl/step%2B2/config.json",
+        "rl/.staging-x/model.safetensors",
+        "rl/step-100/tokenizer.json",
+        "other/step-1/config.json",
+    )
+    assert checkpoints_in(body, ["s3://ckpts/rl"]) == [
+        ("s3://ckpts/rl", "s3://ckpts/rl/step-100"),
+        ("s3://ckpts/rl", "s3://ckpts/rl/step+2"),
+    ]
+    assert checkpoints_in(notification("ckpts", "rl/a/_DONE"), ["s3://ckpts/rl"], marker="_DONE") == [
+        ("s3://ckpts/rl", "s3://ckpts/rl/a")
+    ]
+    assert (
+        checkpoints_in(notification("ckpts", "rl/a/config.json", event="s3:ObjectRemoved:Delete"), ["s3://ckpts/rl"])
+        == []
+    )
     aws = json.loads(notification("ckpts", "rl/b/model.safetensors", event="ObjectCreated:CompleteMultipartUpload"))
     sns = json.dumps({"Type": "Notification", "Message": json.dumps(aws)}).encode()
     assert checkpoints_in(sns, ["s3://ckpts/rl"]) == [("s3://ckpts/rl", "s3://ckpts/rl/b")]

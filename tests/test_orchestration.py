@@ -33,8 +33,13 @@ def test_every_prefect_yaml_entrypoint_imports():
     for dep in spec["deployments"]:
         flow_obj = load_flow_from_entrypoint(str(ROOT / dep["entrypoint"]), use_placeholder_flow=False)
         names[f"{flow_obj.name}/{dep['name']}"] = dep["work_pool"]["name"]
-    assert names == {"merge-audit/nightly": "cpu", "merge-audit/on-demand": "cpu", "merge-audit/on-checkpoint": "cpu",
-                     "evaluate/gpu": "gpu", "watch-checkpoints/poll": "cpu"}
+    assert names == {
+        "merge-audit/nightly": "cpu",
+        "merge-audit/on-demand": "cpu",
+        "merge-audit/on-checkpoint": "cpu",
+        "evaluate/gpu": "gpu",
+        "watch-checkpoints/poll": "cpu",
+    }
     (trigger,) = next(d for d in spec["deployments"] if d["name"] == "on-checkpoint")["triggers"]
     assert trigger["expect"] == ["mergeaudit.checkpoint.landed"]
     assert next(d for d in spec["deployments"] if d["name"] == "nightly")["schedules"][0]["timezone"]
@@ -80,10 +85,15 @@ def test_retries_only_for_transient_failures(prefect_harness):
 
 
 def small_config(family, results: str, **extra) -> dict:
-    return {"name": "orchestration", "base": {"name": "base", "uri": family.base},
-            "models": [{"name": n, "uri": u, "kind": "rlvr"} for n, u in family.variants.items()],
-            "strategies": [{"method": "task_arithmetic"}], "evaluation": {"limit": 4, "batch_size": 4},
-            "results_uri": results, **extra}
+    return {
+        "name": "orchestration",
+        "base": {"name": "base", "uri": family.base},
+        "models": [{"name": n, "uri": u, "kind": "rlvr"} for n, u in family.variants.items()],
+        "strategies": [{"method": "task_arithmetic"}],
+        "evaluation": {"limit": 4, "batch_size": 4},
+        "results_uri": results,
+        **extra,
+    }
 
 
 def task_states(flow_run_id) -> dict[str, list[str]]:
@@ -163,11 +173,13 @@ class FaultyS3(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(payload)
             return
-        headers = {k: v for k, v in self.headers.items()
-                   if k.lower() not in ("host", "transfer-encoding", "content-length", "expect")}
+        headers = {
+            k: v
+            for k, v in self.headers.items()
+            if k.lower() not in ("host", "transfer-encoding", "content-length", "expect")
+        }
         headers.setdefault("Content-Type", "binary/octet-stream")  # else urllib claims a form body
-        req = urllib.request.Request(self.upstream + self.path, data=body or None, method=self.command,
-                                     headers=headers)
+        req = urllib.request.Request(self.upstream + self.path, data=body or None, method=self.command, headers=headers)
         try:
             with urllib.request.urlopen(req) as resp:
                 status, headers, data = resp.status, resp.headers, resp.read()

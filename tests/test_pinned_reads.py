@@ -59,9 +59,11 @@ def test_store_reads_pinned_to_the_listed_version(store_root):
     assert store.read_range(uri, 0, 4, expect=listed) == b"aaaa"
     assert store.read_bytes(uri, expect=listed.version) == b"a" * 256
     store.write_bytes(uri, b"b" * 256)
-    for read in (lambda: store.read_range(uri, 0, 4, expect=listed),
-                 lambda: store.read_bytes(uri, expect=listed),
-                 lambda: store.read_into(uri, 8, bytearray(8), expect=listed)):
+    for read in (
+        lambda: store.read_range(uri, 0, 4, expect=listed),
+        lambda: store.read_bytes(uri, expect=listed),
+        lambda: store.read_into(uri, 8, bytearray(8), expect=listed),
+    ):
         with pytest.raises(ObjectChangedError, match="changed since it was listed"):
             read()
     assert store.read_range(uri, 0, 4) == b"bbbb", "unpinned reads see the new version"

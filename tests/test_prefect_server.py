@@ -49,23 +49,40 @@ def deployed(tmp_path_factory):
         PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp / 'prefect.db'}",
     )
     family = build_toy_family(str(tmp / "ckpts"), variants={"ft_a": 0.1, "ft_b": 0.2})
-    base_cfg = {"name": "itest", "base": {"name": "base", "uri": family.base},
-                "models": [{"name": "ft_a", "uri": family.variants["ft_a"], "kind": "rlvr"}],
-                "strategies": [{"method": "task_arithmetic"}],
-                "evaluation": {"limit": 4, "batch_size": 4}, "results_uri": str(tmp / "results")}
+    base_cfg = {
+        "name": "itest",
+        "base": {"name": "base", "uri": family.base},
+        "models": [{"name": "ft_a", "uri": family.variants["ft_a"], "kind": "rlvr"}],
+        "strategies": [{"method": "task_arithmetic"}],
+        "evaluation": {"limit": 4, "batch_size": 4},
+        "results_uri": str(tmp / "results"),
+    }
     (tmp / "checkpoint.yaml").write_text(yaml.safe_dump(base_cfg))
-    nightly = {**base_cfg, "routing": "pools", "results_uri": str(tmp / "nightly"),
-               "models": base_cfg["models"] + [{"name": "ft_b", "uri": family.variants["ft_b"], "kind": "sft"}]}
+    nightly = {
+        **base_cfg,
+        "routing": "pools",
+        "results_uri": str(tmp / "nightly"),
+        "models": base_cfg["models"] + [{"name": "ft_b", "uri": family.variants["ft_b"], "kind": "sft"}],
+    }
     (tmp / "nightly.yaml").write_text(yaml.safe_dump(nightly))
     watched = tmp / "watched"
     watched.mkdir()
     subprocess.run(["cp", "-r", family.variants["ft_b"], str(watched / "step-100")], check=True)
-    env.update(MERGEAUDIT_PROJECT_DIR=str(ROOT), MERGEAUDIT_NIGHTLY_CONFIG=str(tmp / "nightly.yaml"),
-               MERGEAUDIT_CHECKPOINT_CONFIG=str(tmp / "checkpoint.yaml"), MERGEAUDIT_WATCH_PREFIX=str(watched),
-               MERGEAUDIT_WATCH_STATE=str(tmp / "watch_state.json"))
+    env.update(
+        MERGEAUDIT_PROJECT_DIR=str(ROOT),
+        MERGEAUDIT_NIGHTLY_CONFIG=str(tmp / "nightly.yaml"),
+        MERGEAUDIT_CHECKPOINT_CONFIG=str(tmp / "checkpoint.yaml"),
+        MERGEAUDIT_WATCH_PREFIX=str(watched),
+        MERGEAUDIT_WATCH_STATE=str(tmp / "watch_state.json"),
+    )
     procs = []
-    server = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                              stdout=open(tmp / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=open(tmp / "server.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         for _ in range(120):
             try:
@@ -75,19 +92,38 @@ def deployed(tmp_path_factory):
                 time.sleep(0.5)
         else:
             pytest.fail("the Prefect server did not become healthy: " + (tmp / "server.log").read_text()[-2000:])
-        subprocess.run([sys.executable, "-m", "mergeaudit.deployments.setup", "--gpu-slots", "2"], env=env, cwd=ROOT,
-                       check=True, capture_output=True)
-        deploy = subprocess.run([*PREFECT, "--no-prompt", "deploy", "--all"], env=env, cwd=ROOT, capture_output=True,
-                                text=True)
+        subprocess.run(
+            [sys.executable, "-m", "mergeaudit.deployments.setup", "--gpu-slots", "2"],
+            env=env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        deploy = subprocess.run(
+            [*PREFECT, "--no-prompt", "deploy", "--all"], env=env, cwd=ROOT, capture_output=True, text=True
+        )
         assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
         for pool in ("cpu", "gpu"):
-            procs.append(subprocess.Popen([*PREFECT, "worker", "start", "--pool", pool, "--type", "process"], env=env,
-                                          cwd=tmp, stdout=open(tmp / f"worker-{pool}.log", "wb"),
-                                          stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [*PREFECT, "worker", "start", "--pool", pool, "--type", "process"],
+                    env=env,
+                    cwd=tmp,
+                    stdout=open(tmp / f"worker-{pool}.log", "wb"),
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
 
         def drive(*args: str) -> dict:
-            out = subprocess.run([sys.executable, "-m", "tests.prefect_driver", *args], env=env, cwd=ROOT,
-                                 capture_output=True, text=True, timeout=1200)
+            out = subprocess.run(
+                [sys.executable, "-m", "tests.prefect_driver", *args],
+                env=env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=1200,
+            )
             assert out.returncode == 0, out.stderr[-3000:]
             return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -107,8 +143,9 @@ def test_audit_through_the_api_runs_evaluations_on_the_gpu_pool(deployed):
     assert {(c["work_pool"], c["state"]) for c in children} == {("gpu", "COMPLETED")}
     results = deployed["nightly"]["results_uri"]
     assert tables.read_table(results, "candidates").num_rows == 4
-    assert set(tables.read_table(results, "scores").column("candidate_id").to_pylist()) == \
-        set(tables.read_table(results, "candidates").column("candidate_id").to_pylist())
+    assert set(tables.read_table(results, "scores").column("candidate_id").to_pylist()) == set(
+        tables.read_table(results, "candidates").column("candidate_id").to_pylist()
+    )
     summary = run["result"]["summary"]
     assert {row["candidate"] for row in summary} == {"base", "ft_a", "ft_b", "task_arithmetic(ft_a+ft_b)"}
     # local inputs are read in place: geometry here, and every child's reads reported back and summed

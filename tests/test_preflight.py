@@ -17,11 +17,15 @@ from mergeaudit.merging.params import check_all, check_settings
 
 DELLA = REGISTRY.get("della")
 # mlp tensors keep 0.9 +- 0.05 of their update, the others 0.5 +- 0.3: valid for every tensor
-VALID = {"density": [{"filter": "mlp", "value": 0.9}, {"value": 0.5}],
-         "epsilon": [{"filter": "mlp", "value": 0.05}, {"value": 0.3}]}
+VALID = {
+    "density": [{"filter": "mlp", "value": 0.9}, {"value": 0.5}],
+    "epsilon": [{"filter": "mlp", "value": 0.05}, {"value": 0.3}],
+}
 # each filter alone is valid, but a tensor matching both (`mlp.up_proj`) gets 0.9 +- 0.3
-COMBINED = {"density": [{"filter": "mlp", "value": 0.9}, {"value": 0.5}],
-            "epsilon": [{"filter": "up_proj", "value": 0.3}, {"value": 0.05}]}
+COMBINED = {
+    "density": [{"filter": "mlp", "value": 0.9}, {"value": 0.5}],
+    "epsilon": [{"filter": "up_proj", "value": 0.3}, {"value": 0.05}],
+}
 
 
 def test_conditions_are_checked_per_filter_without_headers():
@@ -41,26 +45,40 @@ def test_a_gradient_is_checked_at_both_ends():
 
 
 def audit_config(family, results: str, strategy: dict) -> dict:
-    return {"base": {"name": "base", "uri": family.base},
-            "models": [{"name": n, "uri": u, "kind": "rlvr"} for n, u in family.variants.items()],
-            "strategies": [strategy], "results_uri": results}
+    return {
+        "base": {"name": "base", "uri": family.base},
+        "models": [{"name": n, "uri": u, "kind": "rlvr"} for n, u in family.variants.items()],
+        "strategies": [strategy],
+        "results_uri": results,
+    }
 
 
 def test_preflight_checks_strategies_against_the_real_tensor_names(toy_family, tmp_path):
-    raw = audit_config(toy_family, str(tmp_path / "r"), {"method": "della", "model_params": {
-        n: COMBINED for n in toy_family.variants}})
+    raw = audit_config(
+        toy_family, str(tmp_path / "r"), {"method": "della", "model_params": {n: COMBINED for n in toy_family.variants}}
+    )
     config = parse_config(raw)  # what the config alone can tell holds
     with pytest.raises(ConfigError, match=r"strategies\[0\].*mlp\.up_proj\.weight"):
         audit.preflight(config)
-    records = audit.preflight(parse_config({**raw, "strategies": [{"method": "della", "model_params": {
-        n: VALID for n in toy_family.variants}}]}))
+    records = audit.preflight(
+        parse_config(
+            {**raw, "strategies": [{"method": "della", "model_params": {n: VALID for n in toy_family.variants}}]}
+        )
+    )
     assert set(records) == {"base", *toy_family.variants}
 
 
 def test_the_cli_refuses_before_prefect_starts(toy_family, tmp_path, capsys):
     path = tmp_path / "audit.yaml"
-    path.write_text(yaml.safe_dump(audit_config(toy_family, str(tmp_path / "r"), {
-        "method": "della", "model_params": {n: COMBINED for n in toy_family.variants}})))
+    path.write_text(
+        yaml.safe_dump(
+            audit_config(
+                toy_family,
+                str(tmp_path / "r"),
+                {"method": "della", "model_params": {n: COMBINED for n in toy_family.variants}},
+            )
+        )
+    )
     assert main(["audit", str(path)]) == 2
     err = capsys.readouterr().err
     assert "mlp.up_proj.weight" in err and err.count("\n") == 1

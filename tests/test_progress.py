@@ -19,8 +19,12 @@ class Clock:
 
 def test_line_counts_and_remaining_time(caplog):
     clock, seen = Clock(), []
-    progress = AuditProgress(["resolve", "geometry", "evaluate", "tables"], stream=io.StringIO(), clock=clock,
-                             on_change=lambda p: seen.append(p.fraction))
+    progress = AuditProgress(
+        ["resolve", "geometry", "evaluate", "tables"],
+        stream=io.StringIO(),
+        clock=clock,
+        on_change=lambda p: seen.append(p.fraction),
+    )
     with caplog.at_level(logging.INFO, logger="mergeaudit.progress"):
         progress.stage("resolve")
         clock.now = 30
@@ -29,8 +33,9 @@ def test_line_counts_and_remaining_time(caplog):
         progress.finished("ties-d0.3")
         clock.now = 150
         progress.finished("dare", ok=False)
-    assert caplog.messages[-1] == ("[3/4 evaluate] 2/4 candidates (1 failed), 2m30s elapsed, about 2m00s left "
-                                   "(last: dare)")
+    assert caplog.messages[-1] == (
+        "[3/4 evaluate] 2/4 candidates (1 failed), 2m30s elapsed, about 2m00s left (last: dare)"
+    )
     assert seen == [0.0, 0.5, 0.5625, 0.625]
     progress.stage("tables")
     assert progress.remaining() is None and progress.fraction == 0.75

@@ -72,8 +72,10 @@ class ChatLM(LM):
         raise NotImplementedError
 
 
-WORDS = {json.loads(line)["question"]: json.loads(line)["answer"]
-         for line in (shipped_tasks()["mergeaudit_word_problems"].origin.parent / "word_problems.jsonl").open()}
+WORDS = {
+    json.loads(line)["question"]: json.loads(line)["answer"]
+    for line in (shipped_tasks()["mergeaudit_word_problems"].origin.parent / "word_problems.jsonl").open()
+}
 
 
 def answer_of(prompt: str) -> str:
@@ -120,12 +122,14 @@ def test_pack_defaults_and_overrides():
 
 def test_chat_prompts_carry_system_instruction_and_template():
     lm = ChatLM(lambda prompt, i: f"<think>add them up</think> The answer is {answer_of(prompt)}.")
-    settings = EvalSettings(limit=4, chat_template=True, system_prompt="Be brief.",
-                            instruction="Put the answer last {{not jinja}}.")
+    settings = EvalSettings(
+        limit=4, chat_template=True, system_prompt="Be brief.", instruction="Put the answer last {{not jinja}}."
+    )
     result = evaluate_lm(lm, ["mergeaudit_word_problems"], settings)
     prompt, kwargs = lm.requests[0]
     assert prompt.startswith("<|system|>Be brief.<|user|>Question: ") and prompt.endswith(
-        "\nPut the answer last {{not jinja}}.<|assistant|>")
+        "\nPut the answer last {{not jinja}}.<|assistant|>"
+    )
     assert kwargs["until"] == ["Question:", "\n\n"]  # the pack defines no chat stop sequences
     score = {s["metric"]: s for s in result.scores if s["filter"] == "verifier"}
     assert score["numeric_match"]["value"] == 1.0 and score["avg@1"]["value"] == 1.0
@@ -136,8 +140,9 @@ def test_chat_prompts_carry_system_instruction_and_template():
 @pytest.mark.integration
 def test_pack_chat_defaults_reach_the_model(tmp_path):
     data = tmp_path / "math500.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
-                            for i in range(1, 4)))
+    data.write_text(
+        "".join(json.dumps({"problem": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n" for i in range(1, 4))
+    )
     lm = ChatLM(lambda prompt, i: "<think>" + "x " * 5 + "</think> \\boxed{" + re.findall(r"\d+", prompt)[0] * 1 + "}")
     settings = EvalSettings(data_files={"math500": str(data)}, math_timeout=30)
     result = evaluate_lm(lm, ["mergeaudit_math500_local"], settings)
@@ -170,8 +175,10 @@ def test_outcomes_truncation_and_trace():
     n_trunc = sum(s["completion"] == truncated for s in result.samples)
     assert n_trunc >= 1 and score["outcome_truncated"]["value"] == n_trunc == by_status["truncated"]
     assert score["truncation_rate"]["value"] == pytest.approx(n_trunc / 8) and score["truncation_rate"]["n"] == 8
-    assert sum(score[f"outcome_{k}"]["value"] for k in ("correct", "wrong", "no_answer", "truncated",
-                                                           "timeout", "error")) == 8
+    assert (
+        sum(score[f"outcome_{k}"]["value"] for k in ("correct", "wrong", "no_answer", "truncated", "timeout", "error"))
+        == 8
+    )
     assert score["outcome_no_answer"]["value"] == by_status["no_answer"] >= 1
 
 
@@ -232,8 +239,11 @@ def test_eval_spec_checks():
     assert EvalSettings(backend="vllm").backend == "served"
     assert EvalSettings(device="cuda").engine == "vllm" and EvalSettings().engine == "transformers"
     assert EvalSettings(device="cuda:1").torch_dtype == "bfloat16" and EvalSettings().torch_dtype == "float32"
-    for bad, match in [({"think_tags": ["<t>", "<t>"]}, "think_tags"), ({"max_gen_toks": 256}, "no room"),
-                       ({"server": {"extra_args": ["--trust-remote-code"]}}, "never passed")]:
+    for bad, match in [
+        ({"think_tags": ["<t>", "<t>"]}, "think_tags"),
+        ({"max_gen_toks": 256}, "no room"),
+        ({"server": {"extra_args": ["--trust-remote-code"]}}, "never passed"),
+    ]:
         with pytest.raises(ValueError, match=match):
             EvalSettings(**bad)
     assert EvalSettings(think_tags=None).think_tags is None

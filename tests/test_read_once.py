@@ -48,7 +48,10 @@ def test_reads_are_counted_per_object_ranged_and_whole(s3_bucket, tmp_path):
     store.read_into(local, 10, bytearray(30))
     assert store.bytes_read_since(before) == {uri: 100 + 8 + 50 + len(data), local: 30}
     assert reads.by_checkpoint(store.bytes_read_since(before), [s3_bucket, str(tmp_path), s3_bucket + "/x"]) == {
-        s3_bucket: 100 + 8 + 50 + len(data), str(tmp_path): 30, s3_bucket + "/x": 0}
+        s3_bucket: 100 + 8 + 50 + len(data),
+        str(tmp_path): 30,
+        s3_bucket + "/x": 0,
+    }
 
 
 def run_stages(cfg) -> dict:
@@ -58,8 +61,16 @@ def run_stages(cfg) -> dict:
     geometry = audit.compute_geometry(cfg, records)
     cands = audit.plan_candidates(cfg, records)
     evals = [audit.evaluate_to_store(c, cfg.evaluation, cfg.storage, cfg.results_uri) for c in cands]
-    return audit.finish_run(cfg, audit.new_run_id(), dt.datetime.now(dt.timezone.utc), records, geometry, cands,
-                            evals, store.bytes_read_since(before)).model_dump()
+    return audit.finish_run(
+        cfg,
+        audit.new_run_id(),
+        dt.datetime.now(dt.timezone.utc),
+        records,
+        geometry,
+        cands,
+        evals,
+        store.bytes_read_since(before),
+    ).model_dump()
 
 
 def test_an_audit_on_s3_reads_each_input_once(s3_bucket, tmp_path, monkeypatch):

@@ -72,8 +72,20 @@ def test_a_correct_program_passes_and_a_wrong_one_fails():
         ("import ctypes\n", {"denied"}),
         ("def f(:\n", {"error"}),
     ],
-    ids=["fork-bomb", "subprocess", "os-system", "posixsubprocess", "multiprocessing", "gc", "infinite-loop",
-         "sleep", "output-flood", "memory", "ctypes", "syntax"],
+    ids=[
+        "fork-bomb",
+        "subprocess",
+        "os-system",
+        "posixsubprocess",
+        "multiprocessing",
+        "gc",
+        "infinite-loop",
+        "sleep",
+        "output-flood",
+        "memory",
+        "ctypes",
+        "syntax",
+    ],
 )
 def test_escapes_are_stopped_and_recorded(program, statuses):
     result = run_code(program, "", LIMITS)
@@ -84,26 +96,30 @@ def test_escapes_are_stopped_and_recorded(program, statuses):
 
 def test_the_hook_keeps_its_state_out_of_the_programs_reach():
     """Issue 13: one line cleared the harness's module-level sets and switched the hook off."""
-    attack = ("import __main__, sys\n"
-              "for value in list(vars(__main__).values()):\n"
-              "    try:\n        value.clear()\n    except Exception:\n        pass\n"
-              "frame = sys._getframe()\n"
-              "while frame is not None:\n"
-              "    for value in list(frame.f_locals.values()):\n"
-              "        if callable(value) and getattr(value, '__defaults__', None):\n"
-              "            try:\n                value.__defaults__ = None\n            except Exception:\n"
-              "                pass\n"
-              "    frame = frame.f_back\n"
-              "import os\nos.fork()\n")
+    attack = (
+        "import __main__, sys\n"
+        "for value in list(vars(__main__).values()):\n"
+        "    try:\n        value.clear()\n    except Exception:\n        pass\n"
+        "frame = sys._getframe()\n"
+        "while frame is not None:\n"
+        "    for value in list(frame.f_locals.values()):\n"
+        "        if callable(value) and getattr(value, '__defaults__', None):\n"
+        "            try:\n                value.__defaults__ = None\n            except Exception:\n"
+        "                pass\n"
+        "    frame = frame.f_back\n"
+        "import os\nos.fork()\n"
+    )
     result = run_code(attack, "", LIMITS)
     assert result.status == "denied" and "os.fork" in result.detail, result
 
 
 def test_writes_outside_the_work_folder_are_denied(tmp_path):
     target = tmp_path / "escaped.txt"
-    for program in (f"open({str(target)!r}, 'w').write('x')\n",
-                    f"import os\nos.rename('/task/program.py', {str(target)!r})\n",
-                    "open('/tmp/mergeaudit-escape-probe', 'w').write('x')\n"):
+    for program in (
+        f"open({str(target)!r}, 'w').write('x')\n",
+        f"import os\nos.rename('/task/program.py', {str(target)!r})\n",
+        "open('/tmp/mergeaudit-escape-probe', 'w').write('x')\n",
+    ):
         assert run_code(program, "", LIMITS).status == "denied"
     assert not target.exists() and not os.path.exists("/tmp/mergeaudit-escape-probe")
     inside = run_code("open('scratch.txt', 'w').write('ok')\nassert open('scratch.txt').read() == 'ok'\n", "", LIMITS)
@@ -118,8 +134,9 @@ def test_network_calls_are_denied():
         port = server.getsockname()[1]
         result = run_code(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n", "", LIMITS)
         assert result.status == "denied", result
-        unhooked = run_code(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n", "",
-                            LIMITS, audit_hook=False)
+        unhooked = run_code(
+            f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n", "", LIMITS, audit_hook=False
+        )
         assert unhooked.status == "error" and "ConnectionRefused" in unhooked.detail, unhooked  # its own loopback
         with pytest.raises(TimeoutError):
             server.accept()
@@ -147,14 +164,16 @@ def test_the_program_runs_unprivileged_alone_and_without_secrets(monkeypatch):
         "names = sorted(os.environ)\n"
         "time.sleep(1)\n"
     )
-    tests = ("assert ids == [65534, 65534, 65534]\n"
-             "assert caps == ['0000000000000000'] * 4\n"
-             "assert nnp == '1'\n"
-             "assert pids == [1, 2]\n"
-             "assert interfaces == ['lo']\n"
-             "assert 'etc' not in top and 'home' not in top and 'tmp' not in top and 'work' in top\n"
-             "assert 's3cr3t' not in seen and 'AWS' not in seen\n"
-             "assert set(names) <= {'PATH', 'HOME', 'TMPDIR', 'LANG', 'PWD', 'LC_CTYPE'}\n")
+    tests = (
+        "assert ids == [65534, 65534, 65534]\n"
+        "assert caps == ['0000000000000000'] * 4\n"
+        "assert nnp == '1'\n"
+        "assert pids == [1, 2]\n"
+        "assert interfaces == ['lo']\n"
+        "assert 'etc' not in top and 'home' not in top and 'tmp' not in top and 'work' in top\n"
+        "assert 's3cr3t' not in seen and 'AWS' not in seen\n"
+        "assert set(names) <= {'PATH', 'HOME', 'TMPDIR', 'LANG', 'PWD', 'LC_CTYPE'}\n"
+    )
     uids: dict[int, str] = {}
     stop = threading.Event()
 
@@ -214,15 +233,18 @@ def test_no_process_outlives_the_sandbox_and_none_blocks_it(how):
             "    os.setsid()\n"
             "    if os.fork() == 0:\n"
             f"        os.execv('/usr/bin/sleep', ['{marker}', '30'])\n"
-            "    os._exit(0)\n"),
+            "    os._exit(0)\n"
+        ),
         "posixsubprocess": (
             "import subprocess\n"
             f"subprocess.Popen(['{marker}', '30'], executable='/usr/bin/sleep', start_new_session=True,\n"
-            "                 close_fds=False)\n"),
+            "                 close_fds=False)\n"
+        ),
         "multiprocessing": (
             "import multiprocessing, os\n"
             "ctx = multiprocessing.get_context('fork')\n"
-            f"ctx.Process(target=os.execv, args=('/usr/bin/sleep', ['{marker}', '30'])).start()\n"),
+            f"ctx.Process(target=os.execv, args=('/usr/bin/sleep', ['{marker}', '30'])).start()\n"
+        ),
     }[how]
     program = spawn + "import time\ntime.sleep(0.5)\nx = 1\n"
     result = run_code(program, "assert x == 1\n", LIMITS, audit_hook=False)
@@ -233,13 +255,16 @@ def test_no_process_outlives_the_sandbox_and_none_blocks_it(how):
 
 def test_a_wall_clock_deadline_kills_the_whole_sandbox():
     marker = with_marker()
-    program = ("import os, time\n"
-               "if os.fork() == 0:\n"
-               "    os.setsid()\n"
-               f"    os.execv('/usr/bin/sleep', ['{marker}', '30'])\n"
-               "time.sleep(30)\n")
-    result = run_code(program, "", SandboxLimits(wall_seconds=1.5, cpu_seconds=2, memory_bytes=512 * 1024**2),
-                      audit_hook=False)
+    program = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        f"    os.execv('/usr/bin/sleep', ['{marker}', '30'])\n"
+        "time.sleep(30)\n"
+    )
+    result = run_code(
+        program, "", SandboxLimits(wall_seconds=1.5, cpu_seconds=2, memory_bytes=512 * 1024**2), audit_hook=False
+    )
     assert result.status == "timeout" and result.seconds < 4.5, result
     assert processes_with(marker) == []
 

@@ -14,8 +14,14 @@ from mergeaudit.merging.params import resolve
 def sar(base, *models, fisher=None, **shared) -> torch.Tensor:
     t = lambda v: v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float32)  # noqa: E731
     m = REGISTRY.get("sar")
-    slot = TensorSlot("w", t(base), tuple(t(x) for x in models), tuple(f"m{i}" for i in range(len(models))),
-                      tuple(t(f) for f in fisher) if fisher else None, 0)
+    slot = TensorSlot(
+        "w",
+        t(base),
+        tuple(t(x) for x in models),
+        tuple(f"m{i}" for i in range(len(models))),
+        tuple(t(f) for f in fisher) if fisher else None,
+        0,
+    )
     p = resolve(m, "model.layers.0.mlp.up_proj.weight", 0.0, shared, [{}] * len(models))
     out = m.fn(slot, p)
     out.info = slot.info  # type: ignore[attr-defined]
@@ -76,8 +82,15 @@ def test_arbitration_by_hand_with_normalised_fisher():
 
 def test_a_model_without_fisher_mass_keeps_its_exclusive_updates():
     # Fa is all zero: it gets the floor (0.01 x the unit mean) alone; Fb normalises to 1 + 0.01
-    out = sar([0.0, 0.0], [1.0, 2.0], [0.0, -1.0], fisher=[[0.0, 0.0], [3.0, 3.0]], density=1.0,
-              fisher_floor=0.01, arbitration="winner_take_all")
+    out = sar(
+        [0.0, 0.0],
+        [1.0, 2.0],
+        [0.0, -1.0],
+        fisher=[[0.0, 0.0], [3.0, 3.0]],
+        density=1.0,
+        fisher_floor=0.01,
+        arbitration="winner_take_all",
+    )
     assert out.tolist() == pytest.approx([1.0, -1.0])  # s_a = 0.04 < s_b = 1.01 at the overlap
 
 

@@ -124,8 +124,9 @@ def test_generation_info_records_truncation_and_tokens(served):
     # one character per token: 3 characters ran out of budget; fewer stopped at "\n" or "="
     # (cut off here, its token counted by the server)
     assert sum(len(t) == 3 for t in texts) >= 2
-    assert all(lm.generation_info[t] == GenerationInfo(truncated=len(t) == 3, tokens=min(3, len(t) + 1))
-               for t in texts), (texts, lm.generation_info)
+    assert all(
+        lm.generation_info[t] == GenerationInfo(truncated=len(t) == 3, tokens=min(3, len(t) + 1)) for t in texts
+    ), (texts, lm.generation_info)
 
 
 def test_stop_sequence_on_the_last_token_is_cut_and_not_truncated(served):
@@ -189,21 +190,67 @@ def test_server_environment_has_no_credentials(served):
     environ = psutil.Process(served[1].pid).environ()
     assert environ["HF_HUB_OFFLINE"] == "1"
     assert not any(k.startswith("AWS_") for k in environ)  # conftest sets AWS credentials
-    env = server_env({"PATH": "/bin", "TOKENIZERS_PARALLELISM": "false", "HF_TOKEN": "t", "DB_PASSWORD": "p",
-                      "OPENAI_API_KEY": "k", "MY_SECRET_X": "s", "aws_region": "r"})
-    assert env == {"PATH": "/bin", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-                   "PYTHONUNBUFFERED": "1"}
+    env = server_env(
+        {
+            "PATH": "/bin",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_TOKEN": "t",
+            "DB_PASSWORD": "p",
+            "OPENAI_API_KEY": "k",
+            "MY_SECRET_X": "s",
+            "aws_region": "r",
+        }
+    )
+    assert env == {"PATH": "/bin", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def test_server_commands():
-    vllm = server_command("/m", ServerSettings(engine="vllm", max_model_len=4096, extra_args=("--enforce-eager",),
-                                                command=("wrap", "vllm")), 8001, 7)
-    assert vllm == ["wrap", "vllm", "serve", "/m", "--host", "127.0.0.1", "--port", "8001", "--dtype", "auto",
-                    "--served-model-name", "/m", "--seed", "7", "--gpu-memory-utilization", "0.9",
-                    "--max-model-len", "4096", "--generation-config", "vllm", "--enforce-eager"]
+    vllm = server_command(
+        "/m",
+        ServerSettings(engine="vllm", max_model_len=4096, extra_args=("--enforce-eager",), command=("wrap", "vllm")),
+        8001,
+        7,
+    )
+    assert vllm == [
+        "wrap",
+        "vllm",
+        "serve",
+        "/m",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8001",
+        "--dtype",
+        "auto",
+        "--served-model-name",
+        "/m",
+        "--seed",
+        "7",
+        "--gpu-memory-utilization",
+        "0.9",
+        "--max-model-len",
+        "4096",
+        "--generation-config",
+        "vllm",
+        "--enforce-eager",
+    ]
     hf = server_command("/m", ServerSettings(device="cpu", dtype="float32"), 8002, 3)
-    assert hf[1:] == ["serve", "/m", "--host", "127.0.0.1", "--port", "8002", "--dtype", "float32", "--device",
-                      "cpu", "--default-seed", "3", "--log-level", "warning"]
+    assert hf[1:] == [
+        "serve",
+        "/m",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8002",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--default-seed",
+        "3",
+        "--log-level",
+        "warning",
+    ]
     assert os.path.basename(hf[0]) == "transformers"
     assert not any("trust-remote-code" in a for a in vllm + hf)
     with pytest.raises(pydantic.ValidationError) as err:  # every problem at once, as every settings model
@@ -246,8 +293,9 @@ def test_missing_executables_say_how_to_install(tmp_path):
 def test_exit_on_error_kills_a_server_that_ignores_sigterm(tmp_path):
     script = tmp_path / "fake_server.py"
     script.write_text(FAKE_SERVER)
-    stubborn = ServerSettings(command=(sys.executable, str(script)), extra_args=("--ignore-sigterm",),
-                              stop_timeout=1, startup_timeout=30)
+    stubborn = ServerSettings(
+        command=(sys.executable, str(script)), extra_args=("--ignore-sigterm",), stop_timeout=1, startup_timeout=30
+    )
     with pytest.raises(RuntimeError, match="boom"):
         with serve(str(tmp_path), stubborn) as endpoint:
             with urllib.request.urlopen(f"{endpoint.base_url}/models", timeout=5) as response:
@@ -276,8 +324,12 @@ def test_evaluate_served_leaves_no_process_and_frees_the_port(served, tmp_path):
     port.bind(("127.0.0.1", 0))
     number = port.getsockname()[1]
     port.close()
-    result = evaluate_served(str(base), [TASK], EvalSettings(limit=2),
-                             ServerSettings(device="cpu", dtype="float32", port=number, startup_timeout=300))
+    result = evaluate_served(
+        str(base),
+        [TASK],
+        EvalSettings(limit=2),
+        ServerSettings(device="cpu", dtype="float32", port=number, startup_timeout=300),
+    )
     assert len(result.samples) == 2
     assert port_free(number)
     left = [p for p in psutil.process_iter(["cmdline"]) if str(base) in " ".join(p.info["cmdline"] or [])]

@@ -30,8 +30,9 @@ def test_merge_candidate_through_a_served_model(toy_family, tmp_path, monkeypatc
     (tmp_path / "tmp").mkdir()
     tempfile.tempdir = None  # TMPDIR is read again
     try:
-        served = parse_config(config_for(toy_family, str(tmp_path / "r"), backend="served",
-                                         server={"startup_timeout": 300}))
+        served = parse_config(
+            config_for(toy_family, str(tmp_path / "r"), backend="served", server={"startup_timeout": 300})
+        )
         records = audit.resolve_checkpoints(served)
         (merge,) = [c for c in audit.plan_candidates(served, records) if c.kind == "merge"]
         result = audit.evaluate_candidate(merge, served.evaluation, served.storage)

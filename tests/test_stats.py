@@ -105,8 +105,9 @@ def test_runner_scores_recomputed_from_its_samples():
     for i, p in enumerate(problems):  # prompt i: i % 5 of 4 samples right
         right = i % 5
         table[p["question"]] = [p["answer"]] * right + ["-1"] * (4 - right)
-    result = evaluate_lm(TableLM(table), ["mergeaudit_add2"],
-                         EvalSettings(limit=12, num_samples=4, temperature=0.8, pass_k=(1, 2)))
+    result = evaluate_lm(
+        TableLM(table), ["mergeaudit_add2"], EvalSettings(limit=12, num_samples=4, temperature=0.8, pass_k=(1, 2))
+    )
     by_doc: dict[int, list[float]] = {}
     for s in result.samples:
         by_doc.setdefault(s["doc_id"], []).append(s["reward"])
@@ -149,15 +150,36 @@ def test_perturbation_drop_standard_error_is_paired_over_prompts():
     own = [[1.0], [1.0], [0.0], [1.0]]
     noisy = {0: [[1.0], [0.0], [0.0], [1.0]], 1: [[0.0], [1.0], [0.0], [1.0]]}
     cands = [{"candidate_id": "own", "name": "m", "kind": "checkpoint"}]
-    cands += [{"candidate_id": f"g{s}", "name": f"noise{s}", "kind": "probe", "probe_family": "gaussian",
-               "probe_path": "m", "probe_x": 0.1, "probe_seed": s} for s in noisy]
+    cands += [
+        {
+            "candidate_id": f"g{s}",
+            "name": f"noise{s}",
+            "kind": "probe",
+            "probe_family": "gaussian",
+            "probe_path": "m",
+            "probe_x": 0.1,
+            "probe_seed": s,
+        }
+        for s in noisy
+    ]
     samples, scores = [], []
     for cid, prompts in [("own", own)] + [(f"g{s}", v) for s, v in noisy.items()]:
-        samples += [{"candidate_id": cid, "task": "t", "doc_id": i, "prompt_hash": None, "reward": r[0]}
-                    for i, r in enumerate(prompts)]
+        samples += [
+            {"candidate_id": cid, "task": "t", "doc_id": i, "prompt_hash": None, "reward": r[0]}
+            for i, r in enumerate(prompts)
+        ]
         value, se = stats.prompt_mean_stderr(prompts)
-        scores.append({"candidate_id": cid, "task": "t", "metric": "numeric_match", "filter": "verifier",
-                       "value": value, "stderr": se, "n": 4})
+        scores.append(
+            {
+                "candidate_id": cid,
+                "task": "t",
+                "metric": "numeric_match",
+                "filter": "verifier",
+                "value": value,
+                "stderr": se,
+                "n": 4,
+            }
+        )
     _, rows = summarize(RunResults("mem://", "r", {"candidates": cands, "scores": scores, "samples": samples}))
     drop = next(r for r in rows if r["metric"] == "score_drop")
     # per prompt: own - mean over seeds = 0.5, 0.5, 0, 0: mean 0.25, sd 0.2887, se 0.1443

@@ -17,15 +17,33 @@ from mergeaudit import store, tables
 from mergeaudit.errors import ConfigError, MergeAuditError, SchemaError
 
 SCORES = [
-    {"candidate_id": "c1", "task": "t", "metric": "exact_match", "filter": "none", "value": 0.5, "stderr": 0.1, "n": 20},
-    {"candidate_id": "c2", "task": "t", "metric": "exact_match", "filter": "none", "value": 0.25, "stderr": None, "n": 20},
+    {
+        "candidate_id": "c1",
+        "task": "t",
+        "metric": "exact_match",
+        "filter": "none",
+        "value": 0.5,
+        "stderr": 0.1,
+        "n": 20,
+    },
+    {
+        "candidate_id": "c2",
+        "task": "t",
+        "metric": "exact_match",
+        "filter": "none",
+        "value": 0.25,
+        "stderr": None,
+        "n": 20,
+    },
 ]
 
 
 def run_tables(n_scores: int = 2, name: str = "nightly") -> dict[str, list[dict]]:
-    return {"scores": (SCORES * n_scores)[:n_scores],
-            "candidates": [{"candidate_id": "c1", "name": "ties(a+b)", "kind": "merge", "status": "ok"}],
-            "runs": [{"audit_name": name, "status": "completed"}]}
+    return {
+        "scores": (SCORES * n_scores)[:n_scores],
+        "candidates": [{"candidate_id": "c1", "name": "ties(a+b)", "kind": "merge", "status": "ok"}],
+        "runs": [{"audit_name": name, "status": "completed"}],
+    }
 
 
 def test_write_and_read_back(store_root):
@@ -95,22 +113,34 @@ def test_concurrent_writers_lose_nothing(backend, tmp_path, request):
     assert len(runs) == 12
     scores = tables.read_table(root, "scores")
     assert scores.num_rows == 3 * (1 + 2 + 3 + 4)
-    assert {r["run_id"] for r in tables.read_table(root, "runs", audit_name="audit2").to_pylist()} == \
-        {"w2-r0", "w2-r1", "w2-r2"}
+    assert {r["run_id"] for r in tables.read_table(root, "runs", audit_name="audit2").to_pylist()} == {
+        "w2-r0",
+        "w2-r1",
+        "w2-r2",
+    }
 
 
 def test_older_schema_versions_are_read_and_upgraded(tmp_path):
     """A version-1 results folder (part-0.parquet files, no manifests, fewer columns) reads
     next to a version-2 run; a v1 run without its `runs` file was never committed."""
     root = str(tmp_path / "results")
-    v1_scores = pa.schema([("candidate_id", pa.string()), ("task", pa.string()), ("metric", pa.string()),
-                           ("filter", pa.string()), ("value", pa.float64()), ("stderr", pa.float64()),
-                           ("n", pa.int64())])
+    v1_scores = pa.schema(
+        [
+            ("candidate_id", pa.string()),
+            ("task", pa.string()),
+            ("metric", pa.string()),
+            ("filter", pa.string()),
+            ("value", pa.float64()),
+            ("stderr", pa.float64()),
+            ("n", pa.int64()),
+        ]
+    )
     v1_runs = pa.schema([("audit_name", pa.string()), ("status", pa.string())])
 
     def put(table: str, run: str, schema: pa.Schema, rows: list[dict]) -> None:
         data = pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(
-            {b"mergeaudit.schema_version": b"1", b"mergeaudit.table": table.encode()})
+            {b"mergeaudit.schema_version": b"1", b"mergeaudit.table": table.encode()}
+        )
         buf = io.BytesIO()
         pq.write_table(data, buf)
         store.write_bytes(f"{root}/{table}/date=2026-11-01/run_id={run}/part-0.parquet", buf.getvalue())
@@ -137,8 +167,10 @@ def test_newer_schema_versions_are_refused(tmp_path):
 
 def test_query_joins_committed_tables(store_root):
     tables.write_run(store_root, "r1", "2026-11-27", run_tables(2))
-    got = tables.query(store_root, "select c.name, count(*) as n from scores s join candidates c "
-                                   "using (run_id, candidate_id) group by c.name")
+    got = tables.query(
+        store_root,
+        "select c.name, count(*) as n from scores s join candidates c using (run_id, candidate_id) group by c.name",
+    )
     assert got.to_pylist() == [{"name": "ties(a+b)", "n": 1}]
     with pytest.raises(ConfigError, match="names none of the tables"):
         tables.query(store_root, "select 1")
@@ -182,6 +214,7 @@ def test_reading_a_missing_table_gives_an_empty_one(tmp_path):
 
 # -- a damaged store still answers ---------------------------------------------------------------
 
+
 def _manifest_path(root: str, run_id: str) -> str:
     return tables.manifest_uri(root, run_id)
 
@@ -203,9 +236,16 @@ def _warnings(caplog) -> str:
     return "\n".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
 
 
-@pytest.mark.parametrize("bad", ["../precious.parquet", "{abs}", "s3://elsewhere/x.parquet",
-                                 "scores/date=2026-11-26/run_id=r0/{r0file}",
-                                 "scores/date=2026-11-27/run_id=r1/../../../../precious.parquet"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "../precious.parquet",
+        "{abs}",
+        "s3://elsewhere/x.parquet",
+        "scores/date=2026-11-26/run_id=r0/{r0file}",
+        "scores/date=2026-11-27/run_id=r1/../../../../precious.parquet",
+    ],
+)
 def test_a_manifest_naming_files_outside_its_run_is_never_followed(tmp_path, caplog, bad):
     root = str(tmp_path / "results")
     _two_runs(root)
@@ -246,8 +286,9 @@ def test_a_damaged_commit_is_skipped_and_every_other_run_answers(store_root, cap
         assert [m["run_id"] for m in tables.committed_runs(store_root)] == survivors
         for table in ("scores", "candidates", "runs"):
             assert set(tables.read_table(store_root, table).column("run_id").to_pylist()) == set(survivors)
-        assert tables.query(store_root, "select count(*) as n from candidates").column("n").to_pylist() == \
-            [len(survivors)]
+        assert tables.query(store_root, "select count(*) as n from candidates").column("n").to_pylist() == [
+            len(survivors)
+        ]
         assert report.load_run(store_root, "r0").run_id == "r0"
     assert "skipping run" in _warnings(caplog)
     tables.vacuum(store_root, older_than_s=0)  # a damaged run's files are kept for recovery
@@ -278,12 +319,17 @@ def test_vacuum_removes_temporary_files_of_killed_writers_and_nothing_else(tmp_p
     _two_runs(root)
     part = tmp_path / "results" / "scores" / "date=2026-11-27" / "run_id=r2"
     part.mkdir(parents=True)
-    leftovers = [part / ".part-0123456789ab.parquet.tmp-0123456789ab",
-                 tmp_path / "results" / "_commits" / ".r2.json.tmp-ba9876543210"]
+    leftovers = [
+        part / ".part-0123456789ab.parquet.tmp-0123456789ab",
+        tmp_path / "results" / "_commits" / ".r2.json.tmp-ba9876543210",
+    ]
     for f in leftovers:
         f.write_bytes(b"half written")
-    mine = [tmp_path / "results" / "README.md", tmp_path / "results" / "scores" / "notes.txt",
-            tmp_path / "results" / "_commits" / "keep.txt"]
+    mine = [
+        tmp_path / "results" / "README.md",
+        tmp_path / "results" / "scores" / "notes.txt",
+        tmp_path / "results" / "_commits" / "keep.txt",
+    ]
     for f in mine:
         f.write_text("not mergeaudit's")
     assert tables.vacuum(root, older_than_s=3600) == []  # a write in progress survives
@@ -293,14 +339,17 @@ def test_vacuum_removes_temporary_files_of_killed_writers_and_nothing_else(tmp_p
     assert tables.read_table(root, "scores").num_rows == 3
 
 
-@pytest.mark.parametrize("sql", [
-    "select * from scores, read_csv('/etc/passwd')",
-    "select * from read_parquet('{root}/scores/*/*/*.parquet')",
-    "copy scores to '{root}/../exfil.csv'",
-    "set lock_configuration = false",
-    "attach '{root}/../x.db' as x; select * from scores",
-    "select * from scores, read_text('/etc/hostname')",
-])
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "select * from scores, read_csv('/etc/passwd')",
+        "select * from read_parquet('{root}/scores/*/*/*.parquet')",
+        "copy scores to '{root}/../exfil.csv'",
+        "set lock_configuration = false",
+        "attach '{root}/../x.db' as x; select * from scores",
+        "select * from scores, read_text('/etc/hostname')",
+    ],
+)
 def test_query_reaches_only_the_registered_tables(tmp_path, sql):
     root = str(tmp_path / "results")
     _two_runs(root)
@@ -311,10 +360,14 @@ def test_query_reaches_only_the_registered_tables(tmp_path, sql):
 
 
 def test_v2_probe_settings_in_filter_become_columns():
-    rows = [{"candidate_id": "p", "task": "t", "metric": "score_drop", "filter": "gaussian@0.1", "value": 0.3},
-            {"candidate_id": "c", "task": "t", "metric": "exact_match", "filter": "strict-match", "value": 0.5}]
+    rows = [
+        {"candidate_id": "p", "task": "t", "metric": "score_drop", "filter": "gaussian@0.1", "value": 0.3},
+        {"candidate_id": "c", "task": "t", "metric": "exact_match", "filter": "strict-match", "value": 0.5},
+    ]
     v2 = pa.Table.from_pylist(rows)
     up = tables.upgrade("scores", v2, 2).to_pylist()
     assert [(r["filter"], r["probe_family"], r["probe_x"]) for r in up] == [
-        ("probe", "gaussian", 0.1), ("strict-match", None, None)]
+        ("probe", "gaussian", 0.1),
+        ("strict-match", None, None),
+    ]
     assert tables.upgrade("scores", tables.to_arrow("scores", rows), 3).column("probe_family").null_count == 2

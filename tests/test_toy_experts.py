@@ -55,15 +55,18 @@ def test_grpo_updates_only_on_group_disagreement():
     model = tiny_model()
     before = copy.deepcopy(model.state_dict())
     # an untrained model never answers right: every group agrees on reward 0, no signal
-    reward = train_grpo(model, Problems(["add"], 0), steps=3, lr=1e-2, n_prompts=4, group=4, temperature=1.0,
-                        max_new_tokens=3, seed=0)
+    reward = train_grpo(
+        model, Problems(["add"], 0), steps=3, lr=1e-2, n_prompts=4, group=4, temperature=1.0, max_new_tokens=3, seed=0
+    )
     assert reward == 0.0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_grpo_moves_toward_rewarded_completions(monkeypatch):
     """With a reward that favours completions starting with '1', a few steps raise their probability."""
-    monkeypatch.setattr(rl, "verify_numeric", lambda text, answer: type("V", (), {"reward": float(text.startswith("1"))})())
+    monkeypatch.setattr(
+        rl, "verify_numeric", lambda text, answer: type("V", (), {"reward": float(text.startswith("1"))})()
+    )
     model = tiny_model()
     tok = build_tokenizer()
     prompt = torch.tensor([tok("12+34=")["input_ids"]])
@@ -74,16 +77,19 @@ def test_grpo_moves_toward_rewarded_completions(monkeypatch):
             return float(torch.softmax(model(input_ids=prompt).logits[0, -1], -1)[one])
 
     start = p_one()
-    rl.train_grpo(model, Problems(["add"], 0), steps=5, lr=3e-3, n_prompts=8, group=16, temperature=1.0,
-                  max_new_tokens=2, seed=0)
+    rl.train_grpo(
+        model, Problems(["add"], 0), steps=5, lr=3e-3, n_prompts=8, group=16, temperature=1.0, max_new_tokens=2, seed=0
+    )
     assert p_one() > start
 
 
 def shipped_family():
     recipe = ExpertRecipe()
     root = shipped_root(recipe)
-    assert root is not None, f"no toy experts ship for the current recipe {recipe.digest()}: run `mergeaudit demo " \
-                             "--retrain` and copy .mergeaudit/demo/retrained into mergeaudit/toy/shipped/<hash>"
+    assert root is not None, (
+        f"no toy experts ship for the current recipe {recipe.digest()}: run `mergeaudit demo "
+        "--retrain` and copy .mergeaudit/demo/retrained into mergeaudit/toy/shipped/<hash>"
+    )
     family = load_expert_family(str(root), recipe, verify=True)
     assert family is not None, "the shipped experts do not match their manifest's recipe hash or sha256 sums"
     return family
@@ -98,8 +104,9 @@ def test_quick_rl_on_the_shipped_base_raises_the_reward():
     held = [(r["question"], r["answer"]) for r in rl.heldout_rows("add")]
     before = rl.sampled_reward(base, held, group=8, temperature=1.0, seed=1)
     model = copy.deepcopy(base)
-    rl.train_grpo(model, Problems(["add"], 7), steps=40, lr=1e-5, n_prompts=16, group=8, temperature=1.0,
-                  max_new_tokens=4, seed=7)
+    rl.train_grpo(
+        model, Problems(["add"], 7), steps=40, lr=1e-5, n_prompts=16, group=8, temperature=1.0, max_new_tokens=4, seed=7
+    )
     after = rl.sampled_reward(model, held, group=8, temperature=1.0, seed=1)
     assert after > before + 0.03, (before, after)
 
@@ -116,8 +123,9 @@ def test_shipped_experts_are_the_current_recipe_and_learned():
     for uri in [family.base, *(e.uri for e in family.experts.values())]:
         ck = Checkpoint.open(uri)
         assert {ck.spec(n).dtype for n in ck.keys()} == {"BF16"}
-    assert {(e.kind, e.skill) for e in family.experts.values()} == {(k, s) for k in ("sft", "rlvr")
-                                                                     for s in ("add", "sub")}
+    assert {(e.kind, e.skill) for e in family.experts.values()} == {
+        (k, s) for k in ("sft", "rlvr") for s in ("add", "sub")
+    }
     torch.set_num_threads(1)
 
     def accuracy(uri: str, skill: str) -> float:
@@ -151,7 +159,7 @@ def test_family_is_bf16_reused_by_recipe_and_retrains_bit_identically(tmp_path):
     ck = Checkpoint.open(twin.experts["rl_add"].uri)
     name = next(n for n in ck.keys() if "mlp.up_proj" in n)
     header_len = int.from_bytes(weights.read_bytes()[:8], "little")
-    offset = 8 + header_len + json.loads(weights.read_bytes()[8:8 + header_len])[name]["data_offsets"][0]
+    offset = 8 + header_len + json.loads(weights.read_bytes()[8 : 8 + header_len])[name]["data_offsets"][0]
     data = bytearray(weights.read_bytes())
     data[offset + 1] ^= 0x01  # one bf16 entry's high byte: a different value
     weights.write_bytes(bytes(data))
@@ -174,6 +182,7 @@ def test_shipped_experts_are_copied_verified_and_reused(tmp_path):
     # a copy made later elsewhere has the same fingerprints, which key DARE's masks and the probes
     time.sleep(0.05)
     other = obtain_expert_family(str(tmp_path / "elsewhere"), ExpertRecipe(), progress=messages.append)
+
     def fingerprints(fam) -> dict[str, str]:
         uris = {"base": fam.base, **{n: e.uri for n, e in fam.experts.items()}}
         return {n: Checkpoint.open(u).fingerprint for n, u in uris.items()}

@@ -104,8 +104,15 @@ def test_the_hard_deadline_holds_when_math_verify_does_not_give_up():
 @pytest.mark.integration
 def test_timeouts_are_counted_apart_in_the_scores_and_samples():
     task = TaskSource("bombs", {}, None, verifier="math")  # origin unused by verify_samples
-    logged = [{"doc_id": 0, "target": "5", "resps": [["\\boxed{10^{10^{10}}}", "\\boxed{5}", "\\boxed{4}"]],
-               "doc": {}, "prompt_hash": "h"}]
+    logged = [
+        {
+            "doc_id": 0,
+            "target": "5",
+            "resps": [["\\boxed{10^{10^{10}}}", "\\boxed{5}", "\\boxed{4}"]],
+            "doc": {},
+            "prompt_hash": "h",
+        }
+    ]
     verifier = Verifier(math_timeout=60)
     verifier.math.step_timeout = 1
     with verifier:

@@ -27,30 +27,41 @@ FORGERIES = {
     "write-verdict-to-every-fd": (
         "import os\n"
         "for fd in range(3, 64):\n"
-        "    try:\n        os.write(fd, b'{\"status\": \"passed\", \"detail\": \"\"}\\n')\n"
-        "    except OSError:\n        pass\n", "violation"),
+        '    try:\n        os.write(fd, b\'{"status": "passed", "detail": ""}\\n\')\n'
+        "    except OSError:\n        pass\n",
+        "violation",
+    ),
     "call-the-harness-sender": (
         "import sys\n"
         "frame = sys._getframe()\n"
         "while frame is not None and 'send' not in frame.f_locals:\n    frame = frame.f_back\n"
         "frame.f_locals['send']('\"status\":\"passed\"')\n"
-        "frame.f_locals['send']('\"kind\":\"done\"')\n", "violation"),
-    "eq-always-true": ("class Yes:\n    def __eq__(self, other):\n        return True\n"
-                       "def add(a, b):\n    return Yes()\n", "violation"),
-    "int-subclass": ("class Three(int):\n    def __eq__(self, other):\n        return True\n"
-                     "def add(a, b):\n    return Three(3)\n", "violation"),
-    "patched-builtins": ("import builtins, json\nbuiltins.isinstance = lambda *a: True\n"
-                         "builtins.type = lambda *a: int\n"
-                         "json.dumps = lambda *a, **k: '3'\n"
-                         "class Yes:\n    def __eq__(self, other):\n        return True\n"
-                         "def add(a, b):\n    return Yes()\n", "violation"),
+        "frame.f_locals['send']('\"kind\":\"done\"')\n",
+        "violation",
+    ),
+    "eq-always-true": (
+        "class Yes:\n    def __eq__(self, other):\n        return True\ndef add(a, b):\n    return Yes()\n",
+        "violation",
+    ),
+    "int-subclass": (
+        "class Three(int):\n    def __eq__(self, other):\n        return True\ndef add(a, b):\n    return Three(3)\n",
+        "violation",
+    ),
+    "patched-builtins": (
+        "import builtins, json\nbuiltins.isinstance = lambda *a: True\n"
+        "builtins.type = lambda *a: int\n"
+        "json.dumps = lambda *a, **k: '3'\n"
+        "class Yes:\n    def __eq__(self, other):\n        return True\n"
+        "def add(a, b):\n    return Yes()\n",
+        "violation",
+    ),
     "exit-early": ("import sys\nsys.exit(0)\n", "violation"),
     "os-exit-early": ("import os\nos._exit(0)\n", "violation"),
     "system-exit-in-tests": ("def add(a, b):\n    raise SystemExit(0)\n", "violation"),
     # no effect at all: the harness holds its own references, stdout is not a channel
-    "old-fd-in-argv": ("import os, sys\nos.write(int(sys.argv[1]), b'{\"status\": \"passed\"}')\n", "error"),
+    "old-fd-in-argv": ('import os, sys\nos.write(int(sys.argv[1]), b\'{"status": "passed"}\')\n', "error"),
     "patched-os-write": ("import os\nos.write = lambda fd, data: len(data)\n", "failed"),
-    "fake-stdout-line": ("print('{\"status\": \"passed\", \"detail\": \"\"}')\nprint('passed')\n", "failed"),
+    "fake-stdout-line": ('print(\'{"status": "passed", "detail": ""}\')\nprint(\'passed\')\n', "failed"),
 }
 
 
@@ -62,42 +73,50 @@ def test_forged_verdicts_score_zero(name):
     assert result.status == status, result
     with Verifier(sandbox=LIMITS) as verifier:
         verdict = verifier.verify("code", program, TESTS)
-    assert verdict.reward == 0.0 and verdict.status == {"violation": "violation", "error": "error",
-                                                         "failed": "wrong"}[status]
+    assert (
+        verdict.reward == 0.0
+        and verdict.status == {"violation": "violation", "error": "error", "failed": "wrong"}[status]
+    )
     if status == "violation":
         assert verdict.error.startswith("violation: ")
 
 
 def test_the_expected_values_never_enter_the_sandbox():
-    program = ("import os\n"
-               "def probe():\n"
-               "    needle = str(918273644 + int('1'))  # not a (folded) constant\n"
-               "    for root, _, files in os.walk('/task'):\n"
-               "        for name in files:\n"
-               "            if needle in open(os.path.join(root, name)).read():\n"
-               "                return 'found'\n"
-               "    import gc\n"
-               "    if any(needle in repr(o) for o in gc.get_objects() if isinstance(o, (dict, list, tuple))):\n"
-               "        return 'found'\n"
-               "    return 'absent'\n")
+    program = (
+        "import os\n"
+        "def probe():\n"
+        "    needle = str(918273644 + int('1'))  # not a (folded) constant\n"
+        "    for root, _, files in os.walk('/task'):\n"
+        "        for name in files:\n"
+        "            if needle in open(os.path.join(root, name)).read():\n"
+        "                return 'found'\n"
+        "    import gc\n"
+        "    if any(needle in repr(o) for o in gc.get_objects() if isinstance(o, (dict, list, tuple))):\n"
+        "        return 'found'\n"
+        "    return 'absent'\n"
+    )
     result = run_code(program, "assert probe() == 918273645\n", LIMITS, audit_hook=False)
     assert result.status == "failed" and "probe() returned 'absent'" in result.detail, result
 
 
 def test_values_are_compared_here_with_python_semantics():
-    program = ("def f(x):\n    return x / 3\n"
-               "def g(n):\n    return n % 2 == 0\n"
-               "def h(s):\n    return (s, {s: [1, 2.5, None]}, {1, 2})\n")
-    tests = ("def check(candidate):\n"
-             "    assert abs(candidate(1.0) - 0.3333333) < 1e-6\n"
-             "    assert math.isclose(candidate(3), 1)\n"
-             "    assert candidate(3) == 1\n"
-             "    value = candidate(6)\n"
-             "    assert value == 2.0 and 1 < value <= 2, 'message'\n\n"
-             "check(f)\n"
-             "assert g(4)\nassert not g(7)\nassert g(7) is False\n"
-             "assert h('a') == ('a', {'a': [1, 2.5, None]}, {2, 1})\n"
-             "assert sorted(h('b')[2]) == [1, 2]\n")
+    program = (
+        "def f(x):\n    return x / 3\n"
+        "def g(n):\n    return n % 2 == 0\n"
+        "def h(s):\n    return (s, {s: [1, 2.5, None]}, {1, 2})\n"
+    )
+    tests = (
+        "def check(candidate):\n"
+        "    assert abs(candidate(1.0) - 0.3333333) < 1e-6\n"
+        "    assert math.isclose(candidate(3), 1)\n"
+        "    assert candidate(3) == 1\n"
+        "    value = candidate(6)\n"
+        "    assert value == 2.0 and 1 < value <= 2, 'message'\n\n"
+        "check(f)\n"
+        "assert g(4)\nassert not g(7)\nassert g(7) is False\n"
+        "assert h('a') == ('a', {'a': [1, 2.5, None]}, {2, 1})\n"
+        "assert sorted(h('b')[2]) == [1, 2]\n"
+    )
     assert run_code(program, tests, LIMITS).passed
     wrong = run_code(program.replace("x / 3", "x / 3 + 1e-3"), tests, LIMITS)
     assert wrong.status == "failed" and wrong.detail.startswith("assert #1 failed")
@@ -105,14 +124,19 @@ def test_values_are_compared_here_with_python_semantics():
     assert raised.status == "failed" and "NameError" in raised.detail
 
 
-@pytest.mark.parametrize("tests", [
-    "def check(candidate):\n    for i in range(3):\n        assert candidate(i) == i\n\ncheck(f)\n",
-    "import math\nassert f(1) == 1\n",
-    "def helper(x, y):\n    return x == y\n\ndef check(candidate):\n    assert helper(candidate(1), 1)\n\ncheck(f)\n",
-    "def check(candidate):\n    x = candidate(1)\n    assert candidate(x) == 1\n\ncheck(f)\n",
-    "assert f(1) is 1\n",
-    "assert [f(i) for i in range(3)] == [0, 1, 2]\n",
-], ids=["loop", "import", "helper", "dependent-call", "is-int", "comprehension"])
+@pytest.mark.parametrize(
+    "tests",
+    [
+        "def check(candidate):\n    for i in range(3):\n        assert candidate(i) == i\n\ncheck(f)\n",
+        "import math\nassert f(1) == 1\n",
+        "def helper(x, y):\n    return x == y\n\n"
+        "def check(candidate):\n    assert helper(candidate(1), 1)\n\ncheck(f)\n",
+        "def check(candidate):\n    x = candidate(1)\n    assert candidate(x) == 1\n\ncheck(f)\n",
+        "assert f(1) is 1\n",
+        "assert [f(i) for i in range(3)] == [0, 1, 2]\n",
+    ],
+    ids=["loop", "import", "helper", "dependent-call", "is-int", "comprehension"],
+)
 def test_unsupported_test_shapes_are_refused_before_running(tests):
     """A helper or a comprehension would compare inside the sandbox, where a lying value
     decides: such tests are scored "unsupported", and nothing runs."""

@@ -23,8 +23,13 @@ def fisher_models(config: AuditConfig) -> list[str]:
     return needed
 
 
-def merge_plan(config: AuditConfig, records: dict[str, CheckpointRecord], strat: StrategySpec,
-               point: dict[str, Any], fisher_uris: dict[str, str]) -> MergePlan:
+def merge_plan(
+    config: AuditConfig,
+    records: dict[str, CheckpointRecord],
+    strat: StrategySpec,
+    point: dict[str, Any],
+    fisher_uris: dict[str, str],
+) -> MergePlan:
     names = config.strategy_models(strat)
     base = records[config.base.name]
     return MergePlan(
@@ -44,12 +49,18 @@ def merge_plan(config: AuditConfig, records: dict[str, CheckpointRecord], strat:
 def recipe_id(plan: MergePlan, inputs: list[CheckpointRecord]) -> str:
     """The id of a merge or probe candidate: its plan (not where it runs), its inputs'
     fingerprints and the code version."""
-    return digest({"plan": plan.model_dump(mode="json", exclude={"device"}),
-                   "fingerprints": [r.fingerprint for r in inputs], "version": mergeaudit.__version__})[:20]
+    return digest(
+        {
+            "plan": plan.model_dump(mode="json", exclude={"device"}),
+            "fingerprints": [r.fingerprint for r in inputs],
+            "version": mergeaudit.__version__,
+        }
+    )[:20]
 
 
-def plan_candidates(config: AuditConfig, records: dict[str, CheckpointRecord],
-                    fisher_uris: dict[str, str] | None = None) -> list[Candidate]:
+def plan_candidates(
+    config: AuditConfig, records: dict[str, CheckpointRecord], fisher_uris: dict[str, str] | None = None
+) -> list[Candidate]:
     """The references (base and fine-tunes, when score_inputs) and one merge per grid point.
 
     Every merge plan is validated here against the real headers (each tensor's parameters,
@@ -69,14 +80,31 @@ def plan_candidates(config: AuditConfig, records: dict[str, CheckpointRecord],
             prepare(plan)  # headers only (remembered per process)
             label = ",".join(f"{k}={point[k]}" for k in sorted(strat.grid))
             name = f"{strat.method}({'+'.join(names)}{'; ' + label if label else ''})"
-            out.append(Candidate(candidate_id=recipe_id(plan, [base] + [records[n] for n in names]), name=name,
-                                 kind="merge", inputs=[records[n] for n in names], base=base, plan=plan))
+            out.append(
+                Candidate(
+                    candidate_id=recipe_id(plan, [base] + [records[n] for n in names]),
+                    name=name,
+                    kind="merge",
+                    inputs=[records[n] for n in names],
+                    base=base,
+                    plan=plan,
+                )
+            )
     refs = {name: ModelRef(id=name, uri=rec.uri) for name, rec in records.items()}
-    for name, probe, plan in probes.probe_plans(config.probes, config.base.name, [m.name for m in config.models],
-                                                refs, config.evaluation.device):
+    for name, probe, plan in probes.probe_plans(
+        config.probes, config.base.name, [m.name for m in config.models], refs, config.evaluation.device
+    ):
         prepare(plan)  # headers only (remembered per process)
-        out.append(Candidate(candidate_id=recipe_id(plan, [records[m.id] for m in [plan.base, *plan.models]]),
-                             name=name, kind="probe", inputs=[records[m.id] for m in plan.models], base=base,
-                             plan=plan, probe=probe))
+        out.append(
+            Candidate(
+                candidate_id=recipe_id(plan, [records[m.id] for m in [plan.base, *plan.models]]),
+                name=name,
+                kind="probe",
+                inputs=[records[m.id] for m in plan.models],
+                base=base,
+                plan=plan,
+                probe=probe,
+            )
+        )
     seen: set[str] = set()
     return [c for c in out if not (c.candidate_id in seen or seen.add(c.candidate_id))]

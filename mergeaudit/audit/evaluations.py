@@ -37,8 +37,10 @@ def evaluate_candidate(candidate: Candidate, settings: EvalSettings, storage: St
     tokenizer = load_tokenizer(candidate.base.uri)  # the candidate is scored with its base's tokenizer
     check_prompting(tasks, settings, tokenizer, candidate.name)
     if settings.device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvaluationError(f"evaluation.device is {settings.device} but this worker has no CUDA device "
-                              f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+        raise EvaluationError(
+            f"evaluation.device is {settings.device} but this worker has no CUDA device "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
+        )
     if settings.backend == "served":
         from mergeaudit.evaluation.served import evaluate_served
 
@@ -46,8 +48,9 @@ def evaluate_candidate(candidate: Candidate, settings: EvalSettings, storage: St
             sparsity = save_candidate(candidate, storage, tmp)
             result = evaluate_served(tmp, settings.tasks, settings, settings.served())
     else:
-        model, sparsity = materialize(candidate, storage, device=settings.device,
-                                      dtype=getattr(torch, settings.torch_dtype))
+        model, sparsity = materialize(
+            candidate, storage, device=settings.device, dtype=getattr(torch, settings.torch_dtype)
+        )
         try:
             with torch.inference_mode():
                 result = evaluate_model(model, tokenizer, settings.tasks, settings)
@@ -56,23 +59,30 @@ def evaluate_candidate(candidate: Candidate, settings: EvalSettings, storage: St
             release_device_memory(settings.device)
     for row in result.scores + result.samples:
         row["candidate_id"] = candidate.candidate_id
-    return CandidateResult(candidate_id=candidate.candidate_id, scores=result.scores, samples=result.samples,
-                           update_sparsity_bf16=sparsity)
+    return CandidateResult(
+        candidate_id=candidate.candidate_id, scores=result.scores, samples=result.samples, update_sparsity_bf16=sparsity
+    )
 
 
 def evaluation_key(candidate: Candidate, settings: EvalSettings) -> str:
     """Cache key of an evaluation: the candidate id (recipe + input fingerprints + version) and
     the evaluation settings."""
-    return digest({"candidate": candidate.candidate_id, "eval": settings.model_dump(mode="json"),
-                   "version": mergeaudit.__version__})[:24]
+    return digest(
+        {
+            "candidate": candidate.candidate_id,
+            "eval": settings.model_dump(mode="json"),
+            "version": mergeaudit.__version__,
+        }
+    )[:24]
 
 
 def evaluation_uri(results_uri: str, candidate: Candidate, settings: EvalSettings) -> str:
     return store.join(results_uri, "evaluations", f"{evaluation_key(candidate, settings)}.json")
 
 
-def evaluate_to_store(candidate: Candidate, settings: EvalSettings, storage: StorageSettings,
-                      results_uri: str) -> EvaluationRecord:
+def evaluate_to_store(
+    candidate: Candidate, settings: EvalSettings, storage: StorageSettings, results_uri: str
+) -> EvaluationRecord:
     """Evaluate a candidate and store the result under RESULTS/evaluations/<key>.json; an
     evaluation already stored under that key (same inputs, settings and code) is reused."""
     uri = evaluation_uri(results_uri, candidate, settings)
@@ -82,9 +92,15 @@ def evaluate_to_store(candidate: Candidate, settings: EvalSettings, storage: Sto
     result = evaluate_candidate(candidate, settings, storage)
     store.write_bytes(uri, result.model_dump_json().encode())
     read = by_checkpoint(store.bytes_read_since(before), {r.uri for r in [candidate.base, *candidate.inputs]})
-    return EvaluationRecord(candidate_id=candidate.candidate_id, uri=uri, scores=len(result.scores),
-                            samples=len(result.samples), update_sparsity_bf16=result.update_sparsity_bf16,
-                            bytes_read=read, read_by=store.process_tag())
+    return EvaluationRecord(
+        candidate_id=candidate.candidate_id,
+        uri=uri,
+        scores=len(result.scores),
+        samples=len(result.samples),
+        update_sparsity_bf16=result.update_sparsity_bf16,
+        bytes_read=read,
+        read_by=store.process_tag(),
+    )
 
 
 def stored_evaluation(candidate: Candidate, settings: EvalSettings, results_uri: str) -> EvaluationRecord:
@@ -93,8 +109,13 @@ def stored_evaluation(candidate: Candidate, settings: EvalSettings, results_uri:
     if not store.exists(uri):
         raise EvaluationError(f"the evaluation of {candidate.name} completed but {uri} is missing")
     result = CandidateResult.model_validate_json(store.read_bytes(uri))
-    return EvaluationRecord(candidate_id=candidate.candidate_id, uri=uri, scores=len(result.scores),
-                            samples=len(result.samples), update_sparsity_bf16=result.update_sparsity_bf16)
+    return EvaluationRecord(
+        candidate_id=candidate.candidate_id,
+        uri=uri,
+        scores=len(result.scores),
+        samples=len(result.samples),
+        update_sparsity_bf16=result.update_sparsity_bf16,
+    )
 
 
 def load_evaluation(record: EvaluationRecord) -> CandidateResult:
@@ -103,5 +124,12 @@ def load_evaluation(record: EvaluationRecord) -> CandidateResult:
 
 def failed_evaluation(candidate: Candidate, error: str) -> EvaluationRecord:
     """The record of an evaluation that failed for good (after its retries)."""
-    return EvaluationRecord(candidate_id=candidate.candidate_id, uri=None, scores=0, samples=0,
-                            update_sparsity_bf16=None, status="failed", error=" ".join(error.split())[:2000])
+    return EvaluationRecord(
+        candidate_id=candidate.candidate_id,
+        uri=None,
+        scores=0,
+        samples=0,
+        update_sparsity_bf16=None,
+        status="failed",
+        error=" ".join(error.split())[:2000],
+    )

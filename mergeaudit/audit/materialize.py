@@ -40,8 +40,9 @@ class UpdateSparsity:
         return 1.0 - self.changed / self.numel if self.numel else 1.0
 
 
-def materialize(candidate: Candidate, storage: StorageSettings, device: str = "cpu",
-                dtype: torch.dtype = torch.float32):
+def materialize(
+    candidate: Candidate, storage: StorageSettings, device: str = "cpu", dtype: torch.dtype = torch.float32
+):
     """Build the candidate as an in-memory HF model on `device`; returns (model, sparsity), the
     bf16 sparsity of its update against the base, measured while the tensors stream in."""
     base = storage.open(candidate.base.uri)

@@ -66,8 +66,12 @@ class Candidate(pydantic.BaseModel):
     def params(self) -> dict[str, Any]:
         if self.plan is None:
             return {}
-        out = {"parameters": self.plan.parameters, "model_parameters": self.plan.model_parameters,
-               "seed": self.plan.seed, "out_dtype": self.plan.out_dtype}
+        out = {
+            "parameters": self.plan.parameters,
+            "model_parameters": self.plan.model_parameters,
+            "seed": self.plan.seed,
+            "out_dtype": self.plan.out_dtype,
+        }
         return {**out, "probe": self.probe} if self.probe else out
 
     @property

@@ -26,8 +26,9 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def candidate_rows(candidates: list[Candidate], results: list[CandidateResult],
-                   failures: dict[str, str] | None = None) -> list[dict]:
+def candidate_rows(
+    candidates: list[Candidate], results: list[CandidateResult], failures: dict[str, str] | None = None
+) -> list[dict]:
     sparsity = {r.candidate_id: r.update_sparsity_bf16 for r in results}
     failures = failures or {}
     return [
@@ -54,17 +55,32 @@ def candidate_rows(candidates: list[Candidate], results: list[CandidateResult],
 def _probe_columns(probe: dict[str, Any] | None) -> dict[str, Any]:
     if not probe:
         return {}
-    return {"probe_family": probe["family"], "probe_path": probe["path"], "probe_x": float(probe["x"]),
-            "probe_seed": probe.get("seed")}
+    return {
+        "probe_family": probe["family"],
+        "probe_path": probe["path"],
+        "probe_x": float(probe["x"]),
+        "probe_seed": probe.get("seed"),
+    }
 
 
 def checkpoint_rows(config: AuditConfig, records: dict[str, CheckpointRecord]) -> list[dict]:
     def role(name: str, r: CheckpointRecord) -> str:
         return "base" if name == config.base.name else "series_step" if r.series else "model"
 
-    return [{"name": r.name, "role": role(name, r), "kind": r.kind, "uri": r.uri,
-             "fingerprint": r.fingerprint, "n_tensors": r.n_tensors, "nbytes": r.nbytes, "model_type": r.model_type,
-             "dtype": r.dtype} for name, r in records.items()]
+    return [
+        {
+            "name": r.name,
+            "role": role(name, r),
+            "kind": r.kind,
+            "uri": r.uri,
+            "fingerprint": r.fingerprint,
+            "n_tensors": r.n_tensors,
+            "nbytes": r.nbytes,
+            "model_type": r.model_type,
+            "dtype": r.dtype,
+        }
+        for name, r in records.items()
+    ]
 
 
 def result_rows(
@@ -80,8 +96,16 @@ def result_rows(
     scores = [row for r in results for row in r.scores]
     samples = [row for r in results for row in r.samples]
     cands = candidate_rows(candidates, results, failures)
-    run = RunResults(config.results_uri, "", {"candidates": cands, "scores": scores, "samples": samples,
-                                              "checkpoints": checkpoint_rows(config, checkpoints)})
+    run = RunResults(
+        config.results_uri,
+        "",
+        {
+            "candidates": cands,
+            "scores": scores,
+            "samples": samples,
+            "checkpoints": checkpoint_rows(config, checkpoints),
+        },
+    )
     probe_candidates, probe_scores = fragility.summarize(run)
     cands += [{**row, "mergeaudit_version": mergeaudit.__version__, "status": "ok"} for row in probe_candidates]
     by_id = {c["candidate_id"]: c for c in cands}
@@ -102,8 +126,9 @@ def result_rows(
     }
 
 
-def run_row(audit_name: str, started_at: dt.datetime, config_json: str, status: str = "completed",
-            **extra: Any) -> dict:
+def run_row(
+    audit_name: str, started_at: dt.datetime, config_json: str, status: str = "completed", **extra: Any
+) -> dict:
     """The `runs` row: what ran, when, with which configuration and package versions."""
     return {
         **extra,

@@ -61,13 +61,23 @@ def _open_all(config: AuditConfig) -> tuple[dict[str, Checkpoint], dict[str, str
     return opened, kinds, steps
 
 
-def _records(opened: dict[str, Checkpoint], kinds: dict[str, str],
-             steps: dict[str, tuple[str, int]]) -> dict[str, CheckpointRecord]:
+def _records(
+    opened: dict[str, Checkpoint], kinds: dict[str, str], steps: dict[str, tuple[str, int]]
+) -> dict[str, CheckpointRecord]:
     return {
-        name: CheckpointRecord(name=name, uri=ck.uri, kind=kinds[name], fingerprint=ck.fingerprint,
-                               n_tensors=len(ck.keys()), nbytes=ck.nbytes, model_type=ck.config.get("model_type"),
-                               dtype=_main_dtype(ck), series=steps.get(name, (None,))[0],
-                               step=steps.get(name, (None, None))[1], size=sum(f.size for f in ck.files.values()))
+        name: CheckpointRecord(
+            name=name,
+            uri=ck.uri,
+            kind=kinds[name],
+            fingerprint=ck.fingerprint,
+            n_tensors=len(ck.keys()),
+            nbytes=ck.nbytes,
+            model_type=ck.config.get("model_type"),
+            dtype=_main_dtype(ck),
+            series=steps.get(name, (None,))[0],
+            step=steps.get(name, (None, None))[1],
+            size=sum(f.size for f in ck.files.values()),
+        )
         for name, ck in opened.items()
     }
 
@@ -98,8 +108,9 @@ def _main_dtype(ck: Checkpoint) -> str | None:
     return max(sizes, key=sizes.get) if sizes else None
 
 
-def compute_geometry(config: AuditConfig, records: dict[str, CheckpointRecord],
-                     fisher_uris: dict[str, str] | None = None) -> dict[str, list[dict]]:
+def compute_geometry(
+    config: AuditConfig, records: dict[str, CheckpointRecord], fisher_uris: dict[str, str] | None = None
+) -> dict[str, list[dict]]:
     """geometry_tensors and geometry_pairs rows for every fine-tuned model against the base
     (with the Fisher-mass columns for models whose Fisher was estimated), and geometry_series
     rows for every series."""
@@ -109,8 +120,7 @@ def compute_geometry(config: AuditConfig, records: dict[str, CheckpointRecord],
     kinds = {m.name: m.kind for m in config.models}
     fishers = {name: storage.open(uri) for name, uri in (fisher_uris or {}).items() if name in models}
     shared: dict = {}  # the base's decompositions, made once for the models and every series
-    tensor_rows, pair_rows = geometry_rows(base, models, kinds, config.geometry, fisher=fishers,
-                                           decompositions=shared)
+    tensor_rows, pair_rows = geometry_rows(base, models, kinds, config.geometry, fisher=fishers, decompositions=shared)
     series_rows: list[dict] = []
     for spec in config.series:
         steps = [(r.step, storage.open(r.uri)) for r in records.values() if r.series == spec.name]
@@ -123,10 +133,12 @@ def estimate_fisher(config: AuditConfig, records: dict[str, CheckpointRecord], n
     """One model's Fisher checkpoint URI (computed once per model version and calibration set),
     cached under `fisher.cache_uri` (default RESULTS/fisher), on `fisher.device` (default the
     evaluation's)."""
-    settings = config.fisher.model_copy(update={
-        "cache_uri": config.fisher.cache_uri or store.join(config.results_uri, "fisher"),
-        "device": config.fisher.device or config.evaluation.device,
-    })
+    settings = config.fisher.model_copy(
+        update={
+            "cache_uri": config.fisher.cache_uri or store.join(config.results_uri, "fisher"),
+            "device": config.fisher.device or config.evaluation.device,
+        }
+    )
     return fisher.estimate_fisher(records[name].uri, settings, opener=config.storage.open)
 
 
@@ -152,25 +164,49 @@ def finish_run(
     if config.alarm.enabled:
         previous = [m for m in tables.committed_runs(config.results_uri) if m["run_id"] != run_id]
         check = compare.check(run, config.alarm, previous)
-    rows["runs"] = [run_row(config.name, started_at, config.model_dump_json(),
-                            status="failed" if failures else "completed",
-                            n_candidates=len(candidates), n_failed=len(failures),
-                            previous_run_id=check.previous_run_id if check else None,
-                            regressions_json=json.dumps([r.model_dump() for r in check.regressions]) if check else None)]
-    files = tables.write_run(config.results_uri, run_id, f"{started_at:%Y-%m-%d}", rows, audit_name=config.name,
-                             package_versions=package_versions())
+    rows["runs"] = [
+        run_row(
+            config.name,
+            started_at,
+            config.model_dump_json(),
+            status="failed" if failures else "completed",
+            n_candidates=len(candidates),
+            n_failed=len(failures),
+            previous_run_id=check.previous_run_id if check else None,
+            regressions_json=json.dumps([r.model_dump() for r in check.regressions]) if check else None,
+        )
+    ]
+    files = tables.write_run(
+        config.results_uri,
+        run_id,
+        f"{started_at:%Y-%m-%d}",
+        rows,
+        audit_name=config.name,
+        package_versions=package_versions(),
+    )
     names = {c.candidate_id: c.name for c in candidates}
-    return RunOutcome(run_id=run_id, results_uri=config.results_uri, tables=files,
-                      summary=leaderboard.summary(run), failed=[names[cid] for cid in failures], regressions=check,
-                      notes=geometry_views.not_compared(geometry_tables.get("geometry_tensors", [])),
-                      bytes_read={} if bytes_read is None else input_totals(
-                          {n: r.uri for n, r in checkpoints.items()}, bytes_read,
-                          [e.bytes_read for e in evaluations if e.read_by != store.process_tag()]),
-                      input_sizes={n: r.size for n, r in checkpoints.items() if r.size is not None})
+    return RunOutcome(
+        run_id=run_id,
+        results_uri=config.results_uri,
+        tables=files,
+        summary=leaderboard.summary(run),
+        failed=[names[cid] for cid in failures],
+        regressions=check,
+        notes=geometry_views.not_compared(geometry_tables.get("geometry_tensors", [])),
+        bytes_read={}
+        if bytes_read is None
+        else input_totals(
+            {n: r.uri for n, r in checkpoints.items()},
+            bytes_read,
+            [e.bytes_read for e in evaluations if e.read_by != store.process_tag()],
+        ),
+        input_sizes={n: r.size for n, r in checkpoints.items() if r.size is not None},
+    )
 
 
-def geometry_run(base_uri: str, models: dict[str, str], kinds: dict[str, str], settings: GeometrySettings,
-                 results_uri: str) -> tuple[str, dict[str, str], list[dict], list[dict]]:
+def geometry_run(
+    base_uri: str, models: dict[str, str], kinds: dict[str, str], settings: GeometrySettings, results_uri: str
+) -> tuple[str, dict[str, str], list[dict], list[dict]]:
     """Geometry alone (`mergeaudit geometry`): the models' updates against the base, committed
     as a run of geometry_tensors and geometry_pairs; returns (run id, table URIs, tensor rows,
     pair rows)."""
@@ -181,9 +217,14 @@ def geometry_run(base_uri: str, models: dict[str, str], kinds: dict[str, str], s
     tensor_rows, pair_rows = geometry_rows(base, opened, kinds, settings)
     run_id = new_run_id(started)
     params = {"base": base.uri, "models": models, "kinds": kinds, "geometry": settings.model_dump()}
-    files = tables.write_run(out, run_id, f"{started:%Y-%m-%d}", {
-        "geometry_tensors": tensor_rows,
-        "geometry_pairs": pair_rows,
-        "runs": [run_row("geometry", started, json.dumps(params, sort_keys=True))],
-    })
+    files = tables.write_run(
+        out,
+        run_id,
+        f"{started:%Y-%m-%d}",
+        {
+            "geometry_tensors": tensor_rows,
+            "geometry_pairs": pair_rows,
+            "runs": [run_row("geometry", started, json.dumps(params, sort_keys=True))],
+        },
+    )
     return run_id, files, tensor_rows, pair_rows

@@ -162,8 +162,13 @@ class CheckpointCache:
             return None
         size = sum(f.size for f in files.values())
         if size > self.max_bytes:
-            log.warning("checkpoint %s (%d bytes) is larger than the cache %s (max_bytes %d): reading it in place",
-                        uri, size, self.root, self.max_bytes)
+            log.warning(
+                "checkpoint %s (%d bytes) is larger than the cache %s (max_bytes %d): reading it in place",
+                uri,
+                size,
+                self.root,
+                self.max_bytes,
+            )
             return None
         try:
             self.root.mkdir(parents=True, exist_ok=True)  # only once something is to be cached
@@ -193,8 +198,9 @@ class CheckpointCache:
                     for start in range(0, fi.size, COPY_CHUNK):
                         out.write(store.read_range(fi.uri, start, min(fi.size, start + COPY_CHUNK), expect=fi))
             marker = staging / MARKER
-            marker.write_text(json.dumps({"fingerprint": key, "source": uri,
-                                          "bytes": sum(f.size for f in files.values())}))
+            marker.write_text(
+                json.dumps({"fingerprint": key, "source": uri, "bytes": sum(f.size for f in files.values())})
+            )
             fd = _lock(marker, fcntl.LOCK_SH)  # leased from before it is visible
             try:
                 os.rename(staging, entry)
@@ -242,9 +248,15 @@ class CheckpointCache:
                     locked.append((entry, size, fd))
             used = in_use + sum(e[1] for e in locked)
             if in_use + need > self.max_bytes:
-                log.warning("checkpoint cache %s is too small for the working set: %s needs %d bytes, entries in use "
-                            "hold %d, max_bytes is %d; reading it in place (raise storage.cache_max_gb)",
-                            self.root, uri, need, in_use, self.max_bytes)
+                log.warning(
+                    "checkpoint cache %s is too small for the working set: %s needs %d bytes, entries in use "
+                    "hold %d, max_bytes is %d; reading it in place (raise storage.cache_max_gb)",
+                    self.root,
+                    uri,
+                    need,
+                    in_use,
+                    self.max_bytes,
+                )
                 return False
             for entry, size, fd in locked:
                 if used + need <= self.max_bytes:

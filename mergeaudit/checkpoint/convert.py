@@ -43,8 +43,9 @@ def pickled_shards(uri: str) -> list[str]:
 def convert_pickled(uri: str, out_uri: str, allow_pickle: bool = False, **writer_kwargs) -> str:
     """Convert a pickled checkpoint to safetensors at out_uri; requires allow_pickle=True."""
     if not allow_pickle:
-        raise CheckpointError("converting pickled weights needs an explicit opt-in "
-                              "(allow_pickle=True / --allow-pickle)")
+        raise CheckpointError(
+            "converting pickled weights needs an explicit opt-in (allow_pickle=True / --allow-pickle)"
+        )
     uri = store.check_uri(uri)
     shards = pickled_shards(uri)
     with CheckpointWriter(out_uri, source=uri, **writer_kwargs) as writer:

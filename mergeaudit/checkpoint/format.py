@@ -101,8 +101,9 @@ def parse_header(uri: str, size: int, expect: store.Expect = None) -> dict[str, 
             problems.append(problem)
             continue
         s, e = entry["data_offsets"]
-        specs[name] = TensorSpec(name, entry["dtype"], tuple(entry["shape"]), uri, data_start + s,
-                                 data_start + e, version)
+        specs[name] = TensorSpec(
+            name, entry["dtype"], tuple(entry["shape"]), uri, data_start + s, data_start + e, version
+        )
     if problems:
         more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
         raise CheckpointError(f"{uri}: invalid header: " + "; ".join(problems[:20]) + more)
@@ -111,13 +112,14 @@ def parse_header(uri: str, size: int, expect: store.Expect = None) -> dict[str, 
         if start < pos:
             raise CheckpointError(f"{uri}: tensors {prev!r} and {name!r} overlap in the data area")
         if start > pos:
-            raise CheckpointError(f"{uri}: data-area bytes {pos - data_start}..{start - data_start} belong to "
-                                  f"no tensor (a gap before {name!r}); safetensors refuses such files")
+            raise CheckpointError(
+                f"{uri}: data-area bytes {pos - data_start}..{start - data_start} belong to "
+                f"no tensor (a gap before {name!r}); safetensors refuses such files"
+            )
         pos, prev = end, name
     if pos != size:
         raise CheckpointError(
-            f"{uri}: the header describes {pos} bytes but the file has {size}: "
-            "truncated, padded or still being written"
+            f"{uri}: the header describes {pos} bytes but the file has {size}: truncated, padded or still being written"
         )
     return specs
 
@@ -179,8 +181,9 @@ def decode_header(uri: str, raw: bytes) -> dict[str, object]:
     # strict UTF-8 bytes hold no surrogates; only \uD800-\uDFFF escapes can make a lone one
     hook = _pairs_checking_text if _SURROGATE_ESCAPE.search(raw) else _pairs
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=hook, parse_int=_int,
-                            parse_float=_no_float, parse_constant=_no_float)
+        header = json.loads(
+            raw.decode("utf-8"), object_pairs_hook=hook, parse_int=_int, parse_float=_no_float, parse_constant=_no_float
+        )
     except RecursionError:
         raise CheckpointError(f"{uri}: header is not valid JSON (nested too deeply)") from None
     except (UnicodeError, ValueError) as exc:  # JSONDecodeError and _Refused are ValueErrors
@@ -197,12 +200,20 @@ def _check_entry(name: str, entry: object, data_size: int) -> str | None:
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in DTYPES:
         return f"tensor {name!r} has dtype {dtype!r}; supported: {', '.join(DTYPES)}"
-    if not (isinstance(shape, list) and len(shape) <= MAX_RANK
-            and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape)):
-        return (f"tensor {name!r} has an invalid shape {_short(shape)} (at most {MAX_RANK} dimensions, "
-                f"each an integer in [0, 2**63))")
-    if not (isinstance(offsets, list) and len(offsets) == 2
-            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+    if not (
+        isinstance(shape, list)
+        and len(shape) <= MAX_RANK
+        and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape)
+    ):
+        return (
+            f"tensor {name!r} has an invalid shape {_short(shape)} (at most {MAX_RANK} dimensions, "
+            f"each an integer in [0, 2**63))"
+        )
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
         return f"tensor {name!r} has invalid data_offsets {_short(offsets)}"
     s, e = offsets
     if not 0 <= s <= e <= data_size:
@@ -258,14 +269,16 @@ def map_local(spec: TensorSpec, path: str) -> torch.Tensor:
             except ObjectChangedError as exc:
                 raise _changed(spec, exc) from exc
         start = spec.start - spec.start % mmap.ALLOCATIONGRANULARITY
-        mapped = mmap.mmap(fd, spec.end - start, flags=mmap.MAP_PRIVATE,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        mapped = mmap.mmap(
+            fd, spec.end - start, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start
+        )
     finally:
         os.close(fd)
     with contextlib.suppress(OSError, AttributeError):
         mapped.madvise(mmap.MADV_WILLNEED)
-    return torch.frombuffer(mapped, dtype=spec.torch_dtype, offset=spec.start - start,
-                            count=spec.numel).reshape(spec.shape)
+    return torch.frombuffer(mapped, dtype=spec.torch_dtype, offset=spec.start - start, count=spec.numel).reshape(
+        spec.shape
+    )
 
 
 def read_tensor(spec: TensorSpec) -> torch.Tensor:
@@ -299,7 +312,8 @@ def read_tensor(spec: TensorSpec) -> torch.Tensor:
 def _changed(spec: TensorSpec, exc: ObjectChangedError) -> CheckpointChangedError:
     return CheckpointChangedError(
         f"tensor {spec.name!r} not read: {exc}. The checkpoint changed after it was opened and "
-        "fingerprinted; its score would mix versions. Audit it again to score the new version")
+        "fingerprinted; its score would mix versions. Audit it again to score the new version"
+    )
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -312,8 +326,9 @@ def dtype_name(name: str, t: torch.Tensor) -> str:
     try:
         return DTYPE_NAMES[t.dtype]
     except KeyError:
-        raise CheckpointError(f"cannot write tensor {name!r} of dtype {t.dtype}; "
-                              f"supported: {', '.join(DTYPES)}") from None
+        raise CheckpointError(
+            f"cannot write tensor {name!r} of dtype {t.dtype}; supported: {', '.join(DTYPES)}"
+        ) from None
 
 
 def build_header(entries: list[tuple[str, str, list[int], int]], metadata: Mapping[str, str] | None = None) -> bytes:

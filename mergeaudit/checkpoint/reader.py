@@ -204,8 +204,11 @@ def prefetch(specs: list[TensorSpec], window_bytes: int, max_requests: int) -> I
     with store.ContextThreadPool(max_workers=max(1, max_requests), thread_name_prefix="mergeaudit-read") as pool:
         try:
             while pending or nxt is not None:
-                while (nxt is not None and len(pending) < max_requests
-                       and (not pending or inflight + nxt.nbytes <= window_bytes)):
+                while (
+                    nxt is not None
+                    and len(pending) < max_requests
+                    and (not pending or inflight + nxt.nbytes <= window_bytes)
+                ):
                     pending.append((nxt, pool.submit(read_tensor, nxt)))
                     inflight += nxt.nbytes
                     nxt = next(upcoming, None)
@@ -292,8 +295,11 @@ def weight_layout(uri: str, files: dict[str, store.FileInfo]) -> dict[str, str] 
     if INDEX_FILE in files:
         index = read_json(files[INDEX_FILE].uri, expect=files[INDEX_FILE])
         weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map or not all(
-                isinstance(v, str) and "/" not in v for v in weight_map.values()):
+        if (
+            not isinstance(weight_map, dict)
+            or not weight_map
+            or not all(isinstance(v, str) and "/" not in v for v in weight_map.values())
+        ):
             raise CheckpointError(f"{files[INDEX_FILE].uri} has no valid weight_map")
         missing = sorted({s for s in weight_map.values() if s not in files})
         if missing:
@@ -301,9 +307,7 @@ def weight_layout(uri: str, files: dict[str, store.FileInfo]) -> dict[str, str] 
         return weight_map
     if SINGLE_FILE in files:
         return None
-    raise CheckpointError(
-        f"checkpoint {uri} is incomplete: shards without {INDEX_FILE} (an interrupted upload?)"
-    )
+    raise CheckpointError(f"checkpoint {uri} is incomplete: shards without {INDEX_FILE} (an interrupted upload?)")
 
 
 def read_specs(uri: str, files: dict[str, store.FileInfo], weight_map: dict[str, str] | None) -> dict[str, TensorSpec]:

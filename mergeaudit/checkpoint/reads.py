@@ -39,8 +39,9 @@ def by_checkpoint(counts: Mapping[str, int], uris: Iterable[str]) -> dict[str, i
     return out
 
 
-def input_totals(inputs: Mapping[str, str], here: Mapping[str, int],
-                 elsewhere: Iterable[Mapping[str, int]] = ()) -> dict[str, int]:
+def input_totals(
+    inputs: Mapping[str, str], here: Mapping[str, int], elsewhere: Iterable[Mapping[str, int]] = ()
+) -> dict[str, int]:
     """Bytes read per input name (inputs: name -> checkpoint URI): this process's counts by
     object URI plus the counts by checkpoint URI that other processes reported."""
     per_uri = by_checkpoint(here, inputs.values())

@@ -1,7 +1,7 @@
 """The storage settings: `storage:` in an audit's YAML, and how every stage opens a checkpoint.
 
-    storage = StorageSettings(cache="auto", completion_marker="_COMPLETE")
-    ck = storage.open("s3://bkt/step-400")   # through the read-through cache for object stores
+storage = StorageSettings(cache="auto", completion_marker="_COMPLETE")
+ck = storage.open("s3://bkt/step-400")   # through the read-through cache for object stores
 """
 
 from __future__ import annotations
@@ -26,19 +26,27 @@ class StorageSettings(Frozen):
         "'minio-credentials/NAME'); default: the standard AWS environment.",
     )
     completion_marker: str | None = pydantic.Field(
-        None, pattern=r"^[A-Za-z0-9_.-]+$",
+        None,
+        pattern=r"^[A-Za-z0-9_.-]+$",
         description="File a checkpoint folder must hold to count as complete (e.g. _COMPLETE).",
     )
     cache: Literal["auto", "off"] = pydantic.Field(
-        "auto", description="auto: checkpoints on object stores (s3://, memory://) are copied once into a local "
+        "auto",
+        description="auto: checkpoints on object stores (s3://, memory://) are copied once into a local "
         "read-through cache keyed by fingerprint and read from there (local paths are read in place); off: every "
-        "read goes to the store.")
+        "read goes to the store.",
+    )
     cache_dir: LocalPath | None = pydantic.Field(
-        None, description="Folder of the cache (default: $MERGEAUDIT_CACHE_DIR, else "
-        "$XDG_CACHE_HOME/mergeaudit/checkpoints, else ~/.cache/mergeaudit/checkpoints).")
+        None,
+        description="Folder of the cache (default: $MERGEAUDIT_CACHE_DIR, else "
+        "$XDG_CACHE_HOME/mergeaudit/checkpoints, else ~/.cache/mergeaudit/checkpoints).",
+    )
     cache_max_gb: float = pydantic.Field(
-        100.0, gt=0, description="Size limit of the cache in GiB; least recently used entries are evicted, and a "
-        "checkpoint that does not fit is read in place, with a warning.")
+        100.0,
+        gt=0,
+        description="Size limit of the cache in GiB; least recently used entries are evicted, and a "
+        "checkpoint that does not fit is read in place, with a warning.",
+    )
 
     def open(self, uri: str) -> Checkpoint:
         """Open a checkpoint through the read-through cache (unless `cache` is off; it copies

@@ -96,9 +96,9 @@ def relation(out_uri: str, other_uri: str) -> str | None:
         return None
     if a == b:
         return "equal to"
-    if a[:len(b)] == b:
+    if a[: len(b)] == b:
         return "inside"
-    if b[:len(a)] == a:
+    if b[: len(a)] == a:
         return "contains"
     return None
 
@@ -137,16 +137,19 @@ def _existing(out: str, overwrite: bool) -> ExistingOutput | None:
     if owned is None:
         raise UnsafeOutputError(
             f"refusing to write to {out}: it exists and was not written by mergeaudit (no {PROVENANCE_FILE}); "
-            "it is not replaced even with --overwrite; choose another output")
+            "it is not replaced even with --overwrite; choose another output"
+        )
     foreign = sorted(set(files) - owned) + [store.basename(d) + "/" for d in dirs]
     if foreign:
         raise UnsafeOutputError(
             f"refusing to write to {out}: it holds files mergeaudit did not write ({', '.join(foreign[:10])}); "
-            "move them away first")
+            "move them away first"
+        )
     if not overwrite:
         raise UnsafeOutputError(
             f"refusing to write to {out}: it holds a previous mergeaudit output; pass --overwrite "
-            "(overwrite=True) to replace it")
+            "(overwrite=True) to replace it"
+        )
     return ExistingOutput(files, frozenset(owned))
 
 
@@ -180,8 +183,9 @@ def _owned_files(files: dict[str, store.FileInfo]) -> set[str] | None:
         index = _read_small_json(files[INDEX_FILE]) or {}
         weight_map = index.get("weight_map")
         if isinstance(weight_map, dict):
-            owned |= {v for v in weight_map.values()
-                      if isinstance(v, str) and "/" not in v and v.endswith(".safetensors")}
+            owned |= {
+                v for v in weight_map.values() if isinstance(v, str) and "/" not in v and v.endswith(".safetensors")
+            }
     return owned & set(files)
 
 
@@ -280,8 +284,9 @@ class CheckpointWriter:
     def _write_config_and_tokenizer(self) -> None:
         for name, uri in self._tokenizer.items():
             store.copy(uri, store.join(self._target, name))
-        store.write_bytes(store.join(self._target, CONFIG_FILE),
-                          json.dumps(self._config, indent=2, sort_keys=True).encode())
+        store.write_bytes(
+            store.join(self._target, CONFIG_FILE), json.dumps(self._config, indent=2, sort_keys=True).encode()
+        )
 
     def _write_provenance(self, extra: dict | None = None) -> None:
         body = {
@@ -322,8 +327,13 @@ class CheckpointWriter:
         """Add a small non-weight file (a report, say); published with the checkpoint."""
         if self._closed:
             raise CheckpointError(f"writer for {self.uri} is closed")
-        if (name.endswith(".safetensors") or name in (INDEX_FILE, CONFIG_FILE, PROVENANCE_FILE, self.marker)
-                or "/" in name or name.startswith(".") or not name):
+        if (
+            name.endswith(".safetensors")
+            or name in (INDEX_FILE, CONFIG_FILE, PROVENANCE_FILE, self.marker)
+            or "/" in name
+            or name.startswith(".")
+            or not name
+        ):
             raise CheckpointError(f"{name!r} cannot be added as an extra file")
         self._extras[name] = bytes(data)
         if self._loc.is_local:

@@ -11,8 +11,10 @@ The names below are loaded on first use, so `mergeaudit.config` can import the s
 
 import importlib
 
-_EXPORTS = {name: "mergeaudit.evaluation.runner" for name in
-            ("EvalResult", "check_tasks", "evaluate_lm", "evaluate_model", "shipped_tasks")}
+_EXPORTS = {
+    name: "mergeaudit.evaluation.runner"
+    for name in ("EvalResult", "check_tasks", "evaluate_lm", "evaluate_model", "shipped_tasks")
+}
 _EXPORTS.update({name: "mergeaudit.evaluation.settings" for name in ("EvalSettings", "ServerSettings")})
 __all__ = sorted(_EXPORTS)
 

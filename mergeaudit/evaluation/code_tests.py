@@ -35,16 +35,52 @@ from typing import Any
 MAX_SIZE = 1_000_000  # elements or characters an expression here may build
 MAX_DEPTH = 64
 
-PURE_CALLS = {"abs": abs, "len": len, "round": round, "sum": sum, "min": min, "max": max, "sorted": sorted,
-              "set": set, "frozenset": frozenset, "tuple": tuple, "list": list, "dict": dict, "int": int,
-              "float": float, "str": str, "bool": bool, "all": all, "any": any}
+PURE_CALLS = {
+    "abs": abs,
+    "len": len,
+    "round": round,
+    "sum": sum,
+    "min": min,
+    "max": max,
+    "sorted": sorted,
+    "set": set,
+    "frozenset": frozenset,
+    "tuple": tuple,
+    "list": list,
+    "dict": dict,
+    "int": int,
+    "float": float,
+    "str": str,
+    "bool": bool,
+    "all": all,
+    "any": any,
+}
 PURE_ATTR_CALLS = {("math", "isclose"): math.isclose, ("math", "fabs"): math.fabs}
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
-           ast.BitAnd: operator.and_, ast.BitOr: operator.or_, ast.BitXor: operator.xor, ast.RShift: operator.rshift}
-_CMPOPS = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
-           ast.Gt: operator.gt, ast.GtE: operator.ge, ast.In: lambda a, b: a in b,
-           ast.NotIn: lambda a, b: a not in b, ast.Is: operator.is_, ast.IsNot: operator.is_not}
+_BINOPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+    ast.BitAnd: operator.and_,
+    ast.BitOr: operator.or_,
+    ast.BitXor: operator.xor,
+    ast.RShift: operator.rshift,
+}
+_CMPOPS = {
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+    ast.In: lambda a, b: a in b,
+    ast.NotIn: lambda a, b: a not in b,
+    ast.Is: operator.is_,
+    ast.IsNot: operator.is_not,
+}
 
 
 class UnsupportedTests(ValueError):
@@ -75,13 +111,26 @@ def compile_tests(tests: str) -> TestPlan:
     for stmt in module.body:
         if isinstance(stmt, ast.FunctionDef):
             args = stmt.args
-            if (len(args.args) != 1 or args.vararg or args.kwarg or args.kwonlyargs or args.posonlyargs
-                    or args.defaults or stmt.decorator_list):
-                raise UnsupportedTests(f"tests define a helper function {stmt.name!r}; only a checker "
-                                       "`def check(candidate):` with assert statements is supported")
+            if (
+                len(args.args) != 1
+                or args.vararg
+                or args.kwarg
+                or args.kwonlyargs
+                or args.posonlyargs
+                or args.defaults
+                or stmt.decorator_list
+            ):
+                raise UnsupportedTests(
+                    f"tests define a helper function {stmt.name!r}; only a checker "
+                    "`def check(candidate):` with assert statements is supported"
+                )
             checkers[stmt.name] = stmt
-        elif (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call)
-              and isinstance(stmt.value.func, ast.Name) and stmt.value.func.id in checkers):
+        elif (
+            isinstance(stmt, ast.Expr)
+            and isinstance(stmt.value, ast.Call)
+            and isinstance(stmt.value.func, ast.Name)
+            and stmt.value.func.id in checkers
+        ):
             call = stmt.value
             if len(call.args) != 1 or call.keywords or not isinstance(call.args[0], ast.Name):
                 raise UnsupportedTests(f"line {stmt.lineno}: a checker must be called with one name")
@@ -113,8 +162,10 @@ def _body(stmts: list[ast.stmt], plan: TestPlan, rename: dict[str, str], top: bo
                 local.add(name)
         else:
             kind = type(stmt).__name__
-            raise UnsupportedTests(f"line {stmt.lineno}: {kind} statements are not supported in tests "
-                                   "(only assert, NAME = expression and `check(entry_point)`)")
+            raise UnsupportedTests(
+                f"line {stmt.lineno}: {kind} statements are not supported in tests "
+                "(only assert, NAME = expression and `check(entry_point)`)"
+            )
 
 
 def _has_probe(node: ast.AST) -> bool:
@@ -130,11 +181,27 @@ def _pure(node: ast.expr, plan: TestPlan, rename: dict[str, str], local: set[str
     if isinstance(node, ast.Call):
         func = node.func
         known = (isinstance(func, ast.Name) and func.id in PURE_CALLS and func.id not in rename) or (
-            isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
-            and (func.value.id, func.attr) in PURE_ATTR_CALLS)
+            isinstance(func, ast.Attribute)
+            and isinstance(func.value, ast.Name)
+            and (func.value.id, func.attr) in PURE_ATTR_CALLS
+        )
         return known
-    return isinstance(node, (ast.List, ast.Tuple, ast.Set, ast.Dict, ast.UnaryOp, ast.BinOp, ast.BoolOp,
-                             ast.Compare, ast.IfExp, ast.Subscript, ast.Slice))
+    return isinstance(
+        node,
+        (
+            ast.List,
+            ast.Tuple,
+            ast.Set,
+            ast.Dict,
+            ast.UnaryOp,
+            ast.BinOp,
+            ast.BoolOp,
+            ast.Compare,
+            ast.IfExp,
+            ast.Subscript,
+            ast.Slice,
+        ),
+    )
 
 
 def _split(node: ast.expr, plan: TestPlan, rename: dict[str, str], local: set[str]) -> ast.expr:
@@ -143,14 +210,31 @@ def _split(node: ast.expr, plan: TestPlan, rename: dict[str, str], local: set[st
         if isinstance(node, ast.Compare):
             for op, left, right in zip(node.ops, [node.left, *node.comparators], node.comparators):
                 if isinstance(op, (ast.Is, ast.IsNot)) and not any(
-                        isinstance(x, ast.Constant) and x.value in (None, True, False) and type(x.value) in
-                        (type(None), bool) for x in (left, right)):
+                    isinstance(x, ast.Constant)
+                    and x.value in (None, True, False)
+                    and type(x.value) in (type(None), bool)
+                    for x in (left, right)
+                ):
                     raise UnsupportedTests(f"`is` is only supported against None, True or False: {ast.unparse(node)}")
         if isinstance(node, ast.Call) and node.keywords and not all(k.arg for k in node.keywords):
             raise UnsupportedTests(f"**kwargs are not supported in tests: {ast.unparse(node)}")
         return _map_children(node, lambda child: _split(child, plan, rename, local))
-    if isinstance(node, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp, ast.NamedExpr,
-                         ast.Await, ast.Yield, ast.YieldFrom, ast.JoinedStr, ast.Starred)):
+    if isinstance(
+        node,
+        (
+            ast.Lambda,
+            ast.ListComp,
+            ast.SetComp,
+            ast.DictComp,
+            ast.GeneratorExp,
+            ast.NamedExpr,
+            ast.Await,
+            ast.Yield,
+            ast.YieldFrom,
+            ast.JoinedStr,
+            ast.Starred,
+        ),
+    ):
         raise UnsupportedTests(f"{type(node).__name__} is not supported in tests: {ast.unparse(node)}")
     return _probe(node, plan, rename, local)
 

@@ -46,17 +46,15 @@ def traced_hflm_class() -> type:
             out = super()._model_generate(context, max_length, stop, **generation_kwargs)
             budget = max_length - context.shape[1]
             ends = {t for t in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if t is not None}
-            for row in out[:, context.shape[1]:].tolist():
+            for row in out[:, context.shape[1] :].tolist():
                 # lm-eval decodes the whole row, then cuts it at the first stop sequence
                 full = self.tok_decode(row)
                 text = postprocess_generated_text(generation=full, stop=stop, think_end_token=None)
                 ended = next((i for i, t in enumerate(row) if t in ends), None)
                 stopped = ended is not None or any(s and s in full for s in stop)
                 produced = ended if ended is not None else len(row)
-                tokens = (len(self.tok_encode(text, add_special_tokens=False)) if stopped and ended is None
-                          else produced)
-                self.generation_info[text] = GenerationInfo(truncated=not stopped and len(row) >= budget,
-                                                            tokens=tokens)
+                tokens = len(self.tok_encode(text, add_special_tokens=False)) if stopped and ended is None else produced
+                self.generation_info[text] = GenerationInfo(truncated=not stopped and len(row) >= budget, tokens=tokens)
             return out
 
     return TracedHFLM

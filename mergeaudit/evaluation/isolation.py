@@ -96,8 +96,21 @@ def bwrap_launch(job: Path, info_fd: int, work_bytes: int) -> tuple[list[str], d
     argv = [bwrap, "--unshare-all", "--unshare-user"]
     if "--disable-userns" in known:
         argv.append("--disable-userns")
-    argv += ["--uid", str(NOBODY), "--gid", str(NOBODY), "--hostname", "sandbox", "--die-with-parent",
-             "--new-session", "--cap-drop", "ALL", "--clearenv", "--info-fd", str(info_fd)]
+    argv += [
+        "--uid",
+        str(NOBODY),
+        "--gid",
+        str(NOBODY),
+        "--hostname",
+        "sandbox",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--clearenv",
+        "--info-fd",
+        str(info_fd),
+    ]
     for key, value in SANDBOX_ENV.items():
         argv += ["--setenv", key, value]
     argv += ["--ro-bind", "/usr", "/usr"]
@@ -117,15 +130,32 @@ def bwrap_launch(job: Path, info_fd: int, work_bytes: int) -> tuple[list[str], d
     argv += ["--ro-bind", str(job / "in"), "/task"]
     if "--size" in known:
         argv += ["--size", str(work_bytes)]
-    argv += ["--tmpfs", "/work", "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev", "--remount-ro", "/",
-             "--chdir", "/work",
-             exe, "-I", "-S", "-B", "/task/sandbox_harness.py", "/task"]
+    argv += [
+        "--tmpfs",
+        "/work",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--remount-ro",
+        "/dev",
+        "--remount-ro",
+        "/",
+        "--chdir",
+        "/work",
+        exe,
+        "-I",
+        "-S",
+        "-B",
+        "/task/sandbox_harness.py",
+        "/task",
+    ]
     if not as_root:
         return argv, None
     return argv, {"binds": binds}
 
 
-_ROOT_LAUNCHER = r'''
+_ROOT_LAUNCHER = r"""
 import ctypes, json, os, sys
 spec = json.loads(sys.argv[1])
 libc = ctypes.CDLL(None, use_errno=True)
@@ -145,7 +175,7 @@ os.setresuid(@NOBODY@, @NOBODY@, @NOBODY@)
 record = {"launcher": {"resuid": os.getresuid(), "resgid": os.getresgid(), "groups": os.getgroups()}}
 os.write(spec["isolation_fd"], (json.dumps(record) + "\n").encode())
 os.execve(spec["argv"][0], spec["argv"], {})
-'''.replace("@NOBODY@", str(NOBODY))
+""".replace("@NOBODY@", str(NOBODY))
 
 
 def command(kind: str, job: Path, fds: dict[str, int], work_bytes: int) -> list[str]:
@@ -159,7 +189,7 @@ def command(kind: str, job: Path, fds: dict[str, int], work_bytes: int) -> list[
     return [sys.executable, "-I", "-S", "-c", _ROOT_LAUNCHER, json.dumps(spec)]
 
 
-_FALLBACK_LAUNCHER = r'''
+_FALLBACK_LAUNCHER = r"""
 import ctypes, os, stat, sys
 task, work = sys.argv[1], sys.argv[2]
 libc = ctypes.CDLL(None, use_errno=True)
@@ -186,7 +216,7 @@ if os.geteuid() == 0 and world_usable(sys.executable) and world_usable(sys.base_
     os.setuid(@NOBODY@)
 env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
 os.execve(sys.executable, [sys.executable, "-I", "-S", "-B", os.path.join(task, "sandbox_harness.py"), task], env)
-'''.replace("@NOBODY@", str(NOBODY))
+""".replace("@NOBODY@", str(NOBODY))
 
 
 def describe(kind: str, records: list[dict], hook: bool) -> tuple[str, list[str]]:

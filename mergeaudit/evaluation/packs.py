@@ -47,12 +47,17 @@ def _word_problem(rng: random.Random, template: int) -> tuple[str, int]:
     if template == 6:
         return f"A pencil costs {c} cents. How many cents do {b} pencils cost?", c * b
     if template == 7:
-        return (f"{name} has {a} {item}, loses {b} of them and then finds {c} more. "
-                f"How many {item} does {name} have now?", a - b + c)
+        return (
+            f"{name} has {a} {item}, loses {b} of them and then finds {c} more. How many {item} does {name} have now?",
+            a - b + c,
+        )
     if template == 8:
         return f"A farm has {b} cows and {c} chickens. How many legs do these animals have in total?", 4 * b + 2 * c
-    return (f"{name} saves {c} dollars every week for {b} weeks and then spends {b + c} dollars. "
-            f"How many dollars are left?", c * b - (b + c))
+    return (
+        f"{name} saves {c} dollars every week for {b} weeks and then spends {b + c} dollars. "
+        f"How many dollars are left?",
+        c * b - (b + c),
+    )
 
 
 def word_problems(n: int = 50, seed: int = 2026) -> list[dict]:
@@ -65,49 +70,98 @@ def word_problems(n: int = 50, seed: int = 2026) -> list[dict]:
 
 
 CODE = [
-    ("add", "def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n", "    return a + b\n",
-     ["add(1, 2) == 3", "add(-4, 4) == 0", "add(10, 5) == 15"]),
-    ("is_even", "def is_even(n):\n    \"\"\"Return True when the integer n is even.\"\"\"\n", "    return n % 2 == 0\n",
-     ["is_even(4)", "not is_even(7)", "is_even(0)"]),
-    ("reverse_string", "def reverse_string(s):\n    \"\"\"Return s reversed.\"\"\"\n", "    return s[::-1]\n",
-     ["reverse_string('abc') == 'cba'", "reverse_string('') == ''"]),
-    ("max_of_list", "def max_of_list(xs):\n    \"\"\"Return the largest number in the non-empty list xs.\"\"\"\n",
-     "    return max(xs)\n", ["max_of_list([3, 9, 2]) == 9", "max_of_list([-5, -2]) == -2"]),
-    ("count_vowels", "def count_vowels(s):\n    \"\"\"Return how many vowels (a, e, i, o, u; any case) s has.\"\"\"\n",
-     "    return sum(c in 'aeiouAEIOU' for c in s)\n", ["count_vowels('banana') == 3", "count_vowels('xyz') == 0",
-                                                    "count_vowels('AEIOU') == 5"]),
-    ("factorial", "def factorial(n):\n    \"\"\"Return n! for an integer n >= 0.\"\"\"\n",
-     "    out = 1\n    for i in range(2, n + 1):\n        out *= i\n    return out\n",
-     ["factorial(0) == 1", "factorial(5) == 120"]),
-    ("fibonacci", "def fibonacci(n):\n"
-                  "    \"\"\"Return the n-th Fibonacci number, with fibonacci(0) = 0 and fibonacci(1) = 1.\"\"\"\n",
-     "    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
-     ["fibonacci(0) == 0", "fibonacci(1) == 1", "fibonacci(10) == 55"]),
-    ("is_palindrome", "def is_palindrome(s):\n"
-                      "    \"\"\"Return True when s reads the same forwards and backwards.\"\"\"\n",
-     "    return s == s[::-1]\n", ["is_palindrome('level')", "not is_palindrome('ab')", "is_palindrome('')"]),
-    ("sum_of_squares", "def sum_of_squares(n):\n    \"\"\"Return 1**2 + 2**2 + ... + n**2.\"\"\"\n",
-     "    return sum(i * i for i in range(1, n + 1))\n", ["sum_of_squares(3) == 14", "sum_of_squares(0) == 0"]),
-    ("fizzbuzz", "def fizzbuzz(n):\n"
-                 "    \"\"\"Return 'FizzBuzz' if n is divisible by 15, 'Fizz' by 3, 'Buzz' by 5, else str(n).\"\"\"\n",
-     "    if n % 15 == 0:\n        return 'FizzBuzz'\n    if n % 3 == 0:\n        return 'Fizz'\n"
-     "    if n % 5 == 0:\n        return 'Buzz'\n    return str(n)\n",
-     ["fizzbuzz(15) == 'FizzBuzz'", "fizzbuzz(9) == 'Fizz'", "fizzbuzz(10) == 'Buzz'", "fizzbuzz(7) == '7'"]),
-    ("unique_sorted", "def unique_sorted(xs):\n"
-                      "    \"\"\"Return the distinct elements of xs in increasing order.\"\"\"\n",
-     "    return sorted(set(xs))\n", ["unique_sorted([3, 1, 3, 2]) == [1, 2, 3]", "unique_sorted([]) == []"]),
-    ("gcd", "def gcd(a, b):\n    \"\"\"Return the greatest common divisor of the positive integers a and b.\"\"\"\n",
-     "    while b:\n        a, b = b, a % b\n    return a\n", ["gcd(12, 18) == 6", "gcd(7, 3) == 1"]),
+    (
+        "add",
+        'def add(a, b):\n    """Return the sum of a and b."""\n',
+        "    return a + b\n",
+        ["add(1, 2) == 3", "add(-4, 4) == 0", "add(10, 5) == 15"],
+    ),
+    (
+        "is_even",
+        'def is_even(n):\n    """Return True when the integer n is even."""\n',
+        "    return n % 2 == 0\n",
+        ["is_even(4)", "not is_even(7)", "is_even(0)"],
+    ),
+    (
+        "reverse_string",
+        'def reverse_string(s):\n    """Return s reversed."""\n',
+        "    return s[::-1]\n",
+        ["reverse_string('abc') == 'cba'", "reverse_string('') == ''"],
+    ),
+    (
+        "max_of_list",
+        'def max_of_list(xs):\n    """Return the largest number in the non-empty list xs."""\n',
+        "    return max(xs)\n",
+        ["max_of_list([3, 9, 2]) == 9", "max_of_list([-5, -2]) == -2"],
+    ),
+    (
+        "count_vowels",
+        'def count_vowels(s):\n    """Return how many vowels (a, e, i, o, u; any case) s has."""\n',
+        "    return sum(c in 'aeiouAEIOU' for c in s)\n",
+        ["count_vowels('banana') == 3", "count_vowels('xyz') == 0", "count_vowels('AEIOU') == 5"],
+    ),
+    (
+        "factorial",
+        'def factorial(n):\n    """Return n! for an integer n >= 0."""\n',
+        "    out = 1\n    for i in range(2, n + 1):\n        out *= i\n    return out\n",
+        ["factorial(0) == 1", "factorial(5) == 120"],
+    ),
+    (
+        "fibonacci",
+        'def fibonacci(n):\n    """Return the n-th Fibonacci number, with fibonacci(0) = 0 and fibonacci(1) = 1."""\n',
+        "    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
+        ["fibonacci(0) == 0", "fibonacci(1) == 1", "fibonacci(10) == 55"],
+    ),
+    (
+        "is_palindrome",
+        'def is_palindrome(s):\n    """Return True when s reads the same forwards and backwards."""\n',
+        "    return s == s[::-1]\n",
+        ["is_palindrome('level')", "not is_palindrome('ab')", "is_palindrome('')"],
+    ),
+    (
+        "sum_of_squares",
+        'def sum_of_squares(n):\n    """Return 1**2 + 2**2 + ... + n**2."""\n',
+        "    return sum(i * i for i in range(1, n + 1))\n",
+        ["sum_of_squares(3) == 14", "sum_of_squares(0) == 0"],
+    ),
+    (
+        "fizzbuzz",
+        "def fizzbuzz(n):\n"
+        "    \"\"\"Return 'FizzBuzz' if n is divisible by 15, 'Fizz' by 3, 'Buzz' by 5, else str(n).\"\"\"\n",
+        "    if n % 15 == 0:\n        return 'FizzBuzz'\n    if n % 3 == 0:\n        return 'Fizz'\n"
+        "    if n % 5 == 0:\n        return 'Buzz'\n    return str(n)\n",
+        ["fizzbuzz(15) == 'FizzBuzz'", "fizzbuzz(9) == 'Fizz'", "fizzbuzz(10) == 'Buzz'", "fizzbuzz(7) == '7'"],
+    ),
+    (
+        "unique_sorted",
+        'def unique_sorted(xs):\n    """Return the distinct elements of xs in increasing order."""\n',
+        "    return sorted(set(xs))\n",
+        ["unique_sorted([3, 1, 3, 2]) == [1, 2, 3]", "unique_sorted([]) == []"],
+    ),
+    (
+        "gcd",
+        'def gcd(a, b):\n    """Return the greatest common divisor of the positive integers a and b."""\n',
+        "    while b:\n        a, b = b, a % b\n    return a\n",
+        ["gcd(12, 18) == 6", "gcd(7, 3) == 1"],
+    ),
 ]
 
 
 def code_problems() -> list[dict]:
     rows = []
     for name, prompt, solution, asserts in CODE:
-        test = "def check(candidate):\n" + "".join(f"    assert {a.replace(name + '(', 'candidate(')}\n"
-                                                    for a in asserts)
-        rows.append({"task_id": f"code-{name}", "prompt": prompt, "entry_point": name,
-                     "canonical_solution": solution, "test": test})
+        test = "def check(candidate):\n" + "".join(
+            f"    assert {a.replace(name + '(', 'candidate(')}\n" for a in asserts
+        )
+        rows.append(
+            {
+                "task_id": f"code-{name}",
+                "prompt": prompt,
+                "entry_point": name,
+                "canonical_solution": solution,
+                "test": test,
+            }
+        )
     return rows
 
 

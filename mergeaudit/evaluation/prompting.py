@@ -45,7 +45,7 @@ class Prompting:
     chat_template: bool = False
     system_prompt: str | None = None
     instruction: str | None = None
-    doc_to_text: str | None = None      # replaces the task's prompt template (chat mode)
+    doc_to_text: str | None = None  # replaces the task's prompt template (chat mode)
     until: tuple[str, ...] | None = None  # replaces the task's stop sequences (chat mode)
 
     @property
@@ -57,22 +57,32 @@ class Prompting:
 def pack_defaults(task_name: str, config: dict[str, Any]) -> dict[str, Any]:
     meta = (config.get("metadata") or {}).get("mergeaudit_prompting") or {}
     if not isinstance(meta, dict) or set(meta) - PROMPTING_KEYS:
-        raise EvaluationError(f"task {task_name!r}: metadata.mergeaudit_prompting takes only "
-                              f"{', '.join(sorted(PROMPTING_KEYS))}")
+        raise EvaluationError(
+            f"task {task_name!r}: metadata.mergeaudit_prompting takes only {', '.join(sorted(PROMPTING_KEYS))}"
+        )
     return meta
 
 
-def resolve_prompting(task_name: str, config: dict[str, Any], chat_template: bool | None,
-                      system_prompt: str | None, instruction: str | None) -> Prompting:
+def resolve_prompting(
+    task_name: str,
+    config: dict[str, Any],
+    chat_template: bool | None,
+    system_prompt: str | None,
+    instruction: str | None,
+) -> Prompting:
     """The pack's defaults, overridden by the evaluation settings that are set."""
     pack = pack_defaults(task_name, config)
     chat = bool(pack.get("chat_template", False)) if chat_template is None else chat_template
     if not chat:
         return Prompting(False, system_prompt, instruction)
     until = pack.get("chat_until")
-    return Prompting(True, system_prompt if system_prompt is not None else pack.get("system_prompt"),
-                     instruction if instruction is not None else pack.get("instruction"),
-                     pack.get("chat_doc_to_text"), tuple(until) if until is not None else None)
+    return Prompting(
+        True,
+        system_prompt if system_prompt is not None else pack.get("system_prompt"),
+        instruction if instruction is not None else pack.get("instruction"),
+        pack.get("chat_doc_to_text"),
+        tuple(until) if until is not None else None,
+    )
 
 
 def apply_prompting(config: dict[str, Any], prompting: Prompting, task_name: str) -> dict[str, Any]:
@@ -83,8 +93,10 @@ def apply_prompting(config: dict[str, Any], prompting: Prompting, task_name: str
     if prompting.instruction:
         template = cfg.get("doc_to_text")
         if type(template) is not str:  # a `!function` (a str subclass) or a list
-            raise EvaluationError(f"task {task_name!r} builds its prompt with {template!r}, not a template: "
-                                  f"an instruction cannot be appended to it (set evaluation.instruction: null)")
+            raise EvaluationError(
+                f"task {task_name!r} builds its prompt with {template!r}, not a template: "
+                f"an instruction cannot be appended to it (set evaluation.instruction: null)"
+            )
         cfg["doc_to_text"] = template + "\n{% raw %}" + prompting.instruction + "{% endraw %}"
     if prompting.until is not None:
         gen = dict(cfg.get("generation_kwargs") or {})
@@ -109,5 +121,7 @@ def split_trace(completion: str, tags: tuple[str, str] | None) -> tuple[str, str
 def require_chat_template(tokenizer: Any, where: str) -> None:
     """Refuse chat-template prompting, before any generation, for a tokenizer without one."""
     if not getattr(tokenizer, "chat_template", None):
-        raise EvaluationError(f"evaluation.chat_template is on but the tokenizer of {where} has no chat template "
-                              f"(set evaluation.chat_template: false, or give the checkpoint a chat_template)")
+        raise EvaluationError(
+            f"evaluation.chat_template is on but the tokenizer of {where} has no chat template "
+            f"(set evaluation.chat_template: false, or give the checkpoint a chat_template)"
+        )

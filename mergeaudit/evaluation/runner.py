@@ -127,8 +127,14 @@ def shipped_tasks(tasks_dir: Path = TASKS_DIR) -> dict[str, TaskSource]:
         if name in found:
             raise EvaluationError(f"task {name!r} is defined twice: {found[name].origin} and {path}")
         meta = cfg.get("metadata") or {}
-        found[name] = TaskSource(name, cfg, path, meta.get("mergeaudit_verifier"),
-                                 meta.get("mergeaudit_program_prefix"), meta.get("mergeaudit_format"))
+        found[name] = TaskSource(
+            name,
+            cfg,
+            path,
+            meta.get("mergeaudit_verifier"),
+            meta.get("mergeaudit_program_prefix"),
+            meta.get("mergeaudit_format"),
+        )
     return found
 
 
@@ -160,8 +166,9 @@ def resolve_data_files(task: TaskSource, data_files: dict[str, str], problems: l
         if m:
             key = m.group(1)
             if key not in data_files:
-                problems.append(f"task {task.name!r} reads its {split} split from evaluation.data_files.{key}, "
-                                f"which is not set")
+                problems.append(
+                    f"task {task.name!r} reads its {split} split from evaluation.data_files.{key}, which is not set"
+                )
                 continue
             ref = data_files[key]
             scheme, _ = store.split_scheme(ref)
@@ -197,16 +204,23 @@ def check_tasks(names: list[str], data_files: dict[str, str] | None = None) -> l
         if files:
             kwargs = dict(task.config.get("dataset_kwargs") or {})
             kwargs["data_files"] = files
-            task = TaskSource(task.name, {**task.config, "dataset_kwargs": kwargs}, task.origin, task.verifier,
-                              task.program_prefix, task.answer_format)
+            task = TaskSource(
+                task.name,
+                {**task.config, "dataset_kwargs": kwargs},
+                task.origin,
+                task.verifier,
+                task.program_prefix,
+                task.answer_format,
+            )
         resolved.append(task)
     if problems:
         raise EvaluationError("; ".join(problems))
     return resolved
 
 
-def materialize_tasks(tasks: list[TaskSource], workdir: Path, num_samples: int = 1,
-                      promptings: dict[str, Prompting] | None = None) -> Path:
+def materialize_tasks(
+    tasks: list[TaskSource], workdir: Path, num_samples: int = 1, promptings: dict[str, Prompting] | None = None
+) -> Path:
     """Write one self-contained YAML per task (absolute data paths, samples per prompt, the
     prompt template and stop sequences of its prompting)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -235,8 +249,13 @@ def evaluate_model(model, tokenizer, task_names: list[str], settings: EvalSettin
     recording which generations ran out of tokens (`generation.traced_hflm_class`); `run_tasks`
     checks the prompting against its tokenizer before generating."""
     tasks = check_tasks(task_names, settings.data_files)
-    lm = traced_hflm_class()(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
-                             max_length=settings.max_length, device=settings.device)
+    lm = traced_hflm_class()(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=settings.batch_size,
+        max_length=settings.max_length,
+        device=settings.device,
+    )
     return run_tasks(lm, tasks, settings)
 
 
@@ -246,8 +265,12 @@ def evaluate_lm(lm, task_names: list[str], settings: EvalSettings = EvalSettings
 
 
 def promptings_of(tasks: list[TaskSource], settings: EvalSettings) -> dict[str, Prompting]:
-    return {t.name: resolve_prompting(t.name, t.config, settings.chat_template, settings.system_prompt,
-                                      settings.instruction) for t in tasks}
+    return {
+        t.name: resolve_prompting(
+            t.name, t.config, settings.chat_template, settings.system_prompt, settings.instruction
+        )
+        for t in tasks
+    }
 
 
 def check_prompting(tasks: list[TaskSource], settings: EvalSettings, tokenizer, where: str) -> None:
@@ -293,8 +316,9 @@ def run_tasks(lm, tasks: list[TaskSource], settings: EvalSettings) -> EvalResult
 
     if any(t.verifier == "code" for t in tasks):  # refuse before generating, not after
         require_isolation(settings.sandbox.minimum_isolation)
-    check_prompting(tasks, settings, getattr(lm, "tokenizer", None) if hasattr(lm, "apply_chat_template") else None,
-                    "the model")
+    check_prompting(
+        tasks, settings, getattr(lm, "tokenizer", None) if hasattr(lm, "apply_chat_template") else None, "the model"
+    )
     memoize_lm_eval_templates()
     random.seed(settings.seed)
     np.random.seed(settings.seed)
@@ -315,18 +339,33 @@ def run_tasks(lm, tasks: list[TaskSource], settings: EvalSettings) -> EvalResult
                 if task_obj.get_config("num_fewshot") is None:
                     task_obj.set_config(key="num_fewshot", value=0)
                 task_obj.set_fewshot_seed(seed=settings.seed)
-            results = evaluate(lm=lm, task_dict=loaded, limit=settings.limit,
-                               bootstrap_iters=settings.bootstrap_iters, log_samples=True, verbosity="WARNING",
-                               apply_chat_template=chat, system_instruction=system,
-                               fewshot_as_multiturn=chat and settings.fewshot_as_multiturn)
+            results = evaluate(
+                lm=lm,
+                task_dict=loaded,
+                limit=settings.limit,
+                bootstrap_iters=settings.bootstrap_iters,
+                log_samples=True,
+                verbosity="WARNING",
+                apply_chat_template=chat,
+                system_instruction=system,
+                fewshot_as_multiturn=chat and settings.fewshot_as_multiturn,
+            )
             for key in merged:
                 merged[key].update(results.get(key) or {})
     out = EvalResult(scores=score_rows(merged))
     info, count = getattr(lm, "generation_info", None), token_counter(lm)
     with Verifier(settings.math_timeout, settings.sandbox) as verifier:
         for task in tasks:
-            samples, scores = verify_samples(task, merged["samples"].get(task.name, []), verifier, settings.pass_k,
-                                             info, count, settings.think_tags, settings.num_samples)
+            samples, scores = verify_samples(
+                task,
+                merged["samples"].get(task.name, []),
+                verifier,
+                settings.pass_k,
+                info,
+                count,
+                settings.think_tags,
+                settings.num_samples,
+            )
             out.samples += samples
             out.scores += scores
     return out
@@ -360,7 +399,14 @@ def score_rows(results: dict) -> list[dict]:
                 continue
             metric, filt = key.split(",", 1)
             stderr = metrics.get(f"{metric}_stderr,{filt}")
-            rows.append({"task": task, "metric": metric, "filter": filt, "value": float(value),
-                         "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
-                         "n": int(n) if n is not None else None})
+            rows.append(
+                {
+                    "task": task,
+                    "metric": metric,
+                    "filter": filt,
+                    "value": float(value),
+                    "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                    "n": int(n) if n is not None else None,
+                }
+            )
     return rows

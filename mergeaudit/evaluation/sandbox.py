@@ -89,8 +89,10 @@ def sandbox_kind(minimum: str) -> str:
         return "bwrap"
     if minimum == "bwrap":
         why = _broken_bwrap[0] if _broken_bwrap else "bubblewrap (bwrap) is not installed"
-        raise IsolationError(f"refusing to run model-generated code: {why}; install the Debian package "
-                             "bubblewrap (`make test` does) or set evaluation.code_isolation: best_effort")
+        raise IsolationError(
+            f"refusing to run model-generated code: {why}; install the Debian package "
+            "bubblewrap (`make test` does) or set evaluation.code_isolation: best_effort"
+        )
     return "launcher"
 
 
@@ -108,8 +110,9 @@ def _require_isolation(minimum: str, bwrap: str | None) -> str:
     return result.isolation
 
 
-def run_code(program: str, tests: str, limits: SandboxLimits = SandboxLimits(), *,
-             audit_hook: bool = True) -> CodeResult:
+def run_code(
+    program: str, tests: str, limits: SandboxLimits = SandboxLimits(), *, audit_hook: bool = True
+) -> CodeResult:
     """Run `program`, evaluate `tests` against it, contained; never raises for anything the
     program does. `audit_hook=False` leaves out the in-process layer (to test the others)."""
     start = time.monotonic()
@@ -126,8 +129,9 @@ def run_code(program: str, tests: str, limits: SandboxLimits = SandboxLimits(), 
     return CodeResult(result.passed, result.status, scrub(result.detail)[:1000], result.seconds, result.isolation)
 
 
-def _run(kind: str, program: str, plan: code_tests.TestPlan, limits: SandboxLimits, hook: bool,
-         start: float) -> CodeResult | None:
+def _run(
+    kind: str, program: str, plan: code_tests.TestPlan, limits: SandboxLimits, hook: bool, start: float
+) -> CodeResult | None:
     job = Path(tempfile.mkdtemp(prefix="mergeaudit-sandbox-", dir=isolation.job_parent()))
     opened: list[int] = []
     try:
@@ -141,17 +145,33 @@ def _run(kind: str, program: str, plan: code_tests.TestPlan, limits: SandboxLimi
             opened.append(fd)
             return fd
 
-        fds = {"results": open_out("results.jsonl"), "isolation": open_out("isolation.jsonl"),
-               "info": open_out("info.json")}
+        fds = {
+            "results": open_out("results.jsonl"),
+            "isolation": open_out("isolation.jsonl"),
+            "info": open_out("info.json"),
+        }
         nproc = limits.processes + (1 if kind == "bwrap" else 0)  # bwrap's pid 1 counts too
-        spec = {"probes": plan.probes, "nonce": nonce, "hook": hook,
-                "require": kind == "bwrap" and limits.minimum_isolation == "bwrap",
-                "results_fd": fds["results"], "isolation_fd": fds["isolation"],
-                "limits": {"RLIMIT_CPU": limits.cpu_seconds, "RLIMIT_AS": limits.memory_bytes,
-                           "RLIMIT_FSIZE": limits.file_bytes, "RLIMIT_NOFILE": limits.open_files,
-                           "RLIMIT_NPROC": nproc, "RLIMIT_CORE": 0}}
-        for name, text in (("program.py", program), ("plan.json", json.dumps(spec)),
-                           ("sandbox_harness.py", HARNESS.read_text())):
+        spec = {
+            "probes": plan.probes,
+            "nonce": nonce,
+            "hook": hook,
+            "require": kind == "bwrap" and limits.minimum_isolation == "bwrap",
+            "results_fd": fds["results"],
+            "isolation_fd": fds["isolation"],
+            "limits": {
+                "RLIMIT_CPU": limits.cpu_seconds,
+                "RLIMIT_AS": limits.memory_bytes,
+                "RLIMIT_FSIZE": limits.file_bytes,
+                "RLIMIT_NOFILE": limits.open_files,
+                "RLIMIT_NPROC": nproc,
+                "RLIMIT_CORE": 0,
+            },
+        }
+        for name, text in (
+            ("program.py", program),
+            ("plan.json", json.dumps(spec)),
+            ("sandbox_harness.py", HARNESS.read_text()),
+        ):
             (job / "in" / name).write_text(text)
             os.chmod(job / "in" / name, 0o644)
         if kind == "launcher":
@@ -161,8 +181,16 @@ def _run(kind: str, program: str, plan: code_tests.TestPlan, limits: SandboxLimi
         argv = isolation.command(kind, job, fds, limits.work_bytes)
         env = {} if kind == "bwrap" else {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
         with open(job / "stdout.txt", "wb") as out, open(job / "stderr.txt", "wb") as err:
-            proc = subprocess.Popen(argv, cwd=job, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    pass_fds=tuple(fds.values()), start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                cwd=job,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                pass_fds=tuple(fds.values()),
+                start_new_session=True,
+            )
         for fd in opened:
             os.close(fd)
         opened.clear()
@@ -256,8 +284,17 @@ def _tail(job: Path, name: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _classify(kind: str, code: int, timed_out: bool, job: Path, plan: code_tests.TestPlan, nonce: str,
-              limits: SandboxLimits, hook: bool, seconds: float) -> CodeResult | None:
+def _classify(
+    kind: str,
+    code: int,
+    timed_out: bool,
+    job: Path,
+    plan: code_tests.TestPlan,
+    nonce: str,
+    limits: SandboxLimits,
+    hook: bool,
+    seconds: float,
+) -> CodeResult | None:
     records, _ = _read_lines(job / "isolation.jsonl", 65536)
     text, missing = isolation.describe(kind, [r for r in records if isinstance(r, dict)], hook)
     measured = any(isinstance(r, dict) and "harness" in r for r in records)
@@ -329,8 +366,10 @@ def _verdict(lines: list[Any], full: bool, plan: code_tests.TestPlan, nonce: str
     if not done:
         if full:
             return "output_limit", "the results file reached the file-size limit"
-        return "violation", (f"the sandbox ended before the tests finished ({len(outcomes)} of {len(plan.probes)} "
-                             f"probes reported, exit status {code})")
+        return "violation", (
+            f"the sandbox ended before the tests finished ({len(outcomes)} of {len(plan.probes)} "
+            f"probes reported, exit status {code})"
+        )
     for i, (kind, value) in enumerate(outcomes):
         if kind == "refused" and value[0] == "type":
             return "violation", f"{plan.probes[i]}: {value[1]}"
@@ -373,7 +412,7 @@ def _decode(v: Any, depth: int = 0) -> Any:
     if type(v) is list:
         return [_decode(x, depth + 1) for x in v]
     if type(v) is dict and len(v) == 1:
-        (tag, items), = v.items()
+        ((tag, items),) = v.items()
         if type(items) is list:
             decoded = [_decode(x, depth + 1) for x in items]
             if tag == "tuple":

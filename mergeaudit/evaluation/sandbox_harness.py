@@ -27,17 +27,67 @@ import resource
 import socket
 import sys
 
-DENY_EVENTS = frozenset({
-    "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
-    "pty.spawn", "os.kill", "os.killpg", "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
-    "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr", "socket.__new__",
-    "gc.get_objects", "gc.get_referrers", "gc.get_referents", "ctypes.dlopen", "ctypes.addressof",
-    "ctypes.cdata", "ctypes.call_function", "sys.setprofile", "sys.settrace",
-})
-DENY_IMPORTS = frozenset({"ctypes", "_ctypes", "cffi", "_cffi_backend", "_posixsubprocess", "_xxsubinterpreters",
-                          "_testcapi", "_testinternalcapi", "_testbuffer"})
-PATH_EVENTS = frozenset({"os.remove", "os.rmdir", "os.rename", "os.mkdir", "os.chmod", "os.chown", "os.symlink",
-                         "os.link", "os.truncate", "os.utime", "shutil.rmtree", "shutil.move", "shutil.copyfile"})
+DENY_EVENTS = frozenset(
+    {
+        "os.fork",
+        "os.forkpty",
+        "os.system",
+        "os.exec",
+        "os.posix_spawn",
+        "os.spawn",
+        "subprocess.Popen",
+        "pty.spawn",
+        "os.kill",
+        "os.killpg",
+        "socket.connect",
+        "socket.bind",
+        "socket.sendto",
+        "socket.sendmsg",
+        "socket.getaddrinfo",
+        "socket.gethostbyname",
+        "socket.gethostbyaddr",
+        "socket.__new__",
+        "gc.get_objects",
+        "gc.get_referrers",
+        "gc.get_referents",
+        "ctypes.dlopen",
+        "ctypes.addressof",
+        "ctypes.cdata",
+        "ctypes.call_function",
+        "sys.setprofile",
+        "sys.settrace",
+    }
+)
+DENY_IMPORTS = frozenset(
+    {
+        "ctypes",
+        "_ctypes",
+        "cffi",
+        "_cffi_backend",
+        "_posixsubprocess",
+        "_xxsubinterpreters",
+        "_testcapi",
+        "_testinternalcapi",
+        "_testbuffer",
+    }
+)
+PATH_EVENTS = frozenset(
+    {
+        "os.remove",
+        "os.rmdir",
+        "os.rename",
+        "os.mkdir",
+        "os.chmod",
+        "os.chown",
+        "os.symlink",
+        "os.link",
+        "os.truncate",
+        "os.utime",
+        "shutil.rmtree",
+        "shutil.move",
+        "shutil.copyfile",
+    }
+)
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 MAX_DEPTH = 32
 MAX_ITEMS = 200_000
@@ -70,15 +120,28 @@ def measure(task):
 
     prefix = os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))
     return {
-        "resuid": list(os.getresuid()), "resgid": list(os.getresgid()), "groups": os.getgroups(),
-        "cap_eff": status.get("CapEff"), "cap_prm": status.get("CapPrm"), "cap_bnd": status.get("CapBnd"),
-        "no_new_privs": status.get("NoNewPrivs"), "seccomp": status.get("Seccomp"),
-        "pid": os.getpid(), "visible_pids": pids[:64], "pid1": os.path.basename(init),
+        "resuid": list(os.getresuid()),
+        "resgid": list(os.getresgid()),
+        "groups": os.getgroups(),
+        "cap_eff": status.get("CapEff"),
+        "cap_prm": status.get("CapPrm"),
+        "cap_bnd": status.get("CapBnd"),
+        "no_new_privs": status.get("NoNewPrivs"),
+        "seccomp": status.get("Seccomp"),
+        "pid": os.getpid(),
+        "visible_pids": pids[:64],
+        "pid1": os.path.basename(init),
         "interfaces": sorted(name for _, name in socket.if_nameindex()),
-        "root_ro": read_only("/"), "usr_ro": read_only("/usr"), "prefix_ro": read_only(prefix),
-        "task_ro": read_only(task), "work_ro": read_only(os.getcwd()),
-        "env": sorted(os.environ), "limits": {n: resource.getrlimit(getattr(resource, n))[0] for n in (
-            "RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_CORE")},
+        "root_ro": read_only("/"),
+        "usr_ro": read_only("/usr"),
+        "prefix_ro": read_only(prefix),
+        "task_ro": read_only(task),
+        "work_ro": read_only(os.getcwd()),
+        "env": sorted(os.environ),
+        "limits": {
+            n: resource.getrlimit(getattr(resource, n))[0]
+            for n in ("RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_CORE")
+        },
     }
 
 
@@ -86,10 +149,28 @@ def install_hook(home, protected=()):
     """The extra in-process layer. Everything the hook uses is bound in its default arguments now:
     rebinding module globals or builtins later changes nothing, and rebinding an attribute of the
     hook or of the `protected` harness functions (`__code__`, `__defaults__`, ...) raises."""
-    def hook(event, args, _home=home, _sep=os.sep, _deny=DENY_EVENTS, _imports=DENY_IMPORTS, _paths=PATH_EVENTS,
-             _write=WRITE_FLAGS, _realpath=os.path.realpath, _join=os.path.join, _fsdecode=os.fsdecode,
-             _error=PermissionError, _type=type, _str=str, _bytes=bytes, _int=int, _len=len, _none=None,
-             _protected=()):
+
+    def hook(
+        event,
+        args,
+        _home=home,
+        _sep=os.sep,
+        _deny=DENY_EVENTS,
+        _imports=DENY_IMPORTS,
+        _paths=PATH_EVENTS,
+        _write=WRITE_FLAGS,
+        _realpath=os.path.realpath,
+        _join=os.path.join,
+        _fsdecode=os.fsdecode,
+        _error=PermissionError,
+        _type=type,
+        _str=str,
+        _bytes=bytes,
+        _int=int,
+        _len=len,
+        _none=None,
+        _protected=(),
+    ):
         if event in _deny:
             raise _error("sandbox: " + event + " is denied")
         if event == "import":
@@ -106,7 +187,8 @@ def install_hook(home, protected=()):
             if (mode is not _none and _type(mode) is not _str) or (flags is not _none and _type(flags) is not _int):
                 raise _error("sandbox: open with an unusual mode or flags is denied")
             writes = (mode is not _none and ("w" in mode or "a" in mode or "x" in mode or "+" in mode)) or (
-                flags is not _none and flags & _write != 0)
+                flags is not _none and flags & _write != 0
+            )
             if not writes:
                 return
             paths = args[:1]
@@ -166,21 +248,30 @@ def make_encoder():
             tag = "tuple" if t is tuple_t else "set" if t is set_t else "frozenset"
             return '{"' + tag + '":[' + join(",", [encode(v, depth + 1, budget) for v in value]) + "]}"
         if t is dict_t:
-            pairs = ["[" + encode(k, depth + 1, budget) + "," + encode(v, depth + 1, budget) + "]"
-                     for k, v in items(value)]
+            pairs = [
+                "[" + encode(k, depth + 1, budget) + "," + encode(v, depth + 1, budget) + "]" for k, v in items(value)
+            ]
             return '{"dict":[' + join(",", pairs) + "]}"
-        raise Refused("type", "the value is a " + name_of(t) + ", not a plain None/bool/int/float/str/list/"
-                      "tuple/dict/set")
+        raise Refused(
+            "type", "the value is a " + name_of(t) + ", not a plain None/bool/int/float/str/list/tuple/dict/set"
+        )
 
     return encode, Refused
 
 
-BUILTIN_EXCEPTIONS = frozenset(v for v in vars(builtins).values()
-                               if isinstance(v, type) and issubclass(v, BaseException))
+BUILTIN_EXCEPTIONS = frozenset(
+    v for v in vars(builtins).values() if isinstance(v, type) and issubclass(v, BaseException)
+)
 
 
-def describe(exc, type_of=type, builtin=BUILTIN_EXCEPTIONS, base_str=BaseException.__str__,
-             name_of=type.__dict__["__name__"].__get__, is_subclass=issubclass):
+def describe(
+    exc,
+    type_of=type,
+    builtin=BUILTIN_EXCEPTIONS,
+    base_str=BaseException.__str__,
+    name_of=type.__dict__["__name__"].__get__,
+    is_subclass=issubclass,
+):
     """The exception's type name, message, errno and whether it is an exit; a builtin type's own
     str(), else BaseException's (no __str__ of the program's class runs)."""
     t = type_of(exc)
@@ -190,8 +281,12 @@ def describe(exc, type_of=type, builtin=BUILTIN_EXCEPTIONS, base_str=BaseExcepti
     except BaseException:  # noqa: BLE001 - an exception whose str() fails still gets recorded
         message = ""
     errno = exc.errno if t in builtin and is_subclass(t, OSError) else None
-    return {"type": name_of(t), "message": message[:500], "errno": errno if type_of(errno) is int else None,
-            "exit": is_subclass(t, (SystemExit, KeyboardInterrupt, GeneratorExit))}
+    return {
+        "type": name_of(t),
+        "message": message[:500],
+        "errno": errno if type_of(errno) is int else None,
+        "exit": is_subclass(t, (SystemExit, KeyboardInterrupt, GeneratorExit)),
+    }
 
 
 def main():
@@ -202,13 +297,21 @@ def main():
         program = fh.read()
     apply_limits(plan["limits"])
     facts = measure(task)
-    missing = [need for need, ok in (
-        ("unprivileged user", facts["resuid"][0] != 0 and facts["resuid"][1] != 0),
-        ("no capabilities", facts["cap_eff"] == facts["cap_prm"] == "0000000000000000"),
-        ("own pid namespace", facts["pid1"] == "bwrap" and len(facts["visible_pids"]) <= 2),
-        ("no network", facts["interfaces"] in ([], ["lo"])),
-        ("read-only filesystem", facts["root_ro"] and facts["usr_ro"] and facts["prefix_ro"]),
-    ) if not ok] if plan["require"] else []
+    missing = (
+        [
+            need
+            for need, ok in (
+                ("unprivileged user", facts["resuid"][0] != 0 and facts["resuid"][1] != 0),
+                ("no capabilities", facts["cap_eff"] == facts["cap_prm"] == "0000000000000000"),
+                ("own pid namespace", facts["pid1"] == "bwrap" and len(facts["visible_pids"]) <= 2),
+                ("no network", facts["interfaces"] in ([], ["lo"])),
+                ("read-only filesystem", facts["root_ro"] and facts["usr_ro"] and facts["prefix_ro"]),
+            )
+            if not ok
+        ]
+        if plan["require"]
+        else []
+    )
     facts["missing"] = missing
     os.write(plan["isolation_fd"], (json.dumps({"harness": facts}) + "\n").encode())
     os.close(plan["isolation_fd"])
@@ -244,8 +347,14 @@ def main():
             send('"kind":"value","case":' + number(i) + ',"v":' + encode(value))
         except Refused as refused:
             why, message = refused.args
-            send('"kind":"refused","case":' + number(i) + ',"why":' + encode_str(why) + ',"message":'
-                 + encode_str(message))
+            send(
+                '"kind":"refused","case":'
+                + number(i)
+                + ',"why":'
+                + encode_str(why)
+                + ',"message":'
+                + encode_str(message)
+            )
     send('"kind":"done"')
     exit_now(0)
 

@@ -50,8 +50,7 @@ from mergeaudit.evaluation.settings import EvalSettings, ServerSettings
 
 # Environment variables a served model never needs (matched on the upper-cased name).
 SECRET_ENV_PATTERNS = ("AWS_*", "*_SECRET*", "*_TOKEN*", "*PASSWORD*", "*KEY*")
-INSTALL_HINTS = {"vllm": "pip install vllm (GPU workers)",
-                 "transformers": "pip install 'transformers[serving]'"}
+INSTALL_HINTS = {"vllm": "pip install vllm (GPU workers)", "transformers": "pip install 'transformers[serving]'"}
 LOG_TAIL_LINES = 20
 POLL_S = 0.25
 
@@ -70,8 +69,14 @@ def server_command(checkpoint_dir: str, settings: ServerSettings, port: int, see
     exe = list(settings.command) if settings.command else [executable(settings.resolved_engine)]
     common = ["serve", model, "--host", settings.host, "--port", str(port), "--dtype", settings.dtype]
     if settings.resolved_engine == "vllm":
-        args = common + ["--served-model-name", model, "--seed", str(seed),
-                         "--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
+        args = common + [
+            "--served-model-name",
+            model,
+            "--seed",
+            str(seed),
+            "--gpu-memory-utilization",
+            str(settings.gpu_memory_utilization),
+        ]
         if settings.max_model_len:
             args += ["--max-model-len", str(settings.max_model_len)]
         # sampling comes from each request only, never from the model's generation_config.json
@@ -89,8 +94,11 @@ def executable(engine: str) -> str:
 
 def server_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     """Our environment minus credentials, offline (the checkpoint is a local folder)."""
-    env = {k: v for k, v in (os.environ if environ is None else environ).items()
-           if not any(fnmatch.fnmatchcase(k.upper(), p) for p in SECRET_ENV_PATTERNS)}
+    env = {
+        k: v
+        for k, v in (os.environ if environ is None else environ).items()
+        if not any(fnmatch.fnmatchcase(k.upper(), p) for p in SECRET_ENV_PATTERNS)
+    }
     env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     return env
 
@@ -128,12 +136,20 @@ def serve(checkpoint_dir: str, settings: ServerSettings = ServerSettings(), seed
     try:
         with open(log_path, "wb") as log:
             try:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                        env=server_env(), start_new_session=True)
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=server_env(),
+                    start_new_session=True,
+                )
             except (FileNotFoundError, PermissionError) as exc:
-                hint = (f"the configured command {argv[0]!r} cannot be run" if settings.command
-                        else f"{argv[0]!r} is not installed here; "
-                             f"install it with {INSTALL_HINTS[settings.resolved_engine]}")
+                hint = (
+                    f"the configured command {argv[0]!r} cannot be run"
+                    if settings.command
+                    else f"{argv[0]!r} is not installed here; install it with {INSTALL_HINTS[settings.resolved_engine]}"
+                )
                 raise ServerStartError(f"cannot start {what}: {hint} ({exc.strerror})") from None
         client_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
         netloc = f"[{client_host}]" if ":" in client_host else client_host
@@ -143,8 +159,10 @@ def serve(checkpoint_dir: str, settings: ServerSettings = ServerSettings(), seed
             yield endpoint
         except Exception as exc:
             if proc.poll() is not None:  # the server died under the caller: say so, with its log
-                raise EvaluationError(f"{what} exited with code {proc.returncode} while in use; last lines "
-                                      f"of its log:\n{log_tail(log_path)}") from exc
+                raise EvaluationError(
+                    f"{what} exited with code {proc.returncode} while in use; last lines "
+                    f"of its log:\n{log_tail(log_path)}"
+                ) from exc
             raise
     finally:
         if proc is not None:
@@ -156,13 +174,17 @@ def wait_ready(proc: subprocess.Popen, endpoint: Endpoint, timeout: float, what:
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise ServerStartError(f"{what} exited with code {proc.returncode} before it was ready; last lines "
-                                   f"of its log:\n{log_tail(endpoint.log_path)}")
+            raise ServerStartError(
+                f"{what} exited with code {proc.returncode} before it was ready; last lines "
+                f"of its log:\n{log_tail(endpoint.log_path)}"
+            )
         if lists_model(endpoint, min(2.0, max(0.1, deadline - time.monotonic()))):
             return
         if time.monotonic() >= deadline:
-            raise ServerStartError(f"{what} did not become ready within {timeout:g} s; last lines of its "
-                                   f"log:\n{log_tail(endpoint.log_path)}")
+            raise ServerStartError(
+                f"{what} did not become ready within {timeout:g} s; last lines of its "
+                f"log:\n{log_tail(endpoint.log_path)}"
+            )
         time.sleep(POLL_S)
 
 
@@ -212,8 +234,9 @@ def served_lm_classes() -> tuple[type, type]:
             return ""  # lm-eval would send $OPENAI_API_KEY to our local server
 
         def _create_payload(self, messages, generate=False, gen_kwargs=None, seed=1234, eos=None, **kwargs):
-            payload = super()._create_payload(messages, generate=generate, gen_kwargs=gen_kwargs, seed=seed,
-                                              eos=eos, **kwargs)
+            payload = super()._create_payload(
+                messages, generate=generate, gen_kwargs=gen_kwargs, seed=seed, eos=eos, **kwargs
+            )
             if generate:
                 prompt = messages if isinstance(messages, str) else json.dumps(messages, sort_keys=True)
                 payload["seed"] = request_seed(self._seed, prompt, self.sent[prompt])
@@ -235,7 +258,8 @@ def served_lm_classes() -> tuple[type, type]:
                 for choice in choices:
                     if pos < len(texts) and texts[pos] is not None:
                         self.generation_info[texts[pos]] = GenerationInfo(
-                            truncated=choice.get("finish_reason") == "length", tokens=tokens)
+                            truncated=choice.get("finish_reason") == "length", tokens=tokens
+                        )
                     pos += 1
             return texts
 
@@ -283,9 +307,18 @@ def served_lm(endpoint: Endpoint, tokenizer_dir: str, settings: EvalSettings, se
     # on one thread: concurrent sampled requests would draw from each other's seeds
     concurrent = 1 if server.resolved_engine == "transformers" and sampling else server.num_concurrent
     kwargs: dict[str, Any] = {"max_gen_toks": settings.max_gen_toks} if settings.max_gen_toks else {}
-    kwargs.update(engine=server.resolved_engine, model=endpoint.model, tokenizer_backend="huggingface",
-                  tokenizer=tokenizer_dir, tokenized_requests=False, batch_size=1, num_concurrent=concurrent,
-                  max_length=settings.max_length, timeout=max(1, math.ceil(server.request_timeout)), seed=settings.seed)
+    kwargs.update(
+        engine=server.resolved_engine,
+        model=endpoint.model,
+        tokenizer_backend="huggingface",
+        tokenizer=tokenizer_dir,
+        tokenized_requests=False,
+        batch_size=1,
+        num_concurrent=concurrent,
+        max_length=settings.max_length,
+        timeout=max(1, math.ceil(server.request_timeout)),
+        seed=settings.seed,
+    )
     chat_lm = chat(base_url=f"{endpoint.base_url}/chat/completions", **kwargs)
     if settings.chat_template:
         return chat_lm
@@ -294,8 +327,9 @@ def served_lm(endpoint: Endpoint, tokenizer_dir: str, settings: EvalSettings, se
     return lm
 
 
-def evaluate_served(checkpoint_dir: str, task_names: list[str], settings: EvalSettings,
-                    server: ServerSettings) -> EvalResult:
+def evaluate_served(
+    checkpoint_dir: str, task_names: list[str], settings: EvalSettings, server: ServerSettings
+) -> EvalResult:
     """Score a checkpoint folder on the named tasks through a server started for it."""
     tasks = check_tasks(task_names, settings.data_files)  # before a server takes minutes to start
     with serve(checkpoint_dir, server, seed=settings.seed) as endpoint:

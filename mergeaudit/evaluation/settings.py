@@ -28,12 +28,14 @@ class ServerSettings(Frozen):
     `auto` values are the evaluation's to decide: `EvalSettings.served()` fills them in."""
 
     engine: Literal["auto", "vllm", "transformers"] = pydantic.Field(
-        "auto", description="auto: vllm when evaluation.device is cuda, else transformers serve.")
+        "auto", description="auto: vllm when evaluation.device is cuda, else transformers serve."
+    )
     host: str = pydantic.Field("127.0.0.1", description="Interface the server listens on.")
     port: int = pydantic.Field(0, ge=0, le=65535, description="Port (0: a free one).")
     dtype: str = pydantic.Field("auto", description="--dtype of the server (auto: evaluation.dtype).")
     device: str = pydantic.Field(
-        "auto", description="transformers serve --device (auto: evaluation.device); vllm uses CUDA_VISIBLE_DEVICES.")
+        "auto", description="transformers serve --device (auto: evaluation.device); vllm uses CUDA_VISIBLE_DEVICES."
+    )
     startup_timeout: float = pydantic.Field(900.0, gt=0, description="Seconds until the server lists the model.")
     request_timeout: float = pydantic.Field(600.0, gt=0, description="Seconds one generation request may take.")
     num_concurrent: int = pydantic.Field(8, ge=1, le=1024, description="Requests in flight at once.")
@@ -41,7 +43,8 @@ class ServerSettings(Frozen):
     max_model_len: int | None = pydantic.Field(None, ge=16, description="vLLM's context length (model's default).")
     extra_args: tuple[str, ...] = pydantic.Field((), description="More arguments for the server.")
     command: tuple[str, ...] | None = pydantic.Field(
-        None, min_length=1, description="Replaces the engine's executable (a site's wrapper script).")
+        None, min_length=1, description="Replaces the engine's executable (a site's wrapper script)."
+    )
     stop_timeout: float = pydantic.Field(15.0, ge=0, description="Seconds between SIGTERM and SIGKILL on exit.")
 
     @property
@@ -67,23 +70,32 @@ class EvalSettings(Frozen):
     limit: int | None = pydantic.Field(None, ge=1, description="Documents per task (all when empty).")
     batch_size: int = pydantic.Field(16, ge=1, le=4096)
     max_length: int = pydantic.Field(256, ge=16, description="Context length: prompt plus generated tokens.")
-    device: str = pydantic.Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$",
-                                 description="Where the model runs; cuda is the GPU the worker was given.")
+    device: str = pydantic.Field(
+        "cpu",
+        pattern=r"^(cpu|cuda(:\d+)?|mps)$",
+        description="Where the model runs; cuda is the GPU the worker was given.",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = pydantic.Field(
-        "auto", description="Weights' dtype while scoring: auto is bfloat16 on cuda, float32 elsewhere.")
+        "auto", description="Weights' dtype while scoring: auto is bfloat16 on cuda, float32 elsewhere."
+    )
     backend: Literal["hf", "served"] = pydantic.Field(
-        "hf", description="hf: the candidate built in this process; served: an OpenAI-compatible server per "
-        "candidate (see server).")
+        "hf",
+        description="hf: the candidate built in this process; served: an OpenAI-compatible server per "
+        "candidate (see server).",
+    )
     server: ServerSettings = pydantic.Field(default_factory=ServerSettings)
     chat_template: bool | None = pydantic.Field(
-        None, description="Prompt through the tokenizer's chat template (empty: each task pack's default).")
+        None, description="Prompt through the tokenizer's chat template (empty: each task pack's default)."
+    )
     system_prompt: str | None = pydantic.Field(None, description="A system turn before each problem (chat mode).")
     instruction: str | None = pydantic.Field(
-        None, description="Appended to each problem (empty: the task pack's default in chat mode).")
+        None, description="Appended to each problem (empty: the task pack's default in chat mode)."
+    )
     fewshot_as_multiturn: bool = pydantic.Field(True, description="Few-shot examples as chat turns (chat mode).")
     think_tags: tuple[str, str] | None = pydantic.Field(
         ("<think>", "</think>"),
-        description="Reasoning-trace delimiters: the verifier scores the text after the trace (empty: no trace).")
+        description="Reasoning-trace delimiters: the verifier scores the text after the trace (empty: no trace).",
+    )
     num_samples: int = pydantic.Field(1, ge=1, le=1024, description="Completions per prompt (avg@n, pass@k).")
     temperature: float = pydantic.Field(0.0, ge=0, description="Sampling temperature (0: greedy).")
     top_p: float = pydantic.Field(1.0, gt=0, le=1)
@@ -97,9 +109,10 @@ class EvalSettings(Frozen):
     math_timeout: float = pydantic.Field(10.0, gt=0, description="Hard deadline of one math-verify check (s).")
     code_timeout: float = pydantic.Field(10.0, gt=0, description="Wall-clock limit of one sandboxed program (s).")
     code_isolation: Literal["bwrap", "best_effort"] = pydantic.Field(
-        "bwrap", description="Minimum isolation for model-generated code: bwrap (default) refuses to score code "
+        "bwrap",
+        description="Minimum isolation for model-generated code: bwrap (default) refuses to score code "
         "unless bubblewrap runs it as an unprivileged user in its own namespaces; best_effort falls back to a "
-        "weaker launcher (reported in the isolation it measured)."
+        "weaker launcher (reported in the isolation it measured).",
     )
 
     @pydantic.model_validator(mode="before")
@@ -107,8 +120,7 @@ class EvalSettings(Frozen):
     def _vllm_backend(cls, data: Any) -> Any:
         """`backend: vllm` (the first round's name) is the served backend with the vllm engine."""
         if isinstance(data, dict) and data.get("backend") == "vllm":
-            data = {**data, "backend": "served",
-                    "server": {**(data.get("server") or {}), "engine": "vllm"}}
+            data = {**data, "backend": "served", "server": {**(data.get("server") or {}), "engine": "vllm"}}
         return data
 
     @pydantic.model_validator(mode="after")
@@ -122,8 +134,9 @@ class EvalSettings(Frozen):
         if self.think_tags is not None and (not all(self.think_tags) or self.think_tags[0] == self.think_tags[1]):
             problems.append("think_tags are two different, non-empty strings: [open, close]")
         if self.max_gen_toks is not None and self.max_gen_toks >= self.max_length:
-            problems.append(f"max_gen_toks={self.max_gen_toks} leaves no room for the prompt in "
-                            f"max_length={self.max_length}")
+            problems.append(
+                f"max_gen_toks={self.max_gen_toks} leaves no room for the prompt in max_length={self.max_length}"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -149,8 +162,10 @@ class EvalSettings(Frozen):
     def served(self) -> ServerSettings:
         """The server settings with what `auto` leaves to the evaluation filled in."""
         engine = self.engine
-        return self.server.model_copy(update={
-            "engine": engine,
-            "dtype": self.torch_dtype if self.server.dtype == "auto" else self.server.dtype,
-            "device": self.server.device if self.server.device != "auto" or engine == "vllm" else self.device,
-        })
+        return self.server.model_copy(
+            update={
+                "engine": engine,
+                "dtype": self.torch_dtype if self.server.dtype == "auto" else self.server.dtype,
+                "device": self.server.device if self.server.device != "auto" or engine == "vllm" else self.device,
+            }
+        )

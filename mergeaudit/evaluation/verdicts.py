@@ -42,15 +42,28 @@ def code_answer(answer: str) -> tuple[str, bool]:
     return (blocks[-1], True) if blocks else (answer, False)
 
 
-def judge(verifier: Verifier, kind: str, completion: str, reference: str, answer_format: str | None,
-          prefix: str, info: GenerationInfo | None, think_tags: tuple[str, str] | None) -> tuple[Verdict, str, bool]:
+def judge(
+    verifier: Verifier,
+    kind: str,
+    completion: str,
+    reference: str,
+    answer_format: str | None,
+    prefix: str,
+    info: GenerationInfo | None,
+    think_tags: tuple[str, str] | None,
+) -> tuple[Verdict, str, bool]:
     """(verdict, trace, truncated) of one completion."""
     trace, answer, _ = split_trace(completion, think_tags)
     truncated = bool(info and info.truncated)
     fmt = check_format(answer or "", answer_format)  # what the format rate counts, verified or not
     if truncated:
-        return Verdict(False, extract_answer(answer) if answer and kind != "code" else None, format_ok=fmt,
-                       status="truncated"), trace, True
+        return (
+            Verdict(
+                False, extract_answer(answer) if answer and kind != "code" else None, format_ok=fmt, status="truncated"
+            ),
+            trace,
+            True,
+        )
     if answer is None:
         return Verdict(False, None, format_ok=fmt, status="no_answer"), trace, False
     if kind == "code":
@@ -60,11 +73,16 @@ def judge(verifier: Verifier, kind: str, completion: str, reference: str, answer
     return verifier.verify(kind, answer, reference, answer_format, prefix), trace, False
 
 
-def verify_samples(task, logged: list[dict], verifier: Verifier, pass_k: tuple[int, ...],
-                   generation_info: dict[str, GenerationInfo] | None = None,
-                   count_tokens: Callable[[str], int] | None = None,
-                   think_tags: tuple[str, str] | None = ("<think>", "</think>"),
-                   num_samples: int | None = None) -> tuple[list[dict], list[dict]]:
+def verify_samples(
+    task,
+    logged: list[dict],
+    verifier: Verifier,
+    pass_k: tuple[int, ...],
+    generation_info: dict[str, GenerationInfo] | None = None,
+    count_tokens: Callable[[str], int] | None = None,
+    think_tags: tuple[str, str] | None = ("<think>", "</think>"),
+    num_samples: int | None = None,
+) -> tuple[list[dict], list[dict]]:
     """Verdicts on every completion of a task (a runner.TaskSource), and the aggregate score rows."""
     if task.verifier is None:
         return [], []
@@ -81,11 +99,15 @@ def verify_samples(task, logged: list[dict], verifier: Verifier, pass_k: tuple[i
         correct = 0
         for i, completion in enumerate(completions):
             info = info_of.get(completion)
-            v, trace, truncated = judge(verifier, task.verifier, completion, reference, task.answer_format, prefix,
-                                        info, think_tags)
-            tokens = info.tokens if info and info.tokens is not None else (
-                count_tokens(completion) if count_tokens else None)
-            trace_tokens = (count_tokens(trace) if count_tokens and trace else 0 if count_tokens else None)
+            v, trace, truncated = judge(
+                verifier, task.verifier, completion, reference, task.answer_format, prefix, info, think_tags
+            )
+            tokens = (
+                info.tokens
+                if info and info.tokens is not None
+                else (count_tokens(completion) if count_tokens else None)
+            )
+            trace_tokens = count_tokens(trace) if count_tokens and trace else 0 if count_tokens else None
             correct += v.correct
             per_prompt["reward"][-1].append(v.reward)
             per_prompt["truncated"][-1].append(1.0 if truncated else 0.0)
@@ -94,32 +116,67 @@ def verify_samples(task, logged: list[dict], verifier: Verifier, pass_k: tuple[i
             if tokens is not None:
                 per_prompt["tokens"][-1].append(float(tokens))
                 per_prompt["trace"][-1].append(float(trace_tokens or 0))
-            samples.append({"task": task.name, "doc_id": int(entry["doc_id"]), "sample": i,
-                            "prompt_hash": entry.get("prompt_hash"), "completion": completion,
-                            "extracted": v.extracted, "verdict": v.correct, "reward": v.reward,
-                            "format_ok": v.format_ok, "error": v.error, "verifier": task.verifier,
-                            "status": v.status, "truncated": truncated, "completion_tokens": tokens,
-                            "trace_tokens": trace_tokens})
+            samples.append(
+                {
+                    "task": task.name,
+                    "doc_id": int(entry["doc_id"]),
+                    "sample": i,
+                    "prompt_hash": entry.get("prompt_hash"),
+                    "completion": completion,
+                    "extracted": v.extracted,
+                    "verdict": v.correct,
+                    "reward": v.reward,
+                    "format_ok": v.format_ok,
+                    "error": v.error,
+                    "verifier": task.verifier,
+                    "status": v.status,
+                    "truncated": truncated,
+                    "completion_tokens": tokens,
+                    "trace_tokens": trace_tokens,
+                }
+            )
         per_doc.append((len(completions), correct))
     if not samples:
         return [], []
     return samples, score_rows(task, samples, per_prompt, per_doc, pass_k, num_samples)
 
 
-def score_rows(task, samples: list[dict], per_prompt: dict[str, list[list[float]]],
-               per_doc: list[tuple[int, int]], pass_k: tuple[int, ...], num_samples: int | None) -> list[dict]:
+def score_rows(
+    task,
+    samples: list[dict],
+    per_prompt: dict[str, list[list[float]]],
+    per_doc: list[tuple[int, int]],
+    pass_k: tuple[int, ...],
+    num_samples: int | None,
+) -> list[dict]:
     scores: list[dict] = []
 
     def row(name: str, values: list[list[float]]) -> None:
         values = [xs for xs in values if xs]
         if values:
             mean, stderr = prompt_mean_stderr(values)
-            scores.append({"task": task.name, "metric": name, "filter": "verifier", "value": mean,
-                           "stderr": stderr, "n": len(values)})
+            scores.append(
+                {
+                    "task": task.name,
+                    "metric": name,
+                    "filter": "verifier",
+                    "value": mean,
+                    "stderr": stderr,
+                    "n": len(values),
+                }
+            )
 
     def count(name: str, value: int) -> None:
-        scores.append({"task": task.name, "metric": name, "filter": "verifier", "value": float(value),
-                       "stderr": None, "n": len(samples)})
+        scores.append(
+            {
+                "task": task.name,
+                "metric": name,
+                "filter": "verifier",
+                "value": float(value),
+                "stderr": None,
+                "n": len(samples),
+            }
+        )
 
     row(REWARD_METRIC[task.verifier], per_prompt["reward"])
     n = num_samples or max(n for n, _ in per_doc)

@@ -56,8 +56,17 @@ class Verdict:
 
     def __post_init__(self) -> None:
         if not self.status:
-            status = ("correct" if self.correct else "timeout" if (self.error or "").startswith("timeout")
-                      else "error" if self.error else "no_answer" if self.extracted is None else "wrong")
+            status = (
+                "correct"
+                if self.correct
+                else "timeout"
+                if (self.error or "").startswith("timeout")
+                else "error"
+                if self.error
+                else "no_answer"
+                if self.extracted is None
+                else "wrong"
+            )
             object.__setattr__(self, "status", status)
         elif self.status not in STATUSES:
             raise ValueError(f"unknown verdict status {self.status!r} ({', '.join(STATUSES)})")
@@ -165,8 +174,11 @@ def _math_verify_in_worker(completion: str, reference: str, seconds: int) -> tup
             timeouts.append("comparison")
         except Exception:  # noqa: BLE001 - math-verify's default: not equal
             pass
-    return False, extracted, (f"timeout: math-verify's {timeouts[0]} took longer than {seconds} s"
-                              if timeouts else None)
+    return (
+        False,
+        extracted,
+        (f"timeout: math-verify's {timeouts[0]} took longer than {seconds} s" if timeouts else None),
+    )
 
 
 def _warm_up() -> None:
@@ -194,11 +206,11 @@ class MathVerifier:
             correct, extracted, timeout = job.get(self.timeout)
         except multiprocessing.TimeoutError:
             self.close()  # the worker may be stuck in sympy: kill it, the next call starts another
-            return Verdict(False, None, error=f"timeout: math-verify timed out after {self.timeout:g} s",
-                           status="timeout")
+            return Verdict(
+                False, None, error=f"timeout: math-verify timed out after {self.timeout:g} s", status="timeout"
+            )
         except Exception as exc:  # noqa: BLE001 - recorded, scored 0, never fatal
-            return Verdict(False, None, error=f"math-verify failed: {type(exc).__name__}: {exc}"[:500],
-                           status="error")
+            return Verdict(False, None, error=f"math-verify failed: {type(exc).__name__}: {exc}"[:500], status="error")
         if timeout:
             return Verdict(False, extracted, error=timeout, status="timeout")
         return Verdict(correct, extracted)
@@ -217,8 +229,9 @@ class Verifier:
         self.math = MathVerifier(math_timeout, step_timeout=min(5, max(1, int(math_timeout / 2))))
         self.sandbox = sandbox
 
-    def verify(self, kind: Kind, completion: str, reference: str, answer_format: str | None = None,
-               program_prefix: str = "") -> Verdict:
+    def verify(
+        self, kind: Kind, completion: str, reference: str, answer_format: str | None = None, program_prefix: str = ""
+    ) -> Verdict:
         """Verdict for one completion; `reference` is the answer, or the tests for code."""
         fmt = check_format(completion, answer_format)
         if kind == "numeric":
@@ -228,8 +241,9 @@ class Verifier:
         elif kind == "code":
             result = run_code(program_prefix + completion, reference, self.sandbox)
             error = None if result.status in ("passed", "failed") else f"{result.status}: {result.detail}"[:500]
-            status = {"passed": "correct", "failed": "wrong", "timeout": "timeout",
-                      "violation": "violation"}.get(result.status, "error")
+            status = {"passed": "correct", "failed": "wrong", "timeout": "timeout", "violation": "violation"}.get(
+                result.status, "error"
+            )
             v = Verdict(result.passed, result.status, error, status=status)
         else:
             raise ValueError(f"unknown verifier {kind!r} (numeric, math, code)")

@@ -55,8 +55,7 @@ from mergeaudit.geometry.spectral import (
 from mergeaudit.geometry.stats import ModelSums, PairSums, fisher_sums, tensor_sums
 from mergeaudit.updates import changed_bf16
 
-__all__ = ["GeometrySettings", "changed_bf16", "compute_geometry", "module_type",
-           "parse_tensor_name"]
+__all__ = ["GeometrySettings", "changed_bf16", "compute_geometry", "module_type", "parse_tensor_name"]
 
 # module type from the module path; the first match wins (norms before attention: `attn_norm`)
 _MODULE_TYPES = (
@@ -115,22 +114,50 @@ def compute_geometry(
     pair_rows: list[dict] = []
 
     def model_row(model: str, scope: str, tensor: str | None, layer: int | None, module: str | None, **values) -> dict:
-        return {"scope": scope, "model": model, "kind": kinds[model], **provenance[model], **common,
-                "tensor": tensor, "layer": layer, "module": module, "reason": None, **values}
+        return {
+            "scope": scope,
+            "model": model,
+            "kind": kinds[model],
+            **provenance[model],
+            **common,
+            "tensor": tensor,
+            "layer": layer,
+            "module": module,
+            "reason": None,
+            **values,
+        }
 
-    def pair_row(a: str, b: str, scope: str, tensor: str | None, layer: int | None, module: str | None,
-                 sums: PairSums) -> dict:
-        return {"scope": scope, "model_a": a, "model_b": b, "kind_a": kinds[a], "kind_b": kinds[b],
-                "model_a_fingerprint": provenance[a]["model_fingerprint"],
-                "model_b_fingerprint": provenance[b]["model_fingerprint"], **common,
-                "mask": "bf16", "tensor": tensor, "layer": layer, "module": module, **sums.derived()}
+    def pair_row(
+        a: str, b: str, scope: str, tensor: str | None, layer: int | None, module: str | None, sums: PairSums
+    ) -> dict:
+        return {
+            "scope": scope,
+            "model_a": a,
+            "model_b": b,
+            "kind_a": kinds[a],
+            "kind_b": kinds[b],
+            "model_a_fingerprint": provenance[a]["model_fingerprint"],
+            "model_b_fingerprint": provenance[b]["model_fingerprint"],
+            **common,
+            "mask": "bf16",
+            "tensor": tensor,
+            "layer": layer,
+            "module": module,
+            **sums.derived(),
+        }
 
     def measure(tensor: str, w: torch.Tensor, present: list[str], fts: list[torch.Tensor]) -> None:
         layer, module = parse_tensor_name(tensor)
         mtype = module_type(module)
-        chosen = None if wanted is None else [
-            (i, j) for i, j in itertools.combinations(range(len(present)), 2)
-            if frozenset((present[i], present[j])) in wanted]
+        chosen = (
+            None
+            if wanted is None
+            else [
+                (i, j)
+                for i, j in itertools.combinations(range(len(present)), 2)
+                if frozenset((present[i], present[j])) in wanted
+            ]
+        )
         sums = tensor_sums(w, fts, settings.eta, settings.abs_tol, elected_sign=settings.elected_sign, pairs=chosen)
         spectral = settings if settings.spectral and w.ndim == 2 and min(w.shape) > 1 else None
         if spectral is not None:
@@ -144,8 +171,9 @@ def compute_geometry(
         for m, ft, acc in zip(present, fts, sums.models, strict=True):
             extra = {}
             if spectral is not None:  # the kernels' sum of squares tells whether the update is finite
-                extra = spectral_figures(w32, ft.to(settings.device).float(), decomposition, spectral,
-                                         finite=math.isfinite(acc.update_sq))
+                extra = spectral_figures(
+                    w32, ft.to(settings.device).float(), decomposition, spectral, finite=math.isfinite(acc.update_sq)
+                )
                 acc.add_spectral(extra)
             tensor_rows.append(model_row(m, "tensor", tensor, layer, module, **{**acc.derived(alpha), **extra}))
             for key in ((m, "layer", layer), (m, "module", mtype), (m, "model", None)):
@@ -172,28 +200,43 @@ def compute_geometry(
         present = [m for m in names if problem(m, tensor) is None]
         for m in names:
             if m not in present:
-                tensor_rows.append(model_row(m, "tensor", tensor, layer, module, numel=base.spec(tensor).numel,
-                                             reason=problem(m, tensor)))
+                tensor_rows.append(
+                    model_row(
+                        m, "tensor", tensor, layer, module, numel=base.spec(tensor).numel, reason=problem(m, tensor)
+                    )
+                )
         if present:
             measure(tensor, base.get(tensor), present, [models[m].get(tensor) for m in present])
     for m in names:
         for tensor in sorted(set(shapes[m]) - set(ref)):
             layer, module = parse_tensor_name(tensor)
-            tensor_rows.append(model_row(m, "tensor", tensor, layer, module, numel=models[m].spec(tensor).numel,
-                                         reason="not in base"))
+            tensor_rows.append(
+                model_row(m, "tensor", tensor, layer, module, numel=models[m].spec(tensor).numel, reason="not in base")
+            )
 
     order = {"layer": 0, "module": 1, "model": 2, "global": 2}
-    for (m, scope, value), acc in sorted(model_acc.items(), key=lambda kv: (names.index(kv[0][0]), order[kv[0][1]],
-                                                                            str(kv[0][2]).zfill(8))):
-        tensor_rows.append(model_row(m, scope, None, value if scope == "layer" else None,
-                                     value if scope == "module" else None, **acc.derived(alpha)))
+    for (m, scope, value), acc in sorted(
+        model_acc.items(), key=lambda kv: (names.index(kv[0][0]), order[kv[0][1]], str(kv[0][2]).zfill(8))
+    ):
+        tensor_rows.append(
+            model_row(
+                m,
+                scope,
+                None,
+                value if scope == "layer" else None,
+                value if scope == "module" else None,
+                **acc.derived(alpha),
+            )
+        )
+
     def pair_order(kv):
         (a, b, scope, value), _ = kv
         return names.index(a), names.index(b), order[scope], str(value).zfill(8)
 
     for (a, b, scope, value), acc in sorted(pair_acc.items(), key=pair_order):
-        pair_rows.append(pair_row(a, b, scope, None, value if scope == "layer" else None,
-                                  value if scope == "module" else None, acc))
+        pair_rows.append(
+            pair_row(a, b, scope, None, value if scope == "layer" else None, value if scope == "module" else None, acc)
+        )
     return tensor_rows, pair_rows
 
 

@@ -49,12 +49,29 @@ __all__ = ["SeriesSpec", "SeriesStep", "compute_series", "discover_steps", "spac
 log = logging.getLogger(__name__)
 
 _STEP_RE = re.compile(r"(\d+)(?!.*\d)")
-_BASE_COLUMNS = ("numel", "n_tensors", "changed_bf16", "sparsity_bf16", "sparsity_rel", "sparsity_abs",
-                 "rel_update_norm", "update_rank_ratio", "spectral_drift", "principal_lift")
-_PAIR_COLUMNS = {"numel": "numel", "overlap": "overlap", "overlap_of_a": "overlap_of_step",
-                 "overlap_of_a_lift": "overlap_of_step_lift", "overlap_of_b": "overlap_of_other",
-                 "jaccard": "jaccard", "jaccard_lift": "jaccard_lift", "sign_conflict_rate": "sign_conflict_rate",
-                 "cosine": "cosine"}
+_BASE_COLUMNS = (
+    "numel",
+    "n_tensors",
+    "changed_bf16",
+    "sparsity_bf16",
+    "sparsity_rel",
+    "sparsity_abs",
+    "rel_update_norm",
+    "update_rank_ratio",
+    "spectral_drift",
+    "principal_lift",
+)
+_PAIR_COLUMNS = {
+    "numel": "numel",
+    "overlap": "overlap",
+    "overlap_of_a": "overlap_of_step",
+    "overlap_of_a_lift": "overlap_of_step_lift",
+    "overlap_of_b": "overlap_of_other",
+    "jaccard": "jaccard",
+    "jaccard_lift": "jaccard_lift",
+    "sign_conflict_rate": "sign_conflict_rate",
+    "cosine": "cosine",
+}
 
 
 class SeriesStep(Frozen):
@@ -73,9 +90,11 @@ class SeriesSpec(Frozen):
     steps: list[SeriesStep] | None = pydantic.Field(None, description="The checkpoints by step.")
     prefix: StoreURI | None = pydantic.Field(None, description="...or where the run saves them (path or s3://).")
     compare_with: list[str] | None = pydantic.Field(
-        None, description="Models of the audit whose updates each step is compared with (default: all).")
+        None, description="Models of the audit whose updates each step is compared with (default: all)."
+    )
     max_steps: int = pydantic.Field(
-        16, ge=2, le=256, description="Most steps measured: evenly spaced, first and last kept.")
+        16, ge=2, le=256, description="Most steps measured: evenly spaced, first and last kept."
+    )
 
     @pydantic.model_validator(mode="after")
     def _one_source(self) -> SeriesSpec:
@@ -101,8 +120,9 @@ class SeriesSpec(Frozen):
             for line in skipped:
                 log.warning("series %s: left out %s", self.name, line)
             if not found:
-                raise CheckpointError(f"series {self.name}: no complete checkpoint with a step number under "
-                                      f"{self.prefix}")
+                raise CheckpointError(
+                    f"series {self.name}: no complete checkpoint with a step number under {self.prefix}"
+                )
         return spaced(found, self.max_steps)
 
 
@@ -125,7 +145,7 @@ def discover_steps(prefix: str, marker: str | None = None) -> tuple[list[tuple[i
     skipped: list[str] = []
     root = store.check_uri(prefix).rstrip("/")
     for status in discover(root, marker):
-        rel = status.uri[len(root) + 1:] if status.uri.startswith(root + "/") else store.basename(status.uri)
+        rel = status.uri[len(root) + 1 :] if status.uri.startswith(root + "/") else store.basename(status.uri)
         step = step_number(rel)
         if not status.complete:
             skipped.append(f"{status.uri}: {status.problem}")
@@ -167,40 +187,81 @@ def compute_series(
     models = {**{label: ck for label, (_, ck) in labels.items()}, **others}
     pairs = [(label, final) for label in order[:-1]] + [(label, o) for label in order for o in others]
     single = settings.model_copy(update={"elected_sign": False})
-    tensor_rows, pair_rows = compute_geometry(base, models, settings=single, pairs=pairs,
-                                              decompositions=decompositions)
+    tensor_rows, pair_rows = compute_geometry(base, models, settings=single, pairs=pairs, decompositions=decompositions)
 
     def row(label: str, scope: str, module: str | None, against: str, **values) -> dict:
         step, ck = labels[label]
-        return {"series": run, "kind": kind, "step": step, "model_uri": ck.uri, "model_fingerprint": ck.fingerprint,
-                "base_uri": base.uri, "base_fingerprint": base.fingerprint, "scope": scope, "module": module,
-                "against": against, **values}
+        return {
+            "series": run,
+            "kind": kind,
+            "step": step,
+            "model_uri": ck.uri,
+            "model_fingerprint": ck.fingerprint,
+            "base_uri": base.uri,
+            "base_fingerprint": base.fingerprint,
+            "scope": scope,
+            "module": module,
+            "against": against,
+            **values,
+        }
 
     skipped: dict[str, int] = {}
     for r in tensor_rows:
         if r["scope"] == "tensor" and r["reason"] and r["model"] in labels:
             skipped[r["model"]] = skipped.get(r["model"], 0) + 1
-    out = [row(r["model"], r["scope"], r["module"], "base", skipped_tensors=skipped.get(r["model"], 0),
-               **{c: r.get(c) for c in _BASE_COLUMNS})
-           for r in tensor_rows if r["model"] in labels and r["scope"] in ("model", "module")]
+    out = [
+        row(
+            r["model"],
+            r["scope"],
+            r["module"],
+            "base",
+            skipped_tensors=skipped.get(r["model"], 0),
+            **{c: r.get(c) for c in _BASE_COLUMNS},
+        )
+        for r in tensor_rows
+        if r["model"] in labels and r["scope"] in ("model", "module")
+    ]
     for r in pair_rows:
         if r["scope"] not in ("global", "module"):
             continue
         other = r["model_b"]
         against = ("final", None, None) if other == final else ("model", other, models[other].fingerprint)
-        out.append(row(r["model_a"], "model" if r["scope"] == "global" else "module", r["module"], against[0],
-                       against_model=against[1], against_fingerprint=against[2],
-                       **{new: r.get(old) for old, new in _PAIR_COLUMNS.items()}))
+        out.append(
+            row(
+                r["model_a"],
+                "model" if r["scope"] == "global" else "module",
+                r["module"],
+                against[0],
+                against_model=against[1],
+                against_fingerprint=against[2],
+                **{new: r.get(old) for old, new in _PAIR_COLUMNS.items()},
+            )
+        )
     quick = single.model_copy(update={"spectral": False})
     for prev, cur in zip(order, order[1:]):
         step_rows, _ = compute_geometry(models[prev], {cur: models[cur]}, settings=quick)
-        out += [row(cur, r["scope"], r["module"], "previous", against_model=prev,
-                    against_fingerprint=models[prev].fingerprint,
-                    **{c: r.get(c) for c in ("numel", "n_tensors", "changed_bf16", "sparsity_bf16",
-                                             "rel_update_norm")})
-                for r in step_rows if r["scope"] in ("model", "module")]
+        out += [
+            row(
+                cur,
+                r["scope"],
+                r["module"],
+                "previous",
+                against_model=prev,
+                against_fingerprint=models[prev].fingerprint,
+                **{c: r.get(c) for c in ("numel", "n_tensors", "changed_bf16", "sparsity_bf16", "rel_update_norm")},
+            )
+            for r in step_rows
+            if r["scope"] in ("model", "module")
+        ]
     scope_order = {"model": 0, "module": 1}
     against_order = {"base": 0, "previous": 1, "final": 2, "model": 3}
-    out.sort(key=lambda r: (r["step"], scope_order[r["scope"]], r["module"] or "", against_order[r["against"]],
-                            r.get("against_model") or ""))
+    out.sort(
+        key=lambda r: (
+            r["step"],
+            scope_order[r["scope"]],
+            r["module"] or "",
+            against_order[r["against"]],
+            r.get("against_model") or "",
+        )
+    )
     return out

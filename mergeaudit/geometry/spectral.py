@@ -58,9 +58,9 @@ GRAM_ROWS = 16384  # rows of an update converted to fp64 at a time (bounded memo
 class Decomposition:
     """Top-k singular triplets of one matrix (fp64), plus the sketch basis a warm start reuses."""
 
-    u: torch.Tensor          # m x k
-    s: torch.Tensor          # k
-    v: torch.Tensor          # n x k
+    u: torch.Tensor  # m x k
+    s: torch.Tensor  # k
+    v: torch.Tensor  # n x k
     sketch: torch.Tensor | None  # n x q right basis of the randomized path (fp32), None if exact
     method: str
 
@@ -102,8 +102,8 @@ def principal_angles_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     a, b = a.double(), b.double()
     proj = a.T @ b
-    cos = torch.linalg.svdvals(proj).clamp(0.0, 1.0)                      # descending
-    sin = torch.linalg.svdvals(b - a @ proj).clamp(0.0, 1.0).flip(0)      # ascending
+    cos = torch.linalg.svdvals(proj).clamp(0.0, 1.0)  # descending
+    sin = torch.linalg.svdvals(b - a @ proj).clamp(0.0, 1.0).flip(0)  # ascending
     p = min(a.shape[1], b.shape[1])
     return torch.rad2deg(torch.atan2(sin[:p], cos[:p])).sort().values
 
@@ -124,7 +124,7 @@ def update_spectrum(d: torch.Tensor) -> torch.Tensor:
         sub = sub.mT
     gram = torch.zeros(sub.shape[1], sub.shape[1], dtype=torch.float64)
     for start in range(0, sub.shape[0], GRAM_ROWS):  # fp64 a block of rows at a time
-        block = sub[start:start + GRAM_ROWS].double()
+        block = sub[start : start + GRAM_ROWS].double()
         gram += block.mT @ block
     return torch.linalg.eigvalsh(gram).clamp_min(0.0).sqrt().flip(0)
 
@@ -151,9 +151,19 @@ def spectral_figures(
     spectrum = update_spectrum(d)
     energy = float(spectrum.square().sum())
     if energy == 0:  # identical weights (up to the sign of zero): same subspaces and spectrum
-        out.update(update_rank=0, update_rank_ratio=0.0, stable_rank=None, energy_topk=None, energy_topk_left=None,
-                   energy_topk_right=None, angle_left_max_deg=0.0, angle_left_mean_deg=0.0,
-                   angle_right_max_deg=0.0, angle_right_mean_deg=0.0, spectral_drift=0.0)
+        out.update(
+            update_rank=0,
+            update_rank_ratio=0.0,
+            stable_rank=None,
+            energy_topk=None,
+            energy_topk_left=None,
+            energy_topk_right=None,
+            angle_left_max_deg=0.0,
+            angle_left_mean_deg=0.0,
+            angle_right_max_deg=0.0,
+            angle_right_mean_deg=0.0,
+            spectral_drift=0.0,
+        )
         return out
     sigma1 = float(spectrum[0])
     rank = int((spectrum > max(shape) * FP32_EPS * sigma1).sum())

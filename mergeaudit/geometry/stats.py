@@ -55,20 +55,20 @@ class ModelSums(_Sums):
     changed_abs: int = 0
     update_sq: float = 0.0
     base_sq: float = 0.0
-    n_tensors: int = 0            # tensors with entries, and the sums of their sparsities:
+    n_tensors: int = 0  # tensors with entries, and the sums of their sparsities:
     sparsity_sum_bf16: float = 0.0
     sparsity_sum_rel: float = 0.0
     sparsity_sum_abs: float = 0.0
-    principal_numel: int = 0      # entries of tensors with a principal mask
-    principal_changed: int = 0    # ... changed
-    principal_overlap: int = 0    # ... inside it
+    principal_numel: int = 0  # entries of tensors with a principal mask
+    principal_changed: int = 0  # ... changed
+    principal_overlap: int = 0  # ... inside it
     principal_chance: float = 0.0  # expected overlap for an independent mask: changed * |P| / n
-    elect_tensors: int = 0        # tensors where the elected sign was computed (>= 2 models)
+    elect_tensors: int = 0  # tensors where the elected sign was computed (>= 2 models)
     elect_shared: int = 0
     elect_disagree: int = 0
-    rank_tensors: int = 0         # 2-D tensors with an update rank, and the sum of their ratios
+    rank_tensors: int = 0  # 2-D tensors with an update rank, and the sum of their ratios
     rank_ratio_sum: float = 0.0
-    drift_tensors: int = 0        # 2-D tensors with a spectral drift, and its sum
+    drift_tensors: int = 0  # 2-D tensors with a spectral drift, and its sum
     drift_sum: float = 0.0
 
     def add_spectral(self, figures: Mapping[str, object]) -> None:
@@ -140,8 +140,8 @@ class PairSums(_Sums):
     overlap_dot: float = 0.0
     overlap_a_sq: float = 0.0
     overlap_b_sq: float = 0.0
-    fisher_a: float = 0.0            # Fisher mass of A (where Fisher is given), all entries
-    fisher_a_overlap: float = 0.0    # ... on entries both changed
+    fisher_a: float = 0.0  # Fisher mass of A (where Fisher is given), all entries
+    fisher_a_overlap: float = 0.0  # ... on entries both changed
     fisher_a_exclusive: float = 0.0  # ... on entries only A changed
     fisher_b: float = 0.0
     fisher_b_overlap: float = 0.0
@@ -192,14 +192,24 @@ def fisher_sums(p: PairSums, fa: torch.Tensor, fb: torch.Tensor, a: torch.Tensor
     both = a & b
     for side, f, own, other in (("a", fa.float(), a, b), ("b", fb.float(), b, a)):
         setattr(p, f"fisher_{side}", getattr(p, f"fisher_{side}") + float(f.sum(dtype=torch.float64)))
-        setattr(p, f"fisher_{side}_overlap",
-                getattr(p, f"fisher_{side}_overlap") + float(f[both].sum(dtype=torch.float64)))
-        setattr(p, f"fisher_{side}_exclusive",
-                getattr(p, f"fisher_{side}_exclusive") + float(f[own & ~other].sum(dtype=torch.float64)))
+        setattr(
+            p, f"fisher_{side}_overlap", getattr(p, f"fisher_{side}_overlap") + float(f[both].sum(dtype=torch.float64))
+        )
+        setattr(
+            p,
+            f"fisher_{side}_exclusive",
+            getattr(p, f"fisher_{side}_exclusive") + float(f[own & ~other].sum(dtype=torch.float64)),
+        )
 
 
-def tensor_sums(base: torch.Tensor, fts: list[torch.Tensor], eta: float = 1e-3, abs_tol: float = 1e-5,
-                elected_sign: bool = True, pairs: Sequence[tuple[int, int]] | None = None) -> TensorSums:
+def tensor_sums(
+    base: torch.Tensor,
+    fts: list[torch.Tensor],
+    eta: float = 1e-3,
+    abs_tol: float = 1e-5,
+    elected_sign: bool = True,
+    pairs: Sequence[tuple[int, int]] | None = None,
+) -> TensorSums:
     """Model and pair sums for one tensor of the base and of each fine-tuned model; `pairs`
     (indices i < j into `fts`) limits the pairs computed (default: all of them).
 
@@ -218,8 +228,8 @@ def tensor_sums(base: torch.Tensor, fts: list[torch.Tensor], eta: float = 1e-3, 
     b_all = kernel_view(b_flat)
     f_all = [kernel_view(f) for f in ft_flat]
     for start in range(0, n, CHUNK):
-        b = b_all[start:start + CHUNK]
-        fs = [f[start:start + CHUNK] for f in f_all]
+        b = b_all[start : start + CHUNK]
+        fs = [f[start : start + CHUNK] for f in f_all]
         for acc, f in zip(out.models, fs, strict=True):
             c_bf, c_rel, c_abs, usq, bsq = model_kernel(b, f, eta, abs_tol)
             acc.numel += b.shape[0]
@@ -241,7 +251,7 @@ def tensor_sums(base: torch.Tensor, fts: list[torch.Tensor], eta: float = 1e-3, 
         if elected_sign and len(fs) >= 2 and len({f.dtype for f in fs}) == 1:
             if len(fs) <= 4:  # fp32 partial counts are exact below 2**24 entries per chunk
                 counts = elect4_kernel(b, *fs, *[b] * (4 - len(fs)))
-                shared, disagree = counts[:len(fs)], counts[4:4 + len(fs)]
+                shared, disagree = counts[: len(fs)], counts[4 : 4 + len(fs)]
             else:
                 shared, disagree = elect_kernel(b, tuple(fs), max(1, numba.get_num_threads()))
             for acc, sh, dis in zip(out.models, shared, disagree, strict=True):

@@ -59,10 +59,17 @@ from mergeaudit.merging.vocab import (
 
 REPORT_FILE = "mergeaudit_merge.json"
 DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "double": torch.float64,
 }
 
 
@@ -99,10 +106,10 @@ class MergePlan(pydantic.BaseModel):
     output: Literal["stored", "computed"] = "stored"
     seed: int = 0
     device: str = "cpu"
-    tokenizer_source: str | None = None    # a model id; default the base, else the first model
+    tokenizer_source: str | None = None  # a model id; default the base, else the first model
     # mergekit's tokenizer_source/tokenizer: rebuild the vocabulary (None: keep every input's)
     vocabulary: VocabularyPlan | None = None
-    fisher: dict[str, str] = {}            # model id -> Fisher checkpoint URI
+    fisher: dict[str, str] = {}  # model id -> Fisher checkpoint URI
 
     def settings_for_models(self) -> list[dict[str, Any]]:
         if self.model_parameters and len(self.model_parameters) != len(self.models):
@@ -119,7 +126,7 @@ class PreparedMerge:
     fisher: list[Checkpoint] | None
     params: dict[str, MethodParams]
     vocab: Vocabulary | None = None
-    vocab_changes: bool = False       # some input's vocabulary-indexed rows are re-indexed
+    vocab_changes: bool = False  # some input's vocabulary-indexed rows are re-indexed
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -182,10 +189,14 @@ def _non_finite_reason(name: str, method: str, merged: torch.Tensor, target: tor
     if bad:
         return f"tensor {name!r}: input {', '.join(bad)} holds NaN or infinite values; the merge would too"
     if not bool(torch.isfinite(merged).all()):
-        return (f"tensor {name!r}: {method} produced NaN or infinite values from finite inputs "
-                f"(computing in {str(merged.dtype).removeprefix('torch.')})")
-    return (f"tensor {name!r}: the {method} result overflows {str(target).removeprefix('torch.')} "
-            f"(largest magnitude {float(merged.abs().max()):.3g}); choose a wider output dtype or smaller weights")
+        return (
+            f"tensor {name!r}: {method} produced NaN or infinite values from finite inputs "
+            f"(computing in {str(merged.dtype).removeprefix('torch.')})"
+        )
+    return (
+        f"tensor {name!r}: the {method} result overflows {str(target).removeprefix('torch.')} "
+        f"(largest magnitude {float(merged.abs().max()):.3g}); choose a wider output dtype or smaller weights"
+    )
 
 
 def prepare(plan: MergePlan, opener: Callable[[str], Checkpoint] = Checkpoint.open) -> PreparedMerge:
@@ -218,11 +229,15 @@ def prepare(plan: MergePlan, opener: Callable[[str], Checkpoint] = Checkpoint.op
     if any(p.uses_fisher() for p in params.values()):
         missing = [m.id for m in plan.models if m.id not in plan.fisher]
         if missing:
-            raise ConfigError(f"{plan.method} needs a diagonal Fisher for every model; none for {', '.join(missing)} "
-                              "(estimate one with `mergeaudit fisher`)")
+            raise ConfigError(
+                f"{plan.method} needs a diagonal Fisher for every model; none for {', '.join(missing)} "
+                "(estimate one with `mergeaudit fisher`)"
+            )
         if changes:
-            raise ConfigError(f"{plan.method} weighs by Fisher information, which has no rows for a rebuilt "
-                              "vocabulary; merge without tokenizer_source or with one that changes nothing")
+            raise ConfigError(
+                f"{plan.method} weighs by Fisher information, which has no rows for a rebuilt "
+                "vocabulary; merge without tokenizer_source or with one that changes nothing"
+            )
         fisher = [opener(plan.fisher[m.id]) for m in plan.models]
         check_compatible(ref, fisher)
     return PreparedMerge(plan, method, base, models, fisher, params, vocab, changes)
@@ -264,8 +279,14 @@ def plan_uris(plan: MergePlan) -> list[str]:
     return [*([plan.base.uri] if plan.base else []), *(m.uri for m in plan.models), *plan.fisher.values()]
 
 
-def run_merge(plan: MergePlan, out_uri: str, max_shard_bytes: int | None = None, *, overwrite: bool = False,
-              protect: Iterable[str] = ()) -> dict[str, Any]:
+def run_merge(
+    plan: MergePlan,
+    out_uri: str,
+    max_shard_bytes: int | None = None,
+    *,
+    overwrite: bool = False,
+    protect: Iterable[str] = (),
+) -> dict[str, Any]:
     """Validate, merge and write a checkpoint at out_uri; returns the report (also written).
 
     out_uri must not overlap an input of the plan or a `protect` URI (the config file, say),
@@ -297,8 +318,9 @@ def run_merge(plan: MergePlan, out_uri: str, max_shard_bytes: int | None = None,
         if vocab.rebuilt:
             files = tokenizer_files(vocab, by_id[tok_id])
     source = None if files else by_id[tok_id]
-    with CheckpointWriter(out_uri, source=source, config=config, dtype=out_dtype, overwrite=overwrite,
-                          protect=protected, **kwargs) as writer:
+    with CheckpointWriter(
+        out_uri, source=source, config=config, dtype=out_dtype, overwrite=overwrite, protect=protected, **kwargs
+    ) as writer:
         for name, data in files.items():
             writer.add_file(name, data)
         for name, tensor in prepared.stream():
@@ -322,8 +344,10 @@ def merge_report(prepared: PreparedMerge, started: dt.datetime) -> dict[str, Any
         "method_reference": prepared.method.reference,
         "inputs": {
             "base": {"uri": prepared.base.uri, "fingerprint": prepared.base.fingerprint} if prepared.base else None,
-            "models": [{"id": m.id, "uri": ck.uri, "fingerprint": ck.fingerprint}
-                       for m, ck in zip(plan.models, prepared.models, strict=True)],
+            "models": [
+                {"id": m.id, "uri": ck.uri, "fingerprint": ck.fingerprint}
+                for m, ck in zip(plan.models, prepared.models, strict=True)
+            ],
         },
         "erased_fraction": sum(e * w for e, w in zip(erased, weights, strict=True)) / total if total else 0.0,
         "resolved_params": distinct_params(prepared.params),

@@ -29,8 +29,16 @@ from mergeaudit.merging.registry import REGISTRY
 from mergeaudit.merging.vocab import VocabularyPlan
 from mergeaudit.safe_yaml import load_yaml
 
-SUPPORTED_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source",
-                  "tokenizer"}
+SUPPORTED_KEYS = {
+    "models",
+    "base_model",
+    "merge_method",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+}
 REFUSED = {
     "slices": "layer slices are not supported (merge whole models)",
     "modules": "modules are not supported (merge whole models)",
@@ -51,8 +59,10 @@ def model_uri(ref: Any, where: str, config_dir: Path) -> str:
             cwd_path = Path(os.getcwd()) / path
             path = cwd_path if cwd_path.exists() else config_dir / path
         if not path.exists():
-            raise ConfigError(f"{where}: {ref!r} is not a local folder (Hugging Face hub ids are not downloaded; "
-                              "use a path or an s3:// URI)")
+            raise ConfigError(
+                f"{where}: {ref!r} is not a local folder (Hugging Face hub ids are not downloaded; "
+                "use a path or an s3:// URI)"
+            )
         return str(path.absolute())
     try:
         return store.check_uri(ref)
@@ -158,12 +168,15 @@ def vocabulary_plan(data: dict, model_ids: set[str]) -> tuple[VocabularyPlan | N
             return None, ["tokenizer: must be a mapping"]
         problems = []
         if "tokens" in block:
-            problems.append("tokenizer.tokens (per-token embedding overrides) is not supported; "
-                            "use tokenizer.source alone")
+            problems.append(
+                "tokenizer.tokens (per-token embedding overrides) is not supported; use tokenizer.source alone"
+            )
         unknown = sorted(set(block) - TOKENIZER_KEYS - {"tokens"})
         if unknown:
-            problems.append(f"tokenizer: unknown keys {', '.join(map(str, unknown))} "
-                            f"(supported: {', '.join(sorted(TOKENIZER_KEYS))})")
+            problems.append(
+                f"tokenizer: unknown keys {', '.join(map(str, unknown))} "
+                f"(supported: {', '.join(sorted(TOKENIZER_KEYS))})"
+            )
         tok, pad = block.get("source", "union"), block.get("pad_to_multiple_of")
         if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or not 1 <= pad <= 1 << 20):
             problems.append(f"tokenizer.pad_to_multiple_of must be a positive integer, got {pad!r}")

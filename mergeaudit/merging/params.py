@@ -58,8 +58,9 @@ def evaluate(setting: Any, tensor: str, t: float) -> Any:
             bad = [v for v in setting if not abs(v) <= MAX_PARAM_MAGNITUDE]  # False for NaN, too
             if bad:
                 shown = repr(bad[0]) if isinstance(bad[0], float) else f"an integer of {len(str(abs(bad[0])))} digits"
-                raise ConfigError(f"gradient value {shown} is not a finite number of magnitude at most "
-                                  f"{MAX_PARAM_MAGNITUDE:g}")
+                raise ConfigError(
+                    f"gradient value {shown} is not a finite number of magnitude at most {MAX_PARAM_MAGNITUDE:g}"
+                )
             scaled = t * (len(setting) - 1)
             i0 = int(scaled)
             i1 = min(len(setting) - 1, i0 + 1)
@@ -186,7 +187,6 @@ def check_all(
     return resolved
 
 
-
 def filters(setting: Any) -> set[str]:
     """The tensor-name filters of a settings tree's conditions."""
     if isinstance(setting, Mapping) and "value" in setting:  # a condition
@@ -201,8 +201,9 @@ def filters(setting: Any) -> set[str]:
     return set()
 
 
-def check_settings(method: MergeMethod, shared: Settings, per_model: Sequence[Settings],
-                   has_base: bool) -> list[MethodParams]:
+def check_settings(
+    method: MergeMethod, shared: Settings, per_model: Sequence[Settings], has_base: bool
+) -> list[MethodParams]:
     """Validate a merge's settings before any checkpoint is opened: the names the method takes,
     how many models, and the values at the first and last layer of a tensor matched by each
     condition's filter alone, and of one matched by none. A real name can match several filters
@@ -224,8 +225,11 @@ def check_settings(method: MergeMethod, shared: Settings, per_model: Sequence[Se
                 problems += [f"{msg} (at the {where})" for msg in p.check(len(per_model)) + p.check_base(has_base)]
                 resolved.append(p)
             except pydantic.ValidationError as exc:
-                problems += [f"{'.'.join(str(x) for x in e['loc'])}: {str(e['msg']).removeprefix('Value error, ')}"
-                             f" (at the {where})" for e in exc.errors()]
+                problems += [
+                    f"{'.'.join(str(x) for x in e['loc'])}: {str(e['msg']).removeprefix('Value error, ')}"
+                    f" (at the {where})"
+                    for e in exc.errors()
+                ]
             except ConfigError as exc:
                 problems.append(str(exc))
     if problems:

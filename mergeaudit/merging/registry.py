@@ -44,8 +44,11 @@ class MethodParams(pydantic.BaseModel):
     @classmethod
     def _bounded(cls, v: Any) -> Any:
         values = v if isinstance(v, tuple) else (v,)
-        bad = [x for x in values if isinstance(x, (int, float)) and not isinstance(x, bool)
-               and not abs(x) <= MAX_PARAM_MAGNITUDE]  # False for NaN and infinities too
+        bad = [
+            x
+            for x in values
+            if isinstance(x, (int, float)) and not isinstance(x, bool) and not abs(x) <= MAX_PARAM_MAGNITUDE
+        ]  # False for NaN and infinities too
         if bad:
             raise ValueError(f"{bad[0]!r} is not a finite number of magnitude at most {MAX_PARAM_MAGNITUDE:g}")
         return v
@@ -147,9 +150,13 @@ class MergeMethod:
         if self.base == "required" and not has_base:
             problems.append(f"{self.name} needs a base model")
         if n_models < self.min_models or (self.max_models is not None and n_models > self.max_models):
-            want = (f"exactly {self.min_models}" if self.max_models == self.min_models
-                    else f"at least {self.min_models}" if self.max_models is None
-                    else f"{self.min_models} to {self.max_models}")
+            want = (
+                f"exactly {self.min_models}"
+                if self.max_models == self.min_models
+                else f"at least {self.min_models}"
+                if self.max_models is None
+                else f"{self.min_models} to {self.max_models}"
+            )
             problems.append(f"{self.name} merges {want} models besides the base, not {n_models}")
         return problems
 
@@ -160,10 +167,20 @@ class Registry:
     def __init__(self) -> None:
         self._methods: dict[str, MergeMethod] = {}
 
-    def register(self, name: str, *, params: type[MethodParams], reference: str,
-                 base: Literal["required", "optional", "none"] = "required", min_models: int = 1,
-                 max_models: int | None = None, symmetric: bool = True, stochastic: bool = False,
-                 needs_fisher: bool = False, example: dict[str, Any] | None = None) -> Callable[[MergeFn], MergeFn]:
+    def register(
+        self,
+        name: str,
+        *,
+        params: type[MethodParams],
+        reference: str,
+        base: Literal["required", "optional", "none"] = "required",
+        min_models: int = 1,
+        max_models: int | None = None,
+        symmetric: bool = True,
+        stochastic: bool = False,
+        needs_fisher: bool = False,
+        example: dict[str, Any] | None = None,
+    ) -> Callable[[MergeFn], MergeFn]:
         """Register `fn` under `name`. `reference` is the method's paper (or, for mergekit's own
         methods without one, mergekit's documentation); `example` holds the global parameters
         an example merge needs (for the conformance tests; its models come from the arity)."""
@@ -173,8 +190,19 @@ class Registry:
         def deco(fn: MergeFn) -> MergeFn:
             if name in self._methods:
                 raise ValueError(f"merge method {name!r} is already registered")
-            self._methods[name] = MergeMethod(name, fn, params, reference, base, min_models, max_models,
-                                              symmetric, stochastic, needs_fisher, dict(example or {}))
+            self._methods[name] = MergeMethod(
+                name,
+                fn,
+                params,
+                reference,
+                base,
+                min_models,
+                max_models,
+                symmetric,
+                stochastic,
+                needs_fisher,
+                dict(example or {}),
+            )
             return fn
 
         return deco

@@ -66,8 +66,9 @@ def sorted_mask(a: torch.Tensor, lo: int, hi: int, descending: bool) -> torch.Te
     return mask
 
 
-def rank_window_mask(a: torch.Tensor, lo: int, hi: int, zeros_free: bool = False,
-                     sort_ties: bool = False) -> torch.Tensor:
+def rank_window_mask(
+    a: torch.Tensor, lo: int, hi: int, zeros_free: bool = False, sort_ties: bool = False
+) -> torch.Tensor:
     """Mask of entries whose ascending rank lies in [lo, hi) (the top-k masks are nested);
     `sort_ties`: ranked by torch.sort(a) when equal values straddle a boundary (mergekit)."""
     n = a.numel()
@@ -81,8 +82,8 @@ def _clean_cut(a: torch.Tensor, rank: int) -> bool:
     """True when no value is shared by entries on both sides of ascending rank `rank`."""
     if rank <= 0 or rank >= a.numel():
         return True
-    below = torch.kthvalue(a, rank).values       # the largest value below the cut
-    above = torch.kthvalue(a, rank + 1).values   # the smallest above it
+    below = torch.kthvalue(a, rank).values  # the largest value below the cut
+    above = torch.kthvalue(a, rank + 1).values  # the smallest above it
     return bool(below < above)
 
 
@@ -105,8 +106,9 @@ def sparsify_outliers(delta: torch.Tensor, density: float, gamma: float, sort_ti
     n = delta.numel()
     target, n_top = int(density * n), int(gamma * n)
     n_bot = max(0, n - target - n_top)
-    return rank_window_mask(delta.abs().reshape(-1).float(), n_bot, n_bot + target, zeros_free=True,
-                            sort_ties=sort_ties).reshape(delta.shape)
+    return rank_window_mask(
+        delta.abs().reshape(-1).float(), n_bot, n_bot + target, zeros_free=True, sort_ties=sort_ties
+    ).reshape(delta.shape)
 
 
 def sparsify_random(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:

@@ -64,13 +64,25 @@ from mergeaudit.checkpoint import CONFIG_FILE, TOKENIZER_FILES, Checkpoint
 from mergeaudit.errors import ConfigError, MergeAuditError
 
 # Top-level tensor names mergekit's architecture definitions index by vocabulary (axis 0).
-VOCAB_TENSORS = frozenset({
-    "model.embed_tokens.weight", "lm_head.weight", "lm_head.bias", "transformer.wte.weight",
-    "model.language_model.embed_tokens.weight", "transformer.word_embeddings.weight",
-    "transformer.embedding.word_embeddings.weight", "transformer.output_layer.weight",
-    "transformer.embd.wte.weight", "model.tok_embeddings.weight", "output.weight", "embed_out.weight",
-    "gpt_neox.embed_in.weight", "embed_tokens.weight", "backbone.embeddings.weight",
-})
+VOCAB_TENSORS = frozenset(
+    {
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "lm_head.bias",
+        "transformer.wte.weight",
+        "model.language_model.embed_tokens.weight",
+        "transformer.word_embeddings.weight",
+        "transformer.embedding.word_embeddings.weight",
+        "transformer.output_layer.weight",
+        "transformer.embd.wte.weight",
+        "model.tok_embeddings.weight",
+        "output.weight",
+        "embed_out.weight",
+        "gpt_neox.embed_in.weight",
+        "embed_tokens.weight",
+        "backbone.embeddings.weight",
+    }
+)
 TOKENIZER_LOAD_FILES = (*TOKENIZER_FILES, "added_tokens.json", CONFIG_FILE)
 GENERATION_CONFIG = "generation_config.json"
 
@@ -103,8 +115,7 @@ def config_vocab_size(config: Mapping[str, Any]) -> int | None:
 def with_vocab_size(config: dict[str, Any], size: int) -> dict[str, Any]:
     """A copy of config whose vocab_size (where config_vocab_size found it) is size."""
     out = dict(config)
-    if "vocab_size" not in out and isinstance(out.get("text_config"), Mapping) \
-            and "vocab_size" in out["text_config"]:
+    if "vocab_size" not in out and isinstance(out.get("text_config"), Mapping) and "vocab_size" in out["text_config"]:
         out["text_config"] = {**out["text_config"], "vocab_size": size}
     else:
         out["vocab_size"] = size
@@ -123,19 +134,23 @@ def load_tokenizer(ck: Checkpoint) -> Any:
     try:
         if loc.is_local:
             return transformers.AutoTokenizer.from_pretrained(
-                loc.path, use_fast=True, trust_remote_code=False, local_files_only=True)
+                loc.path, use_fast=True, trust_remote_code=False, local_files_only=True
+            )
         with tempfile.TemporaryDirectory(prefix="mergeaudit-tok-") as tmp:
             for name in TOKENIZER_LOAD_FILES:
                 if name in ck.files:
                     with open(os.path.join(tmp, name), "wb") as fp:
                         fp.write(store.read_bytes(ck.files[name].uri))
             return transformers.AutoTokenizer.from_pretrained(
-                tmp, use_fast=True, trust_remote_code=False, local_files_only=True)
+                tmp, use_fast=True, trust_remote_code=False, local_files_only=True
+            )
     except MergeAuditError:
         raise
     except Exception as exc:  # transformers and tokenizers raise many kinds for a bad tokenizer
-        raise ConfigError(f"the tokenizer of {ck.uri} cannot be loaded ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from exc
+        raise ConfigError(
+            f"the tokenizer of {ck.uri} cannot be loaded ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:300] if str(exc) else ''})"
+        ) from exc
 
 
 def strip_tokenizer(tokenizer: Any, vocab_size: int, where: str) -> tuple[Any, bool]:
@@ -146,12 +161,15 @@ def strip_tokenizer(tokenizer: Any, vocab_size: int, where: str) -> tuple[Any, b
     if not unused:
         return tokenizer, False
     if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError(f"{where}: its tokenizer has tokens beyond vocab_size {vocab_size} and no fast "
-                          "tokenizer to strip them from")
+        raise ConfigError(
+            f"{where}: its tokenizer has tokens beyond vocab_size {vocab_size} and no fast tokenizer to strip them from"
+        )
     spec = json.loads(tokenizer._tokenizer.to_str())
     if spec["model"]["type"] != "BPE":
-        raise ConfigError(f"{where}: its tokenizer has tokens beyond vocab_size {vocab_size}; stripping them "
-                          f"is supported for BPE tokenizers only, not {spec['model']['type']}")
+        raise ConfigError(
+            f"{where}: its tokenizer has tokens beyond vocab_size {vocab_size}; stripping them "
+            f"is supported for BPE tokenizers only, not {spec['model']['type']}"
+        )
     spec["added_tokens"] = [e for e in spec["added_tokens"] if e["id"] < vocab_size]
     for tok in unused:
         spec["model"]["vocab"].pop(tok, None)
@@ -187,8 +205,9 @@ def union_tokenizer(base_tok: Any, toks: Mapping[str, Any], sizes: Mapping[str, 
     # a reloaded copy: adding tokens must not change the base tokenizer
     with tempfile.TemporaryDirectory(prefix="mergeaudit-tok-") as tmp:
         base_tok.save_pretrained(tmp, legacy_format=False, safe_serialization=True)
-        out = transformers.AutoTokenizer.from_pretrained(tmp, use_fast=True, trust_remote_code=False,
-                                                         local_files_only=True)
+        out = transformers.AutoTokenizer.from_pretrained(
+            tmp, use_fast=True, trust_remote_code=False, local_files_only=True
+        )
     base_vocab = base_tok.get_vocab()
     for t in new_tokens:
         if t not in added and t not in base_vocab:
@@ -211,11 +230,11 @@ class Vocabulary:
     size: int
     rows: dict[str, torch.Tensor]
     order: list[str]
-    donor: dict[int, str]           # token -> the input whose row the others take (donor or base)
-    average: dict[int, list[str]]   # token -> the inputs averaged, in input order
+    donor: dict[int, str]  # token -> the input whose row the others take (donor or base)
+    average: dict[int, list[str]]  # token -> the inputs averaged, in input order
     zero: list[int]
-    rebuilt: bool                   # the tokenizer differs from its source's files
-    file_source: str                # input id whose tokenizer files are copied when not rebuilt
+    rebuilt: bool  # the tokenizer differs from its source's files
+    file_source: str  # input id whose tokenizer files are copied when not rebuilt
 
     @property
     def identity(self) -> bool:
@@ -268,22 +287,26 @@ class Vocabulary:
                 new[absent] = default[torch.tensor([pos[int(t)] for t in absent], device=device)]
             if self.size > self.n_tokens:
                 # padding rows: the mean token row (https://nlp.stanford.edu/~johnhew/vocab-expansion.html)
-                new[self.n_tokens:] = torch.mean(new[:self.n_tokens], dim=0)
+                new[self.n_tokens :] = torch.mean(new[: self.n_tokens], dim=0)
             out[k] = new
         return out
 
     def report(self, changed: bool) -> dict[str, Any]:
         """For the merge report: `changed` says whether any input's rows were re-indexed."""
         return {
-            "source": self.plan.source, "tokens": self.n_tokens, "rows": self.size,
-            "rows_reindexed": changed, "tokenizer_rebuilt": self.rebuilt,
+            "source": self.plan.source,
+            "tokens": self.n_tokens,
+            "rows": self.size,
+            "rows_reindexed": changed,
+            "tokenizer_rebuilt": self.rebuilt,
             "missing_tokens": {k: int((r < 0).sum()) for k, r in self.rows.items()},
             "defaults": {"donor_or_base": len(self.donor), "average": len(self.average), "zero": len(self.zero)},
         }
 
 
-def build_vocabulary(plan: VocabularyPlan, base: str | None, order: Sequence[str],
-                     checkpoints: Mapping[str, Checkpoint]) -> Vocabulary:
+def build_vocabulary(
+    plan: VocabularyPlan, base: str | None, order: Sequence[str], checkpoints: Mapping[str, Checkpoint]
+) -> Vocabulary:
     """The output vocabulary and every input's rows on it; `order` lists the distinct input ids
     in mergekit's input order (the models as listed), `base` the base_model's id or None."""
     if plan.source not in ("base", "union") and plan.source not in checkpoints:
@@ -332,8 +355,10 @@ def build_vocabulary(plan: VocabularyPlan, base: str | None, order: Sequence[str
             else:
                 r[new_id] = old
         if beyond:
-            problems.append(f"{k}: its tokenizer holds {len(beyond)} output tokens at ids >= its vocab_size {limit} "
-                            f"(e.g. {beyond[0]!r}); mergekit 0.1.5 fails on them too")
+            problems.append(
+                f"{k}: its tokenizer holds {len(beyond)} output tokens at ids >= its vocab_size {limit} "
+                f"(e.g. {beyond[0]!r}); mergekit 0.1.5 fails on them too"
+            )
         rows[k] = r
     if problems:
         raise ConfigError("the vocabulary cannot be built: " + "; ".join(problems))

@@ -33,8 +33,17 @@ from mergeaudit.results import geometry_views
 from mergeaudit.results import leaderboard as board
 from mergeaudit.results.compare import RegressionReport
 
-__all__ = ["Content", "Figure", "RunData", "build_content", "load_run", "markdown_table", "render_html",
-           "render_markdown", "write_report"]
+__all__ = [
+    "Content",
+    "Figure",
+    "RunData",
+    "build_content",
+    "load_run",
+    "markdown_table",
+    "render_html",
+    "render_markdown",
+    "write_report",
+]
 
 
 def leaderboard(data: RunData) -> list[dict]:
@@ -46,17 +55,41 @@ def provenance(data: RunData) -> list[dict]:
     out = []
     for c in data.rows["candidates"]:
         inputs = zip(c["input_names"] or [], c["input_uris"] or [], c["input_fingerprints"] or [])
-        out.append({"candidate": c["name"], "candidate_id": c["candidate_id"], "kind": c["kind"],
-                    "method": c["method"], "params_hash": c["params_hash"], "params": c["params_json"],
-                    "inputs": "; ".join(f"{n} = {u} @ {f}" for n, u, f in inputs),
-                    "run_id": data.run_id, "mergeaudit": c["mergeaudit_version"], "packages": versions})
+        out.append(
+            {
+                "candidate": c["name"],
+                "candidate_id": c["candidate_id"],
+                "kind": c["kind"],
+                "method": c["method"],
+                "params_hash": c["params_hash"],
+                "params": c["params_json"],
+                "inputs": "; ".join(f"{n} = {u} @ {f}" for n, u, f in inputs),
+                "run_id": data.run_id,
+                "mergeaudit": c["mergeaudit_version"],
+                "packages": versions,
+            }
+        )
     return out
 
 
-MODEL_GEOMETRY = ("model", "kind", "sparsity_bf16", "sparsity_rel", "sparsity_abs", "rel_update_norm",
-                  "update_rank_ratio", "spectral_drift", "principal_lift", "elected_sign_disagreement")
-FISHER_SHARES = ("fisher_a_overlap_share", "fisher_a_exclusive_share", "fisher_b_overlap_share",
-                 "fisher_b_exclusive_share")
+MODEL_GEOMETRY = (
+    "model",
+    "kind",
+    "sparsity_bf16",
+    "sparsity_rel",
+    "sparsity_abs",
+    "rel_update_norm",
+    "update_rank_ratio",
+    "spectral_drift",
+    "principal_lift",
+    "elected_sign_disagreement",
+)
+FISHER_SHARES = (
+    "fisher_a_overlap_share",
+    "fisher_a_exclusive_share",
+    "fisher_b_overlap_share",
+    "fisher_b_exclusive_share",
+)
 
 
 def model_geometry(data: RunData) -> list[dict]:
@@ -66,11 +99,19 @@ def model_geometry(data: RunData) -> list[dict]:
 def pair_geometry(data: RunData) -> list[dict]:
     rows = [r for r in data.rows["geometry_pairs"] if r["scope"] == "global" and r["mask"] in (None, "bf16")]
     fisher = any(r.get(FISHER_SHARES[0]) is not None for r in rows)
-    return [{"pair": f"{r['model_a']} ~ {r['model_b']}", "kinds": f"{r['kind_a']} ~ {r['kind_b']}",
-             "overlap_of_a": r["overlap_of_a"], "overlap_of_a_lift": r["overlap_of_a_lift"],
-             "jaccard_lift": r["jaccard_lift"], "sign_conflict_rate": r["sign_conflict_rate"], "cosine": r["cosine"],
-             **({k: r.get(k) for k in FISHER_SHARES} if fisher else {})}
-            for r in rows]
+    return [
+        {
+            "pair": f"{r['model_a']} ~ {r['model_b']}",
+            "kinds": f"{r['kind_a']} ~ {r['kind_b']}",
+            "overlap_of_a": r["overlap_of_a"],
+            "overlap_of_a_lift": r["overlap_of_a_lift"],
+            "jaccard_lift": r["jaccard_lift"],
+            "sign_conflict_rate": r["sign_conflict_rate"],
+            "cosine": r["cosine"],
+            **({k: r.get(k) for k in FISHER_SHARES} if fisher else {}),
+        }
+        for r in rows
+    ]
 
 
 def not_compared(data: RunData) -> list[dict]:
@@ -79,28 +120,83 @@ def not_compared(data: RunData) -> list[dict]:
 
 def probe_summaries(data: RunData) -> list[dict]:
     names = {c["candidate_id"]: c["name"] for c in data.candidates("probe_summary")}
-    return [{"probe": names[s["candidate_id"]], "task": s["task"], "metric": s["metric"], "x": s.get("probe_x"),
-             "value": s["value"], "stderr": s["stderr"], "ci_low": s.get("ci_low"), "ci_high": s.get("ci_high")}
-            for s in data.table("scores") if s["candidate_id"] in names]
+    return [
+        {
+            "probe": names[s["candidate_id"]],
+            "task": s["task"],
+            "metric": s["metric"],
+            "x": s.get("probe_x"),
+            "value": s["value"],
+            "stderr": s["stderr"],
+            "ci_low": s.get("ci_low"),
+            "ci_high": s.get("ci_high"),
+        }
+        for s in data.table("scores")
+        if s["candidate_id"] in names
+    ]
 
 
 def comparisons(data: RunData) -> list[dict]:
     if data.regression is None:
         return []
-    return [r.model_dump(include={"candidate", "task", "metric", "previous", "current", "drop", "test", "n_shared",
-                                  "n_better", "n_worse", "p_value", "flagged"}) for r in data.regression.comparisons]
+    return [
+        r.model_dump(
+            include={
+                "candidate",
+                "task",
+                "metric",
+                "previous",
+                "current",
+                "drop",
+                "test",
+                "n_shared",
+                "n_better",
+                "n_worse",
+                "p_value",
+                "flagged",
+            }
+        )
+        for r in data.regression.comparisons
+    ]
 
 
 def build_content(data: RunData) -> Content:
-    figs = (plots.sparsity_heatmaps(data) + plots.module_bars(data) + plots.pair_matrices(data)
-            + plots.series_curves(data) + plots.score_bars(data) + plots.probe_curves(data))
+    figs = (
+        plots.sparsity_heatmaps(data)
+        + plots.module_bars(data)
+        + plots.pair_matrices(data)
+        + plots.series_curves(data)
+        + plots.score_bars(data)
+        + plots.probe_curves(data)
+    )
     sections = [
         ("Comparison with the previous run", comparisons(data), []),
-        ("Merge leaderboard", leaderboard(data),
-         ["task", "candidate", "method", "score", "stderr", "n", "best_input_name", "best_input", "margin",
-          "beats_best_input", "p_vs_best_input", "beats_base", "p_vs_base", "update_sparsity_bf16", "status"]),
-        ("MergeBench measures", [r.model_dump() for r in board.mergebench(data, data.own_tasks)],
-         ["candidate", "own_tasks", "normalized_performance", "gain_kept", "forgetting", "forgetting_tasks"]),
+        (
+            "Merge leaderboard",
+            leaderboard(data),
+            [
+                "task",
+                "candidate",
+                "method",
+                "score",
+                "stderr",
+                "n",
+                "best_input_name",
+                "best_input",
+                "margin",
+                "beats_best_input",
+                "p_vs_best_input",
+                "beats_base",
+                "p_vs_base",
+                "update_sparsity_bf16",
+                "status",
+            ],
+        ),
+        (
+            "MergeBench measures",
+            [r.model_dump() for r in board.mergebench(data, data.own_tasks)],
+            ["candidate", "own_tasks", "normalized_performance", "gain_kept", "forgetting", "forgetting_tasks"],
+        ),
         ("Fragility probes", probe_summaries(data), []),
         ("Update geometry per model", model_geometry(data), []),
         ("Update geometry per module type", geometry_views.module_rows(data.rows["geometry_tensors"]), []),
@@ -108,8 +204,11 @@ def build_content(data: RunData) -> Content:
         ("Pairwise overlap (bf16 masks)", pair_geometry(data), []),
         ("Training-step series", geometry_views.series_rows(data.rows.get("geometry_series", [])), []),
         ("Checkpoints", data.rows["checkpoints"], ["name", "role", "kind", "uri", "fingerprint", "n_tensors", "dtype"]),
-        ("Provenance", provenance(data),
-         ["candidate", "candidate_id", "kind", "method", "params_hash", "params", "inputs", "run_id", "mergeaudit"]),
+        (
+            "Provenance",
+            provenance(data),
+            ["candidate", "candidate_id", "kind", "method", "params_hash", "params", "inputs", "run_id", "mergeaudit"],
+        ),
     ]
     return Content(figs, sections)
 
@@ -130,8 +229,9 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None)
         return "_no rows_"
     cols = columns or list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_cell(r.get(c)).replace("|", "\\|").replace("\n", " ") for c in cols) + " |"
-              for r in rows]
+    lines += [
+        "| " + " | ".join(_cell(r.get(c)).replace("|", "\\|").replace("\n", " ") for c in cols) + " |" for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -170,16 +270,21 @@ CHECK_IMAGES = """<script>window.addEventListener('load', function () {
 def _header(data: RunData) -> tuple[str, str]:
     run = data.run
     title = f"Merge audit {data.audit_name}, run {data.run_id}"
-    sub = (f"results {data.results_uri}; started {run.get('started_at')}, finished {run.get('finished_at')}; "
-           f"status {run.get('status')}; mergeaudit {run.get('mergeaudit_version')}")
+    sub = (
+        f"results {data.results_uri}; started {run.get('started_at')}, finished {run.get('finished_at')}; "
+        f"status {run.get('status')}; mergeaudit {run.get('mergeaudit_version')}"
+    )
     return title, sub
 
 
 def render_html(data: RunData, content: Content | None = None) -> str:
     content = content or build_content(data)
     title, sub = _header(data)
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1><p>{html.escape(sub)}</p>"]
+    parts = [
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(sub)}</p>",
+    ]
     if data.notes:
         parts.append(f"<h2>Verdict</h2><pre id='notes'>{html.escape(data.notes)}</pre>")
     if data.regression is not None:
@@ -187,8 +292,10 @@ def render_html(data: RunData, content: Content | None = None) -> str:
         parts.append(f"<pre class='{cls}' id='regressions'>{html.escape(data.regression.summary())}</pre>")
     parts.append("<h2>Plots</h2>")
     for fig in content.figures:
-        parts.append(f"<figure id='{fig.id}'><img alt='{html.escape(fig.title)}' src='{fig.data_uri()}'>"
-                     f"<figcaption><b>{html.escape(fig.title)}.</b> {html.escape(fig.caption)}</figcaption></figure>")
+        parts.append(
+            f"<figure id='{fig.id}'><img alt='{html.escape(fig.title)}' src='{fig.data_uri()}'>"
+            f"<figcaption><b>{html.escape(fig.title)}.</b> {html.escape(fig.caption)}</figcaption></figure>"
+        )
     for heading, rows, cols in content.sections:
         parts.append(f"<h2 id='{plots.slug(heading)}'>{html.escape(heading)}</h2>" + _html_table(rows, cols))
     parts.append(CHECK_IMAGES)
@@ -211,13 +318,16 @@ def render_markdown(data: RunData, content: Content | None = None, images: bool 
         parts.append("## Plots")
         parts += [f"![{fig.title}]({fig.data_uri()})\n\n_{fig.title}: {fig.caption}_" for fig in content.figures]
     prov = content.sections[-1]
-    parts += [f"## {prov[0]}",
-              markdown_table(prov[1], ["candidate", "candidate_id", "method", "params_hash", "inputs"])]
+    parts += [
+        f"## {prov[0]}",
+        markdown_table(prov[1], ["candidate", "candidate_id", "method", "params_hash", "inputs"]),
+    ]
     return "\n\n".join(parts) + "\n"
 
 
-def write_report(results_uri: str, out: str, run_id: str | None = None,
-                 regression: RegressionReport | None = None) -> str:
+def write_report(
+    results_uri: str, out: str, run_id: str | None = None, regression: RegressionReport | None = None
+) -> str:
     """Render the HTML report of a committed run to `out` (a path or store URI)."""
     from mergeaudit import store
 

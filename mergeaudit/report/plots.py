@@ -54,13 +54,23 @@ def sparsity_heatmaps(data: RunData) -> list[Figure]:
         ax.set_ylabel("layer")
         ax.set_title(f"{model}: update sparsity (bf16)", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.05)
-        out.append(Figure(f"plot-sparsity-{slug(model)}", f"Per-layer update sparsity: {model}", _png(fig),
-                          "Share of entries unchanged after casting to bf16, per layer and module (1 = untouched)."))
+        out.append(
+            Figure(
+                f"plot-sparsity-{slug(model)}",
+                f"Per-layer update sparsity: {model}",
+                _png(fig),
+                "Share of entries unchanged after casting to bf16, per layer and module (1 = untouched).",
+            )
+        )
     return out
 
 
-MODULE_PANELS = (("sparsity_bf16", "update sparsity (bf16)"), ("update_rank_ratio", "update rank / full rank"),
-                 ("spectral_drift", "spectral drift (top-k)"), ("principal_lift", "principal-weight lift"))
+MODULE_PANELS = (
+    ("sparsity_bf16", "update sparsity (bf16)"),
+    ("update_rank_ratio", "update rank / full rank"),
+    ("spectral_drift", "spectral drift (top-k)"),
+    ("principal_lift", "principal-weight lift"),
+)
 
 
 def module_bars(data: RunData) -> list[Figure]:
@@ -78,17 +88,27 @@ def module_bars(data: RunData) -> list[Figure]:
     for ax, (key, title) in zip(axes, MODULE_PANELS):
         for i, model in enumerate(models):
             values = [(cells.get((model, m)) or {}).get(key) for m in modules]
-            ax.bar([j + i * width for j in range(len(modules))], [math.nan if v is None else v for v in values],
-                   width, label=model)
+            ax.bar(
+                [j + i * width for j in range(len(modules))],
+                [math.nan if v is None else v for v in values],
+                width,
+                label=model,
+            )
         if key == "principal_lift":
             ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(modules))], modules, rotation=30, ha="right", fontsize=7)
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=6)
-    return [Figure("plot-modules", "Update geometry per module type", _png(fig),
-                   "Unweighted means over the tensors of each module type. Lift below 1 (dotted line): the "
-                   "update avoids the base's principal weights (Zhu et al.); rank ratio near 1: a full-rank update "
-                   "(Mukherjee et al.).")]
+    return [
+        Figure(
+            "plot-modules",
+            "Update geometry per module type",
+            _png(fig),
+            "Unweighted means over the tensors of each module type. Lift below 1 (dotted line): the "
+            "update avoids the base's principal weights (Zhu et al.); rank ratio near 1: a full-rank update "
+            "(Mukherjee et al.).",
+        )
+    ]
 
 
 def series_curves(data: RunData) -> list[Figure]:
@@ -101,15 +121,21 @@ def series_curves(data: RunData) -> list[Figure]:
     for name in sorted({r["series"] for r in rows}):
         mine = sorted((r for r in rows if r["series"] == name), key=lambda r: r["step"])
 
-        def curve(against: str, key: str, other: str | None = None, mine: list[dict] = mine
-                  ) -> tuple[list[int], list[float]]:
-            pts = [(r["step"], r[key]) for r in mine if r["against"] == against and r[key] is not None
-                   and (other is None or r.get("against_model") == other)]
+        def curve(
+            against: str, key: str, other: str | None = None, mine: list[dict] = mine
+        ) -> tuple[list[int], list[float]]:
+            pts = [
+                (r["step"], r[key])
+                for r in mine
+                if r["against"] == against and r[key] is not None and (other is None or r.get("against_model") == other)
+            ]
             return [p[0] for p in pts], [p[1] for p in pts]
 
         fig, axes = plt.subplots(1, 3, figsize=(11.0, 3.0))
-        for label, against, key in (("update vs base", "base", "sparsity_bf16"),
-                                    ("since the previous step", "previous", "sparsity_bf16")):
+        for label, against, key in (
+            ("update vs base", "base", "sparsity_bf16"),
+            ("since the previous step", "previous", "sparsity_bf16"),
+        ):
             axes[0].plot(*curve(against, key), marker="o", label=label)
         axes[0].set_title("sparsity (bf16)", fontsize=9)
         axes[1].plot(*curve("final", "overlap_of_step"), marker="o", label="share also in the final update")
@@ -124,9 +150,15 @@ def series_curves(data: RunData) -> list[Figure]:
         for ax in axes:
             ax.set_xlabel("step")
             ax.legend(fontsize=6)
-        out.append(Figure(f"plot-series-{slug(name)}", f"Training-step series: {name}", _png(fig),
-                          "Each saved step against the base, the previous step, the final step and the other runs "
-                          "(geometry_series). Lift above 1: the updates share entries more than chance would."))
+        out.append(
+            Figure(
+                f"plot-series-{slug(name)}",
+                f"Training-step series: {name}",
+                _png(fig),
+                "Each saved step against the base, the previous step, the final step and the other runs "
+                "(geometry_series). Lift above 1: the updates share entries more than chance would.",
+            )
+        )
     return out
 
 
@@ -138,8 +170,10 @@ def pair_matrices(data: RunData) -> list[Figure]:
     models = sorted({r["model_a"] for r in rows} | {r["model_b"] for r in rows})
     idx = {m: i for i, m in enumerate(models)}
     fig, axes = plt.subplots(1, 2, figsize=(2.5 + 1.6 * len(models), 1.5 + 0.7 * len(models)))
-    panels = ((axes[0], "jaccard_lift", "overlap lift (Jaccard / chance)", "magma", (None, None)),
-              (axes[1], "cosine", "cosine of updates", "coolwarm", (-1.0, 1.0)))
+    panels = (
+        (axes[0], "jaccard_lift", "overlap lift (Jaccard / chance)", "magma", (None, None)),
+        (axes[1], "cosine", "cosine of updates", "coolwarm", (-1.0, 1.0)),
+    )
     for ax, key, title, cmap, (lo, hi) in panels:
         mat = [[math.nan] * len(models) for _ in models]
         for i in range(len(models)):
@@ -156,9 +190,15 @@ def pair_matrices(data: RunData) -> list[Figure]:
         ax.set_yticks(range(len(models)), models, fontsize=7)
         ax.set_title(title, fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.05)
-    return [Figure("plot-pairs", "Pairwise overlap lift and cosine", _png(fig),
-                   "Lift > 1: the two updates touch the same entries more often than independent masks of "
-                   "the same densities would; cosine near 0: near-orthogonal updates.")]
+    return [
+        Figure(
+            "plot-pairs",
+            "Pairwise overlap lift and cosine",
+            _png(fig),
+            "Lift > 1: the two updates touch the same entries more often than independent masks of "
+            "the same densities would; cosine near 0: near-orthogonal updates.",
+        )
+    ]
 
 
 def score_bars(data: RunData) -> list[Figure]:
@@ -168,26 +208,41 @@ def score_bars(data: RunData) -> list[Figure]:
     for task in data.tasks():
         metric, rows = data.primary_metric(task), data.primary_scores(task, ("checkpoint", "merge"))
         merges = [(cands[cid]["name"], s) for cid, s in rows.items() if cands.get(cid, {}).get("kind") == "merge"]
-        refs = [(cands[cid]["name"], s["value"]) for cid, s in rows.items()
-                if cands.get(cid, {}).get("kind") == "checkpoint"]
+        refs = [
+            (cands[cid]["name"], s["value"])
+            for cid, s in rows.items()
+            if cands.get(cid, {}).get("kind") == "checkpoint"
+        ]
         if not merges and not refs:
             continue
         merges.sort(key=lambda m: -m[1]["value"])
         fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(merges) + 2.5), 3.4))
         xs = range(len(merges))
-        ax.bar(xs, [s["value"] for _, s in merges], yerr=[s["stderr"] or 0.0 for _, s in merges], color="#4c72b0",
-               capsize=2)
+        ax.bar(
+            xs,
+            [s["value"] for _, s in merges],
+            yerr=[s["stderr"] or 0.0 for _, s in merges],
+            color="#4c72b0",
+            capsize=2,
+        )
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for k, (name, value) in enumerate(sorted(refs)):
-            ax.axhline(value, linestyle="--", linewidth=1, color=colors[(k + 1) % len(colors)],
-                       label=f"{name} {value:.3f}")
+            ax.axhline(
+                value, linestyle="--", linewidth=1, color=colors[(k + 1) % len(colors)], label=f"{name} {value:.3f}"
+            )
         ax.set_xticks(list(xs), [n for n, _ in merges], rotation=60, ha="right", fontsize=6)
         ax.set_ylabel(metric)
         ax.set_title(f"{task}: merges vs their constituents", fontsize=9)
         if refs:
             ax.legend(fontsize=6, loc="lower right")
-        out.append(Figure(f"plot-scores-{slug(task)}", f"Scores on {task}", _png(fig),
-                          f"Bars: merge candidates ({metric}, +/- 1 standard error); dashed lines: the checkpoints."))
+        out.append(
+            Figure(
+                f"plot-scores-{slug(task)}",
+                f"Scores on {task}",
+                _png(fig),
+                f"Bars: merge candidates ({metric}, +/- 1 standard error); dashed lines: the checkpoints.",
+            )
+        )
     return out
 
 
@@ -206,10 +261,12 @@ def probe_curves(data: RunData) -> list[Figure]:
         if probe["family"] and c["candidate_id"] in rows:
             series[probe["family"]][probe["path"]].append((float(probe["x"]), rows[c["candidate_id"]]["value"]))
     out = []
-    labels = {"interpolation": ("alpha (0 = a, 1 = b)", "Interpolation paths"),
-              "task_vector": ("lambda", "Task-vector scaling"),
-              "gaussian": ("noise scale (x tensor RMS)", "Gaussian weight perturbation"),
-              "drop": ("drop rate of the task vector", "Random drop of the task vector")}
+    labels = {
+        "interpolation": ("alpha (0 = a, 1 = b)", "Interpolation paths"),
+        "task_vector": ("lambda", "Task-vector scaling"),
+        "gaussian": ("noise scale (x tensor RMS)", "Gaussian weight perturbation"),
+        "drop": ("drop rate of the task vector", "Random drop of the task vector"),
+    }
     for family, (xlabel, title) in labels.items():
         if family not in series:
             continue

@@ -1,6 +1,6 @@
 """The regression alarm's settings: `alarm:` in an audit's YAML, and what `compare` takes.
 
-    AlarmSettings(max_drop=0.02, significance=0.05, metrics="primary")
+AlarmSettings(max_drop=0.02, significance=0.05, metrics="primary")
 """
 
 from __future__ import annotations
@@ -19,10 +19,15 @@ class AlarmSettings(Frozen):
     enabled: bool = pydantic.Field(True, description="Compare each run with the previous committed run.")
     max_drop: float = pydantic.Field(0.02, ge=0.0, description="Flag drops larger than this (score units)...")
     significance: float = pydantic.Field(
-        0.05, gt=0.0, lt=1.0, description="...whose one-sided p-value is at most this: McNemar's exact test or a "
-        "paired t-test on the prompts both runs share, Welch's z only when the prompts differ (mergeaudit.results).")
+        0.05,
+        gt=0.0,
+        lt=1.0,
+        description="...whose one-sided p-value is at most this: McNemar's exact test or a "
+        "paired t-test on the prompts both runs share, Welch's z only when the prompts differ (mergeaudit.results).",
+    )
     metrics: Literal["primary", "all"] = pydantic.Field(
-        "primary", description="primary: each task's ranking metric; all: every metric where higher is better.")
+        "primary", description="primary: each task's ranking metric; all: every metric where higher is better."
+    )
 
     @pydantic.model_validator(mode="before")
     @classmethod

@@ -61,8 +61,10 @@ class Regression(pydantic.BaseModel):
     def line(self) -> str:
         if self.kind == "newly_failed":
             return f"{self.candidate}: failed now ({self.error or 'no scores'}), scored before"
-        return (f"{self.candidate} {self.task}/{self.metric}: {self.previous:.4f} -> {self.current:.4f} "
-                f"({-self.drop:+.4f}; {self.evidence()})")
+        return (
+            f"{self.candidate} {self.task}/{self.metric}: {self.previous:.4f} -> {self.current:.4f} "
+            f"({-self.drop:+.4f}; {self.evidence()})"
+        )
 
 
 class RegressionReport(pydantic.BaseModel):
@@ -71,18 +73,23 @@ class RegressionReport(pydantic.BaseModel):
     previous_run_id: str | None
     regressions: list[Regression]
     compared: int
-    comparisons: list[Regression] = []   # every compared score, flagged or not
+    comparisons: list[Regression] = []  # every compared score, flagged or not
     max_drop: float | None = None
     significance: float | None = None
 
     def summary(self) -> str:
         if self.previous_run_id is None:
             return f"run {self.run_id}: no earlier committed run of this audit to compare with"
-        rule = (f" (flagged: drop > {self.max_drop:g} and one-sided p <= {self.significance:g})"
-                if self.max_drop is not None and self.significance is not None else "")
+        rule = (
+            f" (flagged: drop > {self.max_drop:g} and one-sided p <= {self.significance:g})"
+            if self.max_drop is not None and self.significance is not None
+            else ""
+        )
         if not self.regressions:
-            return (f"run {self.run_id}: no regressions against {self.previous_run_id} "
-                    f"({self.compared} scores compared{rule and ';' + rule[1:-1]})")
+            return (
+                f"run {self.run_id}: no regressions against {self.previous_run_id} "
+                f"({self.compared} scores compared{rule and ';' + rule[1:-1]})"
+            )
         head = f"run {self.run_id}: {len(self.regressions)} regression(s) against {self.previous_run_id}{rule}"
         return head + "\n" + "\n".join("- " + r.line() for r in self.regressions)
 
@@ -118,8 +125,9 @@ def compare_score(previous: RunResults, before: dict, current: RunResults, now: 
     return PairedTest(test="welch_z" if p is not None else "none", statistic=stat, p_value=p)
 
 
-def compare(current: RunResults, previous: RunResults,
-            spec: AlarmSettings) -> tuple[list[Regression], list[Regression]]:
+def compare(
+    current: RunResults, previous: RunResults, spec: AlarmSettings
+) -> tuple[list[Regression], list[Regression]]:
     """(flagged, every comparison) of `current` against `previous`."""
     now, before = _keyed_scores(current, spec.metrics), _keyed_scores(previous, spec.metrics)
     compared: list[Regression] = []
@@ -128,10 +136,23 @@ def compare(current: RunResults, previous: RunResults,
         test = compare_score(previous, a, current, b)
         drop = a["value"] - b["value"]
         significant = test.p_value is None or test.p_value <= spec.significance
-        compared.append(Regression(kind="score_drop", candidate=key[0], task=key[1], metric=key[2],
-                                   previous=a["value"], current=b["value"], drop=drop, test=test.test,
-                                   n_shared=test.n_shared, n_better=test.n_better, n_worse=test.n_worse,
-                                   p_value=test.p_value, flagged=drop > spec.max_drop and significant))
+        compared.append(
+            Regression(
+                kind="score_drop",
+                candidate=key[0],
+                task=key[1],
+                metric=key[2],
+                previous=a["value"],
+                current=b["value"],
+                drop=drop,
+                test=test.test,
+                n_shared=test.n_shared,
+                n_better=test.n_better,
+                n_worse=test.n_worse,
+                p_value=test.p_value,
+                flagged=drop > spec.max_drop and significant,
+            )
+        )
     flagged = [c for c in compared if c.flagged]
     status_now, status_before = _status(current), _status(previous)
     scored_before = {name for name, _, _ in before}
@@ -141,13 +162,14 @@ def compare(current: RunResults, previous: RunResults,
     return flagged, compared
 
 
-def previous_run_id(results_uri: str, run_id: str, audit_name: str | None,
-                    manifests: list[dict] | None = None) -> str | None:
+def previous_run_id(
+    results_uri: str, run_id: str, audit_name: str | None, manifests: list[dict] | None = None
+) -> str | None:
     """The latest committed run of the same audit before `run_id` (or before now, when
     `run_id` is not committed yet)."""
     runs = manifests if manifests is not None else tables.committed_runs(results_uri)
     same = [m["run_id"] for m in runs if tables.manifest_audit_name(results_uri, m) == audit_name]
-    earlier = same[:same.index(run_id)] if run_id in same else same
+    earlier = same[: same.index(run_id)] if run_id in same else same
     return earlier[-1] if earlier else None
 
 
@@ -158,9 +180,16 @@ def check(current: RunResults, spec: AlarmSettings, manifests: list[dict] | None
     if prev_id is not None:
         previous = load_run(current.results_uri, prev_id, ("runs", "candidates", "scores", "samples"), manifests)
         flagged, compared = compare(current, previous, spec)
-    return RegressionReport(audit_name=current.audit_name, run_id=current.run_id, previous_run_id=prev_id,
-                            regressions=flagged, compared=len(compared), comparisons=compared,
-                            max_drop=spec.max_drop, significance=spec.significance)
+    return RegressionReport(
+        audit_name=current.audit_name,
+        run_id=current.run_id,
+        previous_run_id=prev_id,
+        regressions=flagged,
+        compared=len(compared),
+        comparisons=compared,
+        max_drop=spec.max_drop,
+        significance=spec.significance,
+    )
 
 
 def check_run(results_uri: str, run_id: str | None = None, spec: AlarmSettings | None = None) -> RegressionReport:

@@ -40,15 +40,16 @@ def barrier_height(points: list[tuple[float, float]]) -> float:
     return max((1 - a) * s0 + a * s1 - s for a, s in pts.items())
 
 
-def barrier_ci(alphas: list[float], per_prompt: np.ndarray, iters: int = BOOTSTRAP_ITERS, level: float = LEVEL,
-               seed: int = 0) -> tuple[float, float]:
+def barrier_ci(
+    alphas: list[float], per_prompt: np.ndarray, iters: int = BOOTSTRAP_ITERS, level: float = LEVEL, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the barrier height: `per_prompt` is prompts x alphas
     (each prompt's mean score at each alpha); prompts are resampled with replacement."""
     a = np.asarray(alphas, dtype=float)
     i0, i1 = int(np.argmin(np.abs(a - 0.0))), int(np.argmin(np.abs(a - 1.0)))
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, per_prompt.shape[0], size=(iters, per_prompt.shape[0]))
-    means = per_prompt[idx].mean(axis=1)                                   # iters x alphas
+    means = per_prompt[idx].mean(axis=1)  # iters x alphas
     line = (1 - a)[None, :] * means[:, [i0]] + a[None, :] * means[:, [i1]]
     heights = np.sort((line - means).max(axis=1))
     lo = heights[int(math.floor((1 - level) / 2 * (iters - 1)))]
@@ -85,9 +86,18 @@ def summarize(run: RunResults) -> tuple[list[dict], list[dict]]:
     metrics = {t: run.primary_metric(t) for t in run.tasks()}
     for (family, path), members in sorted(groups.items()):
         cid = _summary_id(family, path, run)
-        cand_rows.append({"candidate_id": cid, "name": f"probe:{family}:{path}", "kind": "probe_summary",
-                          "method": family, "params_json": json.dumps({"metrics": metrics}, sort_keys=True),
-                          "input_names": path.split("~"), "probe_family": family, "probe_path": path})
+        cand_rows.append(
+            {
+                "candidate_id": cid,
+                "name": f"probe:{family}:{path}",
+                "kind": "probe_summary",
+                "method": family,
+                "params_json": json.dumps({"metrics": metrics}, sort_keys=True),
+                "input_names": path.split("~"),
+                "probe_family": family,
+                "probe_path": path,
+            }
+        )
         for task, metric in metrics.items():
             if metric is None:
                 continue
@@ -96,14 +106,34 @@ def summarize(run: RunResults) -> tuple[list[dict], list[dict]]:
             if not scored:
                 continue
 
-            def row(name: str, v: float | None, se: float | None = None, n: int | None = None,
-                    x: float | None = None, ci: tuple[float, float] | None = None, task: str = task,
-                    cid: str = cid, scored: list = scored, family: str = family) -> None:
+            def row(
+                name: str,
+                v: float | None,
+                se: float | None = None,
+                n: int | None = None,
+                x: float | None = None,
+                ci: tuple[float, float] | None = None,
+                task: str = task,
+                cid: str = cid,
+                scored: list = scored,
+                family: str = family,
+            ) -> None:
                 if v is not None:
-                    score_rows.append({"candidate_id": cid, "task": task, "metric": name, "filter": "probe",
-                                       "value": float(v), "stderr": se, "n": n if n is not None else len(scored),
-                                       "probe_family": family, "probe_x": x,
-                                       "ci_low": ci[0] if ci else None, "ci_high": ci[1] if ci else None})
+                    score_rows.append(
+                        {
+                            "candidate_id": cid,
+                            "task": task,
+                            "metric": name,
+                            "filter": "probe",
+                            "value": float(v),
+                            "stderr": se,
+                            "n": n if n is not None else len(scored),
+                            "probe_family": family,
+                            "probe_x": x,
+                            "ci_low": ci[0] if ci else None,
+                            "ci_high": ci[1] if ci else None,
+                        }
+                    )
 
             if family == "interpolation":
                 scored.sort(key=lambda c: c["probe_x"])
@@ -130,8 +160,16 @@ def summarize(run: RunResults) -> tuple[list[dict], list[dict]]:
     return cand_rows, score_rows
 
 
-def _perturbation_rows(run: RunResults, row, x: float, seeds: list[dict], own_row: dict | None,
-                       value: dict[str, dict], task: str, metric: str) -> None:
+def _perturbation_rows(
+    run: RunResults,
+    row,
+    x: float,
+    seeds: list[dict],
+    own_row: dict | None,
+    value: dict[str, dict],
+    task: str,
+    metric: str,
+) -> None:
     ids = [c["candidate_id"] for c in seeds]
     mean = sum(value[i]["value"] for i in ids) / len(ids)
     mat = _prompt_matrix(run, ids + ([own_row["candidate_id"]] if own_row else []), task, metric)

@@ -1,17 +1,16 @@
 """What the geometry tables say, in the shapes the summary and the report show (no torch here).
 
-    not_compared(rows["geometry_tensors"])   # one line per model and reason a tensor was skipped
-    module_rows(rows["geometry_tensors"])    # per model and module type: sparsity, rank, lift
-    series_rows(rows["geometry_series"])     # per series and step, the figures against base,
-                                             # previous step, final step and other runs
+not_compared(rows["geometry_tensors"])   # one line per model and reason a tensor was skipped
+module_rows(rows["geometry_tensors"])    # per model and module type: sparsity, rank, lift
+series_rows(rows["geometry_series"])     # per series and step, the figures against base,
+                                         # previous step, final step and other runs
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 
-MODULE_COLUMNS = ("sparsity_bf16", "update_rank_ratio", "spectral_drift", "principal_lift",
-                  "elected_sign_disagreement")
+MODULE_COLUMNS = ("sparsity_bf16", "update_rank_ratio", "spectral_drift", "principal_lift", "elected_sign_disagreement")
 
 
 def not_compared(tensor_rows: list[dict]) -> list[str]:
@@ -21,15 +20,25 @@ def not_compared(tensor_rows: list[dict]) -> list[str]:
     for r in tensor_rows:
         if r["scope"] == "tensor" and r.get("reason"):
             names[(r["model"], r["reason"])].append(r["tensor"])
-    return [f"geometry: {len(t)} tensor(s) of {model} not compared ({reason}): {', '.join(t[:3])}"
-            f"{', ...' if len(t) > 3 else ''}" for (model, reason), t in names.items()]
+    return [
+        f"geometry: {len(t)} tensor(s) of {model} not compared ({reason}): {', '.join(t[:3])}"
+        f"{', ...' if len(t) > 3 else ''}"
+        for (model, reason), t in names.items()
+    ]
 
 
 def module_rows(tensor_rows: list[dict]) -> list[dict]:
     """Per model and module type (attention, mlp, norm, embedding, other)."""
-    return [{"model": r["model"], "module": r["module"], "n_tensors": r.get("n_tensors"),
-             **{c: r.get(c) for c in MODULE_COLUMNS}}
-            for r in tensor_rows if r["scope"] == "module"]
+    return [
+        {
+            "model": r["model"],
+            "module": r["module"],
+            "n_tensors": r.get("n_tensors"),
+            **{c: r.get(c) for c in MODULE_COLUMNS},
+        }
+        for r in tensor_rows
+        if r["scope"] == "module"
+    ]
 
 
 def series_rows(rows: list[dict]) -> list[dict]:
@@ -42,8 +51,11 @@ def series_rows(rows: list[dict]) -> list[dict]:
             continue
         row = out.setdefault((r["series"], r["step"]), {"series": r["series"], "step": r["step"]})
         if r["against"] == "base":
-            row.update(sparsity_bf16=r["sparsity_bf16"], update_rank_ratio=r["update_rank_ratio"],
-                       principal_lift=r["principal_lift"])
+            row.update(
+                sparsity_bf16=r["sparsity_bf16"],
+                update_rank_ratio=r["update_rank_ratio"],
+                principal_lift=r["principal_lift"],
+            )
         elif r["against"] == "previous":
             row["step_sparsity_bf16"] = r["sparsity_bf16"]
         elif r["against"] == "final":

@@ -39,8 +39,8 @@ def _candidate_id(run: RunResults, name: str) -> str | None:
 class Difference(NamedTuple):
     value: float
     stderr: float | None
-    n: int          # prompts compared (0 when unpaired and the scores carry no n)
-    paired: bool    # per-prompt differences; else the two scores and their standard errors
+    n: int  # prompts compared (0 when unpaired and the scores carry no n)
+    paired: bool  # per-prompt differences; else the two scores and their standard errors
 
 
 def paired_difference(run: RunResults, a: str, b: str, task: str) -> Difference | None:
@@ -66,8 +66,9 @@ def paired_difference(run: RunResults, a: str, b: str, task: str) -> Difference 
     return Difference(sa["value"] - sb["value"], se, min(sa.get("n") or 0, sb.get("n") or 0), False)
 
 
-def _interval(units: Sequence, statistic: Callable[[Sequence], float | None], level: float, iters: int,
-              seed: int) -> tuple[float, float] | None:
+def _interval(
+    units: Sequence, statistic: Callable[[Sequence], float | None], level: float, iters: int, seed: int
+) -> tuple[float, float] | None:
     """bootstrap_ci of the statistic; a resample without any changed entry has no lift and
     counts as the full sample (rare: it takes only unchanged tensors)."""
     full = statistic(units) if len(units) >= 2 else None
@@ -81,12 +82,19 @@ def _interval(units: Sequence, statistic: Callable[[Sequence], float | None], le
     return bootstrap_ci(list(units), statistic_or_full, level=level, iters=iters, seed=seed)
 
 
-def jaccard_lift_interval(run: RunResults, a: str, b: str, level: float = 0.95, iters: int = 1000,
-                          seed: int = 0) -> tuple[float, float] | None:
+def jaccard_lift_interval(
+    run: RunResults, a: str, b: str, level: float = 0.95, iters: int = 1000, seed: int = 0
+) -> tuple[float, float] | None:
     """Bootstrap interval of the global Jaccard lift of two models' bf16 update masks:
     (|A&B| / |A|B|) / (E|A&B| / (|A| + |B| - E|A&B|)), sums over the resampled tensors."""
-    rows = [r for r in run.table("geometry_pairs") if r["scope"] == "tensor" and {r["model_a"], r["model_b"]} == {a, b}
-            and r.get("overlap") is not None and r.get("overlap_chance") is not None]
+    rows = [
+        r
+        for r in run.table("geometry_pairs")
+        if r["scope"] == "tensor"
+        and {r["model_a"], r["model_b"]} == {a, b}
+        and r.get("overlap") is not None
+        and r.get("overlap_chance") is not None
+    ]
 
     def lift(sample: Sequence[dict]) -> float | None:
         ab = sum(r["overlap"] for r in sample)
@@ -99,8 +107,9 @@ def jaccard_lift_interval(run: RunResults, a: str, b: str, level: float = 0.95, 
     return _interval(rows, lift, level, iters, seed)
 
 
-def principal_lift_interval(run: RunResults, models: Sequence[str], level: float = 0.95, iters: int = 1000,
-                            seed: int = 0) -> tuple[float, float] | None:
+def principal_lift_interval(
+    run: RunResults, models: Sequence[str], level: float = 0.95, iters: int = 1000, seed: int = 0
+) -> tuple[float, float] | None:
     """Bootstrap interval of the mean over `models` of each model's principal-weight lift
     (changed entries inside the base's principal mask over their number by chance), tensors
     resampled by name for all models together."""
@@ -123,8 +132,15 @@ def principal_lift_interval(run: RunResults, models: Sequence[str], level: float
     return _interval(names, lift, level, iters, seed)
 
 
-def gain_kept_interval(run: RunResults, merge: str, own_tasks: dict[str, str], base: str, level: float = 0.95,
-                       iters: int = 1000, seed: int = 0) -> tuple[float, float] | None:
+def gain_kept_interval(
+    run: RunResults,
+    merge: str,
+    own_tasks: dict[str, str],
+    base: str,
+    level: float = 0.95,
+    iters: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float] | None:
     """Bootstrap interval over prompts of MergeBench's gain kept: the mean over experts e of
     (merge(t_e) - base(t_e)) / (e(t_e) - base(t_e)), each task's prompts resampled (paired across
     merge, expert and base); a resample where an expert gained nothing counts as the full sample."""

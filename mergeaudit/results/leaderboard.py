@@ -47,7 +47,7 @@ class LeaderRow(pydantic.BaseModel):
     best_input: float | None = None
     best_input_name: str | None = None
     margin: float | None = None
-    beats_best_input: bool | None = None   # significantly, one-sided paired test
+    beats_best_input: bool | None = None  # significantly, one-sided paired test
     p_vs_best_input: float | None = None
     beats_base: bool | None = None
     p_vs_base: float | None = None
@@ -86,13 +86,22 @@ def rows(run: RunResults, significance: float | None = None) -> list[LeaderRow]:
         scores = run.primary_scores(task)
         for c in cands:
             s = scores.get(c["candidate_id"])
-            row = LeaderRow(task=task, metric=metric, candidate=c["name"], kind=c["kind"],
-                            method=c["method"] or "-", score=s["value"] if s else None,
-                            stderr=s["stderr"] if s else None, n=s["n"] if s else None,
-                            update_sparsity_bf16=c["update_sparsity_bf16"], status=c.get("status") or "ok")
+            row = LeaderRow(
+                task=task,
+                metric=metric,
+                candidate=c["name"],
+                kind=c["kind"],
+                method=c["method"] or "-",
+                score=s["value"] if s else None,
+                stderr=s["stderr"] if s else None,
+                n=s["n"] if s else None,
+                update_sparsity_bf16=c["update_sparsity_bf16"],
+                status=c.get("status") or "ok",
+            )
             if c["kind"] == "merge" and s is not None:
-                refs = [(scores[ckpt[n]]["value"], n) for n in c["input_names"] or []
-                        if n in ckpt and ckpt[n] in scores]
+                refs = [
+                    (scores[ckpt[n]]["value"], n) for n in c["input_names"] or [] if n in ckpt and ckpt[n] in scores
+                ]
                 if refs:
                     best, name = max(refs)
                     test = better_than(run, s, scores[ckpt[name]])
@@ -145,12 +154,20 @@ def mergebench(run: RunResults, own_tasks: dict[str, str] | None = None) -> list
             if m is not None and x is not None and b is not None and (e, t) in improved:
                 kept.append((m - b) / (x - b))
         others = [t for t in run.tasks() if t not in own.values()]
-        forget = [score[(c["name"], t)] - score[(base, t)] for t in others
-                  if (c["name"], t) in score and (base, t) in score]
-        out.append(MergeBenchRow(candidate=c["name"], experts=experts, own_tasks=own,
-                                 normalized_performance=sum(norm) / len(norm) if norm else None,
-                                 gain_kept=sum(kept) / len(kept) if kept else None,
-                                 forgetting=sum(forget) / len(forget) if forget else None, forgetting_tasks=others))
+        forget = [
+            score[(c["name"], t)] - score[(base, t)] for t in others if (c["name"], t) in score and (base, t) in score
+        ]
+        out.append(
+            MergeBenchRow(
+                candidate=c["name"],
+                experts=experts,
+                own_tasks=own,
+                normalized_performance=sum(norm) / len(norm) if norm else None,
+                gain_kept=sum(kept) / len(kept) if kept else None,
+                forgetting=sum(forget) / len(forget) if forget else None,
+                forgetting_tasks=others,
+            )
+        )
     return out
 
 
@@ -191,18 +208,33 @@ def summary(run: RunResults) -> list[SummaryRow]:
     """One line per scored checkpoint and merge per task (the leaderboard), then one per probe
     summary figure: what the CLI prints and the flow's table artifact shows."""
     bench = {m.candidate: m for m in mergebench(run)}
-    out = [SummaryRow(candidate=r.candidate, method=r.method if r.kind == "merge" else r.kind,
-                      metric=f"{r.task}/{r.metric}", score=r.score, stderr=r.stderr, margin=r.margin,
-                      beats_best_input=r.beats_best_input, beats_base=r.beats_base,
-                      normalized_performance=(bench[r.candidate].normalized_performance if r.candidate in bench
-                                              else None),
-                      gain_kept=bench[r.candidate].gain_kept if r.candidate in bench else None,
-                      update_sparsity_bf16=r.update_sparsity_bf16)
-           for r in rows(run)]
+    out = [
+        SummaryRow(
+            candidate=r.candidate,
+            method=r.method if r.kind == "merge" else r.kind,
+            metric=f"{r.task}/{r.metric}",
+            score=r.score,
+            stderr=r.stderr,
+            margin=r.margin,
+            beats_best_input=r.beats_best_input,
+            beats_base=r.beats_base,
+            normalized_performance=(bench[r.candidate].normalized_performance if r.candidate in bench else None),
+            gain_kept=bench[r.candidate].gain_kept if r.candidate in bench else None,
+            update_sparsity_bf16=r.update_sparsity_bf16,
+        )
+        for r in rows(run)
+    ]
     names = {c["candidate_id"]: c["name"] for c in run.candidates("probe_summary")}
     for s in run.table("scores"):
         if s["candidate_id"] in names:
             label = s["metric"] if s.get("probe_x") is None else f"{s['metric']} x={s['probe_x']:g}"
-            out.append(SummaryRow(candidate=names[s["candidate_id"]], method="probe", metric=f"{s['task']}/{label}",
-                                  score=s["value"], stderr=s["stderr"]))
+            out.append(
+                SummaryRow(
+                    candidate=names[s["candidate_id"]],
+                    method="probe",
+                    metric=f"{s['task']}/{label}",
+                    score=s["value"],
+                    stderr=s["stderr"],
+                )
+            )
     return out

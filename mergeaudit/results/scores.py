@@ -33,14 +33,30 @@ from mergeaudit.results.stats import pass_at_k
 VERIFIER_METRICS = ("numeric_match", "math_verify", "code_pass")
 # Counts and lengths that describe a run but do not rank it (higher is not better): never a
 # task's primary metric, never compared by the alarm.
-DIAGNOSTIC_METRICS = ("verifier_errors", "verifier_timeouts", "code_violations", "truncation_rate",
-                      "completion_tokens", "trace_tokens")
+DIAGNOSTIC_METRICS = (
+    "verifier_errors",
+    "verifier_timeouts",
+    "code_violations",
+    "truncation_rate",
+    "completion_tokens",
+    "trace_tokens",
+)
 
 
 def is_diagnostic(metric: str) -> bool:
     return metric in DIAGNOSTIC_METRICS or metric.startswith("outcome_")
-RUN_TABLES = ("runs", "checkpoints", "geometry_tensors", "geometry_pairs", "geometry_series", "candidates", "scores",
-              "samples")
+
+
+RUN_TABLES = (
+    "runs",
+    "checkpoints",
+    "geometry_tensors",
+    "geometry_pairs",
+    "geometry_series",
+    "candidates",
+    "scores",
+    "samples",
+)
 
 
 class ScoreRow(pydantic.BaseModel):
@@ -107,23 +123,39 @@ class RunResults:
     def candidate_scores(self) -> list[dict]:
         """Score rows of checkpoints and merges (not probe points or probe summaries)."""
         kinds = {c["candidate_id"]: c["kind"] for c in self.table("candidates")}
-        return [s for s in self.table("scores") if not is_probe_summary(s)
-                and kinds.get(s["candidate_id"]) not in ("probe", "probe_summary") and s["value"] is not None]
+        return [
+            s
+            for s in self.table("scores")
+            if not is_probe_summary(s)
+            and kinds.get(s["candidate_id"]) not in ("probe", "probe_summary")
+            and s["value"] is not None
+        ]
 
     def tasks(self) -> list[str]:
         return sorted({s["task"] for s in self.table("scores") if not is_probe_summary(s)})
 
     def primary_metric(self, task: str) -> str | None:
-        return primary_metric({s["metric"] for s in self.table("scores") if s["task"] == task
-                               and not is_probe_summary(s) and not is_diagnostic(s["metric"])})
+        return primary_metric(
+            {
+                s["metric"]
+                for s in self.table("scores")
+                if s["task"] == task and not is_probe_summary(s) and not is_diagnostic(s["metric"])
+            }
+        )
 
     def primary_scores(self, task: str, kinds: tuple[str, ...] | None = None) -> dict[str, dict]:
         """candidate_id -> score row of the task's primary metric (every non-summary candidate,
         probe points included, unless `kinds` narrows them)."""
         metric = self.primary_metric(task)
         kind = {c["candidate_id"]: c["kind"] for c in self.table("candidates")}
-        return {s["candidate_id"]: s for s in self.table("scores") if s["task"] == task and s["metric"] == metric
-                and not is_probe_summary(s) and (kinds is None or kind.get(s["candidate_id"]) in kinds)}
+        return {
+            s["candidate_id"]: s
+            for s in self.table("scores")
+            if s["task"] == task
+            and s["metric"] == metric
+            and not is_probe_summary(s)
+            and (kinds is None or kind.get(s["candidate_id"]) in kinds)
+        }
 
     def per_prompt(self, candidate_id: str, task: str, metric: str) -> dict[str, list[float]] | None:
         """prompt key -> the values the score is the mean of; None when the metric has no
@@ -141,11 +173,16 @@ class RunResults:
             return {k: [float(s["reward"] or 0.0) for s in rows] for k, rows in by_prompt.items()}
         if metric.startswith("pass@"):
             k = int(metric[5:])
-            return {p: [pass_at_k(len(rows), sum(bool(s["verdict"]) for s in rows), k)]
-                    for p, rows in by_prompt.items() if len(rows) >= k}
+            return {
+                p: [pass_at_k(len(rows), sum(bool(s["verdict"]) for s in rows), k)]
+                for p, rows in by_prompt.items()
+                if len(rows) >= k
+            }
         if metric == "format_rate":
-            out = {p: [1.0 if s["format_ok"] else 0.0 for s in rows if s["format_ok"] is not None]
-                   for p, rows in by_prompt.items()}
+            out = {
+                p: [1.0 if s["format_ok"] else 0.0 for s in rows if s["format_ok"] is not None]
+                for p, rows in by_prompt.items()
+            }
             return {p: v for p, v in out.items() if v}
         return None
 
@@ -164,8 +201,12 @@ def committed(results_uri: str) -> list[dict]:
     return runs
 
 
-def load_run(results_uri: str, run_id: str | None = None, names: tuple[str, ...] = RUN_TABLES,
-             manifests: list[dict] | None = None) -> RunResults:
+def load_run(
+    results_uri: str,
+    run_id: str | None = None,
+    names: tuple[str, ...] = RUN_TABLES,
+    manifests: list[dict] | None = None,
+) -> RunResults:
     """The committed rows of a run (default: the latest committed run)."""
     runs = manifests if manifests is not None else committed(results_uri)
     run_id = run_id or runs[-1]["run_id"]

@@ -76,9 +76,9 @@ class PairedTest(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(frozen=True)
     test: TestName
-    n_shared: int = 0       # prompts in both runs (0 for welch_z)
-    n_better: int = 0       # shared prompts whose score went up
-    n_worse: int = 0        # ... and down
+    n_shared: int = 0  # prompts in both runs (0 for welch_z)
+    n_better: int = 0  # shared prompts whose score went up
+    n_worse: int = 0  # ... and down
     statistic: float | None = None
     p_value: float | None = None  # one-sided, H1: current is worse
 
@@ -105,8 +105,9 @@ def paired_t(diffs: Sequence[float]) -> tuple[float | None, float | None]:
     return stat, float(t_dist.cdf(stat, n - 1))
 
 
-def welch_z(previous: float, se_previous: float | None, current: float, se_current: float | None
-            ) -> tuple[float | None, float | None]:
+def welch_z(
+    previous: float, se_previous: float | None, current: float, se_current: float | None
+) -> tuple[float | None, float | None]:
     """(z, one-sided p) of the unpaired comparison from two values and their standard errors."""
     from scipy.stats import norm
 
@@ -131,18 +132,25 @@ def paired_test(previous: dict[str, Sequence[float]], current: dict[str, Sequenc
     cur = [sum(current[k]) / len(current[k]) for k in shared]
     diffs = [c - p for p, c in zip(prev, cur)]
     better, worse = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-    binary = all(len(previous[k]) == 1 and len(current[k]) == 1 for k in shared) and \
-        all(v in (0.0, 1.0) for v in prev + cur)
+    binary = all(len(previous[k]) == 1 and len(current[k]) == 1 for k in shared) and all(
+        v in (0.0, 1.0) for v in prev + cur
+    )
     if binary:
-        return PairedTest(test="mcnemar", n_shared=len(shared), n_better=better, n_worse=worse,
-                          statistic=float(worse), p_value=mcnemar(better, worse))
+        return PairedTest(
+            test="mcnemar",
+            n_shared=len(shared),
+            n_better=better,
+            n_worse=worse,
+            statistic=float(worse),
+            p_value=mcnemar(better, worse),
+        )
     stat, p = paired_t(diffs)
-    return PairedTest(test="paired_t", n_shared=len(shared), n_better=better, n_worse=worse, statistic=stat,
-                      p_value=p)
+    return PairedTest(test="paired_t", n_shared=len(shared), n_better=better, n_worse=worse, statistic=stat, p_value=p)
 
 
-def bootstrap_ci(units: Sequence, statistic: Callable[[Sequence], float], level: float = 0.95,
-                 iters: int = 1000, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    units: Sequence, statistic: Callable[[Sequence], float], level: float = 0.95, iters: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of `statistic` over `units` (prompts) resampled with
     replacement; a local random.Random(seed), so no global generator is touched."""
     rng = random.Random(seed)

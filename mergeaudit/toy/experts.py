@@ -56,9 +56,22 @@ from mergeaudit.toy.rl import greedy_accuracy, sample_completions, train_grpo
 from mergeaudit.toy.tokenizer import build_tokenizer
 from mergeaudit.toy.train import Problems, heldout, train_supervised
 
-__all__ = ["ExpertFamily", "ExpertInfo", "ExpertRecipe", "Problems", "QUICK_RECIPE", "build_expert_family",
-           "compare_families", "heldout", "load_expert_family", "obtain_expert_family", "sample_completions",
-           "shipped_root", "train_grpo", "train_supervised"]
+__all__ = [
+    "ExpertFamily",
+    "ExpertInfo",
+    "ExpertRecipe",
+    "Problems",
+    "QUICK_RECIPE",
+    "build_expert_family",
+    "compare_families",
+    "heldout",
+    "load_expert_family",
+    "obtain_expert_family",
+    "sample_completions",
+    "shipped_root",
+    "train_grpo",
+    "train_supervised",
+]
 MANIFEST = "expert_family.json"
 SHIPPED = "shipped"
 # The files of a family written or copied here get an mtime derived from their model's weights:
@@ -130,8 +143,9 @@ class UpdateTracker:
         self.signal: list[float] = []  # per step, RL only: share of groups whose rewards differ
 
     def changed(self, model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
-        return {k: v.detach().to(torch.bfloat16) != self.start[k].to(torch.bfloat16)
-                for k, v in model.state_dict().items()}
+        return {
+            k: v.detach().to(torch.bfloat16) != self.start[k].to(torch.bfloat16) for k, v in model.state_dict().items()
+        }
 
     def sparsity(self, model: LlamaForCausalLM) -> tuple[float, float]:
         """(share of all entries unchanged in bf16, mean over tensors of that share)."""
@@ -157,11 +171,14 @@ class UpdateTracker:
         w = torch.cat([self.start[k].abs().flatten() for k in matrices])
         hit = torch.cat([masks[k].flatten() for k in matrices])
         share, per_tensor = self.sparsity(model)
-        return {"sparsity_bf16": round(share, 4), "sparsity_bf16_tensor_mean": round(per_tensor, 4),
-                "fp32_moved": round(moved / total, 4),
-                "median_abs_w_changed": round(float(w[hit].median()), 5) if hit.any() else None,
-                "median_abs_w_unchanged": round(float(w[~hit].median()), 5) if (~hit).any() else None,
-                "curve": self.curve}
+        return {
+            "sparsity_bf16": round(share, 4),
+            "sparsity_bf16_tensor_mean": round(per_tensor, 4),
+            "fp32_moved": round(moved / total, 4),
+            "median_abs_w_changed": round(float(w[hit].median()), 5) if hit.any() else None,
+            "median_abs_w_unchanged": round(float(w[~hit].median()), 5) if (~hit).any() else None,
+            "curve": self.curve,
+        }
 
 
 def _accuracies(model: LlamaForCausalLM, skills) -> dict[str, float]:
@@ -197,8 +214,9 @@ def _save(model: LlamaForCausalLM, uri: str) -> dict[str, str]:
     return files
 
 
-def build_expert_family(root: str, recipe: ExpertRecipe | None = None, progress=print,
-                        reuse: bool = True) -> ExpertFamily:
+def build_expert_family(
+    root: str, recipe: ExpertRecipe | None = None, progress=print, reuse: bool = True
+) -> ExpertFamily:
     """Train base, SFT and RLVR experts under root (or reuse a family of the same recipe there)."""
     recipe = recipe or ExpertRecipe()
     root = store.check_uri(root)
@@ -222,14 +240,29 @@ def _build(root: str, recipe: ExpertRecipe, progress) -> ExpertFamily:
     files: dict[str, dict] = {}
     t0 = time.perf_counter()
     base = LlamaForCausalLM(config)
-    loss = train_supervised(base, Problems(recipe.skills, recipe.seed), recipe.base_steps, recipe.base_lr,
-                            recipe.batch_size, one_cycle=True, schedule_steps=recipe.base_schedule_steps)
+    loss = train_supervised(
+        base,
+        Problems(recipe.skills, recipe.seed),
+        recipe.base_steps,
+        recipe.base_lr,
+        recipe.batch_size,
+        one_cycle=True,
+        schedule_steps=recipe.base_schedule_steps,
+    )
     base = base.to(torch.bfloat16).to(torch.float32).eval()  # the release; fine-tunes start from it
-    log["base"] = {"kind": "base", "steps": recipe.base_steps, "seconds": time.perf_counter() - t0, "loss": loss,
-                   "median_abs_w": round(_median_abs_weight(base), 5), **_accuracies(base, recipe.skills)}
+    log["base"] = {
+        "kind": "base",
+        "steps": recipe.base_steps,
+        "seconds": time.perf_counter() - t0,
+        "loss": loss,
+        "median_abs_w": round(_median_abs_weight(base), 5),
+        **_accuracies(base, recipe.skills),
+    }
     greedy = ", ".join(f"{s} {log['base']['acc_' + s]:.2f}" for s in recipe.skills)
-    progress(f"  base: {recipe.base_steps} steps on {'+'.join(recipe.skills)} in {log['base']['seconds']:.0f} s "
-             f"(greedy {greedy})")
+    progress(
+        f"  base: {recipe.base_steps} steps on {'+'.join(recipe.skills)} in {log['base']['seconds']:.0f} s "
+        f"(greedy {greedy})"
+    )
     files["base"] = _save(base, store.join(root, "base"))
     experts: dict[str, ExpertInfo] = {}
     for k, skill in enumerate(recipe.skills):
@@ -239,20 +272,33 @@ def _build(root: str, recipe: ExpertRecipe, progress) -> ExpertFamily:
             files[name] = _save(model, store.join(root, name))
             experts[name] = ExpertInfo(store.join(root, name), kind, skill)
             gain = entry[f"acc_{skill}"] - log["base"][f"acc_{skill}"]
-            progress(f"  {name}: {entry['steps']} {'SFT' if kind == 'sft' else 'GRPO'} steps in "
-                     f"{entry['seconds']:.0f} s (greedy {skill} {entry[f'acc_{skill}']:.2f}, {gain:+.2f} over the "
-                     f"base; bf16 sparsity {entry['sparsity_bf16']:.2f})")
-    family = ExpertFamily(root=root, base=store.join(root, "base"), experts=experts,
-                          recipe={**asdict(recipe), "hash": recipe.digest()}, log=log, files=files)
-    doc = {"recipe": family.recipe, "log": log, "files": files,
-           "experts": {n: {"kind": e.kind, "skill": e.skill} for n, e in experts.items()}}
+            progress(
+                f"  {name}: {entry['steps']} {'SFT' if kind == 'sft' else 'GRPO'} steps in "
+                f"{entry['seconds']:.0f} s (greedy {skill} {entry[f'acc_{skill}']:.2f}, {gain:+.2f} over the "
+                f"base; bf16 sparsity {entry['sparsity_bf16']:.2f})"
+            )
+    family = ExpertFamily(
+        root=root,
+        base=store.join(root, "base"),
+        experts=experts,
+        recipe={**asdict(recipe), "hash": recipe.digest()},
+        log=log,
+        files=files,
+    )
+    doc = {
+        "recipe": family.recipe,
+        "log": log,
+        "files": files,
+        "experts": {n: {"kind": e.kind, "skill": e.skill} for n, e in experts.items()},
+    }
     store.write_bytes(store.join(root, MANIFEST), json.dumps(doc, indent=1, default=list).encode())
     _stamp(root, files)
     return family
 
 
-def _train_expert(base: LlamaForCausalLM, recipe: ExpertRecipe, skill: str, k: int, kind: str
-                  ) -> tuple[str, dict, LlamaForCausalLM]:
+def _train_expert(
+    base: LlamaForCausalLM, recipe: ExpertRecipe, skill: str, k: int, kind: str
+) -> tuple[str, dict, LlamaForCausalLM]:
     t0 = time.perf_counter()
     seed = recipe.seed + (100 if kind == "sft" else 200) + k
     torch.manual_seed(seed)
@@ -260,16 +306,39 @@ def _train_expert(base: LlamaForCausalLM, recipe: ExpertRecipe, skill: str, k: i
     tracker = UpdateTracker(base, recipe.log_every)
     if kind == "sft":
         name, steps, lr = f"sft_{skill}", recipe.sft_steps, recipe.sft_lr
-        final = {"loss": train_supervised(model, Problems([skill], seed), steps, lr, recipe.batch_size,
-                                          one_cycle=False, on_step=tracker)}
+        final = {
+            "loss": train_supervised(
+                model, Problems([skill], seed), steps, lr, recipe.batch_size, one_cycle=False, on_step=tracker
+            )
+        }
     else:
         name, steps, lr = f"rl_{skill}", recipe.rl_steps, recipe.rl_lr
-        final = {"reward": train_grpo(model, Problems([skill], seed), steps, lr, recipe.rl_prompts, recipe.rl_group,
-                                      recipe.rl_temperature, recipe.max_new_tokens, seed=seed, on_step=tracker)}
+        final = {
+            "reward": train_grpo(
+                model,
+                Problems([skill], seed),
+                steps,
+                lr,
+                recipe.rl_prompts,
+                recipe.rl_group,
+                recipe.rl_temperature,
+                recipe.max_new_tokens,
+                seed=seed,
+                on_step=tracker,
+            )
+        }
         final["groups_with_signal"] = round(sum(tracker.signal) / len(tracker.signal), 3) if tracker.signal else None
     seconds = time.perf_counter() - t0
-    entry = {"kind": kind, "skill": skill, "steps": steps, "lr": lr, "seconds": seconds, **final,
-             **_accuracies(model, recipe.skills), **tracker.summary(model)}
+    entry = {
+        "kind": kind,
+        "skill": skill,
+        "steps": steps,
+        "lr": lr,
+        "seconds": seconds,
+        **final,
+        **_accuracies(model, recipe.skills),
+        **tracker.summary(model),
+    }
     return name, entry, model
 
 
@@ -300,10 +369,14 @@ def load_expert_family(root: str, recipe: ExpertRecipe, verify: bool = False) ->
     doc = _read_manifest(root)
     if doc is None or doc.get("recipe", {}).get("hash") != recipe.digest() or "files" not in doc:
         return None
-    family = ExpertFamily(root=root, base=store.join(root, "base"),
-                          experts={n: ExpertInfo(store.join(root, n), e["kind"], e["skill"])
-                                   for n, e in doc["experts"].items()},
-                          recipe=doc["recipe"], log=doc.get("log", {}), files=doc["files"])
+    family = ExpertFamily(
+        root=root,
+        base=store.join(root, "base"),
+        experts={n: ExpertInfo(store.join(root, n), e["kind"], e["skill"]) for n, e in doc["experts"].items()},
+        recipe=doc["recipe"],
+        log=doc.get("log", {}),
+        files=doc["files"],
+    )
     try:
         for uri in [family.base, *(e.uri for e in family.experts.values())]:
             Checkpoint.open(uri)
@@ -341,8 +414,10 @@ def obtain_expert_family(folder: str, recipe: ExpertRecipe | None = None, progre
         family = load_expert_family(root, recipe, verify=True)
         if family is not None:
             _stamp(root, family.files)
-            progress(f"toy experts: the shipped ones (recipe {recipe.digest()}), copied to {root}; "
-                     "`mergeaudit demo --retrain` trains them from scratch")
+            progress(
+                f"toy experts: the shipped ones (recipe {recipe.digest()}), copied to {root}; "
+                "`mergeaudit demo --retrain` trains them from scratch"
+            )
             return family
     progress(f"toy experts: training recipe {recipe.digest()} into {root}")
     return build_expert_family(root, recipe, progress=progress, reuse=False)
@@ -352,8 +427,10 @@ def compare_families(reference: ExpertFamily, other: ExpertFamily) -> list[str]:
     """One line per model: bit-identical weights, or how many entries differ and the greedy
     accuracies of both."""
     lines = []
-    models = {"base": (reference.base, other.base),
-              **{n: (e.uri, other.experts[n].uri) for n, e in reference.experts.items() if n in other.experts}}
+    models = {
+        "base": (reference.base, other.base),
+        **{n: (e.uri, other.experts[n].uri) for n, e in reference.experts.items() if n in other.experts},
+    }
     for name, (a_uri, b_uri) in models.items():
         a, b = Checkpoint.open(a_uri), Checkpoint.open(b_uri)
         differ = total = 0
@@ -364,11 +441,16 @@ def compare_families(reference: ExpertFamily, other: ExpertFamily) -> list[str]:
         if differ == 0:
             lines.append(f"  {name}: identical to the shipped weights")
             continue
-        acc = " ".join(f"{k[4:]} {reference.log.get(name, {}).get(k, math.nan):.2f} -> "
-                       f"{other.log.get(name, {}).get(k, math.nan):.2f}"
-                       for k in sorted(other.log.get(name, {})) if k.startswith("acc_"))
-        lines.append(f"  {name}: DIFFERS from the shipped weights in {differ} of {total} entries "
-                     f"(greedy accuracy shipped -> retrained: {acc})")
+        acc = " ".join(
+            f"{k[4:]} {reference.log.get(name, {}).get(k, math.nan):.2f} -> "
+            f"{other.log.get(name, {}).get(k, math.nan):.2f}"
+            for k in sorted(other.log.get(name, {}))
+            if k.startswith("acc_")
+        )
+        lines.append(
+            f"  {name}: DIFFERS from the shipped weights in {differ} of {total} entries "
+            f"(greedy accuracy shipped -> retrained: {acc})"
+        )
     return lines
 
 
@@ -390,9 +472,12 @@ def retrain_expert_family(folder: str, recipe: ExpertRecipe | None = None, progr
         return family
     lines = compare_families(reference, family)
     same = all("identical" in line for line in lines)
-    progress("  retrained experts are bit-identical to the shipped ones" if same else
-             "  retrained experts DIFFER from the shipped ones (another machine, BLAS or library version "
-             "rounds differently); the audit below uses the retrained ones:")
+    progress(
+        "  retrained experts are bit-identical to the shipped ones"
+        if same
+        else "  retrained experts DIFFER from the shipped ones (another machine, BLAS or library version "
+        "rounds differently); the audit below uses the retrained ones:"
+    )
     for line in lines if not same else []:
         progress(line)
     return family
@@ -403,5 +488,6 @@ def total_training_seconds(family: ExpertFamily) -> float:
 
 
 # A few steps of everything: for tests of the demo's plumbing (the verdict means little).
-QUICK_RECIPE = ExpertRecipe(base_steps=150, base_schedule_steps=150, sft_steps=20, rl_steps=10, rl_prompts=8,
-                            rl_group=4, log_every=5)
+QUICK_RECIPE = ExpertRecipe(
+    base_steps=150, base_schedule_steps=150, sft_steps=20, rl_steps=10, rl_prompts=8, rl_group=4, log_every=5
+)

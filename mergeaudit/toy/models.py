@@ -101,8 +101,9 @@ def build_base(root: str, seed: int = 0, hidden: int = 64, layers: int = 2, trai
     return base_uri
 
 
-def family_recipe(variants: dict[str, float] | None = None, seed: int = 0, hidden: int = 64, layers: int = 2,
-                  train_steps: int = 0) -> dict:
+def family_recipe(
+    variants: dict[str, float] | None = None, seed: int = 0, hidden: int = 64, layers: int = 2, train_steps: int = 0
+) -> dict:
     """Everything that determines a family's bytes; a family is reused only for the same recipe."""
     variants = dict(DEFAULT_VARIANTS if variants is None else variants)
     return {"variants": variants, "seed": seed, "hidden": hidden, "layers": layers, "train_steps": train_steps}

@@ -28,8 +28,13 @@ TEST_FILES = {"add": "add2.jsonl", "sub": "sub2.jsonl"}
 
 
 @torch.no_grad()
-def sample_completions(model: LlamaForCausalLM, prompt_ids: torch.Tensor, max_new_tokens: int,
-                       temperature: float, generator: torch.Generator) -> torch.Tensor:
+def sample_completions(
+    model: LlamaForCausalLM,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """Sampled continuations (batch x max_new_tokens) of equal-length prompts, with a KV cache."""
     out = model(input_ids=prompt_ids, use_cache=True)
     cache, logits = out.cache, out.logits[:, -1]
@@ -61,10 +66,19 @@ def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
     return ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
 
 
-def train_grpo(model: LlamaForCausalLM, problems: Problems, steps: int, lr: float, n_prompts: int, group: int,
-               temperature: float, max_new_tokens: int, seed: int,
-               on_step: Callable[[int, LlamaForCausalLM, float, float], None] | None = None,
-               advantages: str = "group") -> float:
+def train_grpo(
+    model: LlamaForCausalLM,
+    problems: Problems,
+    steps: int,
+    lr: float,
+    n_prompts: int,
+    group: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    on_step: Callable[[int, LlamaForCausalLM, float, float], None] | None = None,
+    advantages: str = "group",
+) -> float:
     """On-policy policy gradient with group-normalised advantages and the numeric verifier as
     the reward; returns the mean reward over the last 20 steps. `on_step(step, model, mean
     reward, share of groups with signal)` after each step.
@@ -94,7 +108,7 @@ def train_grpo(model: LlamaForCausalLM, problems: Problems, steps: int, lr: floa
             model.train()
             mask = keep.float()
             seq = torch.cat([prompts, completions], dim=1)
-            logits = model(input_ids=seq).logits[:, prompts.shape[1] - 1: -1].float()
+            logits = model(input_ids=seq).logits[:, prompts.shape[1] - 1 : -1].float()
             logp = torch.log_softmax(logits / temperature, dim=-1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)
             loss = -((logp * mask).sum(1) * adv).sum() / mask.sum()
             opt.zero_grad(set_to_none=True)
@@ -119,21 +133,33 @@ def greedy_accuracy(model: LlamaForCausalLM, skill: str, limit: int = 100) -> fl
     tok = build_tokenizer()
     rows = heldout_rows(skill, limit)
     prompts = torch.tensor([encode(r["question"]) for r in rows])
-    out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=5, do_sample=False,
-                         pad_token_id=tok.pad_token_id)
-    texts = tok.batch_decode(out[:, prompts.shape[1]:], skip_special_tokens=True)
+    out = model.generate(
+        prompts,
+        attention_mask=torch.ones_like(prompts),
+        max_new_tokens=5,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+    )
+    texts = tok.batch_decode(out[:, prompts.shape[1] :], skip_special_tokens=True)
     return float(rewards_of(texts, [r["answer"] for r in rows]).mean())
 
 
 @torch.no_grad()
-def sampled_reward(model: LlamaForCausalLM, problems: list[tuple[str, str]], group: int, temperature: float,
-                   seed: int, max_new_tokens: int = 4) -> float:
+def sampled_reward(
+    model: LlamaForCausalLM,
+    problems: list[tuple[str, str]],
+    group: int,
+    temperature: float,
+    seed: int,
+    max_new_tokens: int = 4,
+) -> float:
     """Mean verifier reward of `group` sampled completions per problem (fixed generator)."""
     tok = build_tokenizer()
     newline = tok.convert_tokens_to_ids("\n")
     prompts = torch.tensor([encode(q) for q, _ in problems]).repeat_interleave(group, dim=0)
-    completions = sample_completions(model.eval(), prompts, max_new_tokens, temperature,
-                                     torch.Generator().manual_seed(seed))
+    completions = sample_completions(
+        model.eval(), prompts, max_new_tokens, temperature, torch.Generator().manual_seed(seed)
+    )
     keep = answer_mask(completions, newline)
     texts = tok.batch_decode(completions.masked_fill(~keep, tok.pad_token_id), skip_special_tokens=True)
     return float(rewards_of(texts, [a for _, a in problems for _ in range(group)]).mean())

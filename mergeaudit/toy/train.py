@@ -79,7 +79,7 @@ def supervised_batch(problems: Problems, tok, n: int) -> tuple[torch.Tensor, tor
     labels = torch.full((n, width), -100)
     for i, (enc, start) in enumerate(zip(encoded, starts)):
         ids[i, : len(enc)] = torch.tensor(enc)
-        labels[i, start: len(enc)] = torch.tensor(enc[start:])
+        labels[i, start : len(enc)] = torch.tensor(enc[start:])
     return ids, labels
 
 
@@ -87,9 +87,16 @@ def adamw(model, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
 
 
-def train_supervised(model: LlamaForCausalLM, problems: Problems, steps: int, lr: float, batch_size: int,
-                     one_cycle: bool, schedule_steps: int | None = None,
-                     on_step: Callable[[int, LlamaForCausalLM, float], None] | None = None) -> float:
+def train_supervised(
+    model: LlamaForCausalLM,
+    problems: Problems,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    one_cycle: bool,
+    schedule_steps: int | None = None,
+    on_step: Callable[[int, LlamaForCausalLM, float], None] | None = None,
+) -> float:
     """AdamW on teacher-forced answers; returns the mean loss of the last 20 steps.
 
     one_cycle: a one-cycle schedule over `schedule_steps` (default `steps`); stopping before its
@@ -97,8 +104,9 @@ def train_supervised(model: LlamaForCausalLM, problems: Problems, steps: int, lr
     tok = build_tokenizer()
     opt = adamw(model, lr)
     horizon = max(schedule_steps or steps, steps)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=horizon, pct_start=0.1) \
-        if one_cycle else None
+    sched = (
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=horizon, pct_start=0.1) if one_cycle else None
+    )
     model.train()
     losses = []
     for step in range(1, steps + 1):
@@ -118,8 +126,14 @@ def train_supervised(model: LlamaForCausalLM, problems: Problems, steps: int, lr
     return sum(tail) / max(len(tail), 1)
 
 
-def train_base(config: LlamaConfig, steps: int, seed: int = 0, batch_size: int = 64, lr: float = 3e-3,
-               skills: tuple[str, ...] = ("add",)) -> LlamaForCausalLM:
+def train_base(
+    config: LlamaConfig,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    skills: tuple[str, ...] = ("add",),
+) -> LlamaForCausalLM:
     """A freshly initialised model trained for `steps` AdamW steps with a one-cycle schedule."""
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

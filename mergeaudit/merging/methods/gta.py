@@ -82,8 +82,9 @@ class Preset:
     rescale: bool
 
 
-def sparsify(slot: TensorSlot, i: int, delta: torch.Tensor, p: GTAParams, preset: Preset,
-             rescale: bool) -> tuple[torch.Tensor, float, float]:
+def sparsify(
+    slot: TensorSlot, i: int, delta: torch.Tensor, p: GTAParams, preset: Preset, rescale: bool
+) -> tuple[torch.Tensor, float, float]:
     """One model's delta after its preset's sparsification (in place): (delta, kept, scale).
 
     `kept` is the fraction of entries still carrying an update afterwards."""
@@ -173,7 +174,8 @@ _register("ties", GTAParams, Preset("magnitude", True, True, False), "https://ar
 _register("dare_linear", GTAParams, Preset("random", False, False, True), "https://arxiv.org/abs/2311.03099", True)
 _register("dare_ties", GTAParams, Preset("random", True, False, True), "https://arxiv.org/abs/2311.03099", True)
 _register("breadcrumbs", BreadcrumbsParams, Preset("outliers", False, False, False), "https://arxiv.org/abs/2312.06795")
-_register("breadcrumbs_ties", BreadcrumbsParams, Preset("outliers", True, False, False),
-          "https://arxiv.org/abs/2312.06795")
+_register(
+    "breadcrumbs_ties", BreadcrumbsParams, Preset("outliers", True, False, False), "https://arxiv.org/abs/2312.06795"
+)
 _register("della", DellaParams, Preset("della", True, True, True), "https://arxiv.org/abs/2406.11617", True)
 _register("della_linear", DellaParams, Preset("della", False, False, True), "https://arxiv.org/abs/2406.11617", True)

@@ -60,8 +60,15 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
     return out.reshape(v0.shape)
 
 
-@register("slerp", params=SlerpParams, min_models=1, max_models=1, symmetric=False, example={"t": 0.3},
-          reference="https://dl.acm.org/doi/10.1145/325165.325242")  # Shoemake, SIGGRAPH 1985
+@register(
+    "slerp",
+    params=SlerpParams,
+    min_models=1,
+    max_models=1,
+    symmetric=False,
+    example={"t": 0.3},
+    reference="https://dl.acm.org/doi/10.1145/325165.325242",
+)  # Shoemake, SIGGRAPH 1985
 def slerp_method(slot: TensorSlot, p: SlerpParams) -> torch.Tensor:
     """From the base (t = 0) to the other model (t = 1) along the great circle."""
     return slerp(p.t, slot.base, slot.inputs()[0]).to(slot.compute_dtype)
@@ -94,8 +101,14 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatte
     return out.reshape(shape)
 
 
-@register("nuslerp", params=NuSlerpParams, base="optional", min_models=2, max_models=2,
-          reference="https://github.com/arcee-ai/mergekit")
+@register(
+    "nuslerp",
+    params=NuSlerpParams,
+    base="optional",
+    min_models=2,
+    max_models=2,
+    reference="https://github.com/arcee-ai/mergekit",
+)
 def nuslerp_method(slot: TensorSlot, p: NuSlerpParams) -> torch.Tensor:
     """Slerp of two models (or of their task vectors, with a base) at t = w1 / (w0 + w1)."""
     total = sum(p.weight)
@@ -124,7 +137,7 @@ def model_stock(slot: TensorSlot, p: ModelStockParams) -> torch.Tensor:
     offsets = [w - w0 for w in ws]
     cosines = []
     for i, a in enumerate(offsets):
-        for b in offsets[i + 1:]:
+        for b in offsets[i + 1 :]:
             norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
             cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
@@ -150,9 +163,16 @@ class GaussianParams(MethodParams):
         return []
 
 
-@register("perturb_gaussian", params=GaussianParams, base="optional", min_models=1, max_models=1, stochastic=True,
-          example={"scale": 0.0},
-          reference="https://arxiv.org/abs/1609.04836")  # Keskar et al.: sharpness under weight perturbation
+@register(
+    "perturb_gaussian",
+    params=GaussianParams,
+    base="optional",
+    min_models=1,
+    max_models=1,
+    stochastic=True,
+    example={"scale": 0.0},
+    reference="https://arxiv.org/abs/1609.04836",
+)  # Keskar et al.: sharpness under weight perturbation
 def perturb_gaussian(slot: TensorSlot, p: GaussianParams) -> torch.Tensor:
     """Fragility probe, not a merge: the model plus Gaussian noise e ~ N(0, 1) times a per-tensor
     standard deviation, drawn from the slot's keyed generator (the same draw for both scalings).
@@ -172,6 +192,6 @@ def perturb_gaussian(slot: TensorSlot, p: GaussianParams) -> torch.Tensor:
     d = x - slot.base.float()
     support = d != 0
     n = int(support.sum())
-    std = float(torch.linalg.vector_norm(d)) / n ** 0.5 * p.scale if n else 0.0
+    std = float(torch.linalg.vector_norm(d)) / n**0.5 * p.scale if n else 0.0
     slot.info.update(noise_std=std, support=n / max(1, x.numel()))
     return (x + noise.mul_(support) * std).to(slot.compute_dtype)

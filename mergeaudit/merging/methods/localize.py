@@ -93,11 +93,13 @@ TA = Preset(None, consensus=False, normalize=False, rescale=False)
 TIES_SUM = Preset("magnitude", consensus=True, normalize=False, rescale=False)
 
 
-def tall_masks(deltas: list[torch.Tensor], weights: tuple[float, ...], reference: torch.Tensor,
-               lambdas: tuple[float, ...]) -> list[torch.Tensor]:
+def tall_masks(
+    deltas: list[torch.Tensor], weights: tuple[float, ...], reference: torch.Tensor, lambdas: tuple[float, ...]
+) -> list[torch.Tensor]:
     """m_t = |w_t tau_t| >= lambda_t |tau_MTL - w_t tau_t| for each task."""
-    return [(w * d).abs() >= lam * (reference - w * d).abs()
-            for d, w, lam in zip(deltas, weights, lambdas, strict=True)]
+    return [
+        (w * d).abs() >= lam * (reference - w * d).abs() for d, w, lam in zip(deltas, weights, lambdas, strict=True)
+    ]
 
 
 def consensus_merge(slot: TensorSlot, p: ConsensusParams, preset: Preset, against_sum: bool) -> torch.Tensor:
@@ -105,8 +107,9 @@ def consensus_merge(slot: TensorSlot, p: ConsensusParams, preset: Preset, agains
     each task vector with that merged update, or with the task-arithmetic sum (`against_sum`)."""
     deltas = slot.deltas()
     # the base method's merged update, exactly: the same method over the task vectors on a zero base
-    inner = dataclasses.replace(slot, base=torch.zeros_like(slot.base), models=tuple(deltas), info={},
-                                dtype=slot.compute_dtype)
+    inner = dataclasses.replace(
+        slot, base=torch.zeros_like(slot.base), models=tuple(deltas), info={}, dtype=slot.compute_dtype
+    )
     merged = generalized_task_arithmetic(inner, p.model_copy(update={"lambda_": 1.0}), preset)
     tau_mtl = merged
     if against_sum:
@@ -120,22 +123,31 @@ def consensus_merge(slot: TensorSlot, p: ConsensusParams, preset: Preset, agains
     keep = counts >= p.k
     moved = merged != 0
     slot.info.update(inner.info)
-    slot.info.update(tall_density=[steps.kept_fraction(m) for m in masks], consensus=steps.kept_fraction(keep),
-                     removed=int(torch.count_nonzero(moved & ~keep)) / max(1, int(torch.count_nonzero(moved))))
+    slot.info.update(
+        tall_density=[steps.kept_fraction(m) for m in masks],
+        consensus=steps.kept_fraction(keep),
+        removed=int(torch.count_nonzero(moved & ~keep)) / max(1, int(torch.count_nonzero(moved))),
+    )
     merged = merged.mul_(keep)
     if p.lambda_ != 1:
         merged.mul_(p.lambda_)
     return slot.base + merged
 
 
-@register("consensus_ta", params=ConsensusParams, min_models=2, reference="https://arxiv.org/abs/2405.07813",
-          example={"k": 2})
+@register(
+    "consensus_ta", params=ConsensusParams, min_models=2, reference="https://arxiv.org/abs/2405.07813", example={"k": 2}
+)
 def consensus_ta(slot: TensorSlot, p: ConsensusParams) -> torch.Tensor:
     return consensus_merge(slot, p, TA, against_sum=False)  # the merged update is the sum already
 
 
-@register("consensus_ties", params=ConsensusTiesParams, min_models=2, reference="https://arxiv.org/abs/2405.07813",
-          example={"k": 2, "density": 0.5})
+@register(
+    "consensus_ties",
+    params=ConsensusTiesParams,
+    min_models=2,
+    reference="https://arxiv.org/abs/2405.07813",
+    example={"k": 2, "density": 0.5},
+)
 def consensus_ties(slot: TensorSlot, p: ConsensusTiesParams) -> torch.Tensor:
     return consensus_merge(slot, p, TIES_SUM, against_sum=p.mask_reference == "task_arithmetic")
 
@@ -150,8 +162,12 @@ class LocalizeStitchParams(MethodParams):
         return []
 
 
-@register("localize_stitch", params=LocalizeStitchParams, reference="https://arxiv.org/abs/2408.13656",
-          example={"density": 0.3})
+@register(
+    "localize_stitch",
+    params=LocalizeStitchParams,
+    reference="https://arxiv.org/abs/2408.13656",
+    example={"density": 0.3},
+)
 def localize_stitch(slot: TensorSlot, p: LocalizeStitchParams) -> torch.Tensor:
     merged = torch.zeros_like(slot.base)
     claims = torch.zeros_like(slot.base, dtype=torch.int32)
@@ -161,6 +177,7 @@ def localize_stitch(slot: TensorSlot, p: LocalizeStitchParams) -> torch.Tensor:
         merged.add_(d.mul_(mask))
         claims.add_(mask)
         kept.append(steps.kept_fraction(mask))
-    slot.info.update(density_achieved=kept, claimed=steps.kept_fraction(claims > 0),
-                     overlap=steps.kept_fraction(claims > 1))
+    slot.info.update(
+        density_achieved=kept, claimed=steps.kept_fraction(claims > 0), overlap=steps.kept_fraction(claims > 1)
+    )
     return slot.base + merged.div_(claims.clamp(min=1))

@@ -83,11 +83,11 @@ from mergeaudit.merging import steps
 from mergeaudit.merging.registry import MethodParams, TensorSlot, register
 
 MERGEKIT_DOCS = "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md"
-SCE_WEIGHT_FLOOR = 1e-6     # mergekit: below this sum of mean squared updates the weights are uniform
-SCE_DIVISOR_FLOOR = 1e-6    # mergekit clamps the agreeing weights' sum to at least this
-FUSION_EPS = 1e-8           # added to both softmaxes before the KL divergence (mergekit)
-FUSION_SAMPLE = 1_000_000   # above this many entries the quartiles come from a sample (mergekit)
-NEARSWAP_MIN_DIFF = 1e-6    # |base - model| floor in nearswap's weight (mergekit)
+SCE_WEIGHT_FLOOR = 1e-6  # mergekit: below this sum of mean squared updates the weights are uniform
+SCE_DIVISOR_FLOOR = 1e-6  # mergekit clamps the agreeing weights' sum to at least this
+FUSION_EPS = 1e-8  # added to both softmaxes before the KL divergence (mergekit)
+FUSION_SAMPLE = 1_000_000  # above this many entries the quartiles come from a sample (mergekit)
+NEARSWAP_MIN_DIFF = 1e-6  # |base - model| floor in nearswap's weight (mergekit)
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -96,6 +96,7 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
 
 
 # -- multislerp ------------------------------------------------------------------------------------
+
 
 class MultiSlerpParams(MethodParams):
     PER_MODEL: ClassVar = {"weight": None}  # required: mergekit has no default weight
@@ -106,8 +107,9 @@ class MultiSlerpParams(MethodParams):
     def check(self, n_models: int) -> list[str]:
         missing = [i for i, w in enumerate(self.weight) if w is None]
         if missing:
-            return [f"multislerp needs a weight for every model (mergekit has no default; "
-                    f"missing for models {missing})"]
+            return [
+                f"multislerp needs a weight for every model (mergekit has no default; missing for models {missing})"
+            ]
         if self.normalize_weights and abs(sum(self.weight)) < 1e-12:
             return [f"weights sum to 0, so they cannot be normalised (got {list(self.weight)})"]
         if self.eps < 0:
@@ -115,8 +117,14 @@ class MultiSlerpParams(MethodParams):
         return []
 
 
-@register("multislerp", params=MultiSlerpParams, base="optional", min_models=1, example={"weight": 1.0},
-          reference=MERGEKIT_DOCS)
+@register(
+    "multislerp",
+    params=MultiSlerpParams,
+    base="optional",
+    min_models=1,
+    example={"weight": 1.0},
+    reference=MERGEKIT_DOCS,
+)
 def multislerp(slot: TensorSlot, p: MultiSlerpParams) -> torch.Tensor:
     """Weighted spherical barycentre of the task vectors (or of the models without a base)."""
     xs = slot.inputs()
@@ -136,8 +144,10 @@ def multislerp(slot: TensorSlot, p: MultiSlerpParams) -> torch.Tensor:
     centre_norm = torch.linalg.vector_norm(centre)
     if centre_norm < p.eps:
         if len(xs) != 2 and bool(norms.any()):
-            raise ConfigError(f"multislerp: the weighted mean of the unit vectors of {slot.name!r} is zero "
-                              f"(antipodal inputs whose weights cancel, weights {list(p.weight)}); change the weights")
+            raise ConfigError(
+                f"multislerp: the weighted mean of the unit vectors of {slot.name!r} is zero "
+                f"(antipodal inputs whose weights cancel, weights {list(p.weight)}); change the weights"
+            )
         out = (flat * w[:, None]).sum(0)  # linear: the base itself when every task vector is zero
     else:
         centre = centre / centre_norm
@@ -150,6 +160,7 @@ def multislerp(slot: TensorSlot, p: MultiSlerpParams) -> torch.Tensor:
 
 
 # -- sce -------------------------------------------------------------------------------------------
+
 
 class SCEParams(MethodParams):
     select_topk: float = 1.0
@@ -195,6 +206,7 @@ def sce(slot: TensorSlot, p: SCEParams) -> torch.Tensor:
 
 
 # -- karcher ---------------------------------------------------------------------------------------
+
 
 class KarcherParams(MethodParams):
     max_iter: int = 10
@@ -255,6 +267,7 @@ def karcher(slot: TensorSlot, p: KarcherParams) -> torch.Tensor:
 
 # -- arcee_fusion ----------------------------------------------------------------------------------
 
+
 class ArceeFusionParams(MethodParams):
     pass
 
@@ -275,13 +288,21 @@ def outlier_threshold(scores: torch.Tensor, generator: torch.Generator) -> torch
         picks = torch.randint(flat.numel(), (FUSION_SAMPLE,), generator=generator)
         flat = flat[picks.to(flat.device)]
     n = flat.numel()
-    q1, median, q3 = (torch.kthvalue(flat.cpu(), int(q * (n - 1)) + 1).values.to(flat.device)
-                      for q in (0.25, 0.5, 0.75))
+    q1, median, q3 = (
+        torch.kthvalue(flat.cpu(), int(q * (n - 1)) + 1).values.to(flat.device) for q in (0.25, 0.5, 0.75)
+    )
     return median + 1.5 * (q3 - q1)
 
 
-@register("arcee_fusion", params=ArceeFusionParams, min_models=1, max_models=1, symmetric=False, stochastic=True,
-          reference=MERGEKIT_DOCS)
+@register(
+    "arcee_fusion",
+    params=ArceeFusionParams,
+    min_models=1,
+    max_models=1,
+    symmetric=False,
+    stochastic=True,
+    reference=MERGEKIT_DOCS,
+)
 def arcee_fusion(slot: TensorSlot, p: ArceeFusionParams) -> torch.Tensor:
     """The base plus the model's update on its high-importance outliers (random only in the
     quartile sample of tensors above FUSION_SAMPLE entries)."""
@@ -294,12 +315,20 @@ def arcee_fusion(slot: TensorSlot, p: ArceeFusionParams) -> torch.Tensor:
 
 # -- nearswap --------------------------------------------------------------------------------------
 
+
 class NearSwapParams(MethodParams):
     t: float
 
 
-@register("nearswap", params=NearSwapParams, min_models=1, max_models=1, symmetric=False, example={"t": 0.01},
-          reference=MERGEKIT_DOCS)
+@register(
+    "nearswap",
+    params=NearSwapParams,
+    min_models=1,
+    max_models=1,
+    symmetric=False,
+    example={"t": 0.01},
+    reference=MERGEKIT_DOCS,
+)
 def nearswap(slot: TensorSlot, p: NearSwapParams) -> torch.Tensor:
     """Per entry, from the base towards the model by min(1, t / |base - model|)."""
     base, x = slot.base, slot.inputs()[0]
@@ -308,6 +337,7 @@ def nearswap(slot: TensorSlot, p: NearSwapParams) -> torch.Tensor:
 
 
 # -- passthrough -----------------------------------------------------------------------------------
+
 
 class PassthroughParams(MethodParams):
     PER_MODEL: ClassVar = {"scale": None}
@@ -320,4 +350,3 @@ def passthrough(slot: TensorSlot, p: PassthroughParams) -> torch.Tensor:
     x = slot.models[0].to(slot.compute_dtype, copy=True)
     scale = p.scale[0] if p.scale else None
     return x if scale is None else x.mul_(scale)
-

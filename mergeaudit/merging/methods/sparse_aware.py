@@ -123,8 +123,9 @@ def weighted_deltas(slot: TensorSlot, weights: tuple[float, ...]) -> torch.Tenso
     return d * torch.tensor(weights, dtype=d.dtype, device=d.device).reshape(-1, *[1] * slot.base.dim())
 
 
-@register("disjoint_mean", params=MaskedParams,
-          reference="https://arxiv.org/abs/2306.01708")  # TIES-Merging's disjoint mean, without trim and election
+@register(
+    "disjoint_mean", params=MaskedParams, reference="https://arxiv.org/abs/2306.01708"
+)  # TIES-Merging's disjoint mean, without trim and election
 def disjoint_mean(slot: TensorSlot, p: MaskedParams) -> torch.Tensor:
     """Updates made by one model are kept whole; overlapping ones are averaged."""
     deltas = weighted_deltas(slot, p.weight)

@@ -180,8 +180,12 @@ def iso_c(slot: TensorSlot, p: IsoCParams) -> torch.Tensor:
 
 
 # the example's fraction leaves task-specific directions in a small matrix (0.8 leaves none)
-@register("iso_cts", params=IsoCtsParams, reference="https://arxiv.org/abs/2502.04959",
-          example={"common_space_fraction": 0.4, "alpha": 1.0})
+@register(
+    "iso_cts",
+    params=IsoCtsParams,
+    reference="https://arxiv.org/abs/2502.04959",
+    example={"common_space_fraction": 0.4, "alpha": 1.0},
+)
 def iso_cts(slot: TensorSlot, p: IsoCtsParams) -> torch.Tensor:
     if slot.base.dim() != 2:
         return mean_update(slot, p.alpha)
@@ -201,8 +205,9 @@ def iso_cts(slot: TensorSlot, p: IsoCtsParams) -> torch.Tensor:
             vhs.append(vh)
     s = torch.cat(ss)
     sigma = float(s.mean()) if s.numel() else 0.0
-    slot.info.update(common_rank=int(sc.numel()), task_rank=[int(x.numel()) for x in ss[1:]] or [0] * n,
-                     sigma_mean=sigma)
+    slot.info.update(
+        common_rank=int(sc.numel()), task_rank=[int(x.numel()) for x in ss[1:]] or [0] * n, sigma_mean=sigma
+    )
     if s.numel() == 0:
         return slot.base.clone()
     update = orthogonalize(torch.cat(us, dim=1)) @ orthogonalize(torch.cat(vhs, dim=0))
