@@ -92,15 +92,7 @@ def evaluate_to_store(
     result = evaluate_candidate(candidate, settings, storage)
     store.write_bytes(uri, result.model_dump_json().encode())
     read = by_checkpoint(store.bytes_read_since(before), {r.uri for r in [candidate.base, *candidate.inputs]})
-    return EvaluationRecord(
-        candidate_id=candidate.candidate_id,
-        uri=uri,
-        scores=len(result.scores),
-        samples=len(result.samples),
-        update_sparsity_bf16=result.update_sparsity_bf16,
-        bytes_read=read,
-        read_by=store.process_tag(),
-    )
+    return _record(uri, result, bytes_read=read, read_by=store.process_tag())
 
 
 def stored_evaluation(candidate: Candidate, settings: EvalSettings, results_uri: str) -> EvaluationRecord:
@@ -109,12 +101,17 @@ def stored_evaluation(candidate: Candidate, settings: EvalSettings, results_uri:
     if not store.exists(uri):
         raise EvaluationError(f"the evaluation of {candidate.name} completed but {uri} is missing")
     result = CandidateResult.model_validate_json(store.read_bytes(uri))
+    return _record(uri, result)
+
+
+def _record(uri: str, result: CandidateResult, **read) -> EvaluationRecord:
     return EvaluationRecord(
-        candidate_id=candidate.candidate_id,
+        candidate_id=result.candidate_id,
         uri=uri,
         scores=len(result.scores),
         samples=len(result.samples),
         update_sparsity_bf16=result.update_sparsity_bf16,
+        **read,
     )
 
 

@@ -142,6 +142,16 @@ def unknown_parameters(method: MergeMethod, shared: Settings, per_model: Sequenc
     return sorted(names - known)
 
 
+def input_problems(method: MergeMethod, shared: Settings, per_model: Sequence[Settings], has_base: bool) -> list[str]:
+    """Settings the method does not take, and a number of models it does not merge."""
+    problems = []
+    unknown = unknown_parameters(method, shared, per_model)
+    if unknown:
+        known = sorted((f.alias or n) for n, f in method.params.model_fields.items())
+        problems.append(f"{method.name} does not take {', '.join(unknown)} (it takes: {', '.join(known) or 'nothing'})")
+    return problems + method.check_inputs(len(per_model), has_base)
+
+
 def check_all(
     method: MergeMethod,
     tensors: Sequence[tuple[str, int | None]],
@@ -151,12 +161,7 @@ def check_all(
     has_base: bool,
 ) -> dict[str, MethodParams]:
     """Resolve and validate the params of every (tensor, layer); every problem in one error."""
-    problems: list[str] = []
-    unknown = unknown_parameters(method, shared, per_model)
-    if unknown:
-        known = sorted((f.alias or n) for n, f in method.params.model_fields.items())
-        problems.append(f"{method.name} does not take {', '.join(unknown)} (it takes: {', '.join(known) or 'nothing'})")
-    problems += method.check_inputs(len(per_model), has_base)
+    problems = input_problems(method, shared, per_model, has_base)
     resolved: dict[str, MethodParams] = {}
     seen: dict[str, list[str]] = {}  # problem (without its "(got ...)" values) -> tensors
     first: dict[str, str] = {}
@@ -209,12 +214,7 @@ def check_settings(
     condition's filter alone, and of one matched by none. A real name can match several filters
     at once: `check_all` checks the real names when the headers are read (the audit's
     preflight). Every problem in one ConfigError."""
-    problems: list[str] = []
-    unknown = unknown_parameters(method, shared, per_model)
-    if unknown:
-        known = sorted((f.alias or n) for n, f in method.params.model_fields.items())
-        problems.append(f"{method.name} does not take {', '.join(unknown)} (it takes: {', '.join(known) or 'nothing'})")
-    problems += method.check_inputs(len(per_model), has_base)
+    problems = input_problems(method, shared, per_model, has_base)
     resolved: list[MethodParams] = []
     names = [""] + sorted(filters([dict(shared or {})] + [dict(s or {}) for s in per_model]))
     for name in [] if problems else names:
