@@ -132,10 +132,11 @@ def toy_family(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def prefect_harness():
-    """One temporary Prefect API for the whole session (it costs seconds to start)."""
+    """One temporary Prefect API for the whole session (it costs seconds to start; on a loaded
+    2-core machine more than Prefect's default 30 s limit was measured: 45 s)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=180):
         yield
 
 
