@@ -21,6 +21,7 @@ the checkpoints' headers (each tensor's parameters, shapes) is checked by
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 from pathlib import Path
@@ -40,6 +41,8 @@ from mergeaudit.geometry.settings import GeometrySettings
 from mergeaudit.probes import ProbeSettings
 from mergeaudit.results.alarm import AlarmSettings
 from mergeaudit.safe_yaml import load_yaml
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointSpec(Frozen):
@@ -127,6 +130,11 @@ class AuditConfig(Frozen):
         ge=1,
         le=1_000_000,
         description="Most candidates all strategies' grids may make together (each is a merge and an evaluation).",
+    )
+    landed_same_name: Literal["replace", "refuse"] = pydantic.Field(
+        "replace",
+        description="A landed checkpoint (add_models) named like a model of this config: replace that model "
+        "(audit the new checkpoint in its place), or refuse the run with a message naming both.",
     )
 
     @pydantic.model_validator(mode="after")
@@ -280,15 +288,34 @@ def load_config(path: str | Path) -> AuditConfig:
 
 
 def with_models(config: AuditConfig, extra: list[CheckpointSpec]) -> AuditConfig:
-    """The config with more fine-tuned models (a landed checkpoint, say), validated again."""
-    if not extra:
-        return config
-    data = config.model_dump(mode="json")
-    names = {m["name"] for m in data["models"]}
-    # a checkpoint of a series' prefix is a new step of that series (measured when it resolves)
+    """The config with more fine-tuned models (a landed checkpoint, say), validated again. A
+    checkpoint under a series' prefix is a new step of that series (measured when it resolves),
+    not a model. One named like a model of the config replaces it, or is refused, as
+    `landed_same_name` says; one named like the base is always refused."""
     prefixes = [sp.prefix for sp in config.series if sp.prefix]
     extra = [m for m in extra if not any(_nested(m.uri, p) for p in prefixes)]
     if not extra:
         return config
-    data["models"] += [m.model_dump(mode="json") for m in extra if m.name not in names]
+    data = config.model_dump(mode="json")
+    models = {m["name"]: i for i, m in enumerate(data["models"])}
+    problems = []
+    for m in extra:
+        if m.name == config.base.name:
+            problems.append(f"landed checkpoint {m.uri} is named {m.name!r}, the base's name")
+        elif m.name not in models:
+            models[m.name] = len(data["models"])
+            data["models"].append(m.model_dump(mode="json"))
+        elif data["models"][models[m.name]]["uri"] != m.uri:
+            if config.landed_same_name == "refuse":
+                problems.append(
+                    f"landed checkpoint {m.uri} is named {m.name!r} like the configured model at "
+                    f"{data['models'][models[m.name]]['uri']} (landed_same_name: refuse)"
+                )
+            else:
+                log.warning(
+                    "landed checkpoint %s replaces model %s (%s)", m.uri, m.name, data["models"][models[m.name]]["uri"]
+                )
+                data["models"][models[m.name]] = m.model_dump(mode="json")
+    if problems:
+        raise ConfigError("; ".join(problems))
     return parse_config(data, source="config with added models")

@@ -95,3 +95,20 @@ def test_the_first_rounds_alarm_z_still_reads_as_its_one_sided_level():
     for bad in ({"z": 2.0, "significance": 0.1}, {"z": float("nan")}, {"z": -1}, {"z": "2"}):
         with pytest.raises(pydantic.ValidationError):
             AlarmSettings(**bad)
+
+
+def test_a_landed_checkpoint_named_like_a_model_replaces_it_or_is_refused(tmp_path):
+    from mergeaudit.config import CheckpointSpec, with_models
+
+    config = parse_config(base_config(tmp_path))
+    landed = CheckpointSpec(name="a", uri=str(tmp_path / "runs" / "a-v2"), kind="rlvr")
+    replaced = with_models(config, [landed])
+    assert [(m.name, m.uri) for m in replaced.models] == [("a", landed.uri), ("b", "s3://bkt/b")]
+    assert with_models(config, [config.models[0]]) == config  # the same checkpoint again: nothing changes
+    added = with_models(config, [CheckpointSpec(name="c", uri=str(tmp_path / "c"))])
+    assert [m.name for m in added.models] == ["a", "b", "c"]
+    strict = parse_config(base_config(tmp_path, landed_same_name="refuse"))
+    with pytest.raises(ConfigError, match=r"named 'a' like the configured model at .*/a \(landed_same_name: refuse\)"):
+        with_models(strict, [landed])
+    with pytest.raises(ConfigError, match="the base's name"):
+        with_models(config, [CheckpointSpec(name="base", uri=str(tmp_path / "other"))])
