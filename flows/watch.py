@@ -30,13 +30,23 @@ def announce(landed: watch.Landed) -> None:
 
 
 @flow(name="watch-checkpoints", persist_result=True)
-def watch_checkpoints(prefixes: list[str], state_uri: str, marker: str | None = None, kind: str = "rlvr") -> list[dict]:
-    """Emit one event per newly complete checkpoint; returns what was announced."""
+def watch_checkpoints(
+    prefixes: list[str],
+    state_uri: str,
+    marker: str | None = None,
+    kind: str = "rlvr",
+    kind_rules: list[str] | None = None,
+) -> list[dict]:
+    """Emit one event per newly complete checkpoint; returns what was announced. A checkpoint's
+    kind is that of the first of `kind_rules` (`PATTERN=KIND`, a glob on its path under the
+    prefix: `*sft*=sft`) that matches, else `kind`."""
     log = get_run_logger()
     announced = []
-    for landed in watch.new_checkpoints(prefixes, watch.load_state(state_uri), marker=marker, kind=kind):
+    state = watch.load_state(state_uri)
+    for landed in watch.new_checkpoints(prefixes, state, marker=marker, kind=kind, rules=kind_rules):
         announce(landed)
         watch.remember(state_uri, landed)
-        log.info("announced %s (%s)", landed.uri, landed.fingerprint)
+        log.info("announced %s (%s, kind %s)", landed.uri, landed.fingerprint, landed.kind)
         announced.append(landed.payload())
+    log.info("polled %s: %d new complete checkpoint(s)", ", ".join(prefixes), len(announced))
     return announced

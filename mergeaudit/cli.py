@@ -267,7 +267,16 @@ def cmd_notify_receiver(args: argparse.Namespace) -> int:
     from mergeaudit.flows.watch import announce  # emits the Prefect event mergeaudit.checkpoint.landed
     from mergeaudit.notify import serve
 
-    serve(args.host, args.port, args.prefix, announce, state_uri=args.state_uri, marker=args.marker, kind=args.kind)
+    serve(
+        args.host,
+        args.port,
+        args.prefix,
+        announce,
+        state_uri=args.state_uri,
+        marker=args.marker,
+        kind=args.kind,
+        rules=args.kind_rule,
+    )
     return 0
 
 
@@ -379,7 +388,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8088)
     p.add_argument("--state-uri", default=None, help="the watcher's state (shared with watch-checkpoints)")
     p.add_argument("--marker", default=None, help="completion marker a complete checkpoint must hold")
-    p.add_argument("--kind", default="rlvr", help="training kind announced with the checkpoints")
+    p.add_argument("--kind", default="rlvr", help="training kind of checkpoints no --kind-rule matches")
+    p.add_argument(
+        "--kind-rule",
+        action="append",
+        default=[],
+        metavar="PATTERN=KIND",
+        help="kind of the checkpoints whose path under the prefix matches a glob (`*sft*=sft`); first match wins",
+    )
     p.set_defaults(func=cmd_notify_receiver)
     p = sub.add_parser("query", help="run SQL (DuckDB) over the committed result tables")
     p.add_argument("results", help="results URI (path or s3://)")

@@ -92,14 +92,28 @@ def checkpoints_in(body: bytes, prefixes: list[str], marker: str | None = None) 
 
 
 def landed_checkpoints(
-    body: bytes, prefixes: list[str], state: dict[str, str], marker: str | None = None, kind: str = "rlvr"
+    body: bytes,
+    prefixes: list[str],
+    state: dict[str, str],
+    marker: str | None = None,
+    kind: str = "rlvr",
+    rules: list[str] | None = None,
 ) -> list[Landed]:
-    """The complete, not yet announced checkpoints a notification points at."""
+    """The complete, not yet announced checkpoints a notification points at, each with its kind
+    (`watch.kind_of`: the first matching rule, else `kind`)."""
     out = []
     for prefix, uri in checkpoints_in(body, prefixes, marker):
         status = check_complete(uri, marker)
         if status.complete and state.get(uri) != status.fingerprint:
-            out.append(Landed(uri, checkpoint_name(prefix, uri), status.fingerprint, prefix, kind))
+            out.append(
+                Landed(
+                    uri,
+                    checkpoint_name(prefix, uri),
+                    status.fingerprint,
+                    prefix,
+                    watch.kind_of(prefix, uri, rules, kind),
+                )
+            )
     return out
 
 
@@ -112,6 +126,7 @@ def make_server(
     state_uri: str | None = None,
     marker: str | None = None,
     kind: str = "rlvr",
+    rules: list[str] | None = None,
 ) -> ThreadingHTTPServer:
     """An HTTP server (not yet serving) that passes every checkpoint a notification completes to
     `announce`, once (remembered in the watcher's state at `state_uri` when given)."""
@@ -143,7 +158,7 @@ def make_server(
             try:
                 with lock:
                     state = watch.load_state(state_uri) if state_uri else {}
-                    landed = landed_checkpoints(body, prefixes, state, marker=marker, kind=kind)
+                    landed = landed_checkpoints(body, prefixes, state, marker=marker, kind=kind, rules=rules)
                     for item in landed:
                         announce(item)
                         if state_uri:
@@ -159,6 +174,7 @@ def make_server(
 
     for prefix in prefixes:
         store.check_uri(prefix)
+    watch.kind_rules(rules)  # a bad rule fails at start, not at the first notification
     return ThreadingHTTPServer((host, port), Handler)
 
 
@@ -171,9 +187,10 @@ def serve(
     state_uri: str | None = None,
     marker: str | None = None,
     kind: str = "rlvr",
+    rules: list[str] | None = None,
 ) -> None:
     """Receive notifications until interrupted (see `make_server`)."""
-    server = make_server(host, port, prefixes, announce, state_uri=state_uri, marker=marker, kind=kind)
+    server = make_server(host, port, prefixes, announce, state_uri=state_uri, marker=marker, kind=kind, rules=rules)
     log.info(
         "listening on http://%s:%d/ for notifications under %s", host, server.server_address[1], ", ".join(prefixes)
     )

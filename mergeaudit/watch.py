@@ -12,15 +12,18 @@ files change gets a new fingerprint and is announced again.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from mergeaudit import store
 from mergeaudit.checkpoint import discover
-from mergeaudit.errors import StoreError
+from mergeaudit.errors import ConfigError, StoreError
 
 EVENT = "mergeaudit.checkpoint.landed"
+KINDS = ("rlvr", "sft", "base", "unknown")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,25 @@ def checkpoint_name(prefix: str, uri: str) -> str:
     return name.strip("-.")[:64] or "checkpoint"
 
 
+def kind_rules(rules: Sequence[str] | None) -> list[tuple[str, str]]:
+    """`PATTERN=KIND` rules, in order; a typo in a kind is refused now, not at the audit."""
+    out = []
+    for rule in rules or []:
+        pattern, sep, kind = rule.rpartition("=")
+        if not sep or not pattern or kind not in KINDS:
+            raise ConfigError(f"kind rule {rule!r} must read PATTERN=KIND with KIND one of {', '.join(KINDS)}")
+        out.append((pattern, kind))
+    return out
+
+
+def kind_of(prefix: str, uri: str, rules: Sequence[str] | None, default: str = "rlvr") -> str:
+    """The training kind of a landed checkpoint: the first rule whose glob pattern matches its
+    whole path under the prefix (`*sft*=sft`, `grpo/*=rlvr`; `*` also matches `/`, as in
+    fnmatch), else `default`."""
+    rel = uri[len(prefix) :].strip("/") if uri.startswith(prefix) else store.basename(uri)
+    return next((kind for pattern, kind in kind_rules(rules) if fnmatch.fnmatchcase(rel, pattern)), default)
+
+
 def load_state(state_uri: str) -> dict[str, str]:
     try:
         return json.loads(store.read_bytes(state_uri)) if store.exists(state_uri) else {}
@@ -54,15 +76,29 @@ def load_state(state_uri: str) -> dict[str, str]:
 
 
 def new_checkpoints(
-    prefixes: list[str], state: dict[str, str], marker: str | None = None, kind: str = "rlvr"
+    prefixes: list[str],
+    state: dict[str, str],
+    marker: str | None = None,
+    kind: str = "rlvr",
+    rules: Sequence[str] | None = None,
 ) -> list[Landed]:
-    """Complete checkpoints under the prefixes that the state has not seen in this version."""
+    """Complete checkpoints under the prefixes that the state has not seen in this version,
+    each with its kind (`kind_of`: the first matching rule, else `kind`)."""
+    kind_rules(rules)
     out = []
     for prefix in prefixes:
         prefix = store.check_uri(prefix)
         for status in discover(prefix, marker=marker):
             if status.complete and state.get(status.uri) != status.fingerprint:
-                out.append(Landed(status.uri, checkpoint_name(prefix, status.uri), status.fingerprint, prefix, kind))
+                out.append(
+                    Landed(
+                        status.uri,
+                        checkpoint_name(prefix, status.uri),
+                        status.fingerprint,
+                        prefix,
+                        kind_of(prefix, status.uri, rules, kind),
+                    )
+                )
     return out
 
 

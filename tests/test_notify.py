@@ -106,3 +106,19 @@ def test_receiver_announces_each_complete_checkpoint_once(s3_bucket, monkeypatch
     (polled,) = watch.new_checkpoints([prefix], {})
     assert polled.event_id == landed.event_id
     assert watch.new_checkpoints([prefix], watch.load_state(state_uri)) == []
+
+
+def test_kind_rules_name_each_landed_checkpoints_kind(tmp_path):
+    prefix = str(tmp_path / "ckpts")
+    for rel in ("grpo-math/step-100", "sft-code/step-5", "other/step-1"):
+        write_checkpoint(f"{prefix}/{rel}", [("w", torch.zeros(2))], config=CFG)
+    rules = ["sft-*=sft", "grpo-*/*=rlvr"]
+    found = {c.name: c.kind for c in watch.new_checkpoints([prefix], {}, kind="unknown", rules=rules)}
+    assert found == {"grpo-math-step-100": "rlvr", "sft-code-step-5": "sft", "other-step-1": "unknown"}
+    found = {c.name: c.kind for c in watch.new_checkpoints([prefix], {}, kind="rlvr", rules=["code-*=sft"])}
+    assert found["sft-code-step-5"] == "rlvr"  # a rule matches the whole path under the prefix
+    assert watch.kind_of(prefix, f"{prefix}/sft-code/step-5", ["*=base", "sft*=sft"]) == "base"  # first match wins
+    with pytest.raises(ConfigError, match=r"kind rule 'sft-\*=SFT' must read PATTERN=KIND"):
+        watch.new_checkpoints([prefix], {}, rules=["sft-*=SFT"])
+    with pytest.raises(ConfigError, match="PATTERN=KIND"):
+        make_server("127.0.0.1", 0, [prefix], lambda landed: None, rules=["no-kind-here"])
