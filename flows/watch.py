@@ -18,12 +18,10 @@ def announce(landed: watch.Landed) -> None:
     """Emit `mergeaudit.checkpoint.landed`; the id is stable, so Prefect drops a repeat. The
     bucket-notification receiver (`mergeaudit notify-receiver`, mergeaudit.notify) announces
     with it too."""
+    watch.check_landed(landed)  # an event the on-checkpoint trigger would drop is an error here
     emit_event(
         event=watch.EVENT,
-        resource={
-            "prefect.resource.id": f"mergeaudit.checkpoint.{landed.fingerprint}",
-            "prefect.resource.name": landed.name,
-        },
+        resource={"prefect.resource.id": landed.resource_id, "prefect.resource.name": landed.name},
         payload=landed.payload(),
         id=landed.event_id,
     )

@@ -15,14 +15,17 @@ from __future__ import annotations
 import fnmatch
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from mergeaudit import store
 from mergeaudit.checkpoint import discover
 from mergeaudit.errors import ConfigError, StoreError
+from mergeaudit.fields import check_name, check_store_uri
 
 EVENT = "mergeaudit.checkpoint.landed"
+RESOURCE_PREFIX = "mergeaudit.checkpoint."  # the on-checkpoint trigger matches `mergeaudit.checkpoint.*`
 KINDS = ("rlvr", "sft", "base", "unknown")
 
 
@@ -41,12 +44,48 @@ class Landed:
     def payload(self) -> dict[str, str]:
         return asdict(self)
 
+    @property
+    def resource_id(self) -> str:
+        return f"{RESOURCE_PREFIX}{self.fingerprint}"
+
+
+def event_problems(event: str, resource_id: str, payload: Mapping[str, Any]) -> list[str]:
+    """Why an event would not start `merge-audit/on-checkpoint` (empty: it would). The contract:
+    event `mergeaudit.checkpoint.landed`, a resource id under `mergeaudit.checkpoint.`, and a
+    payload with the checkpoint's `name` (1-64 letters, digits, '_', '-', '.'), `uri` (a path or
+    store URI) and `kind` (rlvr, sft, base or unknown)."""
+    problems = []
+    if event != EVENT:
+        problems.append(f"event {event!r} is not {EVENT!r}")
+    if not resource_id.startswith(RESOURCE_PREFIX) or resource_id == RESOURCE_PREFIX:
+        problems.append(f"resource id {resource_id!r} does not match {RESOURCE_PREFIX}*")
+    checks = {"name": check_name, "uri": check_store_uri}
+    for key, check in checks.items():
+        value = payload.get(key)
+        if not isinstance(value, str):
+            problems.append(f"payload.{key} is missing")
+            continue
+        try:
+            check(value)
+        except ValueError as exc:
+            problems.append(f"payload.{key}: {exc}")
+    if payload.get("kind") not in KINDS:
+        problems.append(f"payload.kind {payload.get('kind')!r} is not one of {', '.join(KINDS)}")
+    return problems
+
+
+def check_landed(landed: Landed) -> None:
+    """Refuse to announce a checkpoint whose event would not start the on-checkpoint audit."""
+    problems = event_problems(EVENT, landed.resource_id, landed.payload())
+    if problems:
+        raise ConfigError(f"not announcing {landed.uri}: " + "; ".join(problems))
+
 
 def checkpoint_name(prefix: str, uri: str) -> str:
     """A short, config-safe name from the checkpoint's path under its prefix."""
     rel = uri[len(prefix) :].strip("/") if uri.startswith(prefix) else store.basename(uri)
     name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in (rel or store.basename(uri)))
-    return name.strip("-.")[:64] or "checkpoint"
+    return name.strip("-._")[:64].rstrip("-._") or "checkpoint"
 
 
 def kind_rules(rules: Sequence[str] | None) -> list[tuple[str, str]]:

@@ -122,3 +122,17 @@ def test_kind_rules_name_each_landed_checkpoints_kind(tmp_path):
         watch.new_checkpoints([prefix], {}, rules=["sft-*=SFT"])
     with pytest.raises(ConfigError, match="PATTERN=KIND"):
         make_server("127.0.0.1", 0, [prefix], lambda landed: None, rules=["no-kind-here"])
+
+
+def test_the_event_contract_is_checked_before_anything_is_emitted():
+    good = watch.Landed("s3://ckpts/rl/step-400", "rl-step-400", "f" * 16, "s3://ckpts", "rlvr")
+    assert watch.event_problems(watch.EVENT, good.resource_id, good.payload()) == []
+    assert good.resource_id.startswith("mergeaudit.checkpoint.")
+    problems = watch.event_problems("checkpoint.landed", "ckpt.1", {"name": "-x", "uri": "gs://b/k", "kind": "RL"})
+    assert len(problems) == 5 and "does not match mergeaudit.checkpoint.*" in problems[1]
+    assert watch.event_problems(watch.EVENT, good.resource_id, {"uri": good.uri, "kind": "sft"}) == [
+        "payload.name is missing"
+    ]
+    with pytest.raises(ConfigError, match="not announcing s3://ckpts/rl/step-400: payload.kind 'RL'"):
+        watch.check_landed(watch.Landed(good.uri, good.name, good.fingerprint, good.prefix, "RL"))
+    assert watch.checkpoint_name("s3://ckpts", "s3://ckpts/_staging/step_") == "staging-step"  # a valid name
