@@ -118,9 +118,22 @@ def evaluate_inline(config: AuditConfig, candidate: audit.Candidate) -> audit.Ev
     return audit.failed_evaluation(candidate, f"{state.name}: {state.message}")
 
 
+# The deployments whose `config_uri` prefect.yaml fills from an environment variable at deploy time.
+CONFIG_VARIABLES = {
+    "merge-audit/nightly": "MERGEAUDIT_NIGHTLY_CONFIG",
+    "merge-audit/on-checkpoint": "MERGEAUDIT_CHECKPOINT_CONFIG",
+}
+
+
 def resolve_config(config: AuditConfig | None, config_uri: str | None) -> AuditConfig:
     if (config is None) == (config_uri is None):
         raise ConfigError("give exactly one of `config` and `config_uri`")
+    if config is None and not config_uri.strip():
+        variables = ", ".join(f"${v} ({d})" for d, v in CONFIG_VARIABLES.items())
+        raise ConfigError(
+            f"config_uri is empty: the environment variable that fills it ({variables}) was unset when the "
+            "deployment was made; set it and run `prefect deploy --all` again, or give config_uri with the run"
+        )
     return config if config is not None else load_config(config_uri)
 
 
@@ -180,9 +193,17 @@ def evaluate_on_pool(
     parent = str(flow_run.get_id() or audit.new_run_id())
     futures = [dispatch_evaluation.submit(config, c, parent) for c in candidates]
     done = {}
+    log = get_run_logger()
     for future in as_completed(futures):
         child = future.result()
         done[child["candidate_id"]] = child
+        log.info(
+            "evaluate run %s on pool %s for %s ended %s",
+            child["flow_run"],
+            child["work_pool"],
+            child["candidate"],
+            child["state"],
+        )
         if progress is not None:
             progress.finished(child["candidate"], ok=child["state"] == StateType.COMPLETED.value)
     children = [done[c.candidate_id] for c in candidates]

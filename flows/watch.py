@@ -12,6 +12,7 @@ from prefect import flow, get_run_logger
 from prefect.events import emit_event
 
 from mergeaudit import watch
+from mergeaudit.errors import ConfigError
 
 
 def announce(landed: watch.Landed) -> None:
@@ -38,6 +39,16 @@ def watch_checkpoints(
     """Emit one event per newly complete checkpoint; returns what was announced. A checkpoint's
     kind is that of the first of `kind_rules` (`PATTERN=KIND`, a glob on its path under the
     prefix: `*sft*=sft`) that matches, else `kind`."""
+    unset = [
+        var
+        for var, value in (("MERGEAUDIT_WATCH_PREFIX", prefixes), ("MERGEAUDIT_WATCH_STATE", [state_uri]))
+        if not value or not all(v and v.strip() for v in value)
+    ]
+    if unset:
+        raise ConfigError(
+            f"prefixes or state_uri is empty: {' and '.join('$' + v for v in unset)} was unset when "
+            "watch-checkpoints/poll was deployed; set it and run `prefect deploy --all` again"
+        )
     log = get_run_logger()
     announced = []
     state = watch.load_state(state_uri)
