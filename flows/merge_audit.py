@@ -110,6 +110,30 @@ def merge_audit(
         return result
 
 
+def submit(config: AuditConfig, deployment: str = "merge-audit/on-demand") -> dict:
+    """Start a run of a merge-audit deployment with `config` as its parameter, without waiting
+    (`mergeaudit submit`); returns the run's id, name and state, and its URL when
+    PREFECT_UI_URL is set."""
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    try:
+        run = run_deployment(deployment, parameters={"config": config.model_dump(mode="json")}, timeout=0)
+    except ObjectNotFound:
+        api = PREFECT_API_URL.value() or "the ephemeral API (PREFECT_API_URL is unset)"
+        raise ConfigError(
+            f"no deployment {deployment!r} at {api}; deploy prefect.yaml (`prefect deploy --all`) or point "
+            "PREFECT_API_URL at the server that has it"
+        ) from None
+    ui = PREFECT_UI_URL.value()
+    return {
+        "id": str(run.id),
+        "name": run.name,
+        "state": run.state.name if run.state else None,
+        "url": f"{ui.rstrip('/')}/runs/flow-run/{run.id}" if ui else None,
+    }
+
+
 def evaluate_inline(config: AuditConfig, candidate: audit.Candidate) -> audit.EvaluationRecord:
     """Evaluate in this process; a failure (after retries) is recorded, not raised."""
     state = evaluate_candidate(candidate, config.evaluation, config.storage, config.results_uri, return_state=True)

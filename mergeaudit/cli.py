@@ -1,6 +1,7 @@
 """The `mergeaudit` command.
 
     mergeaudit audit CONFIG.yaml          run the audit flow on a YAML AuditConfig
+    mergeaudit submit CONFIG.yaml [--deployment merge-audit/on-demand]   start a deployment's run
     mergeaudit demo [--workdir DIR]       build tiny checkpoints, audit them, print a summary
     mergeaudit geometry BASE MODEL... --out RESULTS [--kind NAME=rlvr]   update geometry tables
     mergeaudit merge CONFIG.yaml OUT [--overwrite] [--device cpu|cuda] [--seed N]   run a mergekit config
@@ -70,6 +71,22 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if problems:
         print(f"mergeaudit: audit ended Failed:\n{problems}", file=sys.stderr)
         return EXIT_ALARM
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from mergeaudit.audit import preflight
+    from mergeaudit.config import load_config
+
+    config = load_config(args.config)
+    if not args.no_preflight:
+        preflight(config)  # from here: a bad checkpoint fails now, not on a worker
+    from mergeaudit.flows.merge_audit import submit
+
+    run = submit(config, args.deployment)
+    print(f"submitted {args.config} to {args.deployment}: flow run {run['name']} ({run['id']}), {run['state']}")
+    if run["url"]:
+        print(run["url"])
     return 0
 
 
@@ -319,6 +336,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="run the merge audit flow on a YAML AuditConfig")
     p.add_argument("config", help="path of the AuditConfig YAML")
     p.set_defaults(func=cmd_audit)
+    p = sub.add_parser("submit", help="start a run of a merge-audit deployment with a YAML AuditConfig (no wait)")
+    p.add_argument("config", help="path or store URI of the AuditConfig YAML")
+    p.add_argument(
+        "--deployment", default="merge-audit/on-demand", help="FLOW/DEPLOYMENT (default merge-audit/on-demand)"
+    )
+    p.add_argument(
+        "--no-preflight",
+        action="store_true",
+        help="do not open the checkpoints here (the workers can, this machine not)",
+    )
+    p.set_defaults(func=cmd_submit)
     p = sub.add_parser("demo", help="train toy SFT and RLVR experts, audit them, print a verdict")
     p.add_argument("--workdir", default=DEMO_WORKDIR, help=f"where the demo store lives (default {DEMO_WORKDIR})")
     p.add_argument("--quick", action="store_true", help="a few training steps only (tests; the verdict means little)")

@@ -190,3 +190,11 @@ def test_report(console_script, tmp_path):
 def test_regressions(console_script, tmp_path):
     out = console_script("regressions", committed_results(tmp_path, runs=2))
     assert out.returncode == 0 and "run r2: no regressions against r1" in out.stdout, (out.stdout, out.stderr[-2000:])
+
+
+@smokes("submit")
+def test_submit_refuses_a_config_that_does_not_validate(console_script, tmp_path):
+    path = tmp_path / "audit.yaml"
+    path.write_text("base: {name: base, uri: gs://nope/base}\n")
+    out = console_script("submit", str(path), "--no-preflight")
+    assert out.returncode == 2 and "unknown store scheme 'gs'" in out.stderr and out.stderr.count("\n") == 1

@@ -260,3 +260,27 @@ def test_only_gpu_evaluations_take_a_gpu_slot(monkeypatch, device, takes_slot):
     monkeypatch.setattr(audit, "evaluate_to_store", lambda *a: calls.append("evaluated") or "record")
     assert audit_tasks.evaluate_candidate.fn(None, EvalSettings(device=device), None, "mem://r") == "record"
     assert calls == ([("gpu",), "evaluated"] if takes_slot else ["evaluated"])
+
+
+def test_submit_starts_a_deployment_run_with_the_yaml_config(prefect_harness, toy_family, tmp_path, run_cli):
+    """`mergeaudit submit` validates the YAML (and opens the checkpoints), then creates a run of
+    the deployment with the config as its parameter, without waiting for a worker."""
+    from prefect.client.orchestration import get_client
+
+    from mergeaudit.flows.merge_audit import merge_audit
+
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow(merge_audit)
+        client.create_deployment(flow_id=flow_id, name="submit-test", entrypoint="flows/merge_audit.py:merge_audit")
+    raw = small_config(toy_family, str(tmp_path / "r"))
+    path = tmp_path / "audit.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = run_cli("submit", str(path), "--deployment", "merge-audit/submit-test")
+    assert out.returncode == 0, out.stderr
+    run_id = out.stdout.split("(")[1].split(")")[0]
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+    assert parse_config(run.parameters["config"]) == parse_config(raw)
+    assert run.state.is_scheduled()
+    missing = run_cli("submit", str(path), "--deployment", "merge-audit/absent")
+    assert missing.returncode == 2 and "no deployment 'merge-audit/absent'" in missing.stderr
