@@ -163,7 +163,9 @@ def resolve_config(config: AuditConfig | None, config_uri: str | None) -> AuditC
 
 @task(name="run-evaluation", tags=["dispatch"], task_run_name="dispatch-{candidate.name}")
 def dispatch_evaluation(config: AuditConfig, candidate: audit.Candidate, parent: str) -> dict:
-    """Start (or, with the same idempotency key, find) the child run and wait for it."""
+    """Start (or, with the same idempotency key, find) the child run and wait for it, at most
+    `config.child_timeout` seconds: a run still not final then is cancelled and reported as
+    TIMED_OUT (a pool without a worker, a worker killed mid-evaluation)."""
     child = run_deployment(
         config.evaluate_deployment,
         parameters={
@@ -174,17 +176,56 @@ def dispatch_evaluation(config: AuditConfig, candidate: audit.Candidate, parent:
         },
         idempotency_key=f"{parent}:{candidate.candidate_id}",
         flow_run_name=f"evaluate-{candidate.candidate_id[:12]}",
-        timeout=None,
+        timeout=config.child_timeout,
         poll_interval=2,
     )
+    state, message = (child.state.type.value, child.state.message) if child.state else (None, None)
+    if child.state is None or not child.state.is_final():
+        cancel_run(child.id)
+        was = child.state.name if child.state else "unknown"
+        state = "TIMED_OUT"
+        message = f"not finished after child_timeout={config.child_timeout:g} s (it was {was}); cancelled"
     return {
         "candidate": candidate.name,
         "candidate_id": candidate.candidate_id,
         "flow_run": str(child.id),
-        "state": child.state.type.value if child.state else None,
-        "message": child.state.message if child.state else None,
+        "state": state,
+        "message": message,
         "work_pool": child.work_pool_name,
     }
+
+
+def cancel_run(flow_run_id) -> None:
+    """Ask Prefect to cancel a flow run (its worker stops it; a Scheduled one never starts)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(
+            flow_run_id, Cancelling(message="the audit stopped waiting (child_timeout)"), force=True
+        )
+
+
+def pool_readiness(deployment: str) -> str:
+    """One line on whether the deployment's work pool has a worker online to run evaluations."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            dep = client.read_deployment_by_name(deployment)
+        except ObjectNotFound:
+            raise ConfigError(f"evaluate_deployment {deployment!r} is not deployed (prefect deploy --all)") from None
+        if not dep.work_pool_name:
+            return f"{deployment} has no work pool: its runs wait until something runs them"
+        workers = client.read_workers_for_work_pool(dep.work_pool_name)
+    online = [w.name for w in workers if str(getattr(w.status, "value", w.status)).upper() == "ONLINE"]
+    if online:
+        return f"work pool {dep.work_pool_name}: {len(online)} worker(s) online ({', '.join(online[:4])})"
+    return (
+        f"work pool {dep.work_pool_name} has no worker online: the evaluations queue until one starts "
+        f"(prefect worker start --pool {dep.work_pool_name}), at most child_timeout each"
+    )
 
 
 def audit_progress(config: AuditConfig) -> AuditProgress:
@@ -215,6 +256,8 @@ def evaluate_on_pool(
     state is checked: a child that did not complete becomes a failed record naming its flow run
     (the audit then ends Failed with one line per failed child, after writing the rest)."""
     parent = str(flow_run.get_id() or audit.new_run_id())
+    ready = pool_readiness(config.evaluate_deployment)
+    get_run_logger().log(30 if "no worker" in ready or "no work pool" in ready else 20, ready)
     futures = [dispatch_evaluation.submit(config, c, parent) for c in candidates]
     done = {}
     log = get_run_logger()

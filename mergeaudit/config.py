@@ -124,6 +124,12 @@ class AuditConfig(Frozen):
         "inline", description="inline: everything in this process; pools: evaluations as runs of evaluate_deployment."
     )
     evaluate_deployment: str = pydantic.Field("evaluate/gpu", description="Deployment that evaluates one candidate.")
+    child_timeout: float = pydantic.Field(
+        6 * 3600.0,
+        gt=0,
+        description="routing: pools: seconds the audit waits for one evaluate run, queueing included; a run not "
+        "finished by then is cancelled and its candidate fails (no worker on the pool, a worker killed mid-run).",
+    )
     score_inputs: bool = pydantic.Field(True, description="Also score the base and each fine-tune as references.")
     max_grid_points: int = pydantic.Field(
         4096,

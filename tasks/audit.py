@@ -14,6 +14,9 @@ from mergeaudit.evaluation.settings import EvalSettings
 from mergeaudit.tasks.policies import CACHED, STORAGE_RETRIES, geometry_key, retry_transient
 
 GPU_LIMIT = "gpu"  # a global concurrency limit: `prefect gcl create gpu --limit <GPUs>`
+# A held slot is a lease its holder renews; a holder that dies stops renewing, and the slot
+# returns after this many seconds (Prefect's default, 300 s, stalled every other audit that long).
+GPU_LEASE_SECONDS = 60
 
 preflight = task(
     audit.preflight,
@@ -78,9 +81,10 @@ def evaluate_candidate(
     candidate: Candidate, evaluation: EvalSettings, storage: StorageSettings, results_uri: str
 ) -> EvaluationRecord:
     """Score one candidate; on a GPU (`evaluation.device` cuda) while holding a slot of the global
-    `gpu` concurrency limit. CPU evaluations take no slot: they hold no GPU, and asking the API
+    `gpu` concurrency limit, leased for GPU_LEASE_SECONDS at a time, so a killed worker's slot
+    returns within a minute. CPU evaluations take no slot: they hold no GPU, and asking the API
     for a limit that does not exist costs about 2 s per candidate (measured with Prefect 3)."""
     if not evaluation.device.startswith("cuda"):
         return audit.evaluate_to_store(candidate, evaluation, storage, results_uri)
-    with concurrency(GPU_LIMIT, occupy=1, strict=False):
+    with concurrency(GPU_LIMIT, occupy=1, strict=False, lease_duration=GPU_LEASE_SECONDS):
         return audit.evaluate_to_store(candidate, evaluation, storage, results_uri)

@@ -249,6 +249,7 @@ def test_only_gpu_evaluations_take_a_gpu_slot(monkeypatch, device, takes_slot):
     class Slot:
         def __init__(self, *args, **kwargs):
             calls.append(args)
+            assert kwargs.get("lease_duration", 300) <= 60  # a dead holder's slot returns within a minute
 
         def __enter__(self):
             return self
@@ -284,3 +285,26 @@ def test_submit_starts_a_deployment_run_with_the_yaml_config(prefect_harness, to
     assert run.state.is_scheduled()
     missing = run_cli("submit", str(path), "--deployment", "merge-audit/absent")
     assert missing.returncode == 2 and "no deployment 'merge-audit/absent'" in missing.stderr
+
+
+def test_a_pool_without_a_worker_fails_the_audit_at_the_child_timeout(prefect_harness, toy_family, tmp_path):
+    """routing: pools with nothing to run the evaluate runs: each child is cancelled after
+    `child_timeout`, and the audit commits its tables and ends Failed, one line per child."""
+    from prefect.client.orchestration import get_client
+
+    from mergeaudit.flows.evaluate import evaluate
+    from mergeaudit.flows.merge_audit import merge_audit
+
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow(evaluate)
+        client.create_deployment(flow_id=flow_id, name="no-worker", entrypoint="flows/evaluate.py:evaluate")
+    raw = small_config(toy_family, str(tmp_path / "r"), routing="pools", evaluate_deployment="evaluate/no-worker")
+    state = merge_audit(config=parse_config({**raw, "child_timeout": 3}), return_state=True)
+    assert state.is_failed()
+    assert "candidate(s) failed" in state.message
+    result = state.result(raise_on_failure=False)
+    assert len(result["failed"]) == 4  # base, two fine-tunes, one merge
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+    children = [r for r in runs if r.name.startswith("evaluate-")]
+    assert len(children) == 4 and all(r.state.type.value in ("CANCELLING", "CANCELLED") for r in children)
