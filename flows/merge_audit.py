@@ -59,7 +59,17 @@ def merge_audit(
     config_uri: str | None = None,
     add_models: list[CheckpointSpec] | None = None,
 ) -> dict:
-    """Audit merges of the configured checkpoints; returns the run id, table URIs and a summary."""
+    """Audit merges of the configured checkpoints; returns the run id, table URIs and a summary.
+
+    Args:
+        config: The audit: base, fine-tuned models, merge strategies, evaluation, results store.
+            Give this or config_uri.
+        config_uri: Path or s3:// URI of an AuditConfig YAML, read when the run starts (edit the
+            file, no redeploy). Give this or config.
+        add_models: Checkpoints audited besides the config's models; the on-checkpoint trigger
+            fills it from the event (name, uri, kind). One named like a configured model replaces
+            it (see the config's landed_same_name).
+    """
     config = with_models(resolve_config(config, config_uri), add_models or [])
     with use_storage_credentials(config.storage):  # this run's S3 credentials, not the process's
         reads_before = store.bytes_read()

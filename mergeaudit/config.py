@@ -63,7 +63,10 @@ class StrategySpec(Frozen):
     (`weight`, `density`, ...); `grid` sweeps global settings, one candidate per point.
     """
 
-    method: str = pydantic.Field(description="Registry name, as in mergekit (linear, ties, dare_ties, sar, ...).")
+    method: str = pydantic.Field(
+        description="Registry name, as in mergekit (linear, ties, dare_ties, sar, ...).",
+        json_schema_extra=lambda schema: schema.update(enum=_method_names()),
+    )
     models: list[str] | None = pydantic.Field(
         None, description="Names of the fine-tuned checkpoints to merge; default: all of them."
     )
@@ -246,6 +249,13 @@ class AuditConfig(Frozen):
             if spec.name == name:
                 return spec
         raise ConfigError(f"no checkpoint named {name!r}")
+
+
+def _method_names() -> list[str]:
+    """The registered merge methods: the choices of `method` in the UI's form."""
+    from mergeaudit.merging import REGISTRY
+
+    return sorted(m.name for m in REGISTRY.methods())
 
 
 def _nested(inner: str, outer: str) -> bool:
