@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import posixpath
+import signal
 import threading
 import urllib.parse
 from collections.abc import Callable
@@ -189,7 +190,11 @@ def serve(
     kind: str = "rlvr",
     rules: list[str] | None = None,
 ) -> None:
-    """Receive notifications until interrupted (see `make_server`)."""
+    """Receive notifications until SIGINT or SIGTERM (what a service manager sends), which end it
+    with KeyboardInterrupt; see `make_server`. Both are handled here, so a receiver started
+    from a script that ignores SIGINT (a background job of a non-interactive shell) still stops."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     server = make_server(host, port, prefixes, announce, state_uri=state_uri, marker=marker, kind=kind, rules=rules)
     log.info(
         "listening on http://%s:%d/ for notifications under %s", host, server.server_address[1], ", ".join(prefixes)

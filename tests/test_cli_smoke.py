@@ -129,7 +129,7 @@ def test_convert(console_script, tmp_path):
 
 @smokes("notify-receiver")
 @pytest.mark.integration  # a child process, without the console_script fixture that marks the others
-def test_notify_receiver_serves_until_interrupted(tmp_path):
+def test_notify_receiver_serves_until_stopped(tmp_path):
     port = free_port()
     script = os.path.join(os.path.dirname(sys.executable), "mergeaudit")
     with open(tmp_path / "receiver.log", "w+") as log:
@@ -150,7 +150,7 @@ def test_notify_receiver_serves_until_interrupted(tmp_path):
                 except OSError:
                     assert time.monotonic() < deadline, "the receiver never answered its health check"
                     time.sleep(0.5)
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGTERM)  # a service manager's stop; SIGINT does the same
             assert proc.wait(timeout=60) == 130
         finally:
             if proc.poll() is None:
