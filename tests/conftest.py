@@ -63,6 +63,39 @@ SLOW_MODULES = frozenset({"test_mergekit_parity_dtypes"})
 TIERS = ("integration", "slow")
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV_PYTHON = os.path.join(REPO, ".venv", "bin", "python")
+# What the project needs installed to import its tests (pyproject's dependencies and test extra).
+NEEDS = ("torch", "fsspec", "pyarrow", "safetensors", "prefect", "lm_eval", "moto")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """`pytest` run by an interpreter without the project's dependencies (the system one) runs
+    again in the project's venv, with the same arguments, rather than failing on every import;
+    without a venv it stops with the command that makes one."""
+    import importlib.util
+
+    missing = [name for name in NEEDS if importlib.util.find_spec(name) is None]
+    if not missing:
+        return
+    in_venv = os.path.realpath(sys.prefix) == os.path.realpath(os.path.join(REPO, ".venv"))
+    if in_venv or not os.path.exists(VENV_PYTHON):
+        pytest.exit(
+            f"the tests need the project's dependencies ({', '.join(missing)} missing in {sys.executable}); "
+            "run `make venv` (or `make test`), then `pytest` again",
+            returncode=4,
+        )
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if capman is not None:
+        capman.suspend_global_capture(in_=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.rmdir(_SESSION_TMP)  # still empty: the venv's run makes its own
+    os.chdir(str(config.invocation_params.dir))
+    os.execv(VENV_PYTHON, [VENV_PYTHON, "-m", "pytest", *config.invocation_params.args])
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects on the marks added here
 def pytest_collection_modifyitems(config, items):
     """Mark each test's tier; with neither -m nor paths given, keep the unit tier only."""
