@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -281,6 +282,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_notify_receiver(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # SIGTERM (a service manager's stop) ends it as SIGINT does, and SIGINT does even when this
+    # process started with it ignored (a background job of a non-interactive shell)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     from mergeaudit.flows.watch import announce  # emits the Prefect event mergeaudit.checkpoint.landed
     from mergeaudit.notify import serve
 

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import posixpath
-import signal
 import threading
 import urllib.parse
 from collections.abc import Callable
@@ -102,6 +101,7 @@ def landed_checkpoints(
 ) -> list[Landed]:
     """The complete, not yet announced checkpoints a notification points at, each with its kind
     (`watch.kind_of`: the first matching rule, else `kind`)."""
+    parsed = watch.kind_rules(rules)
     out = []
     for prefix, uri in checkpoints_in(body, prefixes, marker):
         status = check_complete(uri, marker)
@@ -112,7 +112,7 @@ def landed_checkpoints(
                     checkpoint_name(prefix, uri),
                     status.fingerprint,
                     prefix,
-                    watch.kind_of(prefix, uri, rules, kind),
+                    watch.kind_of(prefix, uri, parsed, kind),
                 )
             )
     return out
@@ -190,11 +190,7 @@ def serve(
     kind: str = "rlvr",
     rules: list[str] | None = None,
 ) -> None:
-    """Receive notifications until SIGINT or SIGTERM (what a service manager sends), which end it
-    with KeyboardInterrupt; see `make_server`. Both are handled here, so a receiver started
-    from a script that ignores SIGINT (a background job of a non-interactive shell) still stops."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.default_int_handler)
+    """Receive notifications until interrupted (KeyboardInterrupt); see `make_server`."""
     server = make_server(host, port, prefixes, announce, state_uri=state_uri, marker=marker, kind=kind, rules=rules)
     log.info(
         "listening on http://%s:%d/ for notifications under %s", host, server.server_address[1], ", ".join(prefixes)

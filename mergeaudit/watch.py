@@ -81,9 +81,14 @@ def check_landed(landed: Landed) -> None:
         raise ConfigError(f"not announcing {landed.uri}: " + "; ".join(problems))
 
 
+def relative_path(prefix: str, uri: str) -> str:
+    """The checkpoint's path under its watched prefix (its folder name when outside it)."""
+    return uri[len(prefix) :].strip("/") if uri.startswith(prefix) else store.basename(uri)
+
+
 def checkpoint_name(prefix: str, uri: str) -> str:
     """A short, config-safe name from the checkpoint's path under its prefix."""
-    rel = uri[len(prefix) :].strip("/") if uri.startswith(prefix) else store.basename(uri)
+    rel = relative_path(prefix, uri)
     name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in (rel or store.basename(uri)))
     return name.strip("-._")[:64].rstrip("-._") or "checkpoint"
 
@@ -99,12 +104,12 @@ def kind_rules(rules: Sequence[str] | None) -> list[tuple[str, str]]:
     return out
 
 
-def kind_of(prefix: str, uri: str, rules: Sequence[str] | None, default: str = "rlvr") -> str:
-    """The training kind of a landed checkpoint: the first rule whose glob pattern matches its
-    whole path under the prefix (`*sft*=sft`, `grpo/*=rlvr`; `*` also matches `/`, as in
-    fnmatch), else `default`."""
-    rel = uri[len(prefix) :].strip("/") if uri.startswith(prefix) else store.basename(uri)
-    return next((kind for pattern, kind in kind_rules(rules) if fnmatch.fnmatchcase(rel, pattern)), default)
+def kind_of(prefix: str, uri: str, rules: Sequence[tuple[str, str]], default: str = "rlvr") -> str:
+    """The training kind of a landed checkpoint: the first of the parsed `kind_rules` whose glob
+    matches its whole path under the prefix (`*sft*=sft`, `grpo/*=rlvr`; `*` also matches `/`,
+    as in fnmatch), else `default`."""
+    rel = relative_path(prefix, uri)
+    return next((kind for pattern, kind in rules if fnmatch.fnmatchcase(rel, pattern)), default)
 
 
 def load_state(state_uri: str) -> dict[str, str]:
@@ -123,7 +128,7 @@ def new_checkpoints(
 ) -> list[Landed]:
     """Complete checkpoints under the prefixes that the state has not seen in this version,
     each with its kind (`kind_of`: the first matching rule, else `kind`)."""
-    kind_rules(rules)
+    parsed = kind_rules(rules)
     out = []
     for prefix in prefixes:
         prefix = store.check_uri(prefix)
@@ -135,7 +140,7 @@ def new_checkpoints(
                         checkpoint_name(prefix, status.uri),
                         status.fingerprint,
                         prefix,
-                        kind_of(prefix, status.uri, rules, kind),
+                        kind_of(prefix, status.uri, parsed, kind),
                     )
                 )
     return out

@@ -117,7 +117,9 @@ def test_kind_rules_name_each_landed_checkpoints_kind(tmp_path):
     assert found == {"grpo-math-step-100": "rlvr", "sft-code-step-5": "sft", "other-step-1": "unknown"}
     found = {c.name: c.kind for c in watch.new_checkpoints([prefix], {}, kind="rlvr", rules=["code-*=sft"])}
     assert found["sft-code-step-5"] == "rlvr"  # a rule matches the whole path under the prefix
-    assert watch.kind_of(prefix, f"{prefix}/sft-code/step-5", ["*=base", "sft*=sft"]) == "base"  # first match wins
+    assert (
+        watch.kind_of(prefix, f"{prefix}/sft-code/step-5", watch.kind_rules(["*=base", "sft*=sft"])) == "base"
+    )  # first match wins
     with pytest.raises(ConfigError, match=r"kind rule 'sft-\*=SFT' must read PATTERN=KIND"):
         watch.new_checkpoints([prefix], {}, rules=["sft-*=SFT"])
     with pytest.raises(ConfigError, match="PATTERN=KIND"):

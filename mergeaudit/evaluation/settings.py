@@ -22,6 +22,13 @@ from mergeaudit.evaluation.sandbox import SandboxLimits
 from mergeaudit.frozen import Frozen
 
 
+def engine_for(engine: str, device: str) -> str:
+    """The server engine `auto` stands for: vllm for a cuda device, transformers serve elsewhere."""
+    if engine != "auto":
+        return engine
+    return "vllm" if device.startswith("cuda") else "transformers"
+
+
 class ServerSettings(Frozen):
     """The OpenAI-compatible server a `served` evaluation starts on the worker, per candidate.
 
@@ -49,10 +56,8 @@ class ServerSettings(Frozen):
 
     @property
     def resolved_engine(self) -> str:
-        """The engine `auto` stands for: vllm for a cuda device, transformers serve elsewhere."""
-        if self.engine != "auto":
-            return self.engine
-        return "vllm" if self.device.startswith("cuda") else "transformers"
+        """The engine `auto` stands for on this server's device (see `engine_for`)."""
+        return engine_for(self.engine, self.device)
 
     @pydantic.field_validator("extra_args")
     @classmethod
@@ -143,10 +148,8 @@ class EvalSettings(Frozen):
 
     @property
     def engine(self) -> str:
-        """The server engine a served evaluation starts."""
-        if self.server.engine != "auto":
-            return self.server.engine
-        return "vllm" if self.device.startswith("cuda") else "transformers"
+        """The server engine a served evaluation starts (on the evaluation's device)."""
+        return engine_for(self.server.engine, self.device)
 
     @property
     def torch_dtype(self) -> str:
@@ -161,11 +164,8 @@ class EvalSettings(Frozen):
 
     def served(self) -> ServerSettings:
         """The server settings with what `auto` leaves to the evaluation filled in."""
-        engine = self.engine
-        return self.server.model_copy(
-            update={
-                "engine": engine,
-                "dtype": self.torch_dtype if self.server.dtype == "auto" else self.server.dtype,
-                "device": self.server.device if self.server.device != "auto" or engine == "vllm" else self.device,
-            }
-        )
+        engine, device = self.engine, self.server.device
+        if device == "auto" and engine == "transformers":  # vllm takes its GPU from CUDA_VISIBLE_DEVICES
+            device = self.device
+        dtype = self.torch_dtype if self.server.dtype == "auto" else self.server.dtype
+        return self.server.model_copy(update={"engine": engine, "dtype": dtype, "device": device})
