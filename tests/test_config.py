@@ -112,3 +112,17 @@ def test_a_landed_checkpoint_named_like_a_model_replaces_it_or_is_refused(tmp_pa
         with_models(strict, [landed])
     with pytest.raises(ConfigError, match="the base's name"):
         with_models(config, [CheckpointSpec(name="base", uri=str(tmp_path / "other"))])
+
+
+def test_fisher_and_cache_locations_are_validated(tmp_path):
+    raw = base_config(
+        tmp_path,
+        fisher={"calibration": "gs://bkt/calib.jsonl", "cache_uri": "ftp://host/fisher"},
+        storage={"cache_dir": "s3://bkt/cache"},
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    msg = str(info.value)
+    assert "fisher.calibration: unknown store scheme 'gs'" in msg
+    assert "fisher.cache_uri: unknown store scheme 'ftp'" in msg
+    assert "storage.cache_dir: 's3://bkt/cache' must be a local folder" in msg
