@@ -10,10 +10,11 @@ details).
 
 Run it on embedded defaults (no server: Prefect starts an ephemeral API in-process):
     mergeaudit audit audit.yaml
-From a deployment, the UI renders `config` as a form; `config_uri` names an AuditConfig YAML in
-the store instead (the nightly deployment uses it, so the audit can change without a
-redeploy), and `add_models` appends checkpoints (the on-checkpoint trigger fills it from the
-event). With `routing: pools` each evaluation is a run of the `evaluate/gpu` deployment.
+From a deployment, the UI renders `config` as a form, starting from a small audit of the shipped
+toy experts (Quick Run runs it); `config_uri` names an AuditConfig YAML in the store instead
+(the nightly deployment uses it, so the audit can change without a redeploy), and `add_models`
+appends checkpoints (the on-checkpoint trigger fills it from the event, and `landed_event` with
+the event's resource id, checked against the event contract). With `routing: pools` each evaluation is a run of the `evaluate/gpu` deployment.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from prefect.states import Failed
 
 from mergeaudit import audit, report, store
 from mergeaudit.checkpoint import reads
-from mergeaudit.config import AuditConfig, CheckpointSpec, load_config, with_models
+from mergeaudit.config import AuditConfig, CheckpointSpec, load_config, parse_config, with_models
+from mergeaudit.demo import quick_run_config
 from mergeaudit.errors import ConfigError
 from mergeaudit.flows.credentials import use_storage_credentials
 from mergeaudit.progress import AuditProgress
@@ -53,23 +55,37 @@ from mergeaudit.tasks.audit import (
 STAGES = ["resolve", "fisher", "geometry", "plan", "evaluate", "tables", "report"]
 
 
+# The form's starting point (plain data: its paths stay relative to the project folder the
+# deployments run in): the demo's shape on the toy experts shipped in the checkout, so the UI's
+# Quick Run works on a fresh server.
+QUICK_RUN = quick_run_config()
+
+
 @flow(name="merge-audit", log_prints=True, persist_result=True)
 def merge_audit(
-    config: AuditConfig | None = None,
+    config: AuditConfig | None = QUICK_RUN,
     config_uri: str | None = None,
     add_models: list[CheckpointSpec] | None = None,
+    landed_event: str | None = None,
 ) -> dict:
     """Audit merges of the configured checkpoints; returns the run id, table URIs and a summary.
 
     Args:
         config: The audit: base, fine-tuned models, merge strategies, evaluation, results store.
-            Give this or config_uri.
+            Starts as a small audit of the toy experts shipped in the checkout (Quick Run runs
+            it); config_uri, when given, is used instead.
         config_uri: Path or s3:// URI of an AuditConfig YAML, read when the run starts (edit the
-            file, no redeploy). Give this or config.
+            file, no redeploy). When given, the config parameter is not used.
         add_models: Checkpoints audited besides the config's models; the on-checkpoint trigger
             fills it from the event (name, uri, kind). One named like a configured model replaces
             it (see the config's landed_same_name).
+        landed_event: Set by the on-checkpoint trigger: the resource id of the event that started
+            the run. The trigger takes every `mergeaudit.checkpoint.landed` event, and a run
+            started by one that breaks the event contract fails, naming what is wrong, instead
+            of the event being dropped without a word.
     """
+    if landed_event is not None:
+        check_landed_event(landed_event, add_models or [])
     config = with_models(resolve_config(config, config_uri), add_models or [])
     with use_storage_credentials(config.storage):  # this run's S3 credentials, not the process's
         reads_before = store.bytes_read()
@@ -152,6 +168,20 @@ def evaluate_inline(config: AuditConfig, candidate: audit.Candidate) -> audit.Ev
     return audit.failed_evaluation(candidate, f"{state.name}: {state.message}")
 
 
+def check_landed_event(resource_id: str, add_models: list[CheckpointSpec]) -> None:
+    """Refuse a run started by a landed event that breaks the contract (mergeaudit.watch)."""
+    from mergeaudit import watch
+
+    problems = [p for m in add_models for p in watch.event_problems(watch.EVENT, resource_id, m.model_dump())]
+    if not add_models:
+        problems.append("the event's payload names no checkpoint")
+    if problems:
+        raise ConfigError(
+            f"the {watch.EVENT} event for {resource_id!r} breaks the event contract (README, The event "
+            f"contract): {'; '.join(dict.fromkeys(problems))}"
+        )
+
+
 # The deployments whose `config_uri` prefect.yaml fills from an environment variable at deploy time.
 CONFIG_VARIABLES = {
     "merge-audit/nightly": "MERGEAUDIT_NIGHTLY_CONFIG",
@@ -159,16 +189,20 @@ CONFIG_VARIABLES = {
 }
 
 
-def resolve_config(config: AuditConfig | None, config_uri: str | None) -> AuditConfig:
-    if (config is None) == (config_uri is None):
-        raise ConfigError("give exactly one of `config` and `config_uri`")
-    if config is None and not config_uri.strip():
+def resolve_config(config: AuditConfig | dict | None, config_uri: str | None) -> AuditConfig:
+    """The run's audit: read from config_uri when given (the form's config is then not used),
+    else the config parameter (the form's default arrives as plain data)."""
+    if config_uri is None:
+        if config is None:
+            raise ConfigError("give `config` or `config_uri`")
+        return config if isinstance(config, AuditConfig) else parse_config(config, source="config")
+    if not config_uri.strip():
         variables = ", ".join(f"${v} ({d})" for d, v in CONFIG_VARIABLES.items())
         raise ConfigError(
             f"config_uri is empty: the environment variable that fills it ({variables}) was unset when the "
             "deployment was made; set it and run `prefect deploy --all` again, or give config_uri with the run"
         )
-    return config if config is not None else load_config(config_uri)
+    return load_config(config_uri)
 
 
 @task(name="run-evaluation", tags=["dispatch"], task_run_name="dispatch-{candidate.name}")
@@ -274,15 +308,18 @@ def evaluate_on_pool(
     for future in as_completed(futures):
         child = future.result()
         done[child["candidate_id"]] = child
-        log.info(
-            "evaluate run %s on pool %s for %s ended %s",
+        ok = child["state"] == StateType.COMPLETED.value
+        log.log(
+            20 if ok else 40,
+            "evaluate run %s on pool %s for %s ended %s%s",
             child["flow_run"],
             child["work_pool"],
             child["candidate"],
             child["state"],
+            "" if ok or not child["message"] else f": {child['message']}",
         )
         if progress is not None:
-            progress.finished(child["candidate"], ok=child["state"] == StateType.COMPLETED.value)
+            progress.finished(child["candidate"], ok=ok)
     children = [done[c.candidate_id] for c in candidates]
     out = []
     for cand, child in zip(candidates, children):

@@ -70,12 +70,22 @@ class StrategySpec(Frozen):
     models: list[str] | None = pydantic.Field(
         None, description="Names of the fine-tuned checkpoints to merge; default: all of them."
     )
-    params: dict[str, Any] = pydantic.Field(default_factory=dict, description="Global method parameters.")
+    params: dict[str, Any] = pydantic.Field(
+        default_factory=dict,
+        description='Global method parameters, as in mergekit, e.g. {"lambda": 1.0, "density": 0.3}; a value may be '
+        'a per-layer gradient list [0.2, 0.8] or conditions [{"filter": "mlp", "value": 0.5}, {"value": 0.3}].',
+        examples=[{"lambda": 1.0, "density": 0.3}, {"density": [{"filter": "mlp", "value": 0.5}, {"value": 0.3}]}],
+    )
     model_params: dict[str, dict[str, Any]] = pydantic.Field(
-        default_factory=dict, description="Per-model parameters, by model name."
+        default_factory=dict,
+        description='Per-model parameters by model name, e.g. {"rl_math": {"weight": 0.7}, "rl_code": {"weight": 0.3}}',
+        examples=[{"rl_math": {"weight": 0.7, "density": 0.5}, "rl_code": {"weight": 0.3, "density": 0.5}}],
     )
     grid: dict[str, list[Any]] = pydantic.Field(
-        default_factory=dict, description="Parameters to sweep: one candidate per point of the product."
+        default_factory=dict,
+        description='Parameters to sweep, one candidate per point of the product, e.g. {"density": [0.3, 0.7], '
+        '"lambda": [0.5, 1.0]} (4 candidates).',
+        examples=[{"density": [0.3, 0.7], "lambda": [0.5, 1.0]}],
     )
     seed: int = pydantic.Field(0, description="Seed of the random masks (DARE, DELLA).")
     out_dtype: Literal["bfloat16", "float16", "float32"] | None = pydantic.Field(
@@ -110,13 +120,21 @@ class AuditConfig(Frozen):
     """One merge audit: a base, fine-tuned checkpoints, merge strategies, evaluation, results."""
 
     name: Name = pydantic.Field("merge-audit", description="Audit name; runs of one name are compared.")
-    base: CheckpointSpec
+    base: CheckpointSpec = pydantic.Field(description="The checkpoint the fine-tunes started from.")
     models: list[CheckpointSpec] = pydantic.Field(min_length=1, description="Fine-tuned checkpoints.")
-    strategies: list[StrategySpec] = pydantic.Field(default_factory=list)
-    evaluation: EvalSettings = pydantic.Field(default_factory=EvalSettings)
+    strategies: list[StrategySpec] = pydantic.Field(
+        default_factory=list, description="Merge methods to try; each grid point is one candidate."
+    )
+    evaluation: EvalSettings = pydantic.Field(
+        default_factory=EvalSettings, description="How candidates are scored (tasks, prompting, sampling, device)."
+    )
     results_uri: StoreURI = pydantic.Field(description="Where the Parquet tables go (path, file://, s3://).")
-    storage: StorageSettings = pydantic.Field(default_factory=StorageSettings)
-    geometry: GeometrySettings = pydantic.Field(default_factory=GeometrySettings)
+    storage: StorageSettings = pydantic.Field(
+        default_factory=StorageSettings, description="How checkpoints are read (S3 endpoint, credentials, cache)."
+    )
+    geometry: GeometrySettings = pydantic.Field(
+        default_factory=GeometrySettings, description="Task-vector geometry (thresholds, spectral figures)."
+    )
     fisher: FisherSettings | None = pydantic.Field(None, description="Needed by the fisher and sar methods.")
     probes: ProbeSettings = pydantic.Field(default_factory=ProbeSettings, description="Fragility probes.")
     series: list[SeriesSpec] = pydantic.Field(
@@ -145,6 +163,21 @@ class AuditConfig(Frozen):
         description="A landed checkpoint (add_models) named like a model of this config: replace that model "
         "(audit the new checkpoint in its place), or refuse the run with a message naming both.",
     )
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _device_by_routing(cls, data: Any) -> Any:
+        """`evaluation.device: auto` (the default) is cuda with routing: pools, where evaluations run
+        on the GPU pool, and cpu inline."""
+        if not isinstance(data, dict) or data.get("routing", "inline") != "pools":
+            return data
+        evaluation = data.get("evaluation")
+        if evaluation is None or isinstance(evaluation, dict):
+            if (evaluation or {}).get("device", "auto") == "auto":
+                return {**data, "evaluation": {**(evaluation or {}), "device": "cuda"}}
+        elif isinstance(evaluation, EvalSettings) and "device" not in evaluation.model_fields_set:
+            return {**data, "evaluation": evaluation.model_copy(update={"device": "cuda"})}
+        return data
 
     @pydantic.model_validator(mode="after")
     def _cross_checks(self) -> AuditConfig:

@@ -351,3 +351,31 @@ def with_readme_block(readme: str, block: str) -> str:
     head, rest = readme.split(README_BEGIN, 1)
     tail = rest.split(README_END, 1)[1]
     return f"{head}{README_BEGIN}\n```text\n{block.rstrip()}\n```\n{README_END}{tail}"
+
+
+def quick_run_config() -> dict:
+    """The demo's shape at a small size, as plain data: the base and the two shipped RLVR experts,
+    four merges, both skills on 50 problems each. Its paths are relative to the project folder
+    (the deployments run there: prefect.yaml's pull step), so the `merge-audit` deployments'
+    form starts with it and the UI's Quick Run audits the toy experts shipped in the checkout;
+    results go to .mergeaudit/quick-run/results."""
+    from mergeaudit.toy.experts import ExpertRecipe, shipped_root
+
+    recipe = ExpertRecipe()
+    shipped = shipped_root(recipe)
+    if shipped is None:
+        raise RuntimeError(f"no toy experts ship for recipe {recipe.digest()} (mergeaudit demo --retrain)")
+    root = "mergeaudit/" + shipped.relative_to(Path(__file__).parent).as_posix()
+    models = list(PAIRS["rlvr"])
+    return {
+        "name": "quick-run",
+        "base": {"name": "base", "uri": f"{root}/base", "kind": "base"},
+        "models": [{"name": n, "uri": f"{root}/{n}", "kind": "rlvr"} for n in models],
+        "strategies": [
+            {"method": "task_arithmetic", "models": models, "grid": {"lambda": [0.5, 1.0]}},
+            {"method": "ties", "models": models, "params": {"lambda": 1.0, "density": 0.3}},
+            {"method": "localize_stitch", "models": models},
+        ],
+        "evaluation": {"tasks": list(TASKS.values()), "limit": 50, "batch_size": 100},
+        "results_uri": ".mergeaudit/quick-run/results",
+    }

@@ -51,7 +51,7 @@ class FisherSettings(Frozen):
     device: str | None = pydantic.Field(
         None,
         pattern=r"^(cpu|cuda(:\d+)?|mps)$",
-        description="Where gradients are computed (default: evaluation.device in an audit, else cpu).",
+        description="Where gradients are computed (default: evaluation.device in an inline audit, else cpu).",
     )
 
 

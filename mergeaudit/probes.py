@@ -30,9 +30,13 @@ class InterpolationProbe(Frozen):
     """theta(alpha) = (1 - alpha) theta_a + alpha theta_b; the barrier is the worst dip below
     the straight line between the endpoints' scores."""
 
-    a: str
-    b: str
-    alphas: list[float] = pydantic.Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=3)
+    a: str = pydantic.Field(description="Checkpoint at alpha = 0 (the base or a fine-tuned model, by name).")
+    b: str = pydantic.Field(description="Checkpoint at alpha = 1, by name.")
+    alphas: list[float] = pydantic.Field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+        min_length=3,
+        description="Points on the path, both endpoints included; each is a candidate.",
+    )
 
     @pydantic.field_validator("alphas")
     @classmethod
@@ -45,8 +49,12 @@ class InterpolationProbe(Frozen):
 class TaskVectorProbe(Frozen):
     """theta(lambda) = base + lambda (theta_model - base)."""
 
-    model: str
-    lambdas: list[float] = pydantic.Field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0], min_length=2)
+    model: str = pydantic.Field(description="Fine-tuned model whose task vector is scaled, by name.")
+    lambdas: list[float] = pydantic.Field(
+        default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0],
+        min_length=2,
+        description="Scales of the task vector; each is a candidate (1 is the model itself).",
+    )
 
 
 class PerturbationProbe(Frozen):
@@ -57,14 +65,18 @@ class PerturbationProbe(Frozen):
     by 1 / (1 - rate))."""
 
     models: list[str] | None = pydantic.Field(None, description="Default: every fine-tuned model.")
-    gaussian_scales: list[float] = pydantic.Field(default_factory=lambda: [0.01, 0.03, 0.1])
+    gaussian_scales: list[float] = pydantic.Field(
+        default_factory=lambda: [0.01, 0.03, 0.1], description="Noise standard deviations, relative (see scale_to)."
+    )
     gaussian_scale_to: list[Literal["weight_rms", "task_vector"]] = pydantic.Field(
         default_factory=lambda: ["weight_rms"],
         min_length=1,
         description="What the noise is scaled to; each entry is its own probe family (gaussian, gaussian_task_vector).",
     )
-    drop_rates: list[float] = pydantic.Field(default_factory=lambda: [0.3, 0.6, 0.9])
-    seeds: int = pydantic.Field(2, ge=1, le=64)
+    drop_rates: list[float] = pydantic.Field(
+        default_factory=lambda: [0.3, 0.6, 0.9], description="Fractions of the task vector dropped, in [0, 1)."
+    )
+    seeds: int = pydantic.Field(2, ge=1, le=64, description="Random draws per setting.")
 
     @pydantic.model_validator(mode="after")
     def _ranges(self) -> PerturbationProbe:
@@ -78,9 +90,15 @@ class PerturbationProbe(Frozen):
 class ProbeSettings(Frozen):
     """Fragility probes, scored as candidates like any merge."""
 
-    interpolations: list[InterpolationProbe] = pydantic.Field(default_factory=list)
-    task_vectors: list[TaskVectorProbe] = pydantic.Field(default_factory=list)
-    perturbation: PerturbationProbe | None = None
+    interpolations: list[InterpolationProbe] = pydantic.Field(
+        default_factory=list, description="Linear paths between two checkpoints (barriers)."
+    )
+    task_vectors: list[TaskVectorProbe] = pydantic.Field(
+        default_factory=list, description="A model's task vector scaled up and down from the base."
+    )
+    perturbation: PerturbationProbe | None = pydantic.Field(
+        None, description="Noise and random drops on each model's weights (empty: none)."
+    )
 
 
 def probe_plans(

@@ -132,11 +132,12 @@ def compute_geometry(
 def estimate_fisher(config: AuditConfig, records: dict[str, CheckpointRecord], name: str) -> str:
     """One model's Fisher checkpoint URI (computed once per model version and calibration set),
     cached under `fisher.cache_uri` (default RESULTS/fisher), on `fisher.device` (default the
-    evaluation's)."""
+    evaluation's inline, cpu with routing: pools)."""
     settings = config.fisher.model_copy(
         update={
             "cache_uri": config.fisher.cache_uri or store.join(config.results_uri, "fisher"),
-            "device": config.fisher.device or config.evaluation.device,
+            # with routing: pools this runs in the audit's own run, on the cpu pool
+            "device": config.fisher.device or (config.evaluation.device if config.routing == "inline" else "cpu"),
         }
     )
     return fisher.estimate_fisher(records[name].uri, settings, opener=config.storage.open)

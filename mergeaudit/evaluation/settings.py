@@ -21,6 +21,20 @@ import pydantic
 from mergeaudit.evaluation.sandbox import SandboxLimits
 from mergeaudit.frozen import Frozen
 
+DEVICES = ("auto", "cpu", "cuda", "mps", *(f"cuda:{i}" for i in range(8)))
+
+
+def _task_choices() -> dict:
+    """The form's choices for one task: a shipped task, or any lm-eval task name."""
+    from mergeaudit.evaluation.runner import shipped_tasks
+
+    return {
+        "anyOf": [
+            {"title": "shipped task", "type": "string", "enum": sorted(shipped_tasks())},
+            {"title": "lm-eval task", "type": "string", "examples": ["gsm8k", "minerva_math500", "mbpp"]},
+        ]
+    }
+
 
 def engine_for(engine: str, device: str) -> str:
     """The server engine `auto` stands for: vllm for a cuda device, transformers serve elsewhere."""
@@ -71,14 +85,23 @@ class EvalSettings(Frozen):
     """What to score candidates on, how to prompt and sample, and how completions are verified
     (explicit batch size and max length: lm-eval's auto sizing is unreliable)."""
 
-    tasks: list[str] = pydantic.Field(default_factory=lambda: ["mergeaudit_add2"], min_length=1)
+    tasks: list[str] = pydantic.Field(
+        default_factory=lambda: ["mergeaudit_add2"],
+        min_length=1,
+        description="Tasks to score: a shipped task (mergeaudit_*) or any lm-eval task name (gsm8k, ...); "
+        "unknown names are refused before anything runs.",
+        json_schema_extra=lambda schema: schema.update(items=_task_choices()),
+    )
     limit: int | None = pydantic.Field(None, ge=1, description="Documents per task (all when empty).")
-    batch_size: int = pydantic.Field(16, ge=1, le=4096)
+    batch_size: int = pydantic.Field(16, ge=1, le=4096, description="Prompts per forward pass or request batch.")
     max_length: int = pydantic.Field(256, ge=16, description="Context length: prompt plus generated tokens.")
     device: str = pydantic.Field(
-        "cpu",
-        pattern=r"^(cpu|cuda(:\d+)?|mps)$",
-        description="Where the model runs; cuda is the GPU the worker was given.",
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:[0-7])?|mps)$",
+        description="Where the model runs; cuda is the GPU the worker was given (the first of its "
+        "CUDA_VISIBLE_DEVICES). auto: cuda in an audit with routing: pools (evaluations run on the GPU pool), "
+        "else cpu.",
+        json_schema_extra={"enum": list(DEVICES)},
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = pydantic.Field(
         "auto", description="Weights' dtype while scoring: auto is bfloat16 on cuda, float32 elsewhere."
@@ -88,7 +111,9 @@ class EvalSettings(Frozen):
         description="hf: the candidate built in this process; served: an OpenAI-compatible server per "
         "candidate (see server).",
     )
-    server: ServerSettings = pydantic.Field(default_factory=ServerSettings)
+    server: ServerSettings = pydantic.Field(
+        default_factory=ServerSettings, description="The model server of backend: served."
+    )
     chat_template: bool | None = pydantic.Field(
         None, description="Prompt through the tokenizer's chat template (empty: each task pack's default)."
     )
@@ -103,7 +128,7 @@ class EvalSettings(Frozen):
     )
     num_samples: int = pydantic.Field(1, ge=1, le=1024, description="Completions per prompt (avg@n, pass@k).")
     temperature: float = pydantic.Field(0.0, ge=0, description="Sampling temperature (0: greedy).")
-    top_p: float = pydantic.Field(1.0, gt=0, le=1)
+    top_p: float = pydantic.Field(1.0, gt=0, le=1, description="Nucleus sampling: the probability mass sampled from.")
     max_gen_toks: int | None = pydantic.Field(None, ge=1, description="Override the tasks' generation length.")
     pass_k: tuple[int, ...] = pydantic.Field((1,), description="k values of pass@k.")
     seed: int = pydantic.Field(1234, description="Seed of sampling, few-shot choice and lm-eval.")
@@ -123,9 +148,12 @@ class EvalSettings(Frozen):
     @pydantic.model_validator(mode="before")
     @classmethod
     def _vllm_backend(cls, data: Any) -> Any:
-        """`backend: vllm` (the first round's name) is the served backend with the vllm engine."""
+        """`backend: vllm` (the first round's name) is the served backend with the vllm engine;
+        `device: auto` outside an audit (which resolves it by its routing) is cpu."""
         if isinstance(data, dict) and data.get("backend") == "vllm":
             data = {**data, "backend": "served", "server": {**(data.get("server") or {}), "engine": "vllm"}}
+        if isinstance(data, dict) and data.get("device", "auto") == "auto":
+            data = {**data, "device": "cpu"}
         return data
 
     @pydantic.model_validator(mode="after")
