@@ -138,3 +138,17 @@ def test_the_event_contract_is_checked_before_anything_is_emitted():
     with pytest.raises(ConfigError, match="not announcing s3://ckpts/rl/step-400: payload.kind 'RL'"):
         watch.check_landed(watch.Landed(good.uri, good.name, good.fingerprint, good.prefix, "RL"))
     assert watch.checkpoint_name("s3://ckpts", "s3://ckpts/_staging/step_") == "staging-step"  # a valid name
+
+
+def test_a_run_started_by_an_event_that_breaks_the_contract_says_why():
+    """The on-checkpoint trigger takes every landed event; the run checks the event's resource id
+    (its payload was validated as the add_models parameter) and fails naming the problem."""
+    from mergeaudit.config import CheckpointSpec
+    from mergeaudit.flows.merge_audit import check_landed_event
+
+    landed = [CheckpointSpec(name="rl-step-400", uri="s3://ckpts/rl/step-400", kind="rlvr")]
+    check_landed_event("mergeaudit.checkpoint.0123456789abcdef", landed)  # follows the contract
+    with pytest.raises(ConfigError, match=r"'ckpt\.step-400' breaks the event contract.*does not match mergeaudit"):
+        check_landed_event("ckpt.step-400", landed)
+    with pytest.raises(ConfigError, match="names no checkpoint"):
+        check_landed_event("mergeaudit.checkpoint.x", [])
