@@ -1,9 +1,16 @@
 """Talks to a real Prefect server for tests/test_prefect_server.py, in its own process (the test
 session may hold an ephemeral Prefect API of its own). Prints one JSON object.
 
-    python -m tests.prefect_driver run merge-audit/nightly
+    python -m tests.prefect_driver run merge-audit/nightly [PARAMS_JSON]   # start a run, wait for it
+    python -m tests.prefect_driver submit merge-audit/on-demand PARAMS_JSON  # start one, do not wait
     python -m tests.prefect_driver runs evaluate/gpu
-    python -m tests.prefect_driver wait merge-audit/on-checkpoint 1 180
+    python -m tests.prefect_driver wait merge-audit/on-checkpoint 1 180 [KNOWN_IDS]  # final runs, new ones
+    python -m tests.prefect_driver running evaluate/gpu 1 180 KNOWN_IDS      # new runs Running
+    python -m tests.prefect_driver final FLOW_RUN_ID 300                     # wait for a final state
+    python -m tests.prefect_driver logs FLOW_RUN_ID
+    python -m tests.prefect_driver emit RESOURCE_ID PAYLOAD_JSON
+    python -m tests.prefect_driver deployment merge-audit/on-demand
+    python -m tests.prefect_driver server-state                              # automations, pools, limits, workers
 """
 
 from __future__ import annotations
@@ -41,23 +48,98 @@ async def runs_of(deployment: str) -> list:
         return await client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
 
 
+async def read_run(run_id: str):
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return await client.read_flow_run(run_id)
+
+
+async def run_logs(run_id: str) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async with get_client() as client:
+        logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200)
+        return [log.message for log in logs]
+
+
+async def server_state() -> dict:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        automations = await client.read_automations()
+        pools = {p.name: p.concurrency_limit for p in await client.read_work_pools()}
+        limit = await client.read_global_concurrency_limit_by_name("gpu")
+        workers = {
+            pool: [str(getattr(w.status, "value", w.status)) for w in await client.read_workers_for_work_pool(pool)]
+            for pool in pools
+        }
+    return {
+        "automations": {
+            a.name: {"within": a.trigger.within.total_seconds(), "enabled": a.enabled} for a in automations
+        },
+        "pool_limits": pools,
+        "gpu_slots": {"limit": limit.limit, "active": limit.active_slots},
+        "workers": workers,
+    }
+
+
+def wait_runs(deployment: str, count: int, deadline: float, known: set[str], want) -> list:
+    while True:
+        runs = [r for r in asyncio.run(runs_of(deployment)) if str(r.id) not in known]
+        if len([r for r in runs if want(r)]) >= count or time.time() > deadline:
+            return runs
+        time.sleep(1)
+
+
 def main(argv: list[str]) -> dict:
     command = argv[0]
-    if command == "run":
+    if command in ("run", "submit"):
         from prefect.deployments import run_deployment
 
         params = json.loads(argv[2]) if len(argv) > 2 else None
-        return describe(run_deployment(argv[1], parameters=params, timeout=900, poll_interval=2))
+        timeout = 900 if command == "run" else 0
+        return describe(run_deployment(argv[1], parameters=params, timeout=timeout, poll_interval=2))
     if command == "runs":
         return {"runs": [describe(r) for r in asyncio.run(runs_of(argv[1]))]}
-    if command == "wait":
+    if command in ("wait", "running"):
         deployment, count, deadline = argv[1], int(argv[2]), time.time() + float(argv[3])
+        known = set(argv[4].split(",")) if len(argv) > 4 else set()
+        if command == "wait":
+            runs = wait_runs(deployment, count, deadline, known, lambda r: r.state and r.state.is_final())
+        else:
+            runs = wait_runs(deployment, count, deadline, known, lambda r: r.state and r.state.is_running())
+        return {"runs": [describe(r) for r in runs]}
+    if command == "final":
+        deadline = time.time() + float(argv[2])
         while True:
-            runs = asyncio.run(runs_of(deployment))
-            done = [r for r in runs if r.state and r.state.is_final()]
-            if len(done) >= count or time.time() > deadline:
-                return {"runs": [describe(r) for r in runs]}
-            time.sleep(2)
+            run = asyncio.run(read_run(argv[1]))
+            if (run.state and run.state.is_final()) or time.time() > deadline:
+                return describe(run)
+            time.sleep(1)
+    if command == "logs":
+        return {"logs": asyncio.run(run_logs(argv[1]))}
+    if command == "emit":
+        from prefect.events import emit_event
+        from prefect.events.worker import EventsWorker
+
+        event = emit_event(
+            event="mergeaudit.checkpoint.landed", resource={"prefect.resource.id": argv[1]}, payload=json.loads(argv[2])
+        )
+        EventsWorker.drain_all()  # sent before this process exits
+        return {"id": str(event.id) if event else None}
+    if command == "deployment":
+        from prefect.client.orchestration import get_client
+
+        async def read() -> dict:
+            async with get_client() as client:
+                dep = await client.read_deployment_by_name(argv[1])
+                return {"parameters": dep.parameters, "schema": dep.parameter_openapi_schema}
+
+        return asyncio.run(read())
+    if command == "server-state":
+        return asyncio.run(server_state())
     raise SystemExit(f"unknown command {command}")
 
 

@@ -26,18 +26,44 @@ pytestmark = pytest.mark.integration
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
+    """SIGTERM; a Prefect worker only stops at the second one (3.9.1: the first makes it stop
+    taking runs, and it never exits), so a second follows; SIGKILL to the group as a last resort."""
+    for _ in range(2):
+        if proc.poll() is not None:
+            return
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            pass
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """What a machine dying does to a worker: SIGKILL to it and every process under it (its flow
+    runs run in sessions of their own, so the process group is not enough)."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
+HEARTBEAT = 30  # seconds between flow-run heartbeats (Prefect's minimum) for the workers' runs
+HEARTBEAT_TIMEOUT = 75  # the zombie automation: a run silent this long is marked Crashed
+PENDING_TIMEOUT = 60
 
 
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory):
-    """A server, the pools and the gcl, every deployment of prefect.yaml, and two workers."""
+    """A server, the pools, the gcl and the automations, every deployment of prefect.yaml, and
+    a worker per pool (`workers` starts and stops them)."""
     tmp = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -47,6 +73,7 @@ def deployed(tmp_path_factory):
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false",  # only the runs the tests start
         PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp / 'prefect.db'}",
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(HEARTBEAT),
     )
     family = build_toy_family(str(tmp / "ckpts"), variants={"ft_a": 0.1, "ft_b": 0.2})
     base_cfg = {
@@ -61,6 +88,7 @@ def deployed(tmp_path_factory):
     nightly = {
         **base_cfg,
         "routing": "pools",
+        "evaluation": {**base_cfg["evaluation"], "device": "cpu"},  # pools default to cuda; no GPU here
         "results_uri": str(tmp / "nightly"),
         "models": base_cfg["models"] + [{"name": "ft_b", "uri": family.variants["ft_b"], "kind": "sft"}],
     }
@@ -75,7 +103,19 @@ def deployed(tmp_path_factory):
         MERGEAUDIT_WATCH_PREFIX=str(watched),
         MERGEAUDIT_WATCH_STATE=str(tmp / "watch_state.json"),
     )
-    procs = []
+    workers: dict[str, subprocess.Popen] = {}
+
+    def start_worker(pool: str) -> subprocess.Popen:
+        workers[pool] = subprocess.Popen(
+            [*PREFECT, "worker", "start", "--pool", pool, "--type", "process"],
+            env=env,
+            cwd=tmp,
+            stdout=open(tmp / f"worker-{pool}.log", "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return workers[pool]
+
     server = subprocess.Popen(
         [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
@@ -92,8 +132,12 @@ def deployed(tmp_path_factory):
                 time.sleep(0.5)
         else:
             pytest.fail("the Prefect server did not become healthy: " + (tmp / "server.log").read_text()[-2000:])
+        setup = [
+            *("--gpu-slots", "2", "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT)),
+            *("--pending-timeout", str(PENDING_TIMEOUT)),
+        ]
         subprocess.run(
-            [sys.executable, "-m", "mergeaudit.deployments.setup", "--gpu-slots", "2"],
+            [sys.executable, "-m", "mergeaudit.deployments.setup", *setup],
             env=env,
             cwd=ROOT,
             check=True,
@@ -104,34 +148,72 @@ def deployed(tmp_path_factory):
         )
         assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
         for pool in ("cpu", "gpu"):
-            procs.append(
-                subprocess.Popen(
-                    [*PREFECT, "worker", "start", "--pool", pool, "--type", "process"],
-                    env=env,
-                    cwd=tmp,
-                    stdout=open(tmp / f"worker-{pool}.log", "wb"),
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
+            start_worker(pool)
 
-        def drive(*args: str) -> dict:
+        def drive(*args: str, timeout: float = 1200) -> dict:
             out = subprocess.run(
                 [sys.executable, "-m", "tests.prefect_driver", *args],
                 env=env,
                 cwd=ROOT,
                 capture_output=True,
                 text=True,
-                timeout=1200,
+                timeout=timeout,
             )
             assert out.returncode == 0, out.stderr[-3000:]
             return json.loads(out.stdout.strip().splitlines()[-1])
 
-        yield {"drive": drive, "tmp": tmp, "watched": watched, "nightly": nightly}
+        yield {
+            "drive": drive,
+            "tmp": tmp,
+            "env": env,
+            "watched": watched,
+            "nightly": nightly,
+            "checkpoint": base_cfg,
+            "family": family,
+            "workers": workers,
+            "start_worker": start_worker,
+        }
     finally:
-        for proc in procs:  # runners first, then the server
+        for proc in workers.values():  # runners first, then the server
             _stop(proc)
         _stop(server)
+
+
+def ids(runs: list[dict]) -> str:
+    return ",".join(r["id"] for r in runs) or "-"
+
+
+def test_a_deployment_whose_variables_are_unset_is_refused_at_deploy_time(deployed):
+    env = {k: v for k, v in deployed["env"].items() if k != "MERGEAUDIT_NIGHTLY_CONFIG"}
+    out = subprocess.run(
+        [*PREFECT, "--no-prompt", "deploy", "--name", "nightly"], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode != 0
+    assert "merge-audit/nightly reads $MERGEAUDIT_NIGHTLY_CONFIG at deploy time" in out.stdout + out.stderr
+    kept = deployed["drive"]("deployment", "merge-audit/nightly")["parameters"]
+    assert kept["config_uri"] == str(deployed["tmp"] / "nightly.yaml")  # the deployment is left as it was
+
+
+def test_setup_creates_the_zombie_automations_and_the_gpu_pool_limit(deployed):
+    from mergeaudit.deployments.setup import HEARTBEAT_AUTOMATION, PENDING_AUTOMATION
+
+    state = deployed["drive"]("server-state")
+    ours = {k: v for k, v in state["automations"].items() if k.startswith("mergeaudit:")}  # not the triggers'
+    assert ours == {
+        HEARTBEAT_AUTOMATION: {"within": HEARTBEAT_TIMEOUT, "enabled": True},
+        PENDING_AUTOMATION: {"within": PENDING_TIMEOUT, "enabled": True},
+    }
+    assert state["pool_limits"] == {"cpu": None, "gpu": 2} and state["gpu_slots"]["limit"] == 2
+
+
+def test_quick_run_of_the_deployed_form_audits_the_shipped_experts(deployed):
+    """What the UI's Quick Run does: a run of the deployment with the form's defaults."""
+    schema = deployed["drive"]("deployment", "merge-audit/on-demand")["schema"]
+    assert schema["properties"]["config"]["default"]["name"] == "quick-run"
+    assert "enum" in schema["definitions"]["StrategySpec"]["properties"]["method"]
+    run = deployed["drive"]("run", "merge-audit/on-demand")
+    assert run["state"] == "COMPLETED", run
+    assert {"base", "rl_add", "rl_sub"} <= {r["candidate"] for r in run["result"]["summary"]}
 
 
 def test_audit_through_the_api_runs_evaluations_on_the_gpu_pool(deployed):
@@ -165,3 +247,123 @@ def test_watcher_announces_once_and_the_event_triggers_an_audit(deployed):
     # a restarted watcher (a new flow run in a new process) remembers what it announced
     again = deployed["drive"]("run", "watch-checkpoints/poll")
     assert again["state"] == "COMPLETED" and again["result"] == []
+
+
+def test_landed_events_that_break_the_contract_or_collide_are_reported(deployed):
+    drive, tmp = deployed["drive"], deployed["tmp"]
+    known = ids(drive("runs", "merge-audit/on-checkpoint")["runs"])
+    landed = str(deployed["watched"] / "step-100")
+    # a resource id outside mergeaudit.checkpoint.*: the run it starts fails, saying so
+    drive("emit", "ckpt.step-100", json.dumps({"name": "step-100", "uri": landed, "kind": "rlvr"}))
+    (bad,) = drive("wait", "merge-audit/on-checkpoint", "1", "300", known)["runs"]
+    assert bad["state"] == "FAILED" and "'ckpt.step-100' breaks the event contract" in bad["message"], bad
+    # named like the standing config's model ft_a, at another URI: replaces it (the default)
+    known = ids(drive("runs", "merge-audit/on-checkpoint")["runs"])
+    drive("emit", "mergeaudit.checkpoint.ft-a-2", json.dumps({"name": "ft_a", "uri": landed, "kind": "rlvr"}))
+    (replaced,) = drive("wait", "merge-audit/on-checkpoint", "1", "300", known)["runs"]
+    assert replaced["state"] == "COMPLETED", replaced
+    run_id = replaced["result"]["run_id"]
+    rows = tables.read_table(deployed["checkpoint"]["results_uri"], "checkpoints", run_id=run_id).to_pylist()
+    assert {r["name"]: r["uri"] for r in rows}["ft_a"] == landed
+    # the same with `landed_same_name: refuse` in the standing config (read at run time)
+    (tmp / "checkpoint.yaml").write_text(yaml.safe_dump({**deployed["checkpoint"], "landed_same_name": "refuse"}))
+    known = ids(drive("runs", "merge-audit/on-checkpoint")["runs"])
+    drive("emit", "mergeaudit.checkpoint.ft-a-3", json.dumps({"name": "ft_a", "uri": landed, "kind": "rlvr"}))
+    (refused,) = drive("wait", "merge-audit/on-checkpoint", "1", "300", known)["runs"]
+    assert refused["state"] == "FAILED" and "landed_same_name: refuse" in refused["message"], refused
+    assert deployed["family"].variants["ft_a"] in refused["message"]  # both URIs named
+
+
+def pools_audit(deployed, name: str, **overrides) -> dict:
+    """A `routing: pools` audit of the base and ft_a (two evaluate runs) as a run parameter."""
+    cfg = {
+        **deployed["checkpoint"],
+        "name": name,
+        "strategies": [],
+        "routing": "pools",
+        "evaluation": {"limit": 24, "batch_size": 4, "device": "cpu"},
+        "results_uri": str(deployed["tmp"] / name),
+        **overrides,
+    }
+    return {"config": cfg}
+
+
+def test_a_killed_gpu_worker_fails_the_audit_within_minutes_and_frees_its_slots(deployed):
+    """The GPU worker's machine dies mid-evaluation: the automations mark its runs Crashed (no
+    heartbeat, or stuck Pending), the parent sees them end and fails with one line per child,
+    and the `gpu` slot a dead evaluation held returns when its lease runs out."""
+    drive = deployed["drive"]
+    known = ids(drive("runs", "evaluate/gpu")["runs"])
+    holder = subprocess.Popen(  # holds a `gpu` slot the way a CUDA evaluation does (tasks.audit)
+        [sys.executable, "-c", HOLD_SLOT], env=deployed["env"], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "holding"
+    long_eval = {"limit": 100, "batch_size": 4, "device": "cpu"}  # both children still run at the kill
+    audit = pools_audit(deployed, "killed", evaluation=long_eval, child_timeout=600)
+    parent = drive("submit", "merge-audit/on-demand", json.dumps(audit))
+    running = drive("running", "evaluate/gpu", "2", "300", known)["runs"]
+    assert [r["state"] for r in running] == ["RUNNING", "RUNNING"], running
+    _kill_tree(deployed["workers"]["gpu"])
+    holder.kill()
+    killed_at = time.time()
+    done = drive("final", parent["id"], "600")
+    took = time.time() - killed_at
+    assert done["state"] == "FAILED", done
+    assert took < HEARTBEAT_TIMEOUT + 120, f"the audit took {took:.0f} s to fail after the kill"
+    children = [r for r in drive("runs", "evaluate/gpu")["runs"] if r["id"] not in known]
+    assert len(children) == 2 and {c["state"] for c in children} == {"CRASHED"}, children
+    logs = "\n".join(drive("logs", parent["id"])["logs"])
+    for child in children:  # one line per child run, with its id and how it ended
+        assert f"evaluate run {child['id']} on pool gpu" in logs and "ended CRASHED" in logs
+    deadline = time.time() + 120
+    while drive("server-state")["gpu_slots"]["active"] and time.time() < deadline:
+        time.sleep(5)
+    assert drive("server-state")["gpu_slots"]["active"] == 0  # the dead holder's lease ran out
+
+
+def test_without_a_gpu_worker_the_audit_says_so_and_fails_at_its_deadline(deployed):
+    """Then a worker starts again and is stopped by SIGTERM (twice: Prefect 3.9.1's worker ignores
+    one) while both evaluations run: they end Crashed, the audit fails at once, and a worker
+    started afterwards finds the pool's slots free."""
+    drive = deployed["drive"]
+    gpu = deployed["workers"].get("gpu")
+    if gpu is not None and gpu.poll() is None:
+        _kill_tree(gpu)
+    deadline = time.time() + 240  # the server marks a silent worker offline after 3 heartbeats
+    while "ONLINE" in drive("server-state")["workers"]["gpu"] and time.time() < deadline:
+        time.sleep(5)
+    run = drive("run", "merge-audit/on-demand", json.dumps(pools_audit(deployed, "no-worker", child_timeout=20)))
+    assert run["state"] == "FAILED" and "2 candidate(s) failed" in run["message"], run
+    logs = "\n".join(drive("logs", run["id"])["logs"])
+    assert "work pool gpu has no worker online" in logs
+    assert logs.count("ended TIMED_OUT") == 2 and "not finished after child_timeout=20 s" in logs
+    known = ids(drive("runs", "evaluate/gpu")["runs"])
+    worker = deployed["start_worker"]("gpu")
+    long_eval = {"limit": 100, "batch_size": 4, "device": "cpu"}
+    parent = drive(
+        "submit", "merge-audit/on-demand", json.dumps(pools_audit(deployed, "stopped", evaluation=long_eval))
+    )
+    running = drive("running", "evaluate/gpu", "2", "300", known)["runs"]
+    assert [r["state"] for r in running] == ["RUNNING", "RUNNING"], running
+    for _ in range(2):
+        os.kill(worker.pid, signal.SIGTERM)
+        time.sleep(1)
+    worker.wait(timeout=30)
+    stopped_at = time.time()
+    done = drive("final", parent["id"], "600")
+    assert done["state"] == "FAILED" and time.time() - stopped_at < 90, done
+    children = [r for r in drive("runs", "evaluate/gpu")["runs"] if r["id"] not in known]
+    assert {c["state"] for c in children} == {"CRASHED"} and len(children) == 2, children
+    deployed["start_worker"]("gpu")
+    again = drive("run", "merge-audit/on-demand", json.dumps(pools_audit(deployed, "restarted")))
+    assert again["state"] == "COMPLETED", again
+
+
+HOLD_SLOT = """
+import time
+from prefect.concurrency.sync import concurrency
+from mergeaudit.tasks.audit import GPU_LEASE_SECONDS, GPU_LIMIT
+with concurrency(GPU_LIMIT, occupy=1, strict=True, lease_duration=GPU_LEASE_SECONDS):
+    print("holding", flush=True)
+    time.sleep(3600)
+"""
