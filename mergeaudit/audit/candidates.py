@@ -58,6 +58,12 @@ def recipe_id(plan: MergePlan, inputs: list[CheckpointRecord]) -> str:
     )[:20]
 
 
+def check_plan(plan: MergePlan) -> None:
+    """Validate a plan against the headers (nothing is read) where it is planned: the device is
+    the evaluating worker's (a GPU-pool child of a CPU-pool audit), checked where the merge runs."""
+    prepare(plan.model_copy(update={"device": "cpu"}))
+
+
 def plan_candidates(
     config: AuditConfig, records: dict[str, CheckpointRecord], fisher_uris: dict[str, str] | None = None
 ) -> list[Candidate]:
@@ -77,7 +83,7 @@ def plan_candidates(
         names = config.strategy_models(strat)
         for point in strat.points():
             plan = merge_plan(config, records, strat, point, fisher_uris or {})
-            prepare(plan)  # headers only (remembered per process)
+            check_plan(plan)
             label = ",".join(f"{k}={point[k]}" for k in sorted(strat.grid))
             name = f"{strat.method}({'+'.join(names)}{'; ' + label if label else ''})"
             out.append(
@@ -94,7 +100,7 @@ def plan_candidates(
     for name, probe, plan in probes.probe_plans(
         config.probes, config.base.name, [m.name for m in config.models], refs, config.evaluation.device
     ):
-        prepare(plan)  # headers only (remembered per process)
+        check_plan(plan)
         out.append(
             Candidate(
                 candidate_id=recipe_id(plan, [records[m.id] for m in [plan.base, *plan.models]]),
