@@ -14,7 +14,8 @@ From a deployment, the UI renders `config` as a form, starting from a small audi
 toy experts (Quick Run runs it); `config_uri` names an AuditConfig YAML in the store instead
 (the nightly deployment uses it, so the audit can change without a redeploy), and `add_models`
 appends checkpoints (the on-checkpoint trigger fills it from the event, and `landed_event` with
-the event's resource id, checked against the event contract). With `routing: pools` each evaluation is a run of the `evaluate/gpu` deployment.
+the event's resource id, checked against the event contract). With `routing: pools` each
+evaluation is a run of the `evaluate/gpu` deployment.
 """
 
 from __future__ import annotations

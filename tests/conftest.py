@@ -122,6 +122,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_prefect_server(env: dict, port: int, log_path, timeout: float = 180) -> subprocess.Popen:
+    """`prefect server start` on loopback, in a session of its own (stop it with stop_process);
+    returns once /api/health answers, or fails with the log's tail when the server exits or is
+    not healthy in time."""
+    with open(log_path, "wb") as log:  # the server keeps its own copy of the descriptor
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=1).read() == b"true":
+                return server
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            stop_process(server)
+            with open(log_path, "rb") as log:
+                pytest.fail("the Prefect server did not become healthy: " + log.read()[-2000:].decode(errors="replace"))
+        time.sleep(0.5)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM to its process group; a Prefect worker only stops at the second one (3.9.1: the
+    first is forwarded to itself as SIGINT and it keeps running), so a second follows; SIGKILL to
+    the group as a last resort."""
+    import signal
+
+    for _ in range(2):
+        if proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's threaded S3 server on 127.0.0.1, for the whole session."""

@@ -16,19 +16,16 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from mergeaudit.toy import build_toy_family
-from tests.conftest import free_port
+from tests.conftest import free_port, start_prefect_server, stop_process
 
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"  # Debian's layout, one folder per major version
 PG_DB = "prefect"
@@ -120,16 +117,6 @@ def postgres():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def audit_config(tmp: Path) -> Path:
     """The smallest real audit: the toy base, one fine-tune, one merge, four evaluation items."""
     family = build_toy_family(str(tmp / "ckpts"), variants={"ft_a": 0.1})
@@ -158,26 +145,8 @@ def test_server_on_postgresql_records_an_audit(tmp_path):
         )
         # clients know the API only; the database URL is the server's
         server_env = {**client_env, "PREFECT_API_DATABASE_CONNECTION_URL": pg["url"]}
-        with open(tmp_path / "server.log", "wb") as log:  # the server keeps its own copy of the descriptor
-            server = subprocess.Popen(
-                [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                env=server_env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        server = start_prefect_server(server_env, port, tmp_path / "server.log")
         try:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    if urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=1).read() == b"true":
-                        break
-                except OSError:
-                    pass
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("the Prefect server did not become healthy: " + _tail(tmp_path / "server.log"))
-                time.sleep(0.5)
-
             audit = subprocess.run(
                 [MERGEAUDIT, "audit", str(config)],
                 env=client_env,
@@ -201,4 +170,4 @@ def test_server_on_postgresql_records_an_audit(tmp_path):
             assert rows == f"{run['id']}|COMPLETED"
             assert not list((tmp_path / "home").glob("*.db")), "the server wrote a SQLite database"
         finally:
-            _stop(server)  # the server before the database it holds connections to
+            stop_process(server)  # the server before the database it holds connections to

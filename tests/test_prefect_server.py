@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,27 +17,11 @@ import yaml
 
 from mergeaudit import flows, tables
 from mergeaudit.toy import build_toy_family
-from tests.conftest import free_port
+from tests.conftest import free_port, start_prefect_server, stop_process
 
 ROOT = Path(flows.__file__).resolve().parent.parent
 PREFECT = [sys.executable, "-m", "prefect"]
 pytestmark = pytest.mark.integration
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM; a Prefect worker only stops at the second one (3.9.1: the first makes it stop
-    taking runs, and it never exits), so a second follows; SIGKILL to the group as a last resort."""
-    for _ in range(2):
-        if proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -116,22 +99,8 @@ def deployed(tmp_path_factory):
         )
         return workers[pool]
 
-    server = subprocess.Popen(
-        [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=open(tmp / "server.log", "wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    server = start_prefect_server(env, port, tmp / "server.log")
     try:
-        for _ in range(120):
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=1).read() == b"true":
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("the Prefect server did not become healthy: " + (tmp / "server.log").read_text()[-2000:])
         setup = [
             *("--gpu-slots", "2", "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT)),
             *("--pending-timeout", str(PENDING_TIMEOUT)),
@@ -175,8 +144,8 @@ def deployed(tmp_path_factory):
         }
     finally:
         for proc in workers.values():  # runners first, then the server
-            _stop(proc)
-        _stop(server)
+            stop_process(proc)
+        stop_process(server)
 
 
 def ids(runs: list[dict]) -> str:
