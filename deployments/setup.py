@@ -96,18 +96,30 @@ def automations(heartbeat_timeout: float, pending_timeout: float) -> list:
     ]
 
 
+def problems(gpu_slots: int, heartbeat_timeout: float, pending_timeout: float) -> list[str]:
+    """What is wrong with the settings (empty: nothing)."""
+    out = [] if gpu_slots >= 1 else ["--gpu-slots must be at least 1"]
+    if heartbeat_timeout <= heartbeat_seconds():
+        out.append(
+            f"--heartbeat-timeout {heartbeat_timeout:g} s must exceed the heartbeat interval "
+            f"({heartbeat_seconds()} s, PREFECT_FLOWS_HEARTBEAT_FREQUENCY), or every run is marked Crashed"
+        )
+    if pending_timeout <= 0:
+        out.append("--pending-timeout must be positive")
+    return out
+
+
 async def setup(
     gpu_slots: int, kubernetes: bool = False, heartbeat_timeout: float | None = None, pending_timeout: float = 900
-) -> None:
+) -> float:
+    """Create or update the pools, the limit and the automations; returns the heartbeat timeout used."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
 
     heartbeat_timeout = heartbeat_timeout or 3 * heartbeat_seconds()
-    if gpu_slots < 1 or heartbeat_timeout <= heartbeat_seconds() or pending_timeout <= 0:
-        raise ValueError(
-            f"need --gpu-slots >= 1, --heartbeat-timeout > the heartbeat interval ({heartbeat_seconds()} s) "
-            "and --pending-timeout > 0"
-        )
+    wrong = problems(gpu_slots, heartbeat_timeout, pending_timeout)
+    if wrong:
+        raise ValueError("; ".join(wrong))
     pools = [
         ("cpu", "process", HERE / "process-cpu.json", None),
         (
@@ -137,6 +149,7 @@ async def setup(
                     await client.delete_automation(extra.id)
             else:
                 await client.create_automation(automation)
+    return heartbeat_timeout
 
 
 def main() -> None:
@@ -153,8 +166,10 @@ def main() -> None:
         "--pending-timeout", type=float, default=900, help="seconds in Pending before a run is marked Crashed"
     )
     args = ap.parse_args()
-    heartbeat = args.heartbeat_timeout or 3 * heartbeat_seconds()
-    asyncio.run(setup(args.gpu_slots, args.kubernetes, heartbeat, args.pending_timeout))
+    wrong = problems(args.gpu_slots, args.heartbeat_timeout or 3 * heartbeat_seconds(), args.pending_timeout)
+    if wrong:
+        ap.error("; ".join(wrong))
+    heartbeat = asyncio.run(setup(args.gpu_slots, args.kubernetes, args.heartbeat_timeout, args.pending_timeout))
     print(
         f"work pools cpu and gpu ready (gpu pool concurrency {args.gpu_slots}); global concurrency limit "
         f"gpu = {args.gpu_slots}; runs without a heartbeat for {heartbeat:g} s or Pending for "
