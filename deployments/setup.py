@@ -12,9 +12,11 @@ evaluation runs than that, however many runs are queued) and the `gpu` global co
 
 Two automations (created, or updated in place, by name) keep a dead worker from leaving runs
 that look alive, so the audit waiting on them sees a final state within minutes:
-- a run of a `mergeaudit`-tagged deployment that stops sending heartbeats (the flow engine
-  sends one every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds, 180 by default) is marked Crashed
-  after `--heartbeat-timeout` seconds (default: three heartbeats of this process's setting);
+- a Running run of a `mergeaudit`-tagged deployment that sends no heartbeat (the flow engine
+  sends one every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds, 180 by default) for
+  `--heartbeat-timeout` seconds after it started Running or after its last heartbeat is marked
+  Crashed (default: three heartbeats of this process's setting); the window opens at Running
+  too, so a process killed before its first heartbeat reached the server is caught;
 - a run left Pending (a worker took it and died before starting it) is marked Crashed after
   `--pending-timeout` seconds (default 900: room for pulling an image).
 """
@@ -64,7 +66,9 @@ def automations(heartbeat_timeout: float, pending_timeout: float) -> list:
             trigger=EventTrigger(
                 match=runs,
                 match_related=ours,
-                after={"prefect.flow-run.heartbeat"},
+                # Running opens the window too: a process killed before its first heartbeat
+                # reached the server (a worker dying just after starting a run) sends none
+                after={"prefect.flow-run.Running", "prefect.flow-run.heartbeat"},
                 expect={"prefect.flow-run.heartbeat", *(f"prefect.flow-run.{s}" for s in FINAL)},
                 for_each={"prefect.resource.id"},
                 posture=Posture.Proactive,

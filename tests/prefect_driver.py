@@ -10,6 +10,7 @@ session may hold an ephemeral Prefect API of its own). Prints one JSON object.
     python -m tests.prefect_driver logs FLOW_RUN_ID
     python -m tests.prefect_driver emit RESOURCE_ID PAYLOAD_JSON
     python -m tests.prefect_driver deployment merge-audit/on-demand
+    python -m tests.prefect_driver stall merge-audit/on-demand   # a run set Running with no process
     python -m tests.prefect_driver server-state                              # automations, pools, limits, workers
 """
 
@@ -138,6 +139,19 @@ def main(argv: list[str]) -> dict:
                 return {"parameters": dep.parameters, "schema": dep.parameter_openapi_schema}
 
         return asyncio.run(read())
+    if command == "stall":  # a run whose process died before its first heartbeat: Running, silent
+        from prefect.client.orchestration import get_client
+        from prefect.states import Pending, Running
+
+        async def stall() -> dict:
+            async with get_client() as client:
+                dep = await client.read_deployment_by_name(argv[1])
+                # created Pending, so no worker takes it (workers take Scheduled runs)
+                run = await client.create_flow_run_from_deployment(dep.id, state=Pending())
+                await client.set_flow_run_state(run.id, Running(), force=True)
+                return describe(await client.read_flow_run(run.id))
+
+        return asyncio.run(stall())
     if command == "server-state":
         return asyncio.run(server_state())
     raise SystemExit(f"unknown command {command}")

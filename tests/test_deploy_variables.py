@@ -75,8 +75,10 @@ def test_setup_refuses_a_heartbeat_timeout_that_would_crash_every_run():
         "prefect.resource.id": "prefect.tag.mergeaudit",
     }
     assert (
-        heartbeat.trigger.after == {"prefect.flow-run.heartbeat"}
+        # Running opens the window too: a run killed before its first heartbeat sends none
+        heartbeat.trigger.after == {"prefect.flow-run.Running", "prefect.flow-run.heartbeat"}
         and "prefect.flow-run.Completed" in heartbeat.trigger.expect
+        and "prefect.flow-run.Running" not in heartbeat.trigger.expect
     )
     assert (
         pending.trigger.after == {"prefect.flow-run.Pending"} and "prefect.flow-run.Running" in pending.trigger.expect

@@ -262,6 +262,9 @@ def test_a_killed_gpu_worker_fails_the_audit_within_minutes_and_frees_its_slots(
     heartbeat, or stuck Pending), the parent sees them end and fails with one line per child,
     and the `gpu` slot a dead evaluation held returns when its lease runs out."""
     drive = deployed["drive"]
+    # a run whose process died before its first heartbeat reached the server: Running, and silent
+    stalled = drive("stall", "merge-audit/on-demand")
+    assert stalled["state"] == "RUNNING", stalled
     known = ids(drive("runs", "evaluate/gpu")["runs"])
     holder = subprocess.Popen(  # holds a `gpu` slot the way a CUDA evaluation does (tasks.audit)
         [sys.executable, "-c", HOLD_SLOT], env=deployed["env"], cwd=ROOT, stdout=subprocess.PIPE, text=True
@@ -277,10 +280,12 @@ def test_a_killed_gpu_worker_fails_the_audit_within_minutes_and_frees_its_slots(
     killed_at = time.time()
     done = drive("final", parent["id"], "600")
     took = time.time() - killed_at
-    assert done["state"] == "FAILED", done
-    assert took < HEARTBEAT_TIMEOUT + 120, f"the audit took {took:.0f} s to fail after the kill"
     children = [r for r in drive("runs", "evaluate/gpu")["runs"] if r["id"] not in known]
+    assert done["state"] == "FAILED", done  # the parent sent heartbeats throughout: not Crashed
+    assert took < HEARTBEAT_TIMEOUT + 120, f"the audit took {took:.0f} s to fail after the kill: {children}"
     assert len(children) == 2 and {c["state"] for c in children} == {"CRASHED"}, children
+    stalled = drive("final", stalled["id"], "60")
+    assert stalled["state"] == "CRASHED" and "no heartbeat" in stalled["message"], stalled
     logs = "\n".join(drive("logs", parent["id"])["logs"])
     for child in children:  # one line per child run, with its id and how it ended
         assert f"evaluate run {child['id']} on pool gpu" in logs and "ended CRASHED" in logs
