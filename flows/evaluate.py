@@ -17,6 +17,7 @@ from mergeaudit.checkpoint import reads
 from mergeaudit.checkpoint.settings import StorageSettings
 from mergeaudit.evaluation.settings import EvalSettings
 from mergeaudit.flows.credentials import use_storage_credentials
+from mergeaudit.flows.lifetime import end_with_worker
 from mergeaudit.tasks.audit import evaluate_candidate
 
 
@@ -25,6 +26,7 @@ def evaluate(
     candidate: Candidate, evaluation: EvalSettings, storage: StorageSettings, results_uri: str
 ) -> EvaluationRecord:
     """Evaluate one merge, probe or checkpoint candidate and store its scores and samples."""
+    end_with_worker(flow_run.get_id())  # a stopped or killed worker does not leave it computing
     with use_storage_credentials(storage):  # this run's S3 credentials, not the process's
         record = evaluate_candidate(candidate, evaluation, storage, results_uri)
         reads.save_report(reads.report_uri(results_uri, str(flow_run.get_id())), record.bytes_read, record.read_by)

@@ -43,6 +43,7 @@ from mergeaudit.config import AuditConfig, CheckpointSpec, load_config, parse_co
 from mergeaudit.demo import quick_run_config
 from mergeaudit.errors import ConfigError
 from mergeaudit.flows.credentials import use_storage_credentials
+from mergeaudit.flows.lifetime import end_with_worker
 from mergeaudit.progress import AuditProgress
 from mergeaudit.tasks.audit import (
     compute_geometry,
@@ -85,6 +86,7 @@ def merge_audit(
             started by one that breaks the event contract fails, naming what is wrong, instead
             of the event being dropped without a word.
     """
+    end_with_worker(flow_run.get_id())  # a stopped or killed worker does not leave it waiting
     if landed_event is not None:
         check_landed_event(landed_event, add_models or [])
     config = with_models(resolve_config(config, config_uri), add_models or [])

@@ -41,6 +41,10 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 HEARTBEAT = 30  # seconds between flow-run heartbeats (Prefect's minimum) for the workers' runs
 HEARTBEAT_TIMEOUT = 75  # the zombie automation: a run silent this long is marked Crashed
 PENDING_TIMEOUT = 60
+# minutes of sampling per evaluation (100 prompts x 128 samples; 16 samples took 25 s here), so
+# both children still run when their worker dies: the first starts ~10 s before the second, and
+# the whole of add2 greedy takes 3 s
+LONG_EVAL = {"limit": 100, "batch_size": 4, "device": "cpu", "num_samples": 128, "temperature": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -270,8 +274,7 @@ def test_a_killed_gpu_worker_fails_the_audit_within_minutes_and_frees_its_slots(
         [sys.executable, "-c", HOLD_SLOT], env=deployed["env"], cwd=ROOT, stdout=subprocess.PIPE, text=True
     )
     assert holder.stdout.readline().strip() == "holding"
-    long_eval = {"limit": 100, "batch_size": 4, "device": "cpu"}  # both children still run at the kill
-    audit = pools_audit(deployed, "killed", evaluation=long_eval, child_timeout=600)
+    audit = pools_audit(deployed, "killed", evaluation=LONG_EVAL, child_timeout=600)
     parent = drive("submit", "merge-audit/on-demand", json.dumps(audit))
     running = drive("running", "evaluate/gpu", "2", "300", known)["runs"]
     assert [r["state"] for r in running] == ["RUNNING", "RUNNING"], running
@@ -297,8 +300,9 @@ def test_a_killed_gpu_worker_fails_the_audit_within_minutes_and_frees_its_slots(
 
 def test_without_a_gpu_worker_the_audit_says_so_and_fails_at_its_deadline(deployed):
     """Then a worker starts again and is stopped by SIGTERM (twice: Prefect 3.9.1's worker ignores
-    one) while both evaluations run: they end Crashed, the audit fails at once, and a worker
-    started afterwards finds the pool's slots free."""
+    one) while both evaluations run: Prefect leaves them running, they see their worker gone and
+    stop themselves (Crashed), the audit fails at once, and a worker started afterwards finds the
+    pool's slots free."""
     drive = deployed["drive"]
     gpu = deployed["workers"].get("gpu")
     if gpu is not None and gpu.poll() is None:
@@ -313,9 +317,8 @@ def test_without_a_gpu_worker_the_audit_says_so_and_fails_at_its_deadline(deploy
     assert logs.count("ended TIMED_OUT") == 2 and "not finished after child_timeout=20 s" in logs
     known = ids(drive("runs", "evaluate/gpu")["runs"])
     worker = deployed["start_worker"]("gpu")
-    long_eval = {"limit": 100, "batch_size": 4, "device": "cpu"}
     parent = drive(
-        "submit", "merge-audit/on-demand", json.dumps(pools_audit(deployed, "stopped", evaluation=long_eval))
+        "submit", "merge-audit/on-demand", json.dumps(pools_audit(deployed, "stopped", evaluation=LONG_EVAL))
     )
     running = drive("running", "evaluate/gpu", "2", "300", known)["runs"]
     assert [r["state"] for r in running] == ["RUNNING", "RUNNING"], running
@@ -328,6 +331,8 @@ def test_without_a_gpu_worker_the_audit_says_so_and_fails_at_its_deadline(deploy
     assert done["state"] == "FAILED" and time.time() - stopped_at < 90, done
     children = [r for r in drive("runs", "evaluate/gpu")["runs"] if r["id"] not in known]
     assert {c["state"] for c in children} == {"CRASHED"} and len(children) == 2, children
+    for child in children:  # Prefect left them running; they stopped themselves (flows/lifetime.py)
+        assert "worker that started this run" in "\n".join(drive("logs", child["id"])["logs"]), child
     deployed["start_worker"]("gpu")
     again = drive("run", "merge-audit/on-demand", json.dumps(pools_audit(deployed, "restarted")))
     assert again["state"] == "COMPLETED", again
