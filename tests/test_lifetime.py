@@ -125,3 +125,28 @@ def test_processes_prefect_did_not_launch_for_the_run_are_left_alone(monkeypatch
     monkeypatch.setattr(lifetime, "_watching", [])
     lifetime.end_with_worker("r1")
     assert len(started) == 1
+
+
+def test_a_worker_gone_before_the_flows_first_line_is_seen(tmp_path):
+    """The parent is the one at import (the flow's module loads before the run turns Running):
+    a worker that dies before `end_with_worker` runs still stops the run."""
+    marker = tmp_path / "stopped"
+    run = textwrap.dedent(
+        f"""
+        import os, time
+        os.environ["PREFECT__FLOW_RUN_ID"] = "r1"
+        from mergeaudit.flows import lifetime
+        parent = os.getppid()
+        while os.getppid() == parent:  # the worker dies before the flow's first line
+            time.sleep(0.05)
+        lifetime.stop_run = lambda pid, **kw: (open({str(marker)!r}, "w").write(str(pid)), os._exit(3))
+        lifetime.end_with_worker("r1")
+        time.sleep(600)
+        """
+    )
+    worker, pid = start_tree(run)
+    time.sleep(8)  # the run has imported lifetime (and prefect)
+    worker.kill()
+    worker.wait()
+    assert wait_gone(pid, 20) < 20
+    assert marker.read_text() == str(worker.pid)
