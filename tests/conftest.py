@@ -148,6 +148,16 @@ def start_prefect_server(env: dict, port: int, log_path, timeout: float = 180) -
         time.sleep(0.5)
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` still runs: an exited one not yet reaped (a zombie) does not."""
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+
+
 def stop_process(proc: subprocess.Popen) -> None:
     """SIGTERM to its process group; a Prefect worker only stops at the second one (3.9.1: the
     first is forwarded to itself as SIGINT and it keeps running), so a second follows; SIGKILL to

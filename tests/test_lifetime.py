@@ -3,7 +3,6 @@ trees, the parent killed with SIGKILL as a dying worker is."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,6 +10,8 @@ import textwrap
 import time
 
 import pytest
+
+from tests.conftest import alive
 
 pytestmark = pytest.mark.integration  # child Pythons
 
@@ -28,15 +29,6 @@ WORKER = textwrap.dedent(
 def start_tree(run_code: str) -> tuple[subprocess.Popen, int]:
     worker = subprocess.Popen([sys.executable, "-c", WORKER, run_code], stdout=subprocess.PIPE, text=True)
     return worker, int(worker.stdout.readline())
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not yet reaped by init) is gone
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def wait_gone(pid: int, seconds: float) -> float:

@@ -17,7 +17,7 @@ import yaml
 
 from mergeaudit import flows, tables
 from mergeaudit.toy import build_toy_family
-from tests.conftest import free_port, start_prefect_server, stop_process
+from tests.conftest import alive, free_port, start_prefect_server, stop_process
 
 ROOT = Path(flows.__file__).resolve().parent.parent
 PREFECT = [sys.executable, "-m", "prefect"]
@@ -37,16 +37,6 @@ def run_processes(worker_pid: int) -> dict:
         if run:
             found[run] = proc
     return found
-
-
-def computing(proc) -> bool:
-    """Whether a psutil process still runs (an exited one not yet reaped is a zombie: it does not)."""
-    import psutil
-
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -363,9 +353,9 @@ def test_without_a_gpu_worker_the_audit_says_so_and_fails_at_its_deadline(deploy
         logs = "\n".join(drive("logs", child["id"])["logs"])
         assert f"the worker that started this run (pid {worker.pid}) is gone" in logs, child
     deadline = time.time() + 40  # flows/lifetime.py's grace (30 s) is the longest any may take
-    while any(map(computing, processes.values())) and time.time() < deadline:
+    while any(alive(p.pid) for p in processes.values()) and time.time() < deadline:
         time.sleep(1)
-    left = {run: p.pid for run, p in processes.items() if computing(p)}
+    left = {run: p.pid for run, p in processes.items() if alive(p.pid)}
     assert not left, left  # nothing of theirs computes on
     deployed["start_worker"]("gpu")
     again = drive("run", "merge-audit/on-demand", json.dumps(pools_audit(deployed, "restarted")))
